@@ -1,0 +1,1 @@
+"""Subcommands of the ``moco`` CLI, one module each."""

@@ -1,0 +1,116 @@
+"""``moco pretrain DATA``: MoCo v1/v2 pretraining with the original ``main_moco.py`` flags."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from moco.config import AUGMENTATIONS, PRECISIONS, PRESETS, SHUFFLE_BN, MocoConfig, build_config
+
+D = MocoConfig()  # defaults, shown in the help
+
+
+def _bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "pretrain", help="pretrain a ResNet with MoCo v1/v2 on a folder of images",
+        description="Pretrain a ResNet with MoCo. Settings come from the defaults (main_moco.py's, "
+        "MoCo v1), then --preset, then --config FILE.yaml, then the flags given here.",
+        argument_default=argparse.SUPPRESS, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("data", nargs="?", help="dataset folder with train/ (and val/ or test/); default "
+                   "$MOCO_DATA, else ../shared/data/cifar10 when present")
+    g = p.add_argument_group("recipe")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="mocov1 / mocov2: the papers' ImageNet "
+                   "recipes; cifar10: the authors' CIFAR-10 demo recipe")
+    g.add_argument("--config", dest="config_file", metavar="FILE.yaml",
+                   help="YAML file of settings (keys as the long flags), applied over the preset")
+    m = p.add_argument_group("model")
+    m.add_argument("-a", "--arch", help=f"backbone (default {D.arch}): resnet18/34/50/101/152, "
+                   "wide_resnet50_2, ...")
+    m.add_argument("--cifar-stem", type=_bool, nargs="?", const=True,
+                   help="3x3 stride-1 conv1 and no max-pool, for 32 px images")
+    m.add_argument("--moco-dim", type=int, help=f"feature dimension C (default {D.moco_dim})")
+    m.add_argument("--moco-k", type=int, help=f"queue size K (default {D.moco_k})")
+    m.add_argument("--moco-m", type=float, help=f"key-encoder momentum m (default {D.moco_m})")
+    m.add_argument("--moco-t", type=float, help=f"softmax temperature T (default {D.moco_t})")
+    m.add_argument("--mlp", type=_bool, nargs="?", const=True, help="MoCo v2 MLP head")
+    m.add_argument("--symmetric", type=_bool, nargs="?", const=True,
+                   help="symmetric loss: loss(q1,k2)+loss(q2,k1), both key sets enqueued")
+    m.add_argument("--shuffle-bn", choices=SHUFFLE_BN, help=f"shuffling BN: split = SplitBatchNorm "
+                   f"+ key-batch shuffle on one device; none = plain BN, no shuffle (ablation); ddp = "
+                   f"across processes (default {D.shuffle_bn})")
+    m.add_argument("--bn-splits", type=int, help=f"sub-batches of SplitBatchNorm (default {D.bn_splits})")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, help=f"number of epochs (default {D.epochs})")
+    o.add_argument("-b", "--batch-size", type=int, help=f"batch size (default {D.batch_size})")
+    o.add_argument("--lr", "--learning-rate", dest="lr", type=float, help=f"base lr (default {D.lr})")
+    o.add_argument("--schedule", type=int, nargs="*", help="epochs at which lr is multiplied by 0.1 "
+                   f"(default {D.schedule}); ignored with --cos")
+    o.add_argument("--cos", type=_bool, nargs="?", const=True, help="cosine lr schedule (per epoch)")
+    o.add_argument("--warmup-epochs", type=int, help="linear lr warmup epochs (default 0)")
+    o.add_argument("--momentum", type=float, help=f"SGD momentum (default {D.momentum})")
+    o.add_argument("--wd", "--weight-decay", dest="wd", type=float,
+                   help=f"weight decay (default {D.wd})")
+    a = p.add_argument_group("data and augmentation")
+    a.add_argument("--aug-plus", dest="aug", action="store_const", const="v2",
+                   help="MoCo v2 augmentation (same as --aug v2)")
+    a.add_argument("--aug", choices=AUGMENTATIONS, help=f"augmentation recipe (default {D.aug})")
+    a.add_argument("--image-size", type=int, help=f"crop size in pixels (default {D.image_size})")
+    a.add_argument("--crop-min-scale", type=float,
+                   help=f"RandomResizedCrop minimum area fraction (default {D.crop_min_scale})")
+    a.add_argument("--train-subset", type=int, help="pretrain on a class-balanced subset of N "
+                   "train images (kNN still uses the full train set as its bank)")
+    a.add_argument("-j", "--workers", type=int, help="data-loading processes (default: cores - 1 on "
+                   "CPU, up to 8 on GPU)")
+    e = p.add_argument_group("monitoring")
+    e.add_argument("--knn-every", type=int, help=f"kNN evaluation every N epochs, 0 = never (default "
+                   f"{D.knn_every}); the last epoch is always evaluated")
+    e.add_argument("--knn-k", type=int, help=f"neighbours (default {D.knn_k})")
+    e.add_argument("--knn-t", type=float, help=f"kNN temperature (default {D.knn_t})")
+    e.add_argument("--knn-features", choices=("backbone", "head"), help="kNN on pooled backbone "
+                   "features or on the head's output (default backbone)")
+    e.add_argument("-p", "--print-freq", type=int, help="TensorBoard step scalars every N steps")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r = p.add_argument_group("run")
+    r.add_argument("--output", help=f"run folder (default {D.output})")
+    r.add_argument("--resume", help="checkpoint to resume from, or 'auto' for the newest in --output")
+    r.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
+    r.add_argument("--save-every-steps", type=int, help="also checkpoint every N steps (0 = per epoch only)")
+    r.add_argument("--keep-last", type=int, help=f"checkpoints to keep (default {D.keep_last}; 0 = all)")
+    r.add_argument("--seed", type=int, help=f"seed for weights, data order and augmentation "
+                   f"(default {D.seed})")
+    r.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    r.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    r.add_argument("--channels-last", type=_bool, nargs="?", const=True,
+                   help="channels_last memory format (default true)")
+    p.set_defaults(run=run)
+
+
+_NOT_CONFIG = {"command", "run", "config_file", "no_progress", "overwrite"}
+
+
+def config_from_args(args: argparse.Namespace) -> MocoConfig:
+    values: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
+    return build_config(yaml_path=getattr(args, "config_file", None), overrides=values)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moco.train import pretrain
+
+    cfg = config_from_args(args)
+    result = pretrain(cfg, progress=not getattr(args, "no_progress", False),
+                      overwrite=getattr(args, "overwrite", False))
+    last = result.history[-1] if result.history else {}
+    print(f"checkpoint: {result.checkpoint}")
+    if last:
+        print(f"final: loss {last['loss']:.4f}, pretext acc@1 {last['acc1']:.1f}%"
+              + (f", kNN top-1 {last['knn_top1']:.2f}%" if last.get("knn_top1") is not None else ""))
+    return 0
