@@ -20,6 +20,9 @@ AUGMENTATIONS = ("v1", "v2", "cifar-demo")
 SHUFFLE_BN = ("split", "none", "ddp")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 KNN_FEATURES = ("backbone", "head")
+LOADERS = ("pil", "tensor")
+MECHANISMS = ("moco", "end-to-end", "memory-bank")
+BAD_IMAGE_POLICIES = ("stop", "skip")
 
 
 @dataclass
@@ -62,6 +65,12 @@ class MocoConfig:
     device: str = "auto"
     precision: str = "auto"
     channels_last: bool = True
+    loader: str = "pil"
+    cache_dir: str = ""
+    compile: bool = False
+    on_bad_image: str = "stop"
+    mechanism: str = "moco"
+    bank_momentum: float = 0.5
     resume: str = ""
     save_every_steps: int = 0
     keep_last: int = 2
@@ -86,6 +95,11 @@ class MocoConfig:
             (self.shuffle_bn in SHUFFLE_BN, f"--shuffle-bn must be one of {SHUFFLE_BN}, got {self.shuffle_bn!r}"),
             (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.knn_features in KNN_FEATURES, f"--knn-features must be one of {KNN_FEATURES}"),
+            (self.loader in LOADERS, f"--loader must be one of {LOADERS}, got {self.loader!r}"),
+            (self.mechanism in MECHANISMS, f"--mechanism must be one of {MECHANISMS}"),
+            (self.on_bad_image in BAD_IMAGE_POLICIES,
+             f"--on-bad-image must be one of {BAD_IMAGE_POLICIES}"),
+            (0 <= self.bank_momentum < 1, "--bank-momentum must be in [0, 1)"),
             (self.knn_k >= 1 and self.knn_t > 0, "--knn-k must be >= 1 and --knn-t > 0"),
             (len(self.mean) == 3 and len(self.std) == 3, "mean and std need 3 values (RGB)"),
             (self.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),

@@ -82,9 +82,14 @@ class MoCo(nn.Module):
         return shuffle.unshuffle(k, handle)
 
     def forward(
-        self, im_q: torch.Tensor, im_k: torch.Tensor, shuffle: KeyShuffle | None = None
+        self,
+        im_q: torch.Tensor,
+        im_k: torch.Tensor,
+        shuffle: KeyShuffle | None = None,
+        index: torch.Tensor | None = None,
     ) -> StepOutput:
-        """One MoCo step on two views [B,3,H,W] (REFERENCE.md §1.5).
+        """One MoCo step on two views [B,3,H,W] (REFERENCE.md §1.5). ``index`` (the samples'
+        dataset indices) is unused by MoCo; other mechanisms share this signature.
 
         Order: EMA update of f_k, keys, logits against the current queue, then enqueue.
         """

@@ -11,17 +11,15 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from moco.augment import TwoViews, eval_transform, pretrain_transform
 from moco.backbones import strip_head
 from moco.checkpoint import (
     CheckpointError,
@@ -32,16 +30,10 @@ from moco.checkpoint import (
     to_original_layout,
 )
 from moco.config import MocoConfig, save_yaml
-from moco.data import (
-    DataError,
-    EpochBatchSampler,
-    EvalDataset,
-    ImageSource,
-    TwoViewDataset,
-    class_balanced_subset,
-    find_dataset,
-)
+from moco.data import DataError, ImageSource, class_balanced_subset, find_dataset
+from moco.distributed import DistContext, init_distributed
 from moco.knn import extract_features, knn_accuracy
+from moco.loader import Batch, TrainLoader, eval_batches, make_train_loader
 from moco.loss import top1_accuracy
 from moco.model import MoCo, build_encoder
 from moco.runlog import RunLog, read_metrics
@@ -116,16 +108,15 @@ class StepResult:
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    im_q: torch.Tensor,
-    im_k: torch.Tensor,
+    batch: Batch,
     shuffle: KeyShuffle,
     autocast_dtype: torch.dtype | None,
     scaler: torch.amp.GradScaler | None = None,
 ) -> StepResult:
-    """One optimisation step of MoCo on two views [B,3,H,W] already on the device."""
-    with torch.autocast(im_q.device.type, dtype=autocast_dtype or torch.float32,
+    """One optimisation step on a batch of two views [B,3,H,W] already on the device."""
+    with torch.autocast(batch.im_q.device.type, dtype=autocast_dtype or torch.float32,
                         enabled=autocast_dtype is not None):
-        out = model(im_q, im_k, shuffle)
+        out = model(batch.im_q, batch.im_k, shuffle, batch.index)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(out.loss).backward()
@@ -191,12 +182,13 @@ class Pretrainer:
     """Owns one pretraining run. ``run()`` trains to ``cfg.epochs`` and returns the result."""
 
     def __init__(self, cfg: MocoConfig, *, log: Log = print, progress: bool = True,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, dist: DistContext | None = None) -> None:
         cfg.validate()
         self.cfg = cfg
-        self.log = log
-        self.progress = progress
         self.device = resolve_device(cfg.device)
+        self.dist = dist if dist is not None else init_distributed(self.device)
+        self.log: Log = log if self.dist.is_main else (lambda _msg: None)
+        self.progress = progress and self.dist.is_main
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         self.run_dir = Path(cfg.output)
         self._prepare_run_dir(overwrite)
@@ -217,9 +209,9 @@ class Pretrainer:
         self.shuffle: KeyShuffle = LocalShuffle(self.shuffle_rng) if cfg.shuffle_bn == "split" else NoShuffle()
         self.state = TrainState()
         self.workers = cfg.workers if cfg.workers >= 0 else default_workers(self.device)
-        self.two_views = TwoViews(pretrain_transform(cfg.aug, cfg.image_size, cfg.crop_min_scale,
-                                                     cfg.mean, cfg.std))
-        self.runlog = RunLog(self.run_dir)
+        self.train_loader: TrainLoader = make_train_loader(
+            cfg, self.train_source, self.device, self.workers, self.dist.rank, self.dist.world_size)
+        self.runlog = RunLog(self.run_dir, enabled=self.dist.is_main)
         if cfg.resume:
             self._resume(cfg.resume)
         save_yaml(cfg, self.run_dir / "config.yaml")
@@ -315,10 +307,8 @@ class Pretrainer:
             p.unlink(missing_ok=True)
 
     # ----- evaluation ---------------------------------------------------------------------
-    def _eval_loader(self, source: ImageSource) -> DataLoader[tuple[torch.Tensor, int]]:
-        tf = eval_transform(self.cfg.image_size, self.cfg.mean, self.cfg.std)
-        return DataLoader(EvalDataset(source, tf), batch_size=256, shuffle=False,
-                          num_workers=self.workers, pin_memory=self.device.type == "cuda")
+    def _eval_batches(self, source: ImageSource) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        return eval_batches(self.cfg, source, self.device, self.workers)
 
     def knn(self) -> tuple[float, float] | None:
         """Weighted kNN top-1/top-5 of the test split against the train split's features."""
@@ -326,21 +316,15 @@ class Pretrainer:
             return None
         encoder = self.model.encoder_q
         net = strip_head(encoder) if self.cfg.knn_features == "backbone" else encoder
-        kw = {"channels_last": self.cfg.channels_last, "autocast_dtype": self.autocast_dtype}
-        bank, bank_labels = extract_features(net, self._eval_loader(self.knn_bank), self.device, **kw)
-        query, query_labels = extract_features(net, self._eval_loader(self.knn_query), self.device, **kw)
+        dt = self.autocast_dtype
+        bank, bank_labels = extract_features(net, self._eval_batches(self.knn_bank), self.device,
+                                             autocast_dtype=dt)
+        query, query_labels = extract_features(net, self._eval_batches(self.knn_query), self.device,
+                                               autocast_dtype=dt)
         return knn_accuracy(query.to(self.device), query_labels, bank, bank_labels,
                             k=self.cfg.knn_k, t=self.cfg.knn_t)
 
     # ----- training -----------------------------------------------------------------------
-    def _train_batches(self, epoch: int, start_step: int) -> tuple[int, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-        sampler = EpochBatchSampler(len(self.train_source), self.cfg.batch_size, self.cfg.seed,
-                                    epoch, start_step)
-        loader = DataLoader(TwoViewDataset(self.train_source, self.two_views), batch_sampler=sampler,
-                            num_workers=self.workers, pin_memory=self.device.type == "cuda",
-                            prefetch_factor=4 if self.workers else None)
-        return sampler.steps(), iter(loader)
-
     def run(self) -> PretrainResult:
         cfg, s = self.cfg, self.state
         stop = _StopFlag()
@@ -381,18 +365,14 @@ class Pretrainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.model.train()
-        steps, batches = self._train_batches(s.epoch, s.epoch_step)
+        steps = self.train_loader.steps()
+        batches = self.train_loader.batches(s.epoch, s.epoch_step)
         bar = tqdm(total=steps, initial=s.epoch_step, desc=f"epoch {s.epoch + 1}/{cfg.epochs}",
                    disable=not self.progress, dynamic_ncols=True, leave=False)
         t0 = time.perf_counter()
         seconds_before = s.seconds
-        for im_q, im_k in batches:
-            im_q = im_q.to(self.device, non_blocking=True)
-            im_k = im_k.to(self.device, non_blocking=True)
-            if cfg.channels_last:
-                im_q = im_q.contiguous(memory_format=torch.channels_last)
-                im_k = im_k.contiguous(memory_format=torch.channels_last)
-            r = train_step(self.model, self.optimizer, im_q, im_k, self.shuffle,
+        for batch in batches:
+            r = train_step(self.model, self.optimizer, batch, self.shuffle,
                            self.autocast_dtype, self.scaler)
             if not math.isfinite(r.loss):
                 raise RunError(
