@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny datasets built in a temporary folder, so tests run anywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def make_image_folder(root: Path, classes: int = 2, per_class: int = 16, size: int = 32,
+                      splits: tuple[str, ...] = ("train", "test"), seed: int = 0) -> Path:
+    """DATA/{train,test}/class_i/NNN.png with class-dependent colours plus noise."""
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for c in range(classes):
+            d = root / split / f"class_{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            base = rng.integers(0, 256, size=3)
+            for i in range(per_class):
+                noise = rng.integers(-40, 40, size=(size, size, 3))
+                arr = np.clip(base + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(arr).save(d / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    """2 classes x 16 images of 32x32 in train/ and test/."""
+    return make_image_folder(tmp_path / "data")
+
+
+# Settings for a tiny, fast pretraining run on ``tiny_data``.
+TINY_FLAGS = ["-a", "resnet18", "--image-size", "32", "-b", "8", "--moco-k", "32",
+              "--bn-splits", "2", "--epochs", "2", "--workers", "0", "--no-progress",
+              "--knn-k", "5", "--channels-last", "false"]
