@@ -1,0 +1,202 @@
+"""Augmentation recipes: exact ops, order and parameters of REFERENCE.md §5 and §6.1."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+from moco.augment import PILGaussianBlur, TwoViews, eval_transform, pretrain_transform
+from moco.config import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
+
+RATIO = (3 / 4, 4 / 3)
+
+
+def _img(w: int, h: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+
+
+def _ops(aug: str, size: int = 224, scale: float = 0.2, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> list:
+    tf = pretrain_transform(aug, size, scale, mean, std)
+    assert isinstance(tf, T.Compose)
+    return list(tf.transforms)
+
+
+def _check_crop(op: object, size: int, min_scale: float) -> None:
+    assert type(op) is T.RandomResizedCrop
+    assert op.size == (size, size)
+    assert tuple(op.scale) == pytest.approx((min_scale, 1.0))
+    assert tuple(op.ratio) == pytest.approx(RATIO)
+    assert op.interpolation == InterpolationMode.BILINEAR
+
+
+def _check_jitter(op: object, hue: float) -> None:
+    assert type(op) is T.ColorJitter
+    for name in ("brightness", "contrast", "saturation"):
+        assert tuple(getattr(op, name)) == pytest.approx((0.6, 1.4)), name
+    assert tuple(op.hue) == pytest.approx((-hue, hue))
+
+
+def _check_tail(ops: list, mean, std) -> None:
+    assert type(ops[-2]) is T.ToTensor
+    assert type(ops[-1]) is T.Normalize
+    assert list(ops[-1].mean) == pytest.approx(list(mean))
+    assert list(ops[-1].std) == pytest.approx(list(std))
+
+
+def test_v1_pipeline() -> None:
+    """crop(0.2,1), grayscale p0.2, ColorJitter(0.4,0.4,0.4,0.4) ALWAYS, flip, ToTensor, Normalize."""
+    ops = _ops("v1")
+    assert [type(o) for o in ops] == [T.RandomResizedCrop, T.RandomGrayscale, T.ColorJitter,
+                                      T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
+    _check_crop(ops[0], 224, 0.2)
+    assert ops[1].p == pytest.approx(0.2)
+    _check_jitter(ops[2], hue=0.4)
+    assert ops[3].p == pytest.approx(0.5)
+    _check_tail(ops, IMAGENET_MEAN, IMAGENET_STD)
+    assert list(ops[-1].mean) == pytest.approx([0.485, 0.456, 0.406])
+    assert list(ops[-1].std) == pytest.approx([0.229, 0.224, 0.225])
+
+
+def test_v2_pipeline() -> None:
+    """crop(0.2,1), jitter(0.4,0.4,0.4,0.1) p0.8, grayscale p0.2 AFTER, blur σ∈[0.1,2] p0.5, flip."""
+    ops = _ops("v2")
+    assert [type(o) for o in ops] == [T.RandomResizedCrop, T.RandomApply, T.RandomGrayscale,
+                                      T.RandomApply, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
+    _check_crop(ops[0], 224, 0.2)
+    assert ops[1].p == pytest.approx(0.8)
+    assert len(ops[1].transforms) == 1
+    _check_jitter(ops[1].transforms[0], hue=0.1)
+    assert ops[2].p == pytest.approx(0.2)
+    assert ops[3].p == pytest.approx(0.5)
+    assert len(ops[3].transforms) == 1
+    blur = ops[3].transforms[0]
+    assert isinstance(blur, PILGaussianBlur)
+    assert blur.sigma == pytest.approx((0.1, 2.0))
+    assert ops[4].p == pytest.approx(0.5)
+    _check_tail(ops, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def test_cifar_demo_pipeline() -> None:
+    """crop(32, scale 0.08-1), flip 0.5, jitter(0.4,0.4,0.4,0.1) p0.8, grayscale 0.2, no blur."""
+    ops = _ops("cifar-demo", 32, 0.08, CIFAR_MEAN, CIFAR_STD)
+    assert [type(o) for o in ops] == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.RandomApply,
+                                      T.RandomGrayscale, T.ToTensor, T.Normalize]
+    _check_crop(ops[0], 32, 0.08)
+    assert ops[1].p == pytest.approx(0.5)
+    assert ops[2].p == pytest.approx(0.8)
+    assert len(ops[2].transforms) == 1
+    _check_jitter(ops[2].transforms[0], hue=0.1)
+    assert ops[3].p == pytest.approx(0.2)
+    _check_tail(ops, CIFAR_MEAN, CIFAR_STD)
+    assert list(ops[-1].mean) == pytest.approx([0.4914, 0.4822, 0.4465])
+    assert list(ops[-1].std) == pytest.approx([0.2023, 0.1994, 0.2010])
+
+
+def test_unknown_aug_rejected() -> None:
+    with pytest.raises(ValueError, match="v1, v2 or cifar-demo"):
+        pretrain_transform("v3", 32, 0.2, IMAGENET_MEAN, IMAGENET_STD)
+
+
+@pytest.mark.parametrize("aug", ["v1", "v2", "cifar-demo"])
+@pytest.mark.parametrize(("in_size", "out_size"), [((32, 32), 32), ((300, 240), 224), ((240, 300), 32)])
+def test_output_shape(aug: str, in_size: tuple[int, int], out_size: int) -> None:
+    tf = pretrain_transform(aug, out_size, 0.2, IMAGENET_MEAN, IMAGENET_STD)
+    torch.manual_seed(0)
+    x = tf(_img(*in_size))
+    assert x.shape == (3, out_size, out_size)
+    assert x.dtype == torch.float32
+
+
+def test_blur_uses_pil_radius_sigma() -> None:
+    img = _img(40, 40)
+    blur = PILGaussianBlur((1.3, 1.3))
+    expected = img.filter(ImageFilter.GaussianBlur(radius=1.3))
+    assert np.array_equal(np.asarray(blur(img)), np.asarray(expected))
+
+
+def test_blur_sigma_drawn_uniformly_from_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    radii: list[float] = []
+    real = ImageFilter.GaussianBlur
+
+    def spy(radius: float = 2) -> ImageFilter.GaussianBlur:
+        radii.append(radius)
+        return real(radius)
+
+    monkeypatch.setattr(ImageFilter, "GaussianBlur", spy)
+    img = _img(8, 8)
+    blur = PILGaussianBlur((0.1, 2.0))
+    torch.manual_seed(0)
+    for _ in range(300):
+        blur(img)
+    r = np.array(radii)
+    assert r.min() >= 0.1 and r.max() <= 2.0
+    assert r.min() < 0.3 and r.max() > 1.8  # covers the range
+    assert abs(r.mean() - 1.05) < 0.12
+    # Seeded through torch's RNG: same seed, same σ.
+    radii.clear()
+    torch.manual_seed(5)
+    blur(img)
+    torch.manual_seed(5)
+    blur(img)
+    assert radii[0] == radii[1]
+
+
+@pytest.mark.parametrize("aug", ["v1", "v2", "cifar-demo"])
+def test_two_views_seeded(aug: str) -> None:
+    tv = TwoViews(pretrain_transform(aug, 32, 0.2, IMAGENET_MEAN, IMAGENET_STD))
+    img = _img(48, 40)
+    q1, k1 = tv(img, seed=123)
+    q2, k2 = tv(img, seed=123)
+    assert torch.equal(q1, q2) and torch.equal(k1, k2)  # deterministic given the seed
+    assert not torch.equal(q1, k1)  # two independent draws
+    q3, _ = tv(img, seed=124)
+    assert not torch.equal(q1, q3)
+
+
+def test_two_views_restores_global_rng() -> None:
+    tv = TwoViews(pretrain_transform("v2", 32, 0.2, IMAGENET_MEAN, IMAGENET_STD))
+    torch.manual_seed(9)
+    expected = torch.rand(4)
+    torch.manual_seed(9)
+    tv(_img(32, 32), seed=1)
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_two_views_without_seed_are_independent() -> None:
+    tv = TwoViews(pretrain_transform("v1", 32, 0.2, IMAGENET_MEAN, IMAGENET_STD))
+    torch.manual_seed(0)
+    q, k = tv(_img(40, 40))
+    assert q.shape == k.shape == (3, 32, 32)
+    assert not torch.equal(q, k)
+
+
+def test_eval_transform_224() -> None:
+    tf = eval_transform(224, IMAGENET_MEAN, IMAGENET_STD)
+    ops = list(tf.transforms)
+    assert [type(o) for o in ops] == [T.Resize, T.CenterCrop, T.ToTensor, T.Normalize]
+    assert ops[0].size == 256  # short side to 256, as main_lincls.py
+    assert tuple(ops[1].size) == (224, 224)
+    assert tf(_img(400, 300)).shape == (3, 224, 224)
+    assert tf(_img(32, 32)).shape == (3, 224, 224)
+
+
+def test_eval_transform_32_is_demo_test_transform() -> None:
+    tf = eval_transform(32, CIFAR_MEAN, CIFAR_STD)
+    img = _img(32, 32, seed=3)
+    demo = T.Compose([T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)])
+    torch.testing.assert_close(tf(img), demo(img))
+    assert tf(_img(50, 40)).shape == (3, 32, 32)
+
+
+def test_eval_transform_is_deterministic() -> None:
+    tf = eval_transform(32, CIFAR_MEAN, CIFAR_STD)
+    img = _img(45, 37)
+    torch.manual_seed(0)
+    a = tf(img)
+    torch.manual_seed(1)
+    assert torch.equal(a, tf(img))
