@@ -3,6 +3,7 @@ YAML file, then command-line flags (each layer overrides the one before)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from dataclasses import dataclass, field, fields
@@ -183,7 +184,7 @@ def build_config(
     if preset:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-        values.update(PRESETS[preset])
+        values.update(copy.deepcopy(PRESETS[preset]))  # lists must not be shared
     values.update(file_values)
     values.update(overrides)
     values["preset"] = preset
