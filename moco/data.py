@@ -195,12 +195,21 @@ def class_balanced_subset(labels: list[int], n: int, seed: int) -> list[int]:
     for i, y in enumerate(labels):
         by_class.setdefault(y, []).append(i)
     classes = sorted(by_class)
-    per, extra = divmod(n, len(classes))
+    # Equal shares; a class smaller than its share gives all it has and the shortfall is
+    # spread over the others, so the subset has min(n, len(labels)) images.
+    take = dict.fromkeys(classes, 0)
+    left = min(n, len(labels))
+    while left > 0:
+        open_ = [c for c in classes if take[c] < len(by_class[c])]
+        per, extra = divmod(left, len(open_))
+        for j, c in enumerate(open_):
+            add = min(len(by_class[c]) - take[c], per + (1 if j < extra else 0))
+            take[c] += add
+            left -= add
     chosen: list[int] = []
-    for j, c in enumerate(classes):
+    for c in classes:
         idx = by_class[c]
-        take = min(len(idx), per + (1 if j < extra else 0))
-        perm = torch.randperm(len(idx), generator=g)[:take]
+        perm = torch.randperm(len(idx), generator=g)[:take[c]]
         chosen += [idx[int(p)] for p in perm]
     return sorted(chosen)
 
