@@ -1,0 +1,169 @@
+"""Export a pretrained encoder for downstream code (``moco export``).
+
+Formats:
+
+* ``torchvision``: a state dict (``torch.save``) of the backbone under torchvision names, no
+  ``fc``: ``torchvision.models.<arch>().load_state_dict(sd, strict=False)`` reports exactly
+  ``fc.weight`` and ``fc.bias`` missing and nothing unexpected.
+* ``detectron2``: exactly ``detection/convert-pretrain-to-detectron2.py`` (REFERENCE.md §9.1):
+  a pickle of ``{"model": {name: ndarray}, "__author__": "MOCO", "matching_heuristics": True}``
+  with the renaming rules applied to ``module.encoder_q.*`` (the head kept as ``stem.fc*``).
+* ``safetensors``: the backbone tensors plus string metadata (``arch``, ``cifar_stem``,
+  ``feature_dim``, ``image_size``, ``mean``, ``std``, ...), loadable with
+  ``safetensors.torch.load_file`` and by :func:`moco.pretrained.load_backbone`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+from moco.checkpoint import CheckpointError
+from moco.pretrained import (
+    EncoderWeights,
+    PretrainedInfo,
+    build_features_model,
+    describe_encoder,
+    read_encoder,
+)
+
+EXPORT_FORMATS = ("torchvision", "detectron2", "safetensors")
+SAFETENSORS_FORMAT = "moco-backbone/1"
+
+
+@dataclass
+class ExportResult:
+    """Where the export went, what it holds and what the user should know."""
+
+    path: Path
+    format: str
+    num_tensors: int
+    info: PretrainedInfo
+    warnings: list[str] = field(default_factory=list)
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write through a temporary file in the same folder, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            mask = os.umask(0)
+            os.umask(mask)
+            os.fchmod(f.fileno(), 0o666 & ~mask)  # mkstemp's 0600 -> a normal file's mode
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def detectron2_name(key: str) -> str | None:
+    """One key of the checkpoint -> its detectron2 name, or None when it is dropped.
+
+    The rules of ``convert-pretrain-to-detectron2.py`` in order (REFERENCE.md §9.1): keep
+    only ``module.encoder_q.*`` and remove that prefix; prepend ``stem.`` unless the name
+    contains ``layer``; ``layer{t}`` -> ``res{t+1}``; ``bn{t}`` -> ``conv{t}.norm``;
+    ``downsample.0`` -> ``shortcut``; ``downsample.1`` -> ``shortcut.norm``.
+    """
+    prefix = "module.encoder_q."
+    if not key.startswith(prefix):
+        return None
+    k = key.replace(prefix, "")
+    if "layer" not in k:
+        k = "stem." + k
+    for t in (1, 2, 3, 4):
+        k = k.replace(f"layer{t}", f"res{t + 1}")
+    for t in (1, 2, 3):
+        k = k.replace(f"bn{t}", f"conv{t}.norm")
+    k = k.replace("downsample.0", "shortcut")
+    return k.replace("downsample.1", "shortcut.norm")
+
+
+def detectron2_checkpoint(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The conversion script's output for a checkpoint's ``state_dict`` (original keys).
+
+    Returns ``{"model": {name: np.ndarray}, "__author__": "MOCO", "matching_heuristics":
+    True}``; float32 arrays, 0-d int64 arrays for ``num_batches_tracked``. For ResNet-50:
+    320 model entries (v1 head) or 322 (v2 MLP head).
+    """
+    model: dict[str, np.ndarray] = {}
+    for k, v in state_dict.items():
+        name = detectron2_name(k)
+        if name is not None:
+            model[name] = v.detach().cpu().numpy()
+    if not model:
+        raise CheckpointError("no module.encoder_q.* keys to convert")
+    return {"model": model, "__author__": "MOCO", "matching_heuristics": True}
+
+
+def _original_encoder_keys(w: EncoderWeights) -> dict[str, torch.Tensor]:
+    """The query encoder (head included) under the original's ``module.encoder_q.`` names."""
+    return {f"module.encoder_q.{k}": v for k, v in w.state.items()}
+
+
+def _stem_warning(info: PretrainedInfo, consumer: str) -> list[str]:
+    if not info.cifar_stem:
+        return []
+    return [f"this {info.arch} has the CIFAR stem (conv1 3x3 stride 1, no max-pool): a stock "
+            f"{consumer} has a 7x7 conv1 and will refuse conv1.weight; build the model with the "
+            f"same stem (moco.backbones.build_backbone({info.arch!r}, cifar_stem=True), or "
+            "replace conv1 by Conv2d(3, 64, 3, 1, 1, bias=False) and maxpool by Identity)"]
+
+
+def export_checkpoint(ckpt_path: str | Path, fmt: str, out: str | Path,
+                      arch: str | None = None) -> ExportResult:
+    """Export the query encoder of ``ckpt_path`` (any file :func:`load_backbone` accepts) to
+    ``out`` in format ``fmt`` (one of :data:`EXPORT_FORMATS`)."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    src, dst = Path(ckpt_path), Path(out)
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise ValueError(f"--out {dst} is the input checkpoint; choose another file")
+    w = read_encoder(src)
+    info = describe_encoder(w, arch, src)
+    # Load into the network once: the export holds exactly what the model accepts.
+    backbone = build_features_model(w, info, path=src).state_dict()
+    warnings: list[str] = []
+    if fmt == "torchvision":
+        warnings += _stem_warning(info, f"torchvision.models.{info.arch}()")
+        state = {k: v.detach().clone() for k, v in backbone.items()}
+        _atomic_write(dst, lambda f: torch.save(state, f))
+        n = len(state)
+    elif fmt == "detectron2":
+        warnings += _stem_warning(info, "detectron2 ResNet")
+        if w.layout in ("torchvision", "safetensors"):
+            warnings.append(f"{src} is a bare backbone ({w.layout}): only its backbone keys are "
+                            "converted (the original script expects a MoCo checkpoint)")
+            obj = detectron2_checkpoint({f"module.encoder_q.{k}": v for k, v in backbone.items()})
+        else:
+            obj = detectron2_checkpoint(_original_encoder_keys(w))
+        _atomic_write(dst, lambda f: pickle.dump(obj, f))
+        n = len(obj["model"])
+    else:
+        from safetensors.torch import save
+
+        tensors = {k: v.detach().contiguous().clone() for k, v in backbone.items()}
+        metadata = {
+            "format": SAFETENSORS_FORMAT, "arch": info.arch,
+            "cifar_stem": "true" if info.cifar_stem else "false",
+            "feature_dim": str(info.backbone_dim), "image_size": str(info.image_size),
+            "mean": json.dumps(list(info.mean)), "std": json.dumps(list(info.std)),
+            "source": src.name, "source_layout": info.layout,
+            "epoch": "" if info.epoch is None else str(info.epoch),
+        }
+        data = save(tensors, metadata=metadata)
+        _atomic_write(dst, lambda f: f.write(data))
+        n = len(tensors)
+    return ExportResult(dst, fmt, n, info, warnings)
