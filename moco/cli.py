@@ -8,7 +8,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("pretrain",)
+COMMANDS = ("pretrain", "lincls", "knn", "export", "embed")
 
 
 class UserError(Exception):
