@@ -175,6 +175,18 @@ def test_missing_data_folder_clear_error(tmp_path: Path) -> None:
     assert "does not exist" in err and "Traceback" not in err
 
 
+def test_batch_not_divisible_by_bn_splits_clear_error(tiny_data: Path, tmp_path: Path) -> None:
+    """The default --shuffle-bn (split on one process) needs batch % bn-splits == 0: refused
+    before any training, with exit code 2."""
+    flags = list(TINY_FLAGS)
+    flags[flags.index("-b") + 1] = "6"
+    flags[flags.index("--bn-splits") + 1] = "4"
+    rc, _, err = _run(["pretrain", str(tiny_data), *flags, "--output", str(tmp_path / "o")])
+    assert rc == 2
+    assert "--bn-splits" in err and "divisible" in err and "Traceback" not in err
+    assert not list((tmp_path / "o").glob("checkpoint_*"))
+
+
 def _help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     with pytest.raises(SystemExit) as e:
         main(argv)
