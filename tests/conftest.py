@@ -35,3 +35,9 @@ def tiny_data(tmp_path: Path) -> Path:
 TINY_FLAGS = ["-a", "resnet18", "--image-size", "32", "-b", "8", "--moco-k", "32",
               "--bn-splits", "2", "--epochs", "2", "--workers", "0", "--no-progress",
               "--knn-k", "5", "--channels-last", "false"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoded-image caches (moco.cache) go to a per-test folder, never to ~/.cache."""
+    monkeypatch.setenv("MOCO_CACHE", str(tmp_path_factory.mktemp("moco-cache")))
