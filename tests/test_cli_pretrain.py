@@ -35,7 +35,9 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]
     root = tmp_path_factory.mktemp("e2e")
     data = make_image_folder(root / "data")
     out = root / "run"
-    rc, stdout, stderr = _run(["pretrain", str(data), *TINY_FLAGS, "--output", str(out)])
+    with pytest.MonkeyPatch.context() as mp:  # module scope: set up before autouse fixtures
+        mp.setenv("MOCO_CACHE", str(root / "cache"))
+        rc, stdout, stderr = _run(["pretrain", str(data), *TINY_FLAGS, "--output", str(out)])
     assert rc == 0, stderr
     return data, out, stdout
 
