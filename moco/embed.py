@@ -12,7 +12,6 @@ normalisation) and yields one row of an [N, D] float32 matrix. Output:
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -95,7 +94,7 @@ def embed_images(images: str | Path, pretrained: str | Path, out: str | Path, *,
     from tqdm import tqdm
 
     from moco.augment import eval_transform
-    from moco.export import _atomic_write
+    from moco.export import atomic_path, atomic_write
     from moco.pretrained import default_workers, extract_into, load_encoder, resolve_device
 
     out_p = Path(out)
@@ -128,18 +127,17 @@ def embed_images(images: str | Path, pretrained: str | Path, out: str | Path, *,
             "count": len(names)}
     sidecar = None
     if out_p.suffix == ".npy":
-        buf = io.BytesIO()
-        np.save(buf, emb.numpy())
-        _atomic_write(out_p, lambda f: f.write(buf.getbuffer()))
+        array = emb.numpy()
+        atomic_write(out_p, lambda f: np.save(f, array))
         sidecar = out_p.with_name(out_p.name + ".json")
         text = json.dumps({**meta, "files": names, "skipped": skipped}, indent=1) + "\n"
-        _atomic_write(sidecar, lambda f: f.write(text.encode()))
+        atomic_write(sidecar, lambda f: f.write(text.encode()))
     else:
-        from safetensors.torch import save
+        from safetensors.torch import save_file
 
         metadata = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()}
         metadata["files"] = json.dumps(names)
         metadata["skipped"] = json.dumps(skipped)
-        data = save({"embeddings": emb.contiguous()}, metadata=metadata)
-        _atomic_write(out_p, lambda f: f.write(data))
+        with atomic_path(out_p) as tmp:
+            save_file({"embeddings": emb.contiguous()}, tmp, metadata=metadata)
     return EmbedResult(out_p, names, (int(emb.shape[0]), int(emb.shape[1])), skipped, sidecar)

@@ -15,11 +15,12 @@ Formats:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -51,22 +52,30 @@ class ExportResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[str]:
+    """A temporary file name in ``path``'s folder; on success it is renamed over ``path`` (a
+    crash never leaves a half-written file under the final name)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            mask = os.umask(0)
-            os.umask(mask)
-            os.fchmod(f.fileno(), 0o666 & ~mask)  # mkstemp's 0600 -> a normal file's mode
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 -> a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """``write(f)`` into a temporary file, fsync, then rename over ``path``."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def detectron2_name(key: str) -> str | None:
@@ -139,7 +148,7 @@ def export_checkpoint(ckpt_path: str | Path, fmt: str, out: str | Path,
     if fmt == "torchvision":
         warnings += _stem_warning(info, f"torchvision.models.{info.arch}()")
         state = {k: v.detach().clone() for k, v in backbone.items()}
-        _atomic_write(dst, lambda f: torch.save(state, f))
+        atomic_write(dst, lambda f: torch.save(state, f))
         n = len(state)
     elif fmt == "detectron2":
         warnings += _stem_warning(info, "detectron2 ResNet")
@@ -149,10 +158,10 @@ def export_checkpoint(ckpt_path: str | Path, fmt: str, out: str | Path,
             obj = detectron2_checkpoint({f"module.encoder_q.{k}": v for k, v in backbone.items()})
         else:
             obj = detectron2_checkpoint(_original_encoder_keys(w))
-        _atomic_write(dst, lambda f: pickle.dump(obj, f))
+        atomic_write(dst, lambda f: pickle.dump(obj, f))
         n = len(obj["model"])
     else:
-        from safetensors.torch import save
+        from safetensors.torch import save_file
 
         tensors = {k: v.detach().contiguous().clone() for k, v in backbone.items()}
         metadata = {
@@ -163,7 +172,7 @@ def export_checkpoint(ckpt_path: str | Path, fmt: str, out: str | Path,
             "source": src.name, "source_layout": info.layout,
             "epoch": "" if info.epoch is None else str(info.epoch),
         }
-        data = save(tensors, metadata=metadata)
-        _atomic_write(dst, lambda f: f.write(data))
+        with atomic_path(dst) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
         n = len(tensors)
     return ExportResult(dst, fmt, n, info, warnings)

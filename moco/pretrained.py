@@ -225,15 +225,16 @@ def _first_mismatch(arch: str, backbone: dict[str, torch.Tensor]) -> str:
 
 
 def _config_of(w: EncoderWeights) -> dict[str, Any] | None:
+    """The pretraining settings recorded in the file (our ``moco.config`` entry), as far as
+    they describe the encoder: arch, image_size, mean, std, knn_features. A ``moco lincls``
+    checkpoint records the same preprocessing at the top of its ``moco`` entry."""
     ours = w.ckpt.get("moco")
-    if isinstance(ours, dict) and isinstance(ours.get("config"), dict):
+    if not isinstance(ours, dict):
+        return None
+    if ours.get("kind") == "lincls":
+        return {k: ours[k] for k in ("image_size", "mean", "std") if k in ours}
+    if isinstance(ours.get("config"), dict):
         return dict(ours["config"])
-    if w.metadata.get("config"):
-        try:
-            cfg = json.loads(w.metadata["config"])
-            return cfg if isinstance(cfg, dict) else None
-        except ValueError:
-            return None
     return None
 
 

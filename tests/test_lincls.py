@@ -93,7 +93,7 @@ def test_tiny_run_changes_only_fc(setup: tuple[Path, Path], tmp_path: Path) -> N
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
-    assert info.layout == "torchvision"
+    assert info.layout == "torchvision" and info.image_size == 32  # the run's preprocessing
 
 
 def test_sanity_check_catches_changed_backbone(setup: tuple[Path, Path], tmp_path: Path,
