@@ -255,12 +255,12 @@ def cached_images(source: ImageSource, cache_dir: str | Path | None = None, *,
     prefix = _entry_prefix(source)
     key = f"{prefix}-{fingerprint(files)[:20]}"
     native, mixed = root / key, root / f"{key}-s{short_side}"
+    budget = memory_budget() if budget is None else budget
     for candidate in (native, mixed):
         found = _open_entry(candidate) if candidate.is_dir() else None
-        if found is not None:
+        if found is not None and found.nbytes <= budget:
             _touch(candidate)
             return found
-    budget = memory_budget() if budget is None else budget
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
 
     shapes = [(0, 0)] * len(files)

@@ -21,7 +21,7 @@ AUGMENTATIONS = ("v1", "v2", "cifar-demo")
 SHUFFLE_BN = ("split", "none", "ddp")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 KNN_FEATURES = ("backbone", "head")
-LOADERS = ("pil", "tensor")
+LOADERS = ("auto", "tensor", "pil")
 MECHANISMS = ("moco", "end-to-end", "memory-bank")
 BAD_IMAGE_POLICIES = ("stop", "skip")
 
@@ -66,7 +66,7 @@ class MocoConfig:
     device: str = "auto"
     precision: str = "auto"
     channels_last: bool = True
-    loader: str = "pil"
+    loader: str = "auto"
     cache_dir: str = ""
     compile: bool = False
     on_bad_image: str = "stop"

@@ -78,13 +78,29 @@ class PILTrainLoader:
 
 def make_train_loader(cfg: MocoConfig, source: ImageSource, device: torch.device, workers: int,
                       rank: int = 0, world_size: int = 1) -> TrainLoader:
-    """The training pipeline ``cfg`` asks for."""
-    return PILTrainLoader(cfg, source, device, workers, rank, world_size)
+    """The training pipeline ``cfg.loader`` asks for: ``pil``, the original per-image recipe
+    above; ``auto`` / ``tensor``, the batched pipeline of :mod:`moco.tensor_loader` (decoded
+    cache when it fits in memory, else decoding in workers; augmentation on ``device``)."""
+    if cfg.loader == "pil":
+        return PILTrainLoader(cfg, source, device, workers, rank, world_size)
+    from moco.tensor_loader import make_tensor_loader
+
+    return make_tensor_loader(cfg, source, device, workers, rank, world_size)
 
 
 def eval_batches(cfg: MocoConfig, source: ImageSource, device: torch.device, workers: int,
                  batch_size: int = 256) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    """Un-augmented images of ``source`` (resize + center crop) and their labels, in order."""
+    """Un-augmented images of ``source`` (resize + center crop) and their labels, in order.
+
+    Except with ``--loader pil``, from the decoded cache (:mod:`moco.cache`) when it fits,
+    resized and cropped by tensor ops on ``device``."""
+    if cfg.loader != "pil":
+        from moco.tensor_loader import decoded_or_none, eval_batches_decoded
+
+        decoded = decoded_or_none(cfg, source, workers)
+        if decoded is not None:
+            yield from eval_batches_decoded(cfg, decoded, device, batch_size)
+            return
     tf = eval_transform(cfg.image_size, cfg.mean, cfg.std)
     loader = DataLoader(EvalDataset(source, tf), batch_size=batch_size, shuffle=False,
                         num_workers=workers, pin_memory=device.type == "cuda")

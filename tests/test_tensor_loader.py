@@ -1,0 +1,156 @@
+"""The tensor pipeline (moco.tensor_loader): determinism by (seed, epoch, step), resume,
+process-count independence, shapes, dispatch and the cached eval path."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moco.cache import DecodedImages
+from moco.config import MocoConfig, build_config
+from moco.data import EpochBatchSampler, ImageSource, find_dataset
+from moco.loader import PILTrainLoader, eval_batches, make_train_loader
+from moco.tensor_loader import (
+    DecodeTrainLoader,
+    TensorTrainLoader,
+    decoded_or_none,
+    make_tensor_loader,
+    step_generator,
+)
+
+CPU = torch.device("cpu")
+
+
+def _cfg(**kw: object) -> MocoConfig:
+    base = dict(arch="resnet18", image_size=24, batch_size=4, aug="v2", seed=3, moco_k=32,
+                bn_splits=2, channels_last=False)
+    base.update(kw)
+    return build_config(overrides=base)
+
+
+def _images(n: int = 20, h: int = 32, w: int = 32) -> DecodedImages:
+    rng = np.random.default_rng(0)
+    return DecodedImages(rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8), [i % 2 for i in range(n)])
+
+
+def _all(loader: TensorTrainLoader | DecodeTrainLoader, epoch: int, start: int = 0) -> list:
+    return [(b.im_q, b.im_k, b.index) for b in loader.batches(epoch, start)]
+
+
+def test_shapes_order_and_determinism() -> None:
+    cfg = _cfg(channels_last=True)
+    a = TensorTrainLoader(cfg, _images(), CPU)
+    assert a.steps() == 5
+    batches = list(a.batches(0))
+    assert len(batches) == 5
+    b0 = batches[0]
+    assert b0.im_q.shape == b0.im_k.shape == (4, 3, 24, 24) and b0.im_q.dtype == torch.float32
+    assert b0.im_q.is_contiguous(memory_format=torch.channels_last)
+    # the same sample order as the PIL path
+    pil_order = [[i for i, _ in items] for items in EpochBatchSampler(20, 4, cfg.seed, 0)]
+    assert [b.index.tolist() for b in batches] == pil_order
+    again = _all(TensorTrainLoader(cfg, _images(), CPU), 0)
+    for (q, k, i), b in zip(again, batches, strict=True):
+        assert torch.equal(q, b.im_q) and torch.equal(k, b.im_k) and torch.equal(i, b.index)
+    other = _all(a, 1)
+    assert not torch.equal(other[0][0], batches[0].im_q)  # another epoch, other views
+    assert not torch.equal(batches[0].im_q, batches[0].im_k)
+
+
+def test_resume_mid_epoch_gives_the_same_batches() -> None:
+    cfg = _cfg()
+    full = _all(TensorTrainLoader(cfg, _images(), CPU), 2)
+    tail = _all(TensorTrainLoader(cfg, _images(), CPU), 2, start=3)
+    assert len(tail) == 2
+    for (q, k, i), (q2, k2, i2) in zip(full[3:], tail, strict=True):
+        assert torch.equal(q, q2) and torch.equal(k, k2) and torch.equal(i, i2)
+
+
+def test_prefetch_does_not_change_batches() -> None:
+    cfg = _cfg()
+    on = _all(TensorTrainLoader(cfg, _images(), CPU, prefetch=True), 0)
+    off = _all(TensorTrainLoader(cfg, _images(), CPU, prefetch=False), 0)
+    for x, y in zip(on, off, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(x, y, strict=True))
+    it = TensorTrainLoader(cfg, _images(), CPU, prefetch=True).batches(0)
+    next(it)
+    it.close()  # abandoning an epoch midway leaves no thread behind
+
+
+def test_step_generator_depends_on_seed_epoch_step() -> None:
+    draws = {(s, e, t): torch.rand(3, generator=step_generator(s, e, t)).tolist()
+             for s in (0, 1) for e in (0, 1) for t in (0, 1)}
+    assert len({tuple(v) for v in draws.values()}) == 8
+    assert torch.rand(3, generator=step_generator(1, 0, 1)).tolist() == draws[(1, 0, 1)]
+
+
+def test_process_count_does_not_change_views() -> None:
+    """Two ranks with batch B see exactly the halves of one process's batch 2B."""
+    one = _all(TensorTrainLoader(_cfg(batch_size=8), _images(), CPU), 0)
+    ranks = [_all(TensorTrainLoader(_cfg(batch_size=4), _images(), CPU, rank=r, world_size=2), 0)
+             for r in (0, 1)]
+    for step, (q, k, i) in enumerate(one):
+        assert torch.allclose(torch.cat([ranks[0][step][0], ranks[1][step][0]]), q, atol=1e-6)
+        assert torch.allclose(torch.cat([ranks[0][step][1], ranks[1][step][1]]), k, atol=1e-6)
+        assert torch.equal(torch.cat([ranks[0][step][2], ranks[1][step][2]]), i)
+
+
+def test_mixed_size_array_uses_each_images_size() -> None:
+    imgs = _images(8, 40, 40)
+    sizes = np.array([[40, 30], [20, 40]] * 4, dtype=np.int32)
+    for k, (h, w) in enumerate(sizes):
+        imgs.images[k, h:] = 0
+        imgs.images[k, :, w:] = 0
+    imgs.sizes = sizes
+    loader = TensorTrainLoader(_cfg(), imgs, CPU)
+    b = next(iter(loader.batches(0)))
+    assert b.im_q.shape == (4, 3, 24, 24) and torch.isfinite(b.im_q).all()
+
+
+def test_decode_loader_matches_the_cached_loader(tiny_data: Path) -> None:
+    """Worker decoding (datasets too large to cache) feeds the same views for the same pixels."""
+    src = find_dataset(tiny_data).train
+    cfg = _cfg(image_size=32)
+    cached = TensorTrainLoader(cfg, decoded_or_none(cfg, src, 0), CPU)  # type: ignore[arg-type]
+    decoded = DecodeTrainLoader(cfg, src, CPU, workers=0)
+    assert decoded.steps() == cached.steps() == 8
+    a, b = _all(cached, 1, start=5), _all(decoded, 1, start=5)
+    assert len(a) == len(b) == 3
+    for (q, k, i), (q2, k2, i2) in zip(a, b, strict=True):
+        assert torch.equal(i, i2)
+        assert torch.allclose(q, q2, atol=1e-4) and torch.allclose(k, k2, atol=1e-4)
+
+
+def test_dispatch(tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = find_dataset(tiny_data).train
+    assert isinstance(make_train_loader(_cfg(loader="pil"), src, CPU, 0), PILTrainLoader)
+    assert isinstance(make_train_loader(_cfg(loader="auto"), src, CPU, 0), TensorTrainLoader)
+    assert isinstance(make_train_loader(_cfg(loader="tensor"), src, CPU, 0), TensorTrainLoader)
+    monkeypatch.setenv("MOCO_CACHE_MAX_GB", "0")
+    fresh = find_dataset(tiny_data).train  # decoded_or_none remembers per source object
+    assert isinstance(make_tensor_loader(_cfg(), fresh, CPU, 0), DecodeTrainLoader)
+    assert MocoConfig().loader == "auto"
+    with pytest.raises(ValueError, match="--loader"):
+        dataclasses.replace(MocoConfig(), loader="fast").validate()
+
+
+def test_cached_eval_matches_pil_eval(tiny_data: Path) -> None:
+    test = find_dataset(tiny_data).test
+    assert test is not None
+    ours = list(eval_batches(_cfg(image_size=28), test, CPU, 0, batch_size=10))
+    pil = list(eval_batches(_cfg(image_size=28, loader="pil"), test, CPU, 0, batch_size=10))
+    assert [len(y) for _, y in ours] == [10, 10, 10, 2]
+    for (x, y), (x2, y2) in zip(ours, pil, strict=True):
+        assert torch.equal(y, y2)
+        assert (x - x2).abs().max() <= 1.01 / 255 / min(MocoConfig().std)
+
+
+def test_in_memory_array_source() -> None:
+    arr = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    src = ImageSource(array=arr, labels=[0] * 12)
+    loader = make_train_loader(_cfg(), src, CPU, 0)
+    assert isinstance(loader, TensorTrainLoader) and loader.steps() == 3
