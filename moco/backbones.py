@@ -35,7 +35,8 @@ def register_backbone(name: str, factory: BackboneFactory) -> None:
 def _torchvision(name: str) -> BackboneFactory:
     def build(norm_layer: NormLayer | None) -> nn.Module:
         kwargs = {} if norm_layer is None else {"norm_layer": norm_layer}
-        return getattr(torchvision.models, name)(weights=None, **kwargs)  # type: ignore[no-any-return]
+        model: nn.Module = getattr(torchvision.models, name)(weights=None, **kwargs)
+        return model
 
     return build
 
@@ -65,7 +66,8 @@ def build_backbone(name: str, *, cifar_stem: bool = False, norm_layer: NormLayer
         )
     model = _REGISTRY[name](norm_layer)
     if cifar_stem:
-        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)  # type: ignore[union-attr]
+        width = int(model.conv1.out_channels)  # type: ignore[union-attr,arg-type]
+        model.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
         model.maxpool = nn.Identity()
     fc = model.fc
     if not isinstance(fc, nn.Linear):

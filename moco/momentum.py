@@ -21,7 +21,7 @@ def momentum_update(encoder_q: nn.Module, encoder_k: nn.Module, m: float) -> Non
     Buffers (BN running statistics) are left alone, as in the original: the key encoder's
     running stats come from its own train-mode forwards and are never used.
     """
-    k_params = [p for p in encoder_k.parameters()]
+    k_params: list[torch.Tensor] = list(encoder_k.parameters())
     q_params = [p.detach() for p in encoder_q.parameters()]
     torch._foreach_mul_(k_params, m)
     torch._foreach_add_(k_params, q_params, alpha=1.0 - m)
