@@ -18,7 +18,8 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the demo's constants (REFERENCE.md §6.
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 AUGMENTATIONS = ("v1", "v2", "cifar-demo")
-SHUFFLE_BN = ("split", "none", "ddp")
+SHUFFLE_BN = ("auto", "split", "none", "ddp", "syncbn")
+LR_SCALES = ("none", "linear")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 KNN_FEATURES = ("backbone", "head")
 LOADERS = ("auto", "tensor", "pil")
@@ -36,6 +37,7 @@ class MocoConfig:
     epochs: int = 200
     batch_size: int = 256
     lr: float = 0.03
+    lr_scale: str = "none"
     schedule: list[int] = field(default_factory=lambda: [120, 160])
     cos: bool = False
     cos_one_based: bool = False
@@ -53,7 +55,7 @@ class MocoConfig:
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     symmetric: bool = False
-    shuffle_bn: str = "split"
+    shuffle_bn: str = "auto"
     bn_splits: int = 8
     seed: int = 0
     workers: int = -1
@@ -76,6 +78,7 @@ class MocoConfig:
     save_every_steps: int = 0
     keep_last: int = 2
     print_freq: int = 10
+    dist_timeout: float = 30.0
     preset: str = ""
 
     def validate(self) -> None:
@@ -94,6 +97,8 @@ class MocoConfig:
             (0 < self.crop_min_scale <= 1, f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}"),
             (self.aug in AUGMENTATIONS, f"--aug must be one of {AUGMENTATIONS}, got {self.aug!r}"),
             (self.shuffle_bn in SHUFFLE_BN, f"--shuffle-bn must be one of {SHUFFLE_BN}, got {self.shuffle_bn!r}"),
+            (self.lr_scale in LR_SCALES, f"--lr-scale must be one of {LR_SCALES}, got {self.lr_scale!r}"),
+            (self.dist_timeout > 0, f"--dist-timeout must be > 0 minutes, got {self.dist_timeout}"),
             (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.knn_features in KNN_FEATURES, f"--knn-features must be one of {KNN_FEATURES}"),
             (self.loader in LOADERS, f"--loader must be one of {LOADERS}, got {self.loader!r}"),
@@ -123,6 +128,13 @@ class MocoConfig:
                 "SplitBatchNorm needs equal sub-batches"
             )
 
+    @property
+    def effective_lr(self) -> float:
+        """The base lr actually used: ``--lr`` as given (``--lr-scale none``, the original's
+        behaviour), or ``--lr x batch / 256`` (``--lr-scale linear``, Goyal et al.). The batch
+        is the global one over all processes, so the rule does not depend on the process count."""
+        return self.lr * self.batch_size / 256 if self.lr_scale == "linear" else self.lr
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -138,7 +150,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                "moco_t": 0.2, "mlp": True, "aug": "v2", "wd": 1e-4},
     # The authors' CIFAR-10 demo (REFERENCE.md §6).
     "cifar10": {"arch": "resnet18", "cifar_stem": True, "moco_dim": 128, "moco_k": 4096,
-                "moco_m": 0.99, "moco_t": 0.1, "bn_splits": 8, "shuffle_bn": "split",
+                "moco_m": 0.99, "moco_t": 0.1, "bn_splits": 8, "shuffle_bn": "auto",
                 "symmetric": False, "mlp": False, "lr": 0.06, "batch_size": 512,
                 "wd": 5e-4, "epochs": 200, "cos": True, "cos_one_based": True, "schedule": [],
                 "aug": "cifar-demo", "image_size": 32, "crop_min_scale": 0.08,

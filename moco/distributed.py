@@ -1,19 +1,62 @@
-"""Process-group context. Without torchrun everything is a single process (rank 0 of 1)."""
+"""Multi-process and multi-node training with ``torchrun`` and DistributedDataParallel.
+
+Without torchrun (no ``WORLD_SIZE`` in the environment, or ``WORLD_SIZE=1``) everything is a
+single process, rank 0 of 1, and nothing here communicates. Under torchrun,
+:func:`init_distributed` joins the process group (NCCL on CUDA, one GPU per process chosen by
+``LOCAL_RANK``; gloo on the CPU) with a timeout, so that a rank that dies or hangs stops the
+job instead of blocking the others forever.
+
+Shuffling BN across processes is the original's ``_batch_shuffle_ddp`` /
+``_batch_unshuffle_ddp`` (REFERENCE.md §3.2), behind the :class:`~moco.shuffle_bn.KeyShuffle`
+interface of :class:`~moco.model.MoCo`: :class:`DDPShuffle`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import datetime
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from moco.config import MocoConfig
+from moco.shuffle_bn import KeyShuffle, LocalShuffle, NoShuffle
+
+T = TypeVar("T")
+
+#: Settings that may differ between ranks: the data path (nodes may mount it elsewhere) and
+#: the number of loader workers (``-1`` resolves from each machine's cores).
+PER_RANK_SETTINGS = frozenset({"data", "workers"})
+
+
+class DistributedError(ValueError):
+    """A multi-process run that cannot start, with what to change."""
+
+
+_owns_group = False  # whether init_distributed created the default process group
 
 
 @dataclass
 class DistContext:
-    """Who this process is. ``world_size == 1`` means no process group."""
+    """Who this process is. ``world_size == 1`` means no process group and no communication.
+
+    ``comm_device`` is where small tensors used for coordination live (the process's GPU with
+    NCCL, the CPU with gloo).
+    """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    backend: str = ""
+    comm_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    local_world_size: int = 1  # processes on this machine (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def is_main(self) -> bool:
@@ -24,10 +67,324 @@ class DistContext:
         return self.world_size > 1
 
     def barrier(self) -> None:
+        """Wait until every rank reaches this point (bounded by the process-group timeout)."""
         if self.enabled:
-            torch.distributed.barrier()
+            dist.barrier()
+
+    def broadcast_object(self, obj: T) -> T:
+        """Rank 0's ``obj`` on every rank (any picklable object)."""
+        if not self.enabled:
+            return obj
+        box: list[Any] = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.comm_device)
+        return box[0]
+
+    def all_gather_object(self, obj: T) -> list[T]:
+        """``obj`` of every rank, in rank order."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def agree_signal(self, signum: int | None) -> int | None:
+        """The largest signal number any rank has received (None if none did): every rank
+        gets the same answer, so all of them stop at the same step."""
+        if not self.enabled:
+            return signum
+        t = torch.tensor([signum or 0], dtype=torch.long, device=self.comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        value = int(t.item())
+        return value or None
+
+    def on_main(self, fn: Callable[[], T]) -> T | None:
+        """Run ``fn`` on rank 0 only (file-system work: one writer). If it raises, every rank
+        raises the same exception, so no rank waits for a peer that has given up."""
+        if not self.enabled:
+            return fn()
+        result: T | None = None
+        error: BaseException | None = None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as e:  # propagated to every rank below
+                error = e
+        error = self.broadcast_object(error)
+        if error is not None:
+            raise error
+        return result
+
+    def local_device(self, device: torch.device) -> torch.device:
+        """The device this process trains on: ``cuda:LOCAL_RANK`` under torchrun on CUDA."""
+        if not self.enabled or device.type != "cuda":
+            return device
+        if device.index is not None and device.index != self.local_rank:
+            raise DistributedError(
+                f"--device {device} under torchrun: each process uses the GPU of its LOCAL_RANK "
+                "(cuda:0..N-1); pass --device cuda (or auto) and choose GPUs with "
+                "CUDA_VISIBLE_DEVICES")
+        return torch.device("cuda", self.local_rank)
 
 
-def init_distributed(device: torch.device) -> DistContext:
-    """Single process for now; the torchrun path is added behind this function."""
-    return DistContext()
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise DistributedError(f"environment variable {name}={v!r} is not an integer") from None
+
+
+def init_distributed(device: torch.device, timeout_minutes: float = 30.0) -> DistContext:
+    """Join torchrun's process group, or return a single-process context without torchrun.
+
+    Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (set by torchrun; ``MASTER_ADDR`` and
+    ``MASTER_PORT`` are read by ``init_process_group``). Backend: NCCL when ``device`` is CUDA
+    (this process then uses ``cuda:LOCAL_RANK``), gloo otherwise. Every collective that waits
+    longer than ``timeout_minutes`` fails, so a dead or stuck rank stops the job. If the
+    default process group already exists (a caller set it up), it is used as is.
+    """
+    if dist.is_available() and dist.is_initialized():
+        g_rank = dist.get_rank()
+        env_local = _env_int("LOCAL_RANK")
+        backend = str(dist.get_backend())
+        comm = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        return DistContext(g_rank, dist.get_world_size(),
+                           env_local if env_local is not None else g_rank, backend, comm,
+                           _env_int("LOCAL_WORLD_SIZE") or 1)
+    env_world = _env_int("WORLD_SIZE")
+    if env_world is None or env_world <= 1:
+        return DistContext()
+    env_rank, env_local = _env_int("RANK"), _env_int("LOCAL_RANK")
+    if env_rank is None:
+        raise DistributedError("WORLD_SIZE is set but RANK is not: launch with torchrun")
+    world, rank = env_world, env_rank
+    local = env_local if env_local is not None else rank
+    local_world = _env_int("LOCAL_WORLD_SIZE") or 1
+    if not dist.is_available():
+        raise DistributedError("this PyTorch build has no torch.distributed support")
+    if timeout_minutes <= 0:
+        raise DistributedError(f"--dist-timeout must be > 0 minutes, got {timeout_minutes}")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise DistributedError(
+                f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) are visible: "
+                "start at most one process per GPU (--nproc_per_node)")
+        cuda = torch.device("cuda", local)
+        torch.cuda.set_device(cuda)
+        dist.init_process_group("nccl", rank=rank, world_size=world, timeout=timeout,
+                                device_id=cuda)
+        ctx = DistContext(rank, world, local, "nccl", cuda, local_world)
+    else:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+        ctx = DistContext(rank, world, local, "gloo", torch.device("cpu"), local_world)
+    global _owns_group
+    _owns_group = True
+    return ctx
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group if :func:`init_distributed` created it (a group set up by the
+    caller is left alone)."""
+    global _owns_group
+    if _owns_group and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _owns_group = False
+
+
+def is_communication_error(e: BaseException) -> bool:
+    """Whether ``e`` is a failed collective: a peer that died (connection closed) or one that
+    did not arrive within the process-group timeout. gloo raises a plain RuntimeError."""
+    if isinstance(e, dist.DistError):
+        return True
+    msg = str(e)
+    return isinstance(e, RuntimeError) and any(
+        s in msg for s in ("gloo", "NCCL", "Timed out", "Connection closed", "Connection reset"))
+
+
+# ----- configuration across ranks ---------------------------------------------------------
+def resolve_shuffle_bn(mode: str, world_size: int) -> str:
+    """``auto`` -> ``ddp`` with several processes, ``split`` with one. Modes that need several
+    processes are refused on one, with what to use instead."""
+    if mode == "auto":
+        return "ddp" if world_size > 1 else "split"
+    if world_size == 1 and mode in ("ddp", "syncbn"):
+        raise DistributedError(
+            f"--shuffle-bn {mode} needs several processes (torchrun --nproc_per_node N, N >= 2); "
+            "on one process use --shuffle-bn split (SplitBatchNorm) or none")
+    return mode
+
+
+def per_rank_batch(batch_size: int, world_size: int) -> int:
+    """``-b`` is the global batch over all processes; each process gets ``-b / world_size``."""
+    if batch_size % world_size:
+        lo = batch_size // world_size * world_size
+        raise DistributedError(
+            f"--batch-size {batch_size} is the global batch and must be divisible by the "
+            f"{world_size} processes; use e.g. -b {max(lo, world_size)} or -b {lo + world_size}")
+    return batch_size // world_size
+
+
+def resolve_for_world(cfg: MocoConfig, ctx: DistContext, device: torch.device) -> str:
+    """The ``--shuffle-bn`` mode this process count runs (``auto`` resolved), after checking
+    that the global batch splits evenly over the ranks, that SplitBatchNorm gets equal
+    sub-batches on each rank, that SyncBN has GPUs, and that every rank got the same settings.
+
+    ``cfg`` itself is left as requested (``auto`` stays ``auto`` in config.yaml and in
+    checkpoints), so a run saved by N processes resumes on M processes or on one.
+    """
+    check_same_settings(ctx, cfg.to_dict())
+    mode = resolve_shuffle_bn(cfg.shuffle_bn, ctx.world_size)
+    local = per_rank_batch(cfg.batch_size, ctx.world_size)
+    if mode == "split" and local % cfg.bn_splits:
+        where = f"the per-process batch {local} (-b {cfg.batch_size} / {ctx.world_size})" \
+            if ctx.enabled else f"--batch-size {cfg.batch_size}"
+        raise DistributedError(
+            f"--shuffle-bn split: {where} is not divisible by --bn-splits {cfg.bn_splits}; "
+            "SplitBatchNorm needs equal sub-batches")
+    if mode == "syncbn" and device.type != "cuda":
+        raise DistributedError("--shuffle-bn syncbn: PyTorch's SyncBatchNorm runs on GPUs only; "
+                               "on the CPU use --shuffle-bn ddp")
+    return mode
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    """A short digest of the settings that must agree across ranks."""
+    kept = {k: v for k, v in sorted(settings.items()) if k not in PER_RANK_SETTINGS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_same_settings(ctx: DistContext, settings: dict[str, Any]) -> None:
+    """Raise :class:`DistributedError` on every rank if any rank was given other settings
+    (flags, config file or preset), naming the settings that differ and on which ranks."""
+    if not ctx.enabled:
+        return
+    everyone = ctx.all_gather_object((settings_hash(settings), settings))
+    if len({h for h, _ in everyone}) == 1:
+        return
+    ref = everyone[0][1]
+    diffs = []
+    for r, (_, s) in enumerate(everyone[1:], start=1):
+        for k in sorted(set(ref) | set(s)):
+            if k not in PER_RANK_SETTINGS and ref.get(k) != s.get(k):
+                diffs.append(f"{k}: rank 0 has {ref.get(k)!r}, rank {r} has {s.get(k)!r}")
+    raise DistributedError(
+        "the processes were started with different settings; every rank must get the same "
+        "flags and config file: " + "; ".join(diffs[:10]) + (" ..." if len(diffs) > 10 else ""))
+
+
+# ----- collectives and shuffling BN -------------------------------------------------------
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@torch.no_grad()
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` (same shape on all ranks) concatenated along dim 0 in rank
+    order. No gradient flows back through it (REFERENCE.md §1.3). Identity without a group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    fmt = _memory_format(tensor)
+    t = tensor.contiguous()
+    # NCCL gathers GPU tensors only: a CPU tensor (e.g. dataset indices) makes the round trip.
+    on_cpu_with_nccl = t.device.type == "cpu" and dist.get_backend() == "nccl"
+    if on_cpu_with_nccl:
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    out = torch.cat(parts, dim=0)
+    if on_cpu_with_nccl:
+        out = out.cpu()
+    return out.contiguous(memory_format=fmt) if fmt is not torch.contiguous_format else out
+
+
+class DDPShuffle:
+    """Shuffling BN across processes, as the original's ``_batch_shuffle_ddp`` (§3.2).
+
+    ``shuffle``: all-gather the key images of every rank ([N,...], N = world x B), draw one
+    permutation of N (broadcast from rank 0) and keep this rank's B images of it; the key
+    encoder then normalises a random subset of the global batch, mostly other ranks' images.
+    ``unshuffle``: all-gather the keys and take back this rank's own, in its original order.
+    ``gather``: every rank's keys, so the queue is the same on all ranks.
+
+    The permutation comes from ``generator`` (CPU), seeded identically on every rank and
+    advanced identically, so its state (saved from rank 0) resumes the run exactly; the
+    broadcast from rank 0 keeps the ranks in agreement regardless.
+    """
+
+    def __init__(self, generator: torch.Generator, rank: int | None = None,
+                 world_size: int | None = None) -> None:
+        self.generator = generator
+        self.rank = dist.get_rank() if rank is None else rank
+        self.world_size = dist.get_world_size() if world_size is None else world_size
+
+    @torch.no_grad()
+    def shuffle(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x_all = concat_all_gather(x)
+        n = x_all.shape[0]
+        perm = torch.randperm(n, generator=self.generator).to(x.device)
+        if self.world_size > 1:
+            dist.broadcast(perm, src=0)
+        inv = torch.argsort(perm)
+        mine = perm.view(self.world_size, -1)[self.rank]
+        return x_all[mine], inv
+
+    @torch.no_grad()
+    def unshuffle(self, k: torch.Tensor, handle: torch.Tensor | None) -> torch.Tensor:
+        assert handle is not None, "unshuffle needs the handle returned by shuffle"
+        k_all = concat_all_gather(k)
+        return k_all[handle.view(self.world_size, -1)[self.rank]]
+
+    def gather(self, k: torch.Tensor) -> torch.Tensor:
+        return concat_all_gather(k)
+
+
+class GatherKeys:
+    """A per-process :class:`KeyShuffle` (no shuffle, or SplitBN's local shuffle) whose keys
+    are still all-gathered for the queue: ``--shuffle-bn none|split|syncbn`` under torchrun."""
+
+    def __init__(self, local: KeyShuffle) -> None:
+        self.local = local
+
+    def shuffle(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.local.shuffle(x)
+
+    def unshuffle(self, k: torch.Tensor, handle: torch.Tensor | None) -> torch.Tensor:
+        return self.local.unshuffle(k, handle)
+
+    def gather(self, k: torch.Tensor) -> torch.Tensor:
+        return concat_all_gather(k)
+
+
+def make_key_shuffle(mode: str, ctx: DistContext, generator: torch.Generator) -> KeyShuffle:
+    """The :class:`KeyShuffle` of a resolved ``--shuffle-bn`` mode for this process count."""
+    local: KeyShuffle = LocalShuffle(generator) if mode == "split" else NoShuffle()
+    if not ctx.enabled:
+        return local
+    if mode == "ddp":
+        return DDPShuffle(generator, ctx.rank, ctx.world_size)
+    return GatherKeys(local)
+
+
+def wrap_ddp(model: nn.Module, ctx: DistContext, device: torch.device,
+             sync_bn: bool = False) -> nn.Module:
+    """``model`` in DistributedDataParallel (``model`` itself with one process).
+
+    The key encoder's parameters have ``requires_grad=False``, so DDP leaves them out of the
+    gradient all-reduce. Buffers are synced from rank 0 once, at construction, but not before
+    every forward (``forward_sync_buffers=False``, the successor of ``broadcast_buffers=False``):
+    unlike the original, whose DDP kept the default (REFERENCE.md §12.18). The queue ([C, K], 32 MiB at K=65536) is identical on every rank by
+    construction, and BN running statistics are never used during pretraining; rank 0's own
+    buffers, which are what checkpoints and kNN use, are the same either way. With
+    ``sync_bn`` every BatchNorm becomes a SyncBatchNorm first (parameters are kept).
+    """
+    if not ctx.enabled:
+        return model
+    if sync_bn:
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)

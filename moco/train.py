@@ -6,9 +6,11 @@ an autocast dtype, an optional grad scaler and a :class:`KeyShuffle`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -31,14 +33,23 @@ from moco.checkpoint import (
 )
 from moco.config import MocoConfig, save_yaml
 from moco.data import DataError, ImageSource, class_balanced_subset, find_dataset
-from moco.distributed import DistContext, init_distributed
+from moco.distributed import (
+    DistContext,
+    init_distributed,
+    is_communication_error,
+    make_key_shuffle,
+    per_rank_batch,
+    resolve_for_world,
+    shutdown_distributed,
+    wrap_ddp,
+)
 from moco.knn import extract_features, knn_accuracy
 from moco.loader import Batch, TrainLoader, eval_batches, make_train_loader
 from moco.loss import top1_accuracy
 from moco.model import MoCo, build_encoder
 from moco.runlog import RunLog, read_metrics
 from moco.schedule import learning_rate
-from moco.shuffle_bn import KeyShuffle, LocalShuffle, NoShuffle
+from moco.shuffle_bn import KeyShuffle
 
 Log = Callable[[str], None]
 CHECKPOINT_GLOB = "checkpoint_*.pth.tar"
@@ -68,8 +79,9 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def default_workers(device: torch.device) -> int:
-    cores = os.cpu_count() or 1
+def default_workers(device: torch.device, processes_here: int = 1) -> int:
+    """Loader workers per process (``-j -1``): this machine's cores shared by its processes."""
+    cores = max(1, (os.cpu_count() or 1) // processes_here)
     return min(8, cores) if device.type == "cuda" else max(1, cores - 1)
 
 
@@ -78,7 +90,7 @@ def build_model(cfg: MocoConfig, device: torch.device) -> MoCo:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         encoder = build_encoder(cfg.arch, cfg.moco_dim, mlp=cfg.mlp, cifar_stem=cfg.cifar_stem,
-                                bn_splits=cfg.bn_splits if cfg.shuffle_bn == "split" else 1)
+                                bn_splits=cfg.bn_splits if cfg.shuffle_bn in ("split", "auto") else 1)
     model = MoCo(encoder, dim=cfg.moco_dim, k=cfg.moco_k, m=cfg.moco_m, t=cfg.moco_t,
                  symmetric=cfg.symmetric, generator=torch.Generator().manual_seed(cfg.seed + 1))
     model = model.to(device)
@@ -89,13 +101,13 @@ def build_model(cfg: MocoConfig, device: torch.device) -> MoCo:
 
 def build_optimizer(cfg: MocoConfig, model: MoCo) -> torch.optim.SGD:
     """SGD over f_q only (f_k is trained by momentum); wd on every tensor, as the original."""
-    return torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+    return torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.effective_lr, momentum=cfg.momentum,
                            weight_decay=cfg.wd)
 
 
 def epoch_lr(cfg: MocoConfig, epoch: int) -> float:
     e = epoch + 1 if cfg.cos_one_based else epoch
-    return learning_rate(cfg.lr, e, cfg.epochs, cos=cfg.cos, milestones=cfg.schedule,
+    return learning_rate(cfg.effective_lr, e, cfg.epochs, cos=cfg.cos, milestones=cfg.schedule,
                          warmup_epochs=cfg.warmup_epochs)
 
 
@@ -184,14 +196,19 @@ class Pretrainer:
     def __init__(self, cfg: MocoConfig, *, log: Log = print, progress: bool = True,
                  overwrite: bool = False, dist: DistContext | None = None) -> None:
         cfg.validate()
-        self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        self.dist = dist if dist is not None else init_distributed(self.device)
+        self.dist = dist if dist is not None else init_distributed(self.device, cfg.dist_timeout)
+        self.device = self.dist.local_device(self.device)
+        # --shuffle-bn auto resolved (ddp under torchrun, split on one process) after checking
+        # that -b (the global batch) splits evenly over the ranks and that every rank got the
+        # same settings. self.cfg keeps the requested mode: N processes' runs resume on M.
+        self.shuffle_bn = resolve_for_world(cfg, self.dist, self.device)
+        self.cfg = cfg
         self.log: Log = log if self.dist.is_main else (lambda _msg: None)
         self.progress = progress and self.dist.is_main
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         self.run_dir = Path(cfg.output)
-        self._prepare_run_dir(overwrite)
+        self.dist.on_main(lambda: self._prepare_run_dir(overwrite))  # one writer
         splits = find_dataset(cfg.data)
         self.train_source: ImageSource = splits.train
         if cfg.train_subset:
@@ -201,20 +218,27 @@ class Pretrainer:
             self.train_source = splits.train.subset(idx)
         self.knn_bank = splits.train if splits.train.labeled else None
         self.knn_query = splits.test if splits.test is not None and splits.test.labeled else None
-        self.model = build_model(cfg, self.device)
+        self.model = build_model(dataclasses.replace(cfg, shuffle_bn=self.shuffle_bn), self.device)
         self.optimizer = build_optimizer(cfg, self.model)
+        # The module the training step calls: DDP-wrapped under torchrun. self.model stays the
+        # bare MoCo, so checkpoints carry no DDP "module." prefix of their own.
+        self.train_model: nn.Module = wrap_ddp(self.model, self.dist, self.device,
+                                               sync_bn=self.shuffle_bn == "syncbn")
         self.scaler = (torch.amp.GradScaler("cuda")
                        if self.autocast_dtype == torch.float16 else None)
         self.shuffle_rng = torch.Generator().manual_seed(cfg.seed + 2)
-        self.shuffle: KeyShuffle = LocalShuffle(self.shuffle_rng) if cfg.shuffle_bn == "split" else NoShuffle()
+        self.shuffle: KeyShuffle = make_key_shuffle(self.shuffle_bn, self.dist, self.shuffle_rng)
         self.state = TrainState()
-        self.workers = cfg.workers if cfg.workers >= 0 else default_workers(self.device)
+        self.workers = cfg.workers if cfg.workers >= 0 else default_workers(self.device, self.dist.local_world_size)
+        # The loader's batch is this process's slice of the global batch.
         self.train_loader: TrainLoader = make_train_loader(
-            cfg, self.train_source, self.device, self.workers, self.dist.rank, self.dist.world_size)
+            dataclasses.replace(cfg, batch_size=per_rank_batch(cfg.batch_size, self.dist.world_size)),
+            self.train_source, self.device, self.workers, self.dist.rank, self.dist.world_size)
         self.runlog = RunLog(self.run_dir, enabled=self.dist.is_main)
         if cfg.resume:
             self._resume(cfg.resume)
-        save_yaml(cfg, self.run_dir / "config.yaml")
+        if self.dist.is_main:
+            save_yaml(cfg, self.run_dir / "config.yaml")
 
     # ----- run folder and checkpoints -------------------------------------------------------
     def _prepare_run_dir(self, overwrite: bool) -> None:
@@ -260,11 +284,16 @@ class Pretrainer:
         if s.epoch_step:
             name += f"_step{s.epoch_step:06d}"
         path = self.run_dir / f"{name}.pth.tar"
-        atomic_save(self.checkpoint_dict(), path)
+        # Rank 0 writes; the others wait for it (and fail with it), so none races ahead.
+        self.dist.on_main(lambda: atomic_save(self.checkpoint_dict(), path))
         return path
 
     def _resume(self, resume: str) -> None:
-        path = newest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
+        if resume == "auto":  # rank 0 picks, so that every rank loads the same file
+            path = self.dist.broadcast_object(
+                newest_checkpoint(self.run_dir) if self.dist.is_main else None)
+        else:
+            path = Path(resume)
         if path is None:
             self.log(f"--resume auto: no checkpoint in {self.run_dir}, starting from scratch")
             return
@@ -294,13 +323,14 @@ class Pretrainer:
             self.shuffle_rng.set_state(ours["shuffle_rng"])
         if self.scaler is not None and ours.get("scaler"):
             self.scaler.load_state_dict(ours["scaler"])
-        s.history = [h for h in read_metrics(self.run_dir / "metrics.jsonl") if h["epoch"] <= s.epoch]
-        (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in s.history))
+        if self.dist.is_main:  # the other ranks keep no history: they log nothing
+            s.history = [h for h in read_metrics(self.run_dir / "metrics.jsonl") if h["epoch"] <= s.epoch]
+            (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in s.history))
         self.log(f"resumed from {path}: epoch {s.epoch}, step {s.epoch_step} of the next epoch")
 
     def _prune(self) -> None:
         """Keep the newest ``cfg.keep_last`` checkpoints (0 keeps all)."""
-        if self.cfg.keep_last <= 0:
+        if self.cfg.keep_last <= 0 or not self.dist.is_main:
             return
         ckpts = sorted(self.run_dir.glob(CHECKPOINT_GLOB), key=lambda p: p.stat().st_mtime)
         for p in ckpts[: -self.cfg.keep_last]:
@@ -311,8 +341,12 @@ class Pretrainer:
         return eval_batches(self.cfg, source, self.device, self.workers)
 
     def knn(self) -> tuple[float, float] | None:
-        """Weighted kNN top-1/top-5 of the test split against the train split's features."""
-        if self.knn_bank is None or self.knn_query is None:
+        """Weighted kNN top-1/top-5 of the test split against the train split's features.
+
+        Under torchrun only rank 0 evaluates (its f_q, whose buffers are the ones saved); the
+        other ranks get None and wait for it at their next collective (--dist-timeout).
+        """
+        if self.knn_bank is None or self.knn_query is None or not self.dist.is_main:
             return None
         encoder = self.model.encoder_q
         net = strip_head(encoder) if self.cfg.knn_features == "backbone" else encoder
@@ -343,7 +377,7 @@ class Pretrainer:
                     self.log("no labeled val/ or test/ split: kNN evaluation is skipped")
             while s.epoch < cfg.epochs:
                 self._train_epoch(stop)
-                if stop.signal is not None:
+                if self._stop_agreed(stop):
                     ckpt_path = self.save()
                     self.log(f"stopped by signal {stop.signal} at epoch {s.epoch + 1} step "
                              f"{s.epoch_step}; saved {ckpt_path}\nresume with: moco pretrain "
@@ -372,7 +406,7 @@ class Pretrainer:
         t0 = time.perf_counter()
         seconds_before = s.seconds
         for batch in batches:
-            r = train_step(self.model, self.optimizer, batch, self.shuffle,
+            r = train_step(self.train_model, self.optimizer, batch, self.shuffle,
                            self.autocast_dtype, self.scaler)
             if not math.isfinite(r.loss):
                 raise RunError(
@@ -392,7 +426,7 @@ class Pretrainer:
             if s.global_step % cfg.print_freq == 0:
                 self.runlog.scalar("step/loss", r.loss, s.global_step)
                 self.runlog.scalar("step/acc1", r.acc1, s.global_step)
-            if stop.signal is not None:
+            if self._stop_agreed(stop):
                 bar.close()
                 return
             if cfg.save_every_steps and s.global_step % cfg.save_every_steps == 0 and s.epoch_step < steps:
@@ -422,14 +456,26 @@ class Pretrainer:
         s.epoch_step = 0
         s.loss_sum = s.acc_sum = s.seconds = 0.0
 
+    def _stop_agreed(self, stop: _StopFlag) -> bool:
+        """Whether any rank has been asked to stop. Every rank gets the same answer at the same
+        step (an all-reduce under torchrun), so all of them stop there and rank 0 saves."""
+        agreed = self.dist.agree_signal(stop.signal)
+        if agreed is not None:
+            stop.signal = agreed
+        return agreed is not None
+
     def describe(self) -> str:
         cfg = self.cfg
         prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
+        w = self.dist.world_size
+        procs = f" = {w} processes x {cfg.batch_size // w} ({self.dist.backend})" if w > 1 else ""
+        lr = (f"lr {cfg.effective_lr:.6g} (--lr {cfg.lr:g} x {cfg.batch_size}/256, --lr-scale linear)"
+              if cfg.lr_scale == "linear" else f"lr {cfg.lr:g}")
         return (f"MoCo pretraining: {cfg.arch}{' (CIFAR stem)' if cfg.cifar_stem else ''}, "
                 f"{len(self.train_source)} images from {cfg.data}, {cfg.image_size} px, batch "
-                f"{cfg.batch_size}, K {cfg.moco_k}, m {cfg.moco_m}, T {cfg.moco_t}, "
-                f"{'MLP' if cfg.mlp else 'linear'} head, aug {cfg.aug}, shuffle-BN {cfg.shuffle_bn}"
-                f"{f' ({cfg.bn_splits} splits)' if cfg.shuffle_bn == 'split' else ''}, device "
+                f"{cfg.batch_size}{procs}, {lr}, K {cfg.moco_k}, m {cfg.moco_m}, T {cfg.moco_t}, "
+                f"{'MLP' if cfg.mlp else 'linear'} head, aug {cfg.aug}, shuffle-BN {self.shuffle_bn}"
+                f"{f' ({cfg.bn_splits} splits)' if self.shuffle_bn == 'split' else ''}, device "
                 f"{self.device}, {prec}, {self.workers} workers -> {self.run_dir}")
 
 
@@ -445,7 +491,27 @@ def _query_only_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Op
     return state
 
 
+def _first_line(e: BaseException) -> str:
+    """The first line of an error, without gloo's ``[source.cc:123]`` prefix."""
+    return re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0] if str(e) else type(e).__name__)[:300]
+
+
 def pretrain(cfg: MocoConfig, *, log: Log = print, progress: bool = True,
              overwrite: bool = False) -> PretrainResult:
-    """Train MoCo as ``cfg`` says and return where the checkpoint and metrics are."""
-    return Pretrainer(cfg, log=log, progress=progress, overwrite=overwrite).run()
+    """Train MoCo as ``cfg`` says and return where the checkpoint and metrics are.
+
+    Under torchrun, a collective that fails (a rank died, or waited past ``--dist-timeout``)
+    becomes a :class:`RunError`; the process group is left at the end either way.
+    """
+    try:
+        return Pretrainer(cfg, log=log, progress=progress, overwrite=overwrite).run()
+    except RuntimeError as e:
+        if isinstance(e, RunError) or not is_communication_error(e):
+            raise
+        raise RunError(
+            f"communication between the processes failed: {_first_line(e)}. A rank "
+            f"died or stalled for more than --dist-timeout {cfg.dist_timeout:g} min; see the "
+            f"other ranks' output for the cause. Checkpoints are in {cfg.output}; continue with "
+            "--resume auto") from e
+    finally:
+        shutdown_distributed()

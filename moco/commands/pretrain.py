@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
-from moco.config import AUGMENTATIONS, PRECISIONS, PRESETS, SHUFFLE_BN, MocoConfig, build_config
+from moco.config import (
+    AUGMENTATIONS,
+    LR_SCALES,
+    PRECISIONS,
+    PRESETS,
+    SHUFFLE_BN,
+    MocoConfig,
+    build_config,
+)
 
 D = MocoConfig()  # defaults, shown in the help
 
@@ -44,14 +53,21 @@ def add_parser(sub: Any) -> None:
     m.add_argument("--mlp", type=_bool, nargs="?", const=True, help="MoCo v2 MLP head")
     m.add_argument("--symmetric", type=_bool, nargs="?", const=True,
                    help="symmetric loss: loss(q1,k2)+loss(q2,k1), both key sets enqueued")
-    m.add_argument("--shuffle-bn", choices=SHUFFLE_BN, help=f"shuffling BN: split = SplitBatchNorm "
-                   f"+ key-batch shuffle on one device; none = plain BN, no shuffle (ablation); ddp = "
-                   f"across processes (default {D.shuffle_bn})")
+    m.add_argument("--shuffle-bn", choices=SHUFFLE_BN, help="shuffling BN: ddp = key images "
+                   "shuffled across processes, each process's BN on its slice (the original; needs "
+                   "torchrun); split = SplitBatchNorm + key-batch shuffle within each process; none = "
+                   "plain BN, no shuffle (ablation); syncbn = SyncBatchNorm over the global batch, no "
+                   "shuffle (comparison; GPUs only); auto = ddp under torchrun, split on one process "
+                   f"(default {D.shuffle_bn})")
     m.add_argument("--bn-splits", type=int, help=f"sub-batches of SplitBatchNorm (default {D.bn_splits})")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, help=f"number of epochs (default {D.epochs})")
-    o.add_argument("-b", "--batch-size", type=int, help=f"batch size (default {D.batch_size})")
+    o.add_argument("-b", "--batch-size", type=int, help="GLOBAL batch size over all processes; "
+                   f"each of N torchrun processes gets b / N (default {D.batch_size})")
     o.add_argument("--lr", "--learning-rate", dest="lr", type=float, help=f"base lr (default {D.lr})")
+    o.add_argument("--lr-scale", choices=LR_SCALES, help="none: --lr is used as given (the "
+                   "original); linear: lr = --lr x batch / 256 (the global batch, so independent of "
+                   f"the process count) (default {D.lr_scale})")
     o.add_argument("--schedule", type=int, nargs="*", help="epochs at which lr is multiplied by 0.1 "
                    f"(default {D.schedule}); ignored with --cos")
     o.add_argument("--cos", type=_bool, nargs="?", const=True, help="cosine lr schedule (per epoch)")
@@ -89,6 +105,9 @@ def add_parser(sub: Any) -> None:
                    f"(default {D.seed})")
     r.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     r.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    r.add_argument("--dist-timeout", type=float, metavar="MINUTES", help="under torchrun: a "
+                   "collective that waits longer fails and stops the job (a dead or stuck rank); "
+                   f"must exceed rank 0's kNN evaluation and checkpoint time (default {D.dist_timeout})")
     r.add_argument("--channels-last", type=_bool, nargs="?", const=True,
                    help="channels_last memory format (default true)")
     p.set_defaults(run=run)
@@ -108,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     result = pretrain(cfg, progress=not getattr(args, "no_progress", False),
                       overwrite=getattr(args, "overwrite", False))
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return 0
     last = result.history[-1] if result.history else {}
     print(f"checkpoint: {result.checkpoint}")
     if last:
