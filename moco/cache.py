@@ -208,9 +208,19 @@ def _touch(entry: Path) -> None:
 
 
 def _remove_stale(root: Path, prefix: str, keep: str) -> None:
-    """Remove entries of the same folder (other file lists or contents) unused for
-    ``STALE_DAYS``; recent ones stay (a run may use a subset and the full set in turn)."""
+    """Remove entries whose source folder is gone, and entries of the same folder (other file
+    lists or contents) unused for ``STALE_DAYS``; recent ones stay (a run may use a subset
+    and the full set in turn)."""
     now = time.time()
+    for entry in root.iterdir():
+        if entry.name.startswith(".") or entry.name.startswith(keep) or not entry.is_dir():
+            continue
+        try:
+            src = json.loads((entry / "meta.json").read_text()).get("source", "")
+        except (OSError, ValueError):
+            continue
+        if src and Path(src).is_absolute() and not Path(src).exists():
+            shutil.rmtree(entry, ignore_errors=True)
     for stale in root.glob(f"{prefix}-*"):
         if stale.name.startswith(keep) or not stale.is_dir():
             continue
@@ -302,6 +312,9 @@ def cached_images(source: ImageSource, cache_dir: str | Path | None = None, *,
                 "decoding on the fly instead")
             return None
         tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}-", dir=root))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # readable like any folder, not mkdtemp's 0700
     except OSError as e:
         log(f"cannot write the decoded cache in {root} ({e.strerror}): decoding on the fly; "
             "set --cache-dir or $MOCO_CACHE to a writable folder")
@@ -345,7 +358,7 @@ def cached_images(source: ImageSource, cache_dir: str | Path | None = None, *,
         if sizes is not None:
             np.save(tmp / "sizes.npy", sizes)
         (tmp / "meta.json").write_text(json.dumps({
-            "format": CACHE_FORMAT, "source": str(source.name), "count": len(files),
+            "format": CACHE_FORMAT, "source": str(Path(source.name).resolve()), "count": len(files),
             "shape": [len(files), h, w, 3], "short_side": layout_short,
             "unlabeled": source.labels is None, "bad": bad}))
         if entry.exists() and _open_entry(entry) is None:

@@ -94,6 +94,9 @@ def build_model(cfg: MocoConfig, device: torch.device) -> MoCo:
     model = MoCo(encoder, dim=cfg.moco_dim, k=cfg.moco_k, m=cfg.moco_m, t=cfg.moco_t,
                  symmetric=cfg.symmetric, generator=torch.Generator().manual_seed(cfg.seed + 1))
     model = model.to(device)
+    if cfg.compile:  # the encoders; the queue, shuffles and momentum update stay eager
+        for child in model.children():
+            child.compile()
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model

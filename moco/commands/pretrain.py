@@ -8,6 +8,7 @@ from typing import Any
 
 from moco.config import (
     AUGMENTATIONS,
+    LOADERS,
     LR_SCALES,
     PRECISIONS,
     PRESETS,
@@ -110,6 +111,15 @@ def add_parser(sub: Any) -> None:
                    f"must exceed rank 0's kNN evaluation and checkpoint time (default {D.dist_timeout})")
     r.add_argument("--channels-last", type=_bool, nargs="?", const=True,
                    help="channels_last memory format (default true)")
+    s = p.add_argument_group("input pipeline and speed")
+    s.add_argument("--loader", choices=LOADERS, help="auto / tensor: decoded-image cache (when the "
+                   "decoded images fit in memory, else decoding in workers) + batched augmentation "
+                   "on the training device; pil: the original per-image PIL transforms in "
+                   f"DataLoader workers (default {D.loader})")
+    s.add_argument("--cache-dir", help="folder of the decoded-image cache, never inside DATA "
+                   "(default $MOCO_CACHE, else ~/.cache/moco)")
+    s.add_argument("--compile", type=_bool, nargs="?", const=True, help="torch.compile the "
+                   "encoders (the first steps compile for a minute or more; default off)")
     p.set_defaults(run=run)
 
 
