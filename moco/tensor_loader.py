@@ -5,8 +5,10 @@ images -> batched augmentation on the training device (:mod:`moco.batch_augment`
   (:mod:`moco.cache`). Each step takes its indices from :func:`moco.data.epoch_order` (the
   same order as the PIL path), gathers the uint8 images, draws every view's parameters from a
   ``torch.Generator`` seeded by (seed, epoch, step) and augments on the device. On CUDA the
-  whole array is copied to the GPU once; on the CPU a background thread prepares the next
-  batch while the model trains (``prefetch``).
+  whole array is copied to the GPU once (kernels queue asynchronously, so the augmentation of
+  step t+1 is enqueued while step t still runs). A background thread can prepare the next
+  batch (``prefetch``); it is off by default: on a CPU the model already uses every core, and
+  the thread's work then slows the model's threads more than it saves (docs/benchmarks.md).
 * :class:`DecodeTrainLoader`: for larger datasets, DataLoader workers decode each step's
   files to uint8 (short side ``short_side``, as the cache's mixed-size layout) and the main
   process augments the padded batch the same way.
@@ -74,8 +76,8 @@ class TensorTrainLoader:
     """Decoded images in memory -> two augmented views per image, on ``device``.
 
     ``images``: uint8 [N,H,W,3] (and per-image ``sizes`` [N,2] for a mixed-size cache).
-    ``prefetch``: prepare batch t+1 in a background thread while batch t trains (default:
-    on for the CPU, off for CUDA, where kernels queue asynchronously anyway).
+    ``prefetch``: prepare batch t+1 in a background thread while batch t trains (default
+    off; see the module doc).
     """
 
     def __init__(self, cfg: MocoConfig, images: DecodedImages, device: torch.device,
@@ -95,7 +97,7 @@ class TensorTrainLoader:
             arr = arr.to(device)  # CIFAR-10: 150 MB, gathered on the GPU from then on
         self.images = arr
         self.sizes = torch.from_numpy(np.asarray(images.sizes)) if images.sizes is not None else None
-        self.prefetch = device.type == "cpu" if prefetch is None else prefetch
+        self.prefetch = bool(prefetch)
         self.bad_images: set[int] = set(getattr(images, "bad", ()))
 
     def steps(self) -> int:

@@ -124,3 +124,15 @@ def test_bad_image_stop_or_skip(tmp_path: Path) -> None:
     assert d is not None and d.bad == [1]
     assert np.array_equal(d.images[1], d.images[2])  # replaced by the next readable image
     assert C.cached_images(src, tmp_path / "c", on_bad_image="skip").bad == [1]  # type: ignore[union-attr]
+
+
+def test_entries_of_vanished_folders_are_removed(tmp_path: Path) -> None:
+    import shutil
+
+    a = make_image_folder(tmp_path / "a", classes=1, per_class=2, splits=("train",))
+    b = make_image_folder(tmp_path / "b", classes=1, per_class=2, splits=("train",))
+    first = C.cached_images(find_dataset(a).train, tmp_path / "c", log=lambda _m: None)
+    assert first is not None and first.path is not None and first.path.exists()
+    shutil.rmtree(a)
+    C.cached_images(find_dataset(b).train, tmp_path / "c", log=lambda _m: None)
+    assert not first.path.exists() and len(list((tmp_path / "c").iterdir())) == 1

@@ -154,3 +154,17 @@ def test_in_memory_array_source() -> None:
     src = ImageSource(array=arr, labels=[0] * 12)
     loader = make_train_loader(_cfg(), src, CPU, 0)
     assert isinstance(loader, TensorTrainLoader) and loader.steps() == 3
+
+
+def test_pretrain_flags() -> None:
+    import argparse
+
+    from moco.commands.pretrain import add_parser, config_from_args
+
+    ap = argparse.ArgumentParser()
+    add_parser(ap.add_subparsers(dest="command"))
+    args = ap.parse_args(["pretrain", "d", "--loader", "pil", "--cache-dir", "/c", "--compile"])
+    cfg = config_from_args(args)
+    assert (cfg.loader, cfg.cache_dir, cfg.compile) == ("pil", "/c", True)
+    cfg = config_from_args(ap.parse_args(["pretrain", "d"]))
+    assert (cfg.loader, cfg.cache_dir, cfg.compile) == ("auto", "", False)
