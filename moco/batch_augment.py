@@ -174,7 +174,7 @@ def sample_params(recipe: Recipe, heights: torch.Tensor, widths: torch.Tensor,
 def resample_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int,
                      flip: torch.Tensor | None = None, scale: torch.Tensor | None = None,
                      window: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Antialiased bilinear weights [N, out_size, in_size] (float64) of "crop [start,
+    """Antialiased bilinear weights [N, out_size, in_size] (float32) of "crop [start,
     start+length) then resize to out_size", as PIL's / torchvision's (``antialias=True``)
     resampling: output o samples the source around ``start + (o + 0.5) * scale`` with a
     triangle filter widened by the downscale factor, renormalised inside ``window``.
@@ -183,21 +183,21 @@ def resample_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, ou
     crop); other values express "resize, then take out_size pixels from an offset" (the eval
     center crop). ``flip`` [N] bool reverses the output order (horizontal flip).
     """
-    start = start.to(torch.float64)[:, None, None]
-    length = length.to(torch.float64)[:, None, None]
-    scale = length / out_size if scale is None else scale.to(torch.float64)[:, None, None]
+    f32 = torch.float32
+    start = start.to(f32)[:, None, None]
+    length = length.to(f32)[:, None, None]
+    scale = length / out_size if scale is None else scale.to(f32)[:, None, None]
     lo, hi = (start, start + length) if window is None else (
-        window[0].to(torch.float64)[:, None, None], window[1].to(torch.float64)[:, None, None])
-    support = scale.clamp(min=1.0)
-    o = torch.arange(out_size, dtype=torch.float64)[None, :, None]
-    p = torch.arange(in_size, dtype=torch.float64)[None, None, :]
-    center = start + (o + 0.5) * scale
-    w = (1.0 - ((p + 0.5 - center) / support).abs()).clamp(min=0.0)
-    w = w * ((p >= lo) & (p < hi))
-    w = w / w.sum(dim=2, keepdim=True)
+        window[0].to(f32)[:, None, None], window[1].to(f32)[:, None, None])
+    inv_support = 1.0 / scale.clamp(min=1.0)
+    o = torch.arange(out_size, dtype=f32)[None, :, None]
     if flip is not None:
-        w = torch.where(flip[:, None, None], w.flip(1), w)
-    return w
+        o = torch.where(flip[:, None, None], (out_size - 1) - o, o)
+    center = start + (o + 0.5) * scale - 0.5  # [N, out, 1], in pixel-index units
+    p = torch.arange(in_size, dtype=f32)[None, None, :]
+    w = (p - center).abs_().mul_(inv_support).neg_().add_(1.0).clamp_(min=0.0)
+    w.mul_((p >= lo) & (p < hi))
+    return w.div_(w.sum(dim=2, keepdim=True))
 
 
 def blur_matrices(sigma: torch.Tensor, size: int, kernel: int) -> torch.Tensor:
@@ -288,7 +288,7 @@ def color_jitter(x: torch.Tensor, p: AugParams) -> torch.Tensor:
                 continue
             idx = sel.nonzero()[:, 0].to(x.device)
             sub = _JITTER_OPS[op](x.index_select(0, idx), _col(factors[op][sel], x))
-            x = x.index_copy(0, idx, sub)
+            x.index_copy_(0, idx, sub)
     return x
 
 
@@ -311,7 +311,18 @@ def gaussian_blur(x: torch.Tensor, on: torch.Tensor, sigma: torch.Tensor,
     bx = by if hgt == wid else blur_matrices(sigma[idx], wid, kernel).to(x.device, x.dtype)
     idx = idx.to(x.device)
     sub = torch.matmul(torch.matmul(by[:, None], x.index_select(0, idx)), bx[:, None].transpose(-1, -2))
-    return x.index_copy(0, idx, sub)
+    return x.index_copy_(0, idx, sub)
+
+
+def _separable(x: torch.Tensor, wy: torch.Tensor, wx: torch.Tensor) -> torch.Tensor:
+    """out[n,c] = wy[n] @ x[n,:,:,c] @ wx[n]ᵀ: x float [N,H,W,3] (channels last, as stored),
+    wy [N,S,H], wx [N,T,W] -> [N,3,S,T] contiguous. Two batched matmuls."""
+    n, hgt, wid, _ = x.shape
+    s, t = wy.shape[1], wx.shape[1]
+    y = torch.bmm(wy, x.reshape(n, hgt, wid * 3))  # [N, S, W*3]
+    y = y.view(n, s, wid, 3).transpose(2, 3).reshape(n, s * 3, wid)  # [N, S*3, W]
+    out = torch.bmm(y, wx.transpose(1, 2))  # [N, S*3, T]
+    return out.view(n, s, 3, t).transpose(1, 2).contiguous()
 
 
 def crop_resize(images: torch.Tensor, p: AugParams, size: int,
@@ -324,17 +335,14 @@ def crop_resize(images: torch.Tensor, p: AugParams, size: int,
     Returns float32 [N,3,size,size].
     """
     m, hgt, wid, _ = images.shape
-    wy = resample_weights(p.crop[:, 0], p.crop[:, 2], hgt, size) / 255.0
-    wx = resample_weights(p.crop[:, 1], p.crop[:, 3], wid, size, p.flip)
     dev = images.device
-    wy = wy.to(device=dev, dtype=torch.float32)
-    wx = wx.to(device=dev, dtype=torch.float32)
-    x = images.permute(0, 3, 1, 2).to(torch.float32)  # [M,3,H,W]
+    wy = resample_weights(p.crop[:, 0], p.crop[:, 2], hgt, size).mul_(1.0 / 255.0)
+    wx = resample_weights(p.crop[:, 1], p.crop[:, 3], wid, size, p.flip)
     if source is not None:
-        x = x.index_select(0, source.to(dev))
+        images = images.index_select(0, source.to(dev))
     elif m != len(p.crop):
         raise ValueError(f"{m} images for {len(p.crop)} views: pass source")
-    return torch.matmul(torch.matmul(wy[:, None], x), wx[:, None].transpose(-1, -2))
+    return _separable(images.to(torch.float32), wy.to(dev), wx.to(dev))
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -429,7 +437,4 @@ def eval_resize(images: torch.Tensor, size: int, resize: int,
         mats.append(resample_weights(top * sc, full, in_size, size, scale=sc,
                                      window=(zero, full.to(torch.float64))))
     dev = images.device
-    wy = (mats[0] / 255.0).to(device=dev, dtype=torch.float32)
-    wx = mats[1].to(device=dev, dtype=torch.float32)
-    x = images.permute(0, 3, 1, 2).to(torch.float32)
-    return torch.matmul(torch.matmul(wy[:, None], x), wx[:, None].transpose(-1, -2))
+    return _separable(images.to(torch.float32), mats[0].mul_(1.0 / 255.0).to(dev), mats[1].to(dev))
