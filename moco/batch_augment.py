@@ -181,20 +181,21 @@ def resample_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, ou
 
     By default ``scale = length / out_size`` and ``window = [start, start + length)`` (a
     crop); other values express "resize, then take out_size pixels from an offset" (the eval
-    center crop). ``flip`` [N] bool reverses the output order (horizontal flip).
+    center crop). ``flip`` [N] bool reverses the output order (horizontal flip). Built on
+    ``start``'s device.
     """
-    f32 = torch.float32
+    f32, dev = torch.float32, start.device
     start = start.to(f32)[:, None, None]
     length = length.to(f32)[:, None, None]
     scale = length / out_size if scale is None else scale.to(f32)[:, None, None]
     lo, hi = (start, start + length) if window is None else (
         window[0].to(f32)[:, None, None], window[1].to(f32)[:, None, None])
     inv_support = 1.0 / scale.clamp(min=1.0)
-    o = torch.arange(out_size, dtype=f32)[None, :, None]
+    o = torch.arange(out_size, dtype=f32, device=dev)[None, :, None]
     if flip is not None:
-        o = torch.where(flip[:, None, None], (out_size - 1) - o, o)
+        o = torch.where(flip.to(dev)[:, None, None], (out_size - 1) - o, o)
     center = start + (o + 0.5) * scale - 0.5  # [N, out, 1], in pixel-index units
-    p = torch.arange(in_size, dtype=f32)[None, None, :]
+    p = torch.arange(in_size, dtype=f32, device=dev)[None, None, :]
     w = (p - center).abs_().mul_(inv_support).neg_().add_(1.0).clamp_(min=0.0)
     w.mul_((p >= lo) & (p < hi))
     return w.div_(w.sum(dim=2, keepdim=True))
@@ -202,16 +203,17 @@ def resample_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, ou
 
 def blur_matrices(sigma: torch.Tensor, size: int, kernel: int) -> torch.Tensor:
     """[N, size, size] matrices of torchvision's ``gaussian_blur`` along one axis (kernel
-    ``kernel``, σ per sample, reflect padding folded in)."""
-    half = kernel // 2
-    x = torch.linspace(-half, half, kernel, dtype=torch.float64)
-    k = torch.exp(-0.5 * (x[None, :] / sigma.to(torch.float64)[:, None]) ** 2)
+    ``kernel``, σ per sample, reflect padding folded in), float32 on ``sigma``'s device."""
+    half, dev = kernel // 2, sigma.device
+    x = torch.linspace(-half, half, kernel, dtype=torch.float32, device=dev)
+    k = torch.exp(-0.5 * (x[None, :] / sigma.to(torch.float32)[:, None]) ** 2)
     k = k / k.sum(dim=1, keepdim=True)  # [N, kernel]
     # reflect padding: source index of tap t at output o
-    src = torch.arange(size)[:, None] + torch.arange(-half, half + 1)[None, :]
+    src = (torch.arange(size, device=dev)[:, None]
+           + torch.arange(-half, half + 1, device=dev)[None, :])
     src = torch.where(src < 0, -src, src)
     src = torch.where(src >= size, 2 * (size - 1) - src, src)
-    m = torch.zeros((len(sigma), size, size), dtype=torch.float64)
+    m = torch.zeros((len(sigma), size, size), dtype=torch.float32, device=dev)
     idx = src[None].expand(len(sigma), -1, -1)
     m.scatter_add_(2, idx, k[:, None, :].expand(-1, size, -1).contiguous())
     return m
@@ -307,8 +309,9 @@ def gaussian_blur(x: torch.Tensor, on: torch.Tensor, sigma: torch.Tensor,
     kernel = kernel or blur_kernel_size()
     idx = on.nonzero()[:, 0]
     _, _, hgt, wid = x.shape
-    by = blur_matrices(sigma[idx], hgt, kernel).to(device=x.device, dtype=x.dtype)
-    bx = by if hgt == wid else blur_matrices(sigma[idx], wid, kernel).to(x.device, x.dtype)
+    sig = sigma[idx].to(x.device)
+    by = blur_matrices(sig, hgt, kernel).to(x.dtype)
+    bx = by if hgt == wid else blur_matrices(sig, wid, kernel).to(x.dtype)
     idx = idx.to(x.device)
     sub = torch.matmul(torch.matmul(by[:, None], x.index_select(0, idx)), bx[:, None].transpose(-1, -2))
     return x.index_copy_(0, idx, sub)
@@ -336,13 +339,14 @@ def crop_resize(images: torch.Tensor, p: AugParams, size: int,
     """
     m, hgt, wid, _ = images.shape
     dev = images.device
-    wy = resample_weights(p.crop[:, 0], p.crop[:, 2], hgt, size).mul_(1.0 / 255.0)
-    wx = resample_weights(p.crop[:, 1], p.crop[:, 3], wid, size, p.flip)
+    crop = p.crop.to(dev)  # the weights are built on the device: [N,S,H] is large at 224 px
+    wy = resample_weights(crop[:, 0], crop[:, 2], hgt, size).mul_(1.0 / 255.0)
+    wx = resample_weights(crop[:, 1], crop[:, 3], wid, size, p.flip.to(dev))
     if source is not None:
         images = images.index_select(0, source.to(dev))
     elif m != len(p.crop):
         raise ValueError(f"{m} images for {len(p.crop)} views: pass source")
-    return _separable(images.to(torch.float32), wy.to(dev), wx.to(dev))
+    return _separable(images.to(torch.float32), wy, wx)
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -429,12 +433,11 @@ def eval_resize(images: torch.Tensor, size: int, resize: int,
     nw = torch.where(ws <= hs, resize, torch.floor(resize * ws / short)).to(torch.float64)
     if bool((nh < size).any() or (nw < size).any()):
         raise ValueError(f"resize {resize} is smaller than the crop {size}")
-    mats = []
+    mats, dev = [], images.device
     for full, new, in_size in ((hs, nh, hgt), (ws, nw, wid)):
         sc = full.to(torch.float64) / new
         top = torch.round((new - size) / 2.0)  # torchvision's int(round(...)), half-to-even
         zero = torch.zeros_like(sc)
-        mats.append(resample_weights(top * sc, full, in_size, size, scale=sc,
-                                     window=(zero, full.to(torch.float64))))
-    dev = images.device
-    return _separable(images.to(torch.float32), mats[0].mul_(1.0 / 255.0).to(dev), mats[1].to(dev))
+        mats.append(resample_weights((top * sc).to(dev), full.to(dev), in_size, size,
+                                     scale=sc.to(dev), window=(zero.to(dev), full.to(dev))))
+    return _separable(images.to(torch.float32), mats[0].mul_(1.0 / 255.0), mats[1])

@@ -93,7 +93,7 @@ class TensorTrainLoader:
                 f"{self.global_batch}; lower --batch-size or add images")
         self.aug = BatchAugment(cfg.aug, cfg.image_size, cfg.crop_min_scale, cfg.mean, cfg.std)
         arr = _as_tensor(images.images)
-        if device.type == "cuda":
+        if device.type == "cuda" and arr.nbytes < torch.cuda.mem_get_info(device)[0] // 4:
             arr = arr.to(device)  # CIFAR-10: 150 MB, gathered on the GPU from then on
         self.images = arr
         self.sizes = torch.from_numpy(np.asarray(images.sizes)) if images.sizes is not None else None
@@ -121,7 +121,8 @@ class TensorTrainLoader:
             p = _rank_params(p, self.global_batch, self.rank, self.batch)
         idx = gidx[self.rank * self.batch:(self.rank + 1) * self.batch]
         imgs = self.images.index_select(0, idx.to(self.images.device))
-        if imgs.device != self.device:
+        if imgs.device != self.device:  # a large cache stays in host memory
+            imgs = imgs.pin_memory() if self.device.type == "cuda" else imgs
             imgs = imgs.to(self.device, non_blocking=True)
         q, k = self.aug.two_views(imgs, p)
         return _finish(q, k, idx, self.cfg.channels_last)
