@@ -41,13 +41,36 @@ def from_original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder: str | Path, name_glob: str = "*") -> list[Path]:
+    """Delete the ``.<name>.XXXX.tmp`` files that an :func:`atomic_save` killed mid-write left
+    in ``folder``, for final names matching ``name_glob`` (never a file under a final name).
+    Call only while no save into ``folder`` is running."""
+    removed = []
+    for p in Path(folder).glob(f".{name_glob}.*{TMP_SUFFIX}"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``:
-    a crash mid-save never leaves a broken file under the final name."""
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``
+    (and fsync the folder): a crash or a kill mid-save never leaves a broken file under the
+    final name, and the previous file of that name stays intact until the rename."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 -> a normal file's mode
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -55,6 +78,21 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: not every OS/filesystem allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -63,12 +101,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p} does not exist")
+    unreadable = f"{p} is not a readable checkpoint (truncated, corrupt, or not saved by torch.save)"
+    try:
+        with p.open("rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"{unreadable}: {e.strerror}") from None
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # zip, or a legacy pickle
+        raise CheckpointError(f"{unreadable}: it is neither a torch.save zip file nor a pickle"
+                              f"{' (it is empty)' if not head else ''}")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(
-            f"{p} is not a readable checkpoint (truncated, corrupt, or not saved by torch.save): "
-            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            f"{unreadable}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from None
     except Exception as e:  # pickle.UnpicklingError for objects weights_only refuses
         raise CheckpointError(

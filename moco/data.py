@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import io
 import pickle
+import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,22 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 CIFAR_FOLDERS = {"cifar-10-batches-py": "cifar10", "cifar-100-python": "cifar100"}
 
 
+BAD_IMAGE_HINT = ("remove or replace the file, or pass --on-bad-image skip to replace each "
+                  "unreadable image by the next readable one (they are counted and reported)")
+
+
 class DataError(ValueError):
-    """A problem with the user's data, with a message that says how to fix it."""
+    """A problem with the user's data, with a message that says how to fix it.
+
+    Raised in a DataLoader worker, it reaches the main process re-created by torch with the
+    worker's whole traceback as its message; ``str()`` gives back the original message only.
+    """
+
+    def __str__(self) -> str:
+        msg = super().__str__()
+        if "Original Traceback" in msg and "DataError: " in msg:
+            return msg.rsplit("DataError: ", 1)[1].strip()
+        return msg
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -38,13 +53,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def open_rgb(path: str | Path) -> Image.Image:
-    """Open an image file fully (truncated files raise here, not later) as RGB."""
+    """Open an image file fully (truncated files raise here, not later) as RGB.
+
+    Any failure to decode (not an image, truncated, corrupt, a decompression bomb, an
+    unreadable file) raises :class:`DataError` naming the file and the reason.
+    """
     try:
         with Image.open(path) as img:
             img.load()
             return to_rgb(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # OSError (truncated), SyntaxError, struct.error, ... from decoders
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
 class ImageSource:
@@ -89,8 +112,11 @@ class ImageSource:
 
 
 def _images_in(folder: Path, recursive: bool) -> list[Path]:
+    """Image files by extension, sorted; hidden files (``.*``, e.g. macOS ``._x.jpg``) are not
+    images and are left out."""
     it = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not p.name.startswith("."))
 
 
 def image_folder(folder: Path) -> ImageSource:
@@ -214,34 +240,131 @@ def class_balanced_subset(labels: list[int], n: int, seed: int) -> list[int]:
     return sorted(chosen)
 
 
-class TwoViewDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """Item ``(index, seed)`` -> (query view, key view), both [3, S, S] float."""
+# ----- unreadable images: one policy for every pipeline ----------------------------------------
+# ``stop`` (the default): the first unreadable file stops the run with a DataError naming it.
+# ``skip``: an unreadable image i is replaced by the next readable one (i+1, i+2, ..., wrapping
+# around), the same every epoch and for any worker count, and i is counted. Pipelines call
+# :func:`load_checked` per sample, or :func:`scan_images` once (e.g. while building a cache).
 
-    def __init__(self, source: ImageSource, two_views: object) -> None:
+
+def check_policy(policy: str) -> None:
+    if policy not in ("stop", "skip"):
+        raise ValueError(f"--on-bad-image must be 'stop' or 'skip', got {policy!r}")
+
+
+def load_checked(source: ImageSource, index: int, policy: str = "stop") -> tuple[Image.Image, int]:
+    """Image ``index`` of ``source`` as RGB, and the index actually loaded.
+
+    If the file cannot be read: ``policy="stop"`` raises :class:`DataError` (file, reason, fix);
+    ``policy="skip"`` returns the next readable image in index order (wrapping around), so the
+    caller sees ``loaded != index`` and can count ``index`` as bad. Raises :class:`DataError`
+    if no image of ``source`` can be read.
+    """
+    check_policy(policy)
+    try:
+        return source.load(index), index
+    except DataError as e:
+        if policy == "stop":
+            raise DataError(f"{e}; {BAD_IMAGE_HINT}") from None
+    n = len(source)
+    for step in range(1, n):
+        j = (index + step) % n
+        try:
+            return source.load(j), j
+        except DataError:
+            continue
+    raise DataError(f"none of the {n} images of {source.name or 'the dataset'} can be read")
+
+
+@dataclass
+class ScanResult:
+    """What :func:`scan_images` found: readable indices and ``{index: reason}`` of the others."""
+
+    good: list[int] = field(default_factory=list)
+    bad: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def bad_count(self) -> int:
+        return len(self.bad)
+
+
+def scan_images(source: ImageSource, policy: str = "stop",
+                indices: list[int] | None = None) -> ScanResult:
+    """Decode every image of ``source`` (or ``indices``) once: which ones can be read.
+
+    ``policy="stop"`` raises :class:`DataError` at the first unreadable file, like training
+    would; ``"skip"`` returns them all in ``ScanResult.bad``. Costs one full decode pass.
+    """
+    check_policy(policy)
+    result = ScanResult()
+    for i in range(len(source)) if indices is None else indices:
+        try:
+            source.load(i)
+            result.good.append(i)
+        except DataError as e:
+            if policy == "stop":
+                raise DataError(f"{e}; {BAD_IMAGE_HINT}") from None
+            result.bad[i] = str(e)
+    if not result.good and len(source):
+        raise DataError(f"none of the {len(source)} images of {source.name or 'the dataset'} "
+                        "can be read")
+    return result
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGINT/SIGTERM sent to the whole process
+    group (Ctrl-C, a scheduler's preemption), so the main process can finish the step, save
+    and stop cleanly; the DataLoader shuts the workers down afterwards."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class TwoViewDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Item ``(index, seed)`` -> (query view, key view), both [3, S, S] float.
+
+    Unreadable files follow ``on_bad_image`` (see :func:`load_checked`); :meth:`views` also
+    returns the index actually loaded, so a loader can count replaced images.
+    """
+
+    def __init__(self, source: ImageSource, two_views: object, on_bad_image: str = "stop") -> None:
+        check_policy(on_bad_image)
         self.source = source
         self.two_views = two_views
+        self.on_bad_image = on_bad_image
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def views(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(query view, key view, index loaded): the views of the loaded image, seeded by the
+        position's seed (so a replacement is as deterministic as the original)."""
         index, seed = item
-        return self.two_views(self.source.load(index), seed)  # type: ignore[operator,no-any-return]
+        img, loaded = load_checked(self.source, index, self.on_bad_image)
+        q, k = self.two_views(img, seed)  # type: ignore[operator]
+        return q, k, loaded
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, _ = self.views(item)
+        return q, k
 
 
 class EvalDataset(Dataset[tuple[torch.Tensor, int]]):
-    """Item i -> (image [3, S, S], label or -1)."""
+    """Item i -> (image [3, S, S], label or -1). Unreadable files follow ``on_bad_image``; a
+    replaced image keeps the label of index i."""
 
-    def __init__(self, source: ImageSource, transform: object) -> None:
+    def __init__(self, source: ImageSource, transform: object, on_bad_image: str = "stop") -> None:
+        check_policy(on_bad_image)
         self.source = source
         self.transform = transform
+        self.on_bad_image = on_bad_image
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         label = self.source.labels[i] if self.source.labels is not None else -1
-        return self.transform(self.source.load(i)), label  # type: ignore[operator]
+        img, _ = load_checked(self.source, i, self.on_bad_image)
+        return self.transform(img), label  # type: ignore[operator]
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,13 @@ from torch.utils.data import DataLoader
 
 from moco.augment import TwoViews, eval_transform, pretrain_transform
 from moco.config import MocoConfig
-from moco.data import EpochBatchSampler, EvalDataset, ImageSource, TwoViewDataset
+from moco.data import (
+    EpochBatchSampler,
+    EvalDataset,
+    ImageSource,
+    TwoViewDataset,
+    ignore_stop_signals,
+)
 
 
 @dataclass
@@ -45,9 +51,12 @@ def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> to
 
 
 class _IndexedTwoViews(TwoViewDataset):
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:  # type: ignore[override]
-        q, k = super().__getitem__(item)
-        return q, k, item[0]
+    """(q, k, index loaded, index replaced or -1): with ``--on-bad-image skip`` an unreadable
+    image is replaced by the next readable one (``moco.data.load_checked``)."""
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int, int]:  # type: ignore[override]
+        q, k, loaded = self.views(item)
+        return q, k, loaded, (item[0] if loaded != item[0] else -1)
 
 
 class PILTrainLoader:
@@ -58,7 +67,8 @@ class PILTrainLoader:
         self.cfg, self.source, self.device, self.workers = cfg, source, device, workers
         self.rank, self.world_size = rank, world_size
         self.dataset = _IndexedTwoViews(source, TwoViews(pretrain_transform(
-            cfg.aug, cfg.image_size, cfg.crop_min_scale, cfg.mean, cfg.std)))
+            cfg.aug, cfg.image_size, cfg.crop_min_scale, cfg.mean, cfg.std)), cfg.on_bad_image)
+        self.bad_images: set[int] = set()  # indices replaced under --on-bad-image skip
 
     def _sampler(self, epoch: int, start_step: int) -> EpochBatchSampler:
         return EpochBatchSampler(len(self.source), self.cfg.batch_size, self.cfg.seed, epoch,
@@ -70,9 +80,11 @@ class PILTrainLoader:
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         loader = DataLoader(self.dataset, batch_sampler=self._sampler(epoch, start_step),
                             num_workers=self.workers, pin_memory=self.device.type == "cuda",
-                            prefetch_factor=4 if self.workers else None)
+                            prefetch_factor=4 if self.workers else None,
+                            worker_init_fn=ignore_stop_signals if self.workers else None)
         cl = self.cfg.channels_last
-        for q, k, idx in loader:
+        for q, k, idx, bad in loader:
+            self.bad_images.update(int(i) for i in bad if i >= 0)
             yield Batch(_to_device(q, self.device, cl), _to_device(k, self.device, cl), idx)
 
 
@@ -102,7 +114,8 @@ def eval_batches(cfg: MocoConfig, source: ImageSource, device: torch.device, wor
             yield from eval_batches_decoded(cfg, decoded, device, batch_size)
             return
     tf = eval_transform(cfg.image_size, cfg.mean, cfg.std)
-    loader = DataLoader(EvalDataset(source, tf), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(EvalDataset(source, tf, cfg.on_bad_image), batch_size=batch_size,
+                        shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
+                        worker_init_fn=ignore_stop_signals if workers else None)
     for x, y in loader:
         yield _to_device(x, device, cfg.channels_last), y

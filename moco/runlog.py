@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+# matplotlib keeps a font cache under ~/.cache and ~/.config/matplotlib; a run writes only to
+# its run folder and moco's cache folder ($MOCO_CACHE, else ~/.cache/moco, as moco.cache), so
+# unless the user chose a place (MPLCONFIGDIR), matplotlib's files go into moco's cache.
+if not os.environ.get("MPLCONFIGDIR"):
+    _moco_cache = os.environ.get("MOCO_CACHE") or os.path.join("~", ".cache", "moco")
+    os.environ["MPLCONFIGDIR"] = os.path.join(os.path.expanduser(_moco_cache), "matplotlib")
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -10,14 +10,18 @@ import dataclasses
 import json
 import math
 import os
+import random
 import re
+import shlex
 import signal
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -29,6 +33,7 @@ from moco.checkpoint import (
     from_original_layout,
     load_checkpoint,
     model_state,
+    remove_stale_temporaries,
     to_original_layout,
 )
 from moco.config import MocoConfig, save_yaml
@@ -53,6 +58,7 @@ from moco.shuffle_bn import KeyShuffle
 
 Log = Callable[[str], None]
 CHECKPOINT_GLOB = "checkpoint_*.pth.tar"
+CHECKPOINT_FORMAT = 1  # version of the "moco" entry; a newer one is refused on resume
 
 
 class RunError(RuntimeError):
@@ -168,12 +174,16 @@ class PretrainResult:
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGINT: the loop finishes the current step, saves and exits."""
+    """Set by SIGTERM/SIGINT: the loop finishes the current step, saves and exits. A second
+    SIGINT (Ctrl-C twice) does not wait: it raises KeyboardInterrupt at once (saves are atomic,
+    so the newest checkpoint stays whole)."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
 
     def __call__(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and self.signal is not None:
+            raise KeyboardInterrupt
         self.signal = signum
 
 
@@ -182,9 +192,33 @@ def _existing_run(run_dir: Path) -> bool:
         run_dir.glob(CHECKPOINT_GLOB))
 
 
+_CKPT_NAME = re.compile(r"checkpoint_(\d+)(?:_step(\d+))?\.pth\.tar$")
+
+
+def _checkpoint_age(p: Path) -> tuple[int, int, int]:
+    """Sort key, oldest first: modification time, then the training position in the name (a
+    tie-break for saves within one tick of a coarse file-system clock). ``checkpoint_0003``
+    (0-based epoch 3 finished) is position (4, 0); ``checkpoint_0004_step000010`` is (4, 10)."""
+    m = _CKPT_NAME.search(p.name)
+    pos = (0, 0)
+    if m:
+        pos = (int(m[1]), int(m[2])) if m[2] is not None else (int(m[1]) + 1, 0)
+    try:
+        mtime = p.stat().st_mtime_ns
+    except OSError:
+        mtime = 0
+    return mtime, *pos
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoints in ``run_dir``, oldest first."""
+    return sorted(run_dir.glob(CHECKPOINT_GLOB), key=_checkpoint_age)
+
+
 def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint in ``run_dir`` that loads (``--resume auto``)."""
-    for p in sorted(run_dir.glob(CHECKPOINT_GLOB), key=lambda p: p.stat().st_mtime, reverse=True):
+    """The newest checkpoint in ``run_dir`` that loads (``--resume auto``): a truncated or
+    corrupt newer file is passed over for the previous valid one."""
+    for p in reversed(list_checkpoints(run_dir)):
         try:
             load_checkpoint(p)
             return p
@@ -211,7 +245,7 @@ class Pretrainer:
         self.progress = progress and self.dist.is_main
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         self.run_dir = Path(cfg.output)
-        self.dist.on_main(lambda: self._prepare_run_dir(overwrite))  # one writer
+        self.last_checkpoint: Path | None = None  # the newest checkpoint this run wrote or read
         splits = find_dataset(cfg.data)
         self.train_source: ImageSource = splits.train
         if cfg.train_subset:
@@ -237,11 +271,18 @@ class Pretrainer:
         self.train_loader: TrainLoader = make_train_loader(
             dataclasses.replace(cfg, batch_size=per_rank_batch(cfg.batch_size, self.dist.world_size)),
             self.train_source, self.device, self.workers, self.dist.rank, self.dist.world_size)
+        self.train_loader.steps()  # batch larger than the dataset: fail now, not after kNN
+        # Every input is checked above, before the run folder is touched (--overwrite deletes).
+        self.dist.on_main(lambda: self._prepare_run_dir(overwrite))  # one writer
         self.runlog = RunLog(self.run_dir, enabled=self.dist.is_main)
         if cfg.resume:
-            self._resume(cfg.resume)
+            try:
+                self._resume(cfg.resume)
+            except BaseException:
+                self.runlog.close()  # no TensorBoard writer thread left behind
+                raise
         if self.dist.is_main:
-            save_yaml(cfg, self.run_dir / "config.yaml")
+            _replace_file(self.run_dir / "config.yaml", lambda tmp: save_yaml(cfg, tmp))
 
     # ----- run folder and checkpoints -------------------------------------------------------
     def _prepare_run_dir(self, overwrite: bool) -> None:
@@ -253,12 +294,14 @@ class Pretrainer:
         except OSError as e:
             raise RunError(f"cannot write to the output folder {self.run_dir}: {e.strerror}; "
                            "choose another --output") from None
+        remove_stale_temporaries(self.run_dir, CHECKPOINT_GLOB)  # left by a kill mid-save
         if _existing_run(self.run_dir) and not self.cfg.resume:
             if not overwrite:
                 raise RunError(
                     f"{self.run_dir} already holds a run; pass --resume auto to continue it, "
                     "--overwrite to replace it, or choose another --output")
-            for p in list(self.run_dir.glob(CHECKPOINT_GLOB)) + [self.run_dir / "metrics.jsonl"]:
+            for p in (list(self.run_dir.glob(CHECKPOINT_GLOB)) + [self.run_dir / "metrics.jsonl"]
+                      + list(self.run_dir.glob("tb/events.out.tfevents.*"))):
                 p.unlink(missing_ok=True)
 
     def checkpoint_dict(self) -> dict[str, Any]:
@@ -269,7 +312,7 @@ class Pretrainer:
             "state_dict": to_original_layout(self.model.state_dict()),
             "optimizer": self.optimizer.state_dict(),
             "moco": {
-                "format": 1,
+                "format": CHECKPOINT_FORMAT,
                 "config": self.cfg.to_dict(),
                 "epoch_step": s.epoch_step,
                 "global_step": s.global_step,
@@ -277,6 +320,8 @@ class Pretrainer:
                 "knn_random_init": s.knn_random_init,
                 "shuffle_rng": self.shuffle_rng.get_state(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "rng": _global_rng_state(),
+                "bad_images": sorted(getattr(self.train_loader, "bad_images", ())),
             },
         }
 
@@ -288,7 +333,14 @@ class Pretrainer:
             name += f"_step{s.epoch_step:06d}"
         path = self.run_dir / f"{name}.pth.tar"
         # Rank 0 writes; the others wait for it (and fail with it), so none races ahead.
-        self.dist.on_main(lambda: atomic_save(self.checkpoint_dict(), path))
+        try:
+            self.dist.on_main(lambda: atomic_save(self.checkpoint_dict(), path))
+        except OSError as e:  # disk full, folder removed, quota, I/O error
+            kept = (f"the previous checkpoint {self.last_checkpoint} is intact"
+                    if self.last_checkpoint is not None else "no checkpoint was saved before")
+            raise RunError(f"cannot save the checkpoint {path}: {e.strerror or e}; {kept}. Free "
+                           "space (or fix the folder) and continue with --resume auto") from None
+        self.last_checkpoint = path
         return path
 
     def _resume(self, resume: str) -> None:
@@ -299,8 +351,20 @@ class Pretrainer:
             path = Path(resume)
         if path is None:
             self.log(f"--resume auto: no checkpoint in {self.run_dir}, starting from scratch")
+            if self.dist.is_main:  # epochs logged by an attempt killed before its first save
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
             return
+        if resume == "auto" and self.dist.is_main:
+            passed = list_checkpoints(self.run_dir)
+            for p in passed[passed.index(path) + 1:] if path in passed else []:
+                self.log(f"--resume auto: skipping {p}: not a readable checkpoint (truncated?)")
         ckpt = load_checkpoint(path)
+        ours = ckpt.get("moco", {})
+        if not isinstance(ours, dict) or int(ours.get("format", 1)) > CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path} was written by a newer moco (checkpoint format "
+                                  f"{ours.get('format') if isinstance(ours, dict) else '?'}); "
+                                  "upgrade moco to resume it")
+        _warn_config_changes(ours.get("config"), self.cfg, path, self.log)
         arch = ckpt.get("arch")
         if arch is not None and arch != self.cfg.arch:
             raise CheckpointError(f"{path} is a {arch} checkpoint but --arch is {self.cfg.arch}")
@@ -313,7 +377,6 @@ class Pretrainer:
                 f"{' '.join(str(e).splitlines()[1:3])}") from None
         if "optimizer" in ckpt:
             self.optimizer.load_state_dict(_query_only_optimizer_state(ckpt["optimizer"], self.optimizer))
-        ours = ckpt.get("moco", {})
         s = self.state
         s.epoch = int(ckpt.get("epoch", 0))
         s.epoch_step = int(ours.get("epoch_step", 0))
@@ -326,18 +389,25 @@ class Pretrainer:
             self.shuffle_rng.set_state(ours["shuffle_rng"])
         if self.scaler is not None and ours.get("scaler"):
             self.scaler.load_state_dict(ours["scaler"])
+        if ours.get("rng"):
+            _set_global_rng_state(ours["rng"])
+        if hasattr(self.train_loader, "bad_images"):
+            self.train_loader.bad_images = set(ours.get("bad_images", []))
+        self.last_checkpoint = path
         if self.dist.is_main:  # the other ranks keep no history: they log nothing
             s.history = [h for h in read_metrics(self.run_dir / "metrics.jsonl") if h["epoch"] <= s.epoch]
-            (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in s.history))
+            text = "".join(json.dumps(h) + "\n" for h in s.history)
+            _replace_file(self.run_dir / "metrics.jsonl", lambda tmp: tmp.write_text(text))
         self.log(f"resumed from {path}: epoch {s.epoch}, step {s.epoch_step} of the next epoch")
 
     def _prune(self) -> None:
         """Keep the newest ``cfg.keep_last`` checkpoints (0 keeps all)."""
         if self.cfg.keep_last <= 0 or not self.dist.is_main:
             return
-        ckpts = sorted(self.run_dir.glob(CHECKPOINT_GLOB), key=lambda p: p.stat().st_mtime)
+        ckpts = list_checkpoints(self.run_dir)
         for p in ckpts[: -self.cfg.keep_last]:
-            p.unlink(missing_ok=True)
+            if p != self.last_checkpoint:
+                p.unlink(missing_ok=True)
 
     # ----- evaluation ---------------------------------------------------------------------
     def _eval_batches(self, source: ImageSource) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -365,7 +435,9 @@ class Pretrainer:
     def run(self) -> PretrainResult:
         cfg, s = self.cfg, self.state
         stop = _StopFlag()
-        old_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        # Signal handlers can only be set from the main thread (a run in a thread has none).
+        old_handlers = ({sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+                        if threading.current_thread() is threading.main_thread() else {})
         ckpt_path: Path | None = None
         try:
             self.log(self.describe())
@@ -382,9 +454,9 @@ class Pretrainer:
                 self._train_epoch(stop)
                 if self._stop_agreed(stop):
                     ckpt_path = self.save()
+                    self._prune()
                     self.log(f"stopped by signal {stop.signal} at epoch {s.epoch + 1} step "
-                             f"{s.epoch_step}; saved {ckpt_path}\nresume with: moco pretrain "
-                             f"{cfg.data} --output {self.run_dir} --resume auto")
+                             f"{s.epoch_step}; saved {ckpt_path}\n{self.resume_hint()}")
                     return PretrainResult(self.run_dir, ckpt_path, s.history, s.knn_random_init, True)
                 ckpt_path = self.save()
                 self._prune()
@@ -403,7 +475,7 @@ class Pretrainer:
             g["lr"] = lr
         self.model.train()
         steps = self.train_loader.steps()
-        batches = self.train_loader.batches(s.epoch, s.epoch_step)
+        batches = self._stop_on_bad_data(self.train_loader.batches(s.epoch, s.epoch_step))
         bar = tqdm(total=steps, initial=s.epoch_step, desc=f"epoch {s.epoch + 1}/{cfg.epochs}",
                    disable=not self.progress, dynamic_ncols=True, leave=False)
         t0 = time.perf_counter()
@@ -412,10 +484,13 @@ class Pretrainer:
             r = train_step(self.train_model, self.optimizer, batch, self.shuffle,
                            self.autocast_dtype, self.scaler)
             if not math.isfinite(r.loss):
+                kept = (f"the last good checkpoint, {self.last_checkpoint}, is kept"
+                        if self.last_checkpoint is not None else
+                        f"no checkpoint was saved yet in {self.run_dir}")
                 raise RunError(
                     f"the loss became {r.loss} at epoch {s.epoch + 1}, step {s.epoch_step + 1} "
-                    f"(global step {s.global_step + 1}): training diverged. The last good checkpoint "
-                    f"is kept in {self.run_dir}; lower --lr or check the data, then --resume auto")
+                    f"(global step {s.global_step + 1}): training diverged and was stopped; "
+                    f"{kept}. Lower --lr (or check the data) and --resume auto, or start again")
             s.epoch_step += 1
             s.global_step += 1
             s.loss_sum += r.loss
@@ -449,6 +524,12 @@ class Pretrainer:
             "seconds": time.perf_counter() - t0 + seconds_before,
             "knn_random_init": s.knn_random_init,
         }
+        bad = getattr(self.train_loader, "bad_images", None)
+        if bad is not None:  # distinct unreadable images replaced so far (--on-bad-image skip)
+            record["bad_images"] = len(bad)
+            if bad:
+                self.log(f"--on-bad-image skip: {len(bad)} unreadable image(s) replaced so far, "
+                         f"e.g. {self._source_name(min(bad))}")
         s.history.append(record)
         self.runlog.epoch(record, s.history)
         knn_txt = f", kNN top-1 {knn[0]:.2f}%" if knn else ""
@@ -458,6 +539,28 @@ class Pretrainer:
         s.epoch += 1
         s.epoch_step = 0
         s.loss_sum = s.acc_sum = s.seconds = 0.0
+
+    def _source_name(self, index: int) -> str:
+        files = self.train_source.files
+        return str(files[index]) if files is not None else f"image {index}"
+
+    def resume_hint(self) -> str:
+        """The command that continues this run (the run folder's config.yaml holds the rest)."""
+        return (f"resume with: moco pretrain {shlex.quote(str(self.cfg.data))} --output "
+                f"{shlex.quote(str(self.run_dir))} --resume auto")
+
+    def _stop_on_bad_data(self, batches: Iterable[Batch]) -> Iterator[Batch]:
+        """The loader's batches; an unreadable image (``--on-bad-image stop``) saves the steps
+        done so far before the DataError goes up, so a rerun with ``--on-bad-image skip
+        --resume auto`` loses nothing."""
+        try:
+            yield from batches
+        except DataError as e:
+            where = ""
+            if self.state.global_step > 0 and not self.dist.enabled:
+                where = (f"; the {self.state.global_step} steps done are saved in {self.save()}: "
+                         "continue with --resume auto")
+            raise DataError(f"{e}{where}") from None
 
     def _stop_agreed(self, stop: _StopFlag) -> bool:
         """Whether any rank has been asked to stop. Every rank gets the same answer at the same
@@ -480,6 +583,64 @@ class Pretrainer:
                 f"{'MLP' if cfg.mlp else 'linear'} head, aug {cfg.aug}, shuffle-BN {self.shuffle_bn}"
                 f"{f' ({cfg.bn_splits} splits)' if self.shuffle_bn == 'split' else ''}, device "
                 f"{self.device}, {prec}, {self.workers} workers -> {self.run_dir}")
+
+
+def _replace_file(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` a temporary file next to ``path``, then rename it over ``path``: a kill never
+    leaves ``path`` half-written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _global_rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and Python global RNG states, as tensors and plain data (so
+    ``weights_only`` loading accepts them). Training draws nothing from them (augmentations are
+    seeded per sample, the key shuffle has its own generator); they are kept so that code
+    added around the loop resumes the same too."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+
+
+def _set_global_rng_state(state: dict[str, Any]) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                             n["has_gauss"], n["gauss"]))
+    if "python" in state:
+        version, internal, gauss_next = state["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+
+
+# Settings that may change between a run and its resumption without changing the training.
+_RESUME_FREE = {"resume", "output", "data", "workers", "print_freq", "keep_last",
+                "save_every_steps", "dist_timeout", "cache_dir", "knn_every", "knn_k", "knn_t",
+                "knn_features", "preset", "device"}
+
+
+def _warn_config_changes(saved: Any, cfg: MocoConfig, path: Path, log: Log) -> None:
+    """Log the settings that differ from the ones the checkpoint was trained with."""
+    if not isinstance(saved, dict):
+        return
+    now = cfg.to_dict()
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in sorted(now)
+               if k in saved and k not in _RESUME_FREE and saved[k] != now[k]]
+    if changed:
+        log(f"warning: resuming {path} with changed settings ({'; '.join(changed)}); the run "
+            "continues, but not as the uninterrupted run would have")
 
 
 def _query_only_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from moco.config import (
     AUGMENTATIONS,
+    BAD_IMAGE_POLICIES,
     LOADERS,
     LR_SCALES,
     PRECISIONS,
@@ -15,6 +19,7 @@ from moco.config import (
     SHUFFLE_BN,
     MocoConfig,
     build_config,
+    load_yaml,
 )
 
 D = MocoConfig()  # defaults, shown in the help
@@ -98,10 +103,16 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     r = p.add_argument_group("run")
     r.add_argument("--output", help=f"run folder (default {D.output})")
-    r.add_argument("--resume", help="checkpoint to resume from, or 'auto' for the newest in --output")
+    r.add_argument("--resume", help="checkpoint to resume from, or 'auto' for the newest readable "
+                   "one in --output; the run folder's config.yaml supplies every setting not given "
+                   "as a flag, so 'moco pretrain --output DIR --resume auto' continues a run")
     r.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
     r.add_argument("--save-every-steps", type=int, help="also checkpoint every N steps (0 = per epoch only)")
     r.add_argument("--keep-last", type=int, help=f"checkpoints to keep (default {D.keep_last}; 0 = all)")
+    r.add_argument("--on-bad-image", choices=BAD_IMAGE_POLICIES, help="an unreadable image file: "
+                   "stop = stop with an error naming it (after saving the steps done); skip = "
+                   "replace it by the next readable image and count it (the count is logged and "
+                   f"in metrics.jsonl as bad_images) (default {D.on_bad_image})")
     r.add_argument("--seed", type=int, help=f"seed for weights, data order and augmentation "
                    f"(default {D.seed})")
     r.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
@@ -127,8 +138,36 @@ _NOT_CONFIG = {"command", "run", "config_file", "no_progress", "overwrite"}
 
 
 def config_from_args(args: argparse.Namespace) -> MocoConfig:
+    """Defaults <- preset <- --config FILE <- flags; with --resume, the run folder's saved
+    config.yaml comes first, so only the flags given change it."""
     values: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
-    return build_config(yaml_path=getattr(args, "config_file", None), overrides=values)
+    yaml_path = getattr(args, "config_file", None)
+    if values.get("resume"):
+        file_values = load_yaml(yaml_path) if yaml_path else {}
+        saved = saved_run_settings(values, file_values)
+        if saved:
+            return build_config(overrides={**saved, **file_values, **values})
+    return build_config(yaml_path=yaml_path, overrides=values)
+
+
+def saved_run_settings(flags: dict[str, Any], file_values: dict[str, Any]) -> dict[str, Any]:
+    """The settings in ``config.yaml`` of the run being resumed ({} if there is none or it
+    cannot be read). The run folder: --output, else the config file's, else the folder of the
+    --resume checkpoint, else the default."""
+    resume = str(flags.get("resume", ""))
+    output = flags.get("output") or file_values.get("output")
+    if not output:
+        output = str(Path(resume).parent) if resume != "auto" else D.output
+    path = Path(output) / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        saved = load_yaml(path)
+    except ValueError as e:  # e.g. cut short by a kill: the flags must then say everything
+        print(f"warning: ignoring {path}: {e}", file=sys.stderr)
+        return {}
+    known = {f.name for f in fields(MocoConfig)}
+    return {k: v for k, v in saved.items() if k in known and k != "resume"}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -141,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     last = result.history[-1] if result.history else {}
     print(f"checkpoint: {result.checkpoint}")
+    if result.stopped_early:
+        return 0
     if last:
         print(f"final: loss {last['loss']:.4f}, pretext acc@1 {last['acc1']:.1f}%"
               + (f", kNN top-1 {last['knn_top1']:.2f}%" if last.get("knn_top1") is not None else ""))

@@ -1,0 +1,318 @@
+"""Bad input, each with a clear error (exit code 2, the problem and the fix on stderr, no
+traceback) or a documented policy: docs/reliability.md has the table these tests check."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from conftest import TINY_FLAGS, make_image_folder
+from PIL import Image
+from torch._utils import ExceptionWrapper
+
+from moco.augment import TwoViews, eval_transform, pretrain_transform
+from moco.checkpoint import atomic_save
+from moco.cli import build_parser, main
+from moco.commands.pretrain import config_from_args
+from moco.data import (
+    DataError,
+    EvalDataset,
+    ImageSource,
+    image_folder,
+    load_checked,
+    open_rgb,
+    scan_images,
+)
+from moco.train import Pretrainer
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def cli(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def pretrain_error(data: Path, out: Path, *extra: str, touches: bool = False) -> str:
+    """Run ``moco pretrain`` expecting a user error: exit 2, one clean message, and (unless
+    ``touches``: errors found once the run has started) no run folder left behind."""
+    existed = out.exists() or touches
+    rc, _, err = cli(["pretrain", str(data), *TINY_FLAGS, "--output", str(out),
+                      "--knn-every", "0", *extra])
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    err = err.strip().splitlines()[-1]  # (progress lines may come first)
+    assert err.startswith("moco pretrain: error: "), err
+    assert out.exists() == existed or touches, "the run folder was touched before the inputs were checked"
+    return err
+
+
+def loader_flags(tmp_path: Path, loader: str) -> list[str]:
+    """``--loader`` through a config file (works whether or not the flag exists)."""
+    path = tmp_path / f"loader-{loader}.yaml"
+    path.write_text(f"loader: {loader}\n")
+    return ["--config", str(path)]
+
+
+def write_broken(folder: Path) -> list[Path]:
+    """A truncated PNG, a truncated JPEG and a text file named like an image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    png, jpg, fake = folder / "trunc.png", folder / "trunc.jpg", folder / "notes.jpg"
+    Image.fromarray(arr).save(png)
+    png.write_bytes(png.read_bytes()[:300])
+    Image.fromarray(arr).save(jpg, quality=95)
+    jpg.write_bytes(jpg.read_bytes()[:400])
+    fake.write_text("these are not pixels")
+    return [png, jpg, fake]
+
+
+# ----- the data folder -------------------------------------------------------------------------
+
+def test_data_folder_missing(tmp_path: Path) -> None:
+    err = pretrain_error(tmp_path / "nope", tmp_path / "run")
+    assert "does not exist" in err
+
+
+def test_data_folder_empty(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    err = pretrain_error(tmp_path / "d", tmp_path / "run")
+    assert "no train/ folder" in err and "ImageFolder" in err
+
+
+def test_data_folder_without_images(tmp_path: Path) -> None:
+    (tmp_path / "d" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "d" / "train" / "cat" / "readme.txt").write_text("x")
+    (tmp_path / "d" / "train" / "cat" / "._0.jpg").write_bytes(b"\x00\x05\x16\x07")  # macOS
+    err = pretrain_error(tmp_path / "d", tmp_path / "run")
+    assert "no images found" in err and ".jpg" in err
+
+
+# ----- unreadable image files ------------------------------------------------------------------
+
+@pytest.mark.parametrize("loader", ["pil", "tensor"])
+def test_unreadable_images_stop_by_default(tmp_path: Path, loader: str) -> None:
+    """pil finds a broken file when it draws it (the steps done are saved first); tensor when
+    it decodes the dataset into its cache, before the run folder is touched."""
+    data = make_image_folder(tmp_path / "d", per_class=8, splits=("train",))
+    broken = write_broken(data / "train" / "class_1")
+    err = pretrain_error(data, tmp_path / "run", "--epochs", "1", "--moco-k", "16",
+                         *loader_flags(tmp_path, loader), touches=loader == "pil")
+    assert any(str(p) in err for p in broken), err
+    assert "--on-bad-image skip" in err
+
+
+@pytest.mark.parametrize("loader", ["pil", "tensor"])
+def test_unreadable_images_skip_counts_and_reports(tmp_path: Path, loader: str) -> None:
+    """16 training images, 3 broken: each broken one is replaced by the next readable image,
+    and metrics.jsonl and the log report 3 (kNN uses the same policy)."""
+    data = make_image_folder(tmp_path / "d", per_class=8, splits=("train", "test"))
+    write_broken(data / "train" / "class_1")
+    for p in sorted((data / "train" / "class_0").glob("*.png"))[:3]:
+        p.unlink()  # keep 16 images in train/, so every one is drawn in the epoch
+    rc, out, err = cli(["pretrain", str(data), *TINY_FLAGS, "--output", str(tmp_path / "run"),
+                        "--epochs", "1", "--moco-k", "16", "--on-bad-image", "skip",
+                        *loader_flags(tmp_path, loader)])
+    assert rc == 0, err
+    rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["bad_images"] == 3
+    assert "3 unreadable image(s) replaced" in out
+
+
+def test_skip_replaces_deterministically(tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in (0, 3, 4):
+        Image.new("RGB", (4, 4), (i, i, i)).save(folder / f"{i}.png")
+    for i in (1, 2):
+        (folder / f"{i}.png").write_bytes(b"broken")
+    src = image_folder(folder)
+    assert [load_checked(src, i, "skip")[1] for i in range(5)] == [0, 3, 3, 3, 4]
+    assert load_checked(src, 1, "skip")[0].getpixel((0, 0)) == (3, 3, 3)
+    with pytest.raises(DataError, match=r"1\.png.*--on-bad-image skip"):
+        load_checked(src, 1, "stop")
+    scan = scan_images(src, "skip")
+    assert scan.good == [0, 3, 4] and sorted(scan.bad) == [1, 2] and scan.bad_count == 2
+    with pytest.raises(DataError, match="1.png"):
+        scan_images(src, "stop")
+    for i in (0, 3, 4):
+        (folder / f"{i}.png").write_bytes(b"")
+    with pytest.raises(DataError, match="none of the 5 images"):
+        load_checked(image_folder(folder), 0, "skip")
+
+
+def test_error_from_a_dataloader_worker_is_clean() -> None:
+    """torch re-raises a worker's DataError with the worker's traceback as its message (as
+    ``ExceptionWrapper.reraise`` does); the user still sees one line naming the file."""
+    try:
+        raise DataError("cannot read image /d/b.png: broken data stream")
+    except DataError:
+        wrapper = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(DataError) as e:
+        wrapper.reraise()
+    assert "Original Traceback" in e.value.args[0]  # what torch makes of it
+    assert str(e.value) == "cannot read image /d/b.png: broken data stream"
+    assert str(DataError("plain message")) == "plain message"
+
+
+# ----- image sizes and modes -------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [(1, 1), (5, 3), (8, 8), (31, 200)])
+def test_images_smaller_than_the_crop_are_upsampled(size: tuple[int, int]) -> None:
+    img = Image.new("RGB", size, (200, 30, 60))
+    mean, std = [0.5] * 3, [0.25] * 3
+    for aug in ("v1", "v2", "cifar-demo"):
+        q, k = TwoViews(pretrain_transform(aug, 32, 0.2, mean, std))(img, 7)
+        assert q.shape == k.shape == (3, 32, 32) and torch.isfinite(q).all()
+    x, _ = EvalDataset(ImageSource(array=np.asarray(img)[None]), eval_transform(32, mean, std))[0]
+    assert x.shape == (3, 32, 32)
+
+
+def _mode_image(mode: str, path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    if mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65536, (16, 16), dtype=np.uint16))
+    elif mode == "I":
+        img = Image.fromarray(rng.integers(0, 2**20, (16, 16)).astype(np.int32), "I")
+    elif mode == "F":
+        img = Image.fromarray(rng.random((16, 16)).astype(np.float32) * 255, "F")
+    elif mode == "P+transparency":
+        img = Image.new("P", (16, 16))
+        img.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+        img.info["transparency"] = 0
+    else:
+        img = Image.new("RGB", (16, 16), (10, 200, 30)).convert(mode)
+    suffix = {"CMYK": ".jpg", "I": ".tif", "F": ".tif"}.get(mode, ".png")
+    out = path.with_suffix(suffix)
+    img.save(out, **({"transparency": 0} if mode == "P+transparency" else {}))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "P+transparency", "RGBA", "CMYK", "I;16",
+                                  "I", "F"])
+def test_odd_modes_become_8_bit_rgb(mode: str, tmp_path: Path) -> None:
+    path = _mode_image(mode, tmp_path / "img")
+    img = open_rgb(path)
+    assert img.mode == "RGB" and img.size == (16, 16)
+    q, _ = TwoViews(pretrain_transform("v2", 32, 0.2, [0.5] * 3, [0.25] * 3))(img, 0)
+    assert q.shape == (3, 32, 32) and torch.isfinite(q).all()
+    if mode in ("I;16", "I", "F"):  # full range kept, not clipped to white
+        assert 0 < np.asarray(img).mean() < 250
+
+
+# ----- sizes, hyperparameters, architecture ----------------------------------------------------
+
+def test_batch_larger_than_the_dataset(tiny_data: Path, tmp_path: Path) -> None:
+    err = pretrain_error(tiny_data, tmp_path / "run", "-b", "64", "--moco-k", "64")
+    assert "32 images, fewer than one batch of 64" in err and "--batch-size" in err
+
+
+def test_queue_smaller_than_the_batch(tiny_data: Path, tmp_path: Path) -> None:
+    err = pretrain_error(tiny_data, tmp_path / "run", "-b", "8", "--moco-k", "4")
+    assert "--moco-k 4" in err and "raise --moco-k or lower --batch-size" in err
+
+
+@pytest.mark.parametrize(("flag", "value", "says"), [
+    ("--moco-m", "1.0", "--moco-m must be in [0, 1)"),
+    ("--moco-m", "-0.1", "--moco-m must be in [0, 1)"),
+    ("--moco-t", "0", "--moco-t must be > 0"),
+    ("--moco-t", "-1", "--moco-t must be > 0"),
+    ("--lr", "-0.1", "--lr must be >= 0"),
+    ("--epochs", "0", "--epochs must be >= 1"),
+    ("--moco-dim", "0", "--moco-dim must be >= 1"),
+    ("--bn-splits", "3", "not divisible by --bn-splits 3"),
+])
+def test_invalid_hyperparameters(tiny_data: Path, tmp_path: Path, flag: str, value: str,
+                                 says: str) -> None:
+    assert says in pretrain_error(tiny_data, tmp_path / "run", flag, value)
+
+
+def test_unknown_architecture(tiny_data: Path, tmp_path: Path) -> None:
+    err = pretrain_error(tiny_data, tmp_path / "run", "-a", "resnet9000")
+    assert "unknown architecture 'resnet9000'" in err and "resnet50" in err
+
+
+# ----- checkpoints -----------------------------------------------------------------------------
+
+@pytest.fixture
+def r18_checkpoint(tiny_data: Path, tmp_path: Path) -> Path:
+    """An untrained tiny run's checkpoint (written by the real save path)."""
+    args = build_parser().parse_args(["pretrain", str(tiny_data), *TINY_FLAGS, "--output",
+                                      str(tmp_path / "src"), "--knn-every", "0"])
+    p = Pretrainer(config_from_args(args), log=lambda _m: None, progress=False)
+    path = p.save()
+    p.runlog.close()
+    return path
+
+
+def test_checkpoint_of_another_architecture(tiny_data: Path, tmp_path: Path,
+                                            r18_checkpoint: Path) -> None:
+    err = pretrain_error(tiny_data, tmp_path / "run", "--resume", str(r18_checkpoint),
+                         "-a", "resnet34", touches=True)
+    assert "is a resnet18 checkpoint but --arch is resnet34" in err
+    err = pretrain_error(tiny_data, tmp_path / "run2", "--resume", str(r18_checkpoint), "--mlp",
+                         touches=True)
+    assert "does not match this model" in err and "mlp=True" in err
+
+
+def test_checkpoint_of_another_format(tiny_data: Path, tmp_path: Path,
+                                      r18_checkpoint: Path) -> None:
+    tv = tmp_path / "resnet18_imagenet.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), tv)
+    assert "does not match this model" in pretrain_error(tiny_data, tmp_path / "a", "--resume",
+                                                         str(tv), touches=True)
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), tensor)
+    assert "holds a Tensor, not a dict" in pretrain_error(tiny_data, tmp_path / "b", "--resume",
+                                                          str(tensor), touches=True)
+    text = tmp_path / "notes.pth.tar"
+    text.write_text("hello")
+    assert "not a readable checkpoint" in pretrain_error(tiny_data, tmp_path / "c", "--resume",
+                                                         str(text), touches=True)
+    newer = tmp_path / "newer.pth.tar"
+    atomic_save({"epoch": 1, "moco": {"format": 99}, "state_dict": {}}, newer)
+    assert "newer moco" in pretrain_error(tiny_data, tmp_path / "d", "--resume", str(newer),
+                                         touches=True)
+    missing = tmp_path / "missing.pth.tar"
+    assert "does not exist" in pretrain_error(tiny_data, tmp_path / "e", "--resume",
+                                              str(missing), touches=True)
+
+
+def test_truncated_checkpoint(tiny_data: Path, tmp_path: Path, r18_checkpoint: Path) -> None:
+    data = r18_checkpoint.read_bytes()
+    cut = tmp_path / "cut.pth.tar"
+    cut.write_bytes(data[: len(data) // 2])
+    err = pretrain_error(tiny_data, tmp_path / "run", "--resume", str(cut), touches=True)
+    assert "not a readable checkpoint (truncated" in err
+
+
+# ----- the output folder -----------------------------------------------------------------------
+
+def test_unwritable_output_folder(tiny_data: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    err = pretrain_error(tiny_data, blocker / "run")
+    assert f"cannot write to the output folder {blocker / 'run'}" in err and "--output" in err
+    import os
+
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        err = pretrain_error(tiny_data, ro)
+        assert "cannot write to the output folder" in err
