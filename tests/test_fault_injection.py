@@ -61,25 +61,24 @@ def test_sigkill_at_random_points_then_resume_is_bit_exact(tiny_data: Path, tmp_
     assert ref.returncode == 0, err
     total = EPOCHS * STEPS_PER_EPOCH
 
+    # Kill points: a random training position each (0 = during start-up), sorted; each attempt
+    # is killed a random 0-0.3 s after the run has saved that position, so the kill lands in
+    # start-up or resume, inside a step, or in the middle of a checkpoint write.
+    targets = sorted(rng.randrange(0, total) for _ in range(kills))
     rows: list[str] = []
     attempts = 0
-    while True:
+    for target in targets:
         attempts += 1
         proc = _start(tiny_data, run_dir, "--resume", "auto")
-        if len(rows) >= kills:  # enough kill points: let this attempt finish
-            out, err = proc.communicate(timeout=600)
-            assert proc.returncode == 0, err
-            break
         before = _position(run_dir)
-        advance = rng.choice([0, 1, 1, 2])  # steps saved before the kill may land
-        delay = rng.uniform(0.0, 1.0)
-        while proc.poll() is None and _position(run_dir) < min(before + advance, total):
+        delay = rng.uniform(0.0, 0.3)
+        while proc.poll() is None and _position(run_dir) < target:
             time.sleep(0.01)
         time.sleep(delay)
         if proc.poll() is not None:  # finished before the kill landed
             assert proc.returncode == 0, proc.communicate()[1]
             rows.append(f"| {attempts} | - | {_position(run_dir)} | finished before the kill |")
-            break
+            continue
         os.kill(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=60)
         assert proc.returncode == -signal.SIGKILL
@@ -89,12 +88,15 @@ def test_sigkill_at_random_points_then_resume_is_bit_exact(tiny_data: Path, tmp_
                  "after the last step (start-up, final save or exit)" if before == total else
                  "before its first step (start-up or resume)" if after == before else
                  "inside or between steps")
-        rows.append(f"| {attempts} | step {min(before + advance, total)} saved + {delay:.2f} s | "
-                    f"{after} | {where} |")
+        rows.append(f"| {attempts} | step {target} saved + {delay:.2f} s | {after} | {where} |")
         # After every kill: every file under a checkpoint name loads; the newest is usable.
         for p in list_checkpoints(run_dir):
             load_checkpoint(p)
         assert after == 0 or newest_checkpoint(run_dir) is not None
+    attempts += 1
+    proc = _start(tiny_data, run_dir, "--resume", "auto")  # the last attempt runs to the end
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
 
     print("\n| attempt | SIGKILL when | newest checkpoint then (global step) | the kill hit |")
     print("|---|---|---|---|")
