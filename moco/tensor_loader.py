@@ -179,6 +179,11 @@ class _DecodeBatches(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
         return out, sizes, replaced
 
 
+def _first(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """collate_fn: the dataset already returns the whole batch (picklable, unlike a lambda)."""
+    return items[0]
+
+
 class _StepSampler(EpochBatchSampler):
     """One item per step: the list itself (the dataset decodes the whole batch)."""
 
@@ -214,7 +219,7 @@ class DecodeTrainLoader:
         decoded pixels."""
         sampler = self._sampler(epoch, start_step)
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.workers,
-                            collate_fn=lambda b: b[0], pin_memory=self.device.type == "cuda",
+                            collate_fn=_first, pin_memory=self.device.type == "cuda",
                             prefetch_factor=4 if self.workers else None)
         order, _ = epoch_order(len(self.source), self.cfg.seed, epoch)
         b = self.cfg.batch_size

@@ -168,3 +168,12 @@ def test_pretrain_flags() -> None:
     assert (cfg.loader, cfg.cache_dir, cfg.compile) == ("pil", "/c", True)
     cfg = config_from_args(ap.parse_args(["pretrain", "d"]))
     assert (cfg.loader, cfg.cache_dir, cfg.compile) == ("auto", "", False)
+
+
+def test_decode_loader_in_worker_processes(tiny_data: Path) -> None:
+    src = find_dataset(tiny_data).train
+    cfg = _cfg(image_size=32)
+    here = _all(DecodeTrainLoader(cfg, src, CPU, workers=0), 0, start=6)
+    workers = _all(DecodeTrainLoader(cfg, src, CPU, workers=1), 0, start=6)
+    for x, y in zip(here, workers, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(x, y, strict=True))
