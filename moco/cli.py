@@ -8,7 +8,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("pretrain", "lincls", "knn", "export", "embed")
+COMMANDS = ("pretrain", "lincls", "knn", "export", "embed", "ablate")
 
 
 class UserError(Exception):

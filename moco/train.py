@@ -51,6 +51,7 @@ from moco.distributed import (
 from moco.knn import extract_features, knn_accuracy
 from moco.loader import Batch, TrainLoader, eval_batches, make_train_loader
 from moco.loss import top1_accuracy
+from moco.mechanisms import Mechanism, build_mechanism
 from moco.model import MoCo, build_encoder
 from moco.runlog import RunLog, read_metrics
 from moco.schedule import learning_rate
@@ -91,24 +92,30 @@ def default_workers(device: torch.device, processes_here: int = 1) -> int:
     return min(8, cores) if device.type == "cuda" else max(1, cores - 1)
 
 
-def build_model(cfg: MocoConfig, device: torch.device) -> MoCo:
-    """Query encoder (+head, SplitBN if asked), key encoder copy and queue, seeded by ``cfg.seed``."""
+def build_model(cfg: MocoConfig, device: torch.device, num_samples: int | None = None) -> Mechanism:
+    """Query encoder (+head, SplitBN if asked), key encoder copy and queue, seeded by ``cfg.seed``;
+    or the ``cfg.mechanism`` end-to-end / memory-bank module (``moco/mechanisms.py``; the memory
+    bank needs ``num_samples``, the training-set size)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         encoder = build_encoder(cfg.arch, cfg.moco_dim, mlp=cfg.mlp, cifar_stem=cfg.cifar_stem,
                                 bn_splits=cfg.bn_splits if cfg.shuffle_bn in ("split", "auto") else 1)
-    model = MoCo(encoder, dim=cfg.moco_dim, k=cfg.moco_k, m=cfg.moco_m, t=cfg.moco_t,
-                 symmetric=cfg.symmetric, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    model: Mechanism
+    if cfg.mechanism == "moco":
+        model = MoCo(encoder, dim=cfg.moco_dim, k=cfg.moco_k, m=cfg.moco_m, t=cfg.moco_t,
+                     symmetric=cfg.symmetric, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    else:
+        model = build_mechanism(cfg, encoder, num_samples)
     model = model.to(device)
     if cfg.compile:  # the encoders; the queue, shuffles and momentum update stay eager
         for child in model.children():
             child.compile()
     if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        model = model.to(memory_format=torch.channels_last)
     return model
 
 
-def build_optimizer(cfg: MocoConfig, model: MoCo) -> torch.optim.SGD:
+def build_optimizer(cfg: MocoConfig, model: Mechanism) -> torch.optim.SGD:
     """SGD over f_q only (f_k is trained by momentum); wd on every tensor, as the original."""
     return torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.effective_lr, momentum=cfg.momentum,
                            weight_decay=cfg.wd)
@@ -255,7 +262,8 @@ class Pretrainer:
             self.train_source = splits.train.subset(idx)
         self.knn_bank = splits.train if splits.train.labeled else None
         self.knn_query = splits.test if splits.test is not None and splits.test.labeled else None
-        self.model = build_model(dataclasses.replace(cfg, shuffle_bn=self.shuffle_bn), self.device)
+        self.model = build_model(dataclasses.replace(cfg, shuffle_bn=self.shuffle_bn), self.device,
+                                 num_samples=len(self.train_source))
         self.optimizer = build_optimizer(cfg, self.model)
         # The module the training step calls: DDP-wrapped under torchrun. self.model stays the
         # bare MoCo, so checkpoints carry no DDP "module." prefix of their own.
@@ -577,7 +585,7 @@ class Pretrainer:
         procs = f" = {w} processes x {cfg.batch_size // w} ({self.dist.backend})" if w > 1 else ""
         lr = (f"lr {cfg.effective_lr:.6g} (--lr {cfg.lr:g} x {cfg.batch_size}/256, --lr-scale linear)"
               if cfg.lr_scale == "linear" else f"lr {cfg.lr:g}")
-        return (f"MoCo pretraining: {cfg.arch}{' (CIFAR stem)' if cfg.cifar_stem else ''}, "
+        return (f"{'MoCo' if cfg.mechanism == 'moco' else cfg.mechanism} pretraining: {cfg.arch}{' (CIFAR stem)' if cfg.cifar_stem else ''}, "
                 f"{len(self.train_source)} images from {cfg.data}, {cfg.image_size} px, batch "
                 f"{cfg.batch_size}{procs}, {lr}, K {cfg.moco_k}, m {cfg.moco_m}, T {cfg.moco_t}, "
                 f"{'MLP' if cfg.mlp else 'linear'} head, aug {cfg.aug}, shuffle-BN {self.shuffle_bn}"

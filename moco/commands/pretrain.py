@@ -14,6 +14,7 @@ from moco.config import (
     BAD_IMAGE_POLICIES,
     LOADERS,
     LR_SCALES,
+    MECHANISMS,
     PRECISIONS,
     PRESETS,
     SHUFFLE_BN,
@@ -66,6 +67,12 @@ def add_parser(sub: Any) -> None:
                    "shuffle (comparison; GPUs only); auto = ddp under torchrun, split on one process "
                    f"(default {D.shuffle_bn})")
     m.add_argument("--bn-splits", type=int, help=f"sub-batches of SplitBatchNorm (default {D.bn_splits})")
+    m.add_argument("--mechanism", choices=MECHANISMS, help="contrastive mechanism (MoCo v1 Figure 2): "
+                   "moco = momentum key encoder + queue; end-to-end = keys from the current batch "
+                   "through the query encoder with gradients (K = batch - 1); memory-bank = InstDisc "
+                   f"bank, --moco-k negatives sampled from it (default {D.mechanism})")
+    m.add_argument("--bank-momentum", type=float, help="memory bank entry update v <- normalize(m v + "
+                   f"(1-m) q) (default {D.bank_momentum}, InstDisc's)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, help=f"number of epochs (default {D.epochs})")
     o.add_argument("-b", "--batch-size", type=int, help="GLOBAL batch size over all processes; "
