@@ -27,6 +27,7 @@ import warnings
 import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,25 @@ def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
     """The augmentation generator of one global step: a hash of (seed, epoch, step)."""
     digest = hashlib.sha256(f"moco-aug/{seed}/{epoch}/{step}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads (None: as they are), then restore them.
+
+    The CPU augmentation runs single-threaded: its ~100 small ops per batch gain little from
+    a second OpenMP thread on a quiet machine, and lose 30x when another process takes a core
+    (every op ends at a barrier that waits for the descheduled thread; measured in
+    docs/benchmarks.md)."""
+    old = torch.get_num_threads()
+    if n is None or n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def cache_short_side(image_size: int) -> int:
@@ -77,11 +97,13 @@ class TensorTrainLoader:
 
     ``images``: uint8 [N,H,W,3] (and per-image ``sizes`` [N,2] for a mixed-size cache).
     ``prefetch``: prepare batch t+1 in a background thread while batch t trains (default
-    off; see the module doc).
+    off; see the module doc). ``aug_threads``: intra-op threads of the CPU augmentation
+    (default 1 on the CPU without prefetch, see :func:`torch_threads`; None: unchanged).
     """
 
     def __init__(self, cfg: MocoConfig, images: DecodedImages, device: torch.device,
-                 rank: int = 0, world_size: int = 1, prefetch: bool | None = None) -> None:
+                 rank: int = 0, world_size: int = 1, prefetch: bool | None = None,
+                 aug_threads: int | None = -1) -> None:
         self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
         self.decoded = images
         self.n = len(images)
@@ -98,6 +120,9 @@ class TensorTrainLoader:
         self.images = arr
         self.sizes = torch.from_numpy(np.asarray(images.sizes)) if images.sizes is not None else None
         self.prefetch = bool(prefetch)
+        if aug_threads == -1:
+            aug_threads = 1 if device.type == "cpu" and not self.prefetch else None
+        self.aug_threads = aug_threads
         self.bad_images: set[int] = set(getattr(images, "bad", ()))
 
     def steps(self) -> int:
@@ -113,6 +138,10 @@ class TensorTrainLoader:
 
     def make_batch(self, order: torch.Tensor, epoch: int, step: int) -> Batch:
         """Global step ``step`` of ``epoch`` (``order`` from :func:`epoch_order`)."""
+        with torch_threads(self.aug_threads):
+            return self._make_batch(order, epoch, step)
+
+    def _make_batch(self, order: torch.Tensor, epoch: int, step: int) -> Batch:
         g = step_generator(self.cfg.seed, epoch, step)
         gidx = order[step * self.global_batch:(step + 1) * self.global_batch]
         h, w = self._heights_widths(gidx)
@@ -238,8 +267,10 @@ class DecodeTrainLoader:
             if self.world_size > 1:
                 p = _rank_params(p, self.global_batch, self.rank, b)
             idx = gidx[lo:lo + b]
-            q, k = self.aug.two_views(imgs.to(self.device, non_blocking=True), p)
-            yield _finish(q, k, idx, self.cfg.channels_last)
+            with torch_threads(1 if self.device.type == "cpu" else None):
+                q, k = self.aug.two_views(imgs.to(self.device, non_blocking=True), p)
+                out = _finish(q, k, idx, self.cfg.channels_last)
+            yield out
 
 
 _DECODED: weakref.WeakKeyDictionary[ImageSource, dict[tuple[str, int], DecodedImages | None]] = (
