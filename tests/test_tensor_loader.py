@@ -177,3 +177,27 @@ def test_decode_loader_in_worker_processes(tiny_data: Path) -> None:
     workers = _all(DecodeTrainLoader(cfg, src, CPU, workers=1), 0, start=6)
     for x, y in zip(here, workers, strict=True):
         assert all(torch.equal(a, b) for a, b in zip(x, y, strict=True))
+
+
+def test_mixed_size_folder_end_to_end(tmp_path: Path) -> None:
+    """Photos of different sizes: cached at short side 37 (for 32-px crops), trained on and
+    evaluated close to the PIL path (two resizes instead of one)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        d = tmp_path / "data" / "train" / f"c{c}"
+        d.mkdir(parents=True)
+        for k, (h, w) in enumerate([(40, 60), (90, 50), (30, 30), (64, 48)]):
+            base = np.linspace(0, 200, w)[None, :, None] + rng.integers(0, 40, (h, w, 3))
+            Image.fromarray(base.clip(0, 255).astype(np.uint8)).save(d / f"{k}.png")
+    src = find_dataset(tmp_path / "data").train
+    cfg = _cfg(image_size=32, batch_size=4)
+    loader = make_train_loader(cfg, src, CPU, 0)
+    assert isinstance(loader, TensorTrainLoader) and loader.sizes is not None
+    b = next(iter(loader.batches(0)))
+    assert b.im_q.shape == (4, 3, 32, 32) and torch.isfinite(b.im_q).all()
+    ours = torch.cat([x for x, _ in eval_batches(cfg, src, CPU, 0)])
+    pil = torch.cat([x for x, _ in eval_batches(dataclasses.replace(cfg, loader="pil"), src, CPU, 0)])
+    std = min(MocoConfig().std)
+    assert (ours - pil).abs().mean() < 2 / 255 / std
