@@ -60,7 +60,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=-1, help="PIL DataLoader workers (default: the "
                    "library's default for the device)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
-    p.add_argument("--no-prefetch", action="store_true", help="(b): no background thread")
+    p.add_argument("--prefetch", action="store_true", help="(b): augment the next batch in a "
+                   "background thread (off by default, see docs/benchmarks.md)")
     p.add_argument("--only", default=",".join(PHASES), help=f"comma-separated subset of {PHASES}")
     p.add_argument("--repeat", type=int, default=1, help="rounds; the best rate of each is kept")
     p.add_argument("--cache-dir", default="", help="decoded cache folder (default $MOCO_CACHE or ~/.cache/moco)")
@@ -191,7 +192,7 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
     def forever(loader: Any) -> Any:
         return itertools.chain.from_iterable(loader.batches(e) for e in itertools.count())
 
-    ours = TensorTrainLoader(cfg, s["decoded"], device, prefetch=False if args.no_prefetch else None)
+    ours = TensorTrainLoader(cfg, s["decoded"], device, prefetch=args.prefetch)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     mem = MemorySampler()

@@ -5,10 +5,11 @@ images -> batched augmentation on the training device (:mod:`moco.batch_augment`
   (:mod:`moco.cache`). Each step takes its indices from :func:`moco.data.epoch_order` (the
   same order as the PIL path), gathers the uint8 images, draws every view's parameters from a
   ``torch.Generator`` seeded by (seed, epoch, step) and augments on the device. On CUDA the
-  whole array is copied to the GPU once (kernels queue asynchronously, so the augmentation of
-  step t+1 is enqueued while step t still runs). A background thread can prepare the next
-  batch (``prefetch``); it is off by default: on a CPU the model already uses every core, and
-  the thread's work then slows the model's threads more than it saves (docs/benchmarks.md).
+  whole array is copied to the GPU once. A background thread can prepare the next batch
+  (``prefetch``); it is off by default: on a CPU the model already uses every core, and the
+  thread's work then slows the model's threads more than it saves (docs/benchmarks.md). On
+  CUDA it would hide the few milliseconds of parameter drawing and kernel launches behind the
+  step (the step ends with a host sync for its loss): not measured yet, hence off.
 * :class:`DecodeTrainLoader`: for larger datasets, DataLoader workers decode each step's
   files to uint8 (short side ``short_side``, as the cache's mixed-size layout) and the main
   process augments the padded batch the same way.
