@@ -55,7 +55,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--channels-last", default="true", choices=("true", "false"))
+    p.add_argument("--channels-last", default="auto", choices=("auto", "true", "false"),
+                   help="auto (default, as moco pretrain): on CUDA only")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--workers", type=int, default=-1, help="PIL DataLoader workers (default: the "
                    "library's default for the device)")
@@ -90,7 +91,7 @@ def _setup(args: argparse.Namespace) -> dict[str, Any]:
     cfg = build_config(preset="mocov2", overrides=dict(
         data=args.data, arch=args.arch, cifar_stem=args.cifar_stem, image_size=args.image_size,
         batch_size=args.batch, moco_k=args.moco_k, aug=args.aug, device=args.device,
-        precision=args.precision, channels_last=args.channels_last == "true",
+        precision=args.precision, channels_last={"true": True, "false": False}.get(args.channels_last, "auto"),
         cache_dir=args.cache_dir, bn_splits=8, shuffle_bn="split"))
     device = resolve_device(cfg.device)
     model = build_model(cfg, device)

@@ -444,7 +444,7 @@ def measure_step_cost(cfg: MocoConfig, num_samples: int, steps: int = 3,
         g = torch.Generator().manual_seed(0)
         s = cfg.image_size
         ims = [torch.randn(b, 3, s, s, generator=g).to(device) for _ in range(2)]
-        if cfg.channels_last:
+        if cfg.channels_last_on(device.type):
             ims = [x.contiguous(memory_format=torch.channels_last) for x in ims]
         batch = Batch(ims[0], ims[1], torch.randperm(num_samples, generator=g)[:b])
         if cuda:

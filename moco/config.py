@@ -67,7 +67,7 @@ class MocoConfig:
     output: str = "runs/pretrain"
     device: str = "auto"
     precision: str = "auto"
-    channels_last: bool = True
+    channels_last: bool | str = "auto"  # auto: on CUDA only (slower on CPUs, docs/benchmarks.md)
     loader: str = "auto"
     cache_dir: str = ""
     compile: bool = False
@@ -81,6 +81,10 @@ class MocoConfig:
     dist_timeout: float = 30.0
     preset: str = ""
 
+    def channels_last_on(self, device_type: str) -> bool:
+        """Whether to use the channels_last memory format on a ``device_type`` device."""
+        return device_type == "cuda" if self.channels_last == "auto" else bool(self.channels_last)
+
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad value and what would be accepted."""
         checks: list[tuple[bool, str]] = [
@@ -90,6 +94,8 @@ class MocoConfig:
             (self.wd >= 0, f"--wd must be >= 0, got {self.wd}"),
             (0 <= self.moco_m < 1, f"--moco-m must be in [0, 1), got {self.moco_m}"),
             (self.moco_t > 0, f"--moco-t must be > 0, got {self.moco_t}"),
+            (self.channels_last in (True, False, "auto"),
+             f"--channels-last must be true, false or auto, got {self.channels_last!r}"),
             (self.moco_dim >= 1, f"--moco-dim must be >= 1, got {self.moco_dim}"),
             (self.moco_k >= 1, f"--moco-k must be >= 1, got {self.moco_k}"),
             (self.bn_splits >= 1, f"--bn-splits must be >= 1, got {self.bn_splits}"),

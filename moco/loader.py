@@ -82,7 +82,7 @@ class PILTrainLoader:
                             num_workers=self.workers, pin_memory=self.device.type == "cuda",
                             prefetch_factor=4 if self.workers else None,
                             worker_init_fn=ignore_stop_signals if self.workers else None)
-        cl = self.cfg.channels_last
+        cl = self.cfg.channels_last_on(self.device.type)
         for q, k, idx, bad in loader:
             self.bad_images.update(int(i) for i in bad if i >= 0)
             yield Batch(_to_device(q, self.device, cl), _to_device(k, self.device, cl), idx)
@@ -118,4 +118,4 @@ def eval_batches(cfg: MocoConfig, source: ImageSource, device: torch.device, wor
                         shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
                         worker_init_fn=ignore_stop_signals if workers else None)
     for x, y in loader:
-        yield _to_device(x, device, cfg.channels_last), y
+        yield _to_device(x, device, cfg.channels_last_on(device.type)), y

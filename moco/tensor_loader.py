@@ -155,7 +155,7 @@ class TensorTrainLoader:
             imgs = imgs.pin_memory() if self.device.type == "cuda" else imgs
             imgs = imgs.to(self.device, non_blocking=True)
         q, k = self.aug.two_views(imgs, p)
-        return _finish(q, k, idx, self.cfg.channels_last)
+        return _finish(q, k, idx, self.cfg.channels_last_on(self.device.type))
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         order, _ = epoch_order(self.n, self.cfg.seed, epoch)
@@ -270,7 +270,7 @@ class DecodeTrainLoader:
             idx = gidx[lo:lo + b]
             with torch_threads(1 if self.device.type == "cpu" else None):
                 q, k = self.aug.two_views(imgs.to(self.device, non_blocking=True), p)
-                out = _finish(q, k, idx, self.cfg.channels_last)
+                out = _finish(q, k, idx, self.cfg.channels_last_on(self.device.type))
             yield out
 
 
@@ -319,6 +319,6 @@ def eval_batches_decoded(cfg: MocoConfig, decoded: DecodedImages, device: torch.
         if s is not None:  # trim the padding this chunk does not use
             x = x[:, : int(s[:, 0].max()), : int(s[:, 1].max())]
         out = normalize(eval_resize(x, size, resize, s), cfg.mean, cfg.std)
-        if cfg.channels_last:
+        if cfg.channels_last_on(device.type):
             out = out.contiguous(memory_format=torch.channels_last)
         yield out, labels[lo:lo + batch_size]

@@ -110,7 +110,7 @@ def build_model(cfg: MocoConfig, device: torch.device, num_samples: int | None =
     if cfg.compile:  # the encoders; the queue, shuffles and momentum update stay eager
         for child in model.children():
             child.compile()
-    if cfg.channels_last:
+    if cfg.channels_last_on(device.type):
         model = model.to(memory_format=torch.channels_last)
     return model
 

@@ -131,6 +131,7 @@ def test_boolean_flags() -> None:
     assert _cfg("d", "--aug", "cifar-demo").aug == "cifar-demo"
     assert _cfg("d", "--schedule", "30", "40").schedule == [30, 40]
     assert _cfg("d", "--channels-last", "false").channels_last is False
+    assert _cfg("d", "--channels-last", "auto").channels_last == "auto"
     with pytest.raises(SystemExit):
         _cfg("d", "--mlp", "maybe")
 
@@ -228,3 +229,15 @@ def test_cli_reports_invalid_value_with_exit_code_2(tmp_path: Path, capsys: pyte
     err = capsys.readouterr().err
     assert "--moco-m" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()  # nothing written before validation
+
+
+def test_channels_last_auto_is_cuda_only() -> None:
+    auto = build_config(overrides={"data": "d"})
+    assert auto.channels_last == "auto"
+    assert not auto.channels_last_on("cpu") and auto.channels_last_on("cuda")
+    forced = build_config(overrides={"data": "d", "channels_last": True})
+    assert forced.channels_last_on("cpu") and forced.channels_last_on("cuda")
+    off = build_config(overrides={"data": "d", "channels_last": False})
+    assert not off.channels_last_on("cuda")
+    with pytest.raises(ValueError, match="--channels-last must be true, false or auto"):
+        build_config(overrides={"data": "d", "channels_last": "sometimes"}).validate()

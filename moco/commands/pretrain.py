@@ -26,6 +26,10 @@ from moco.config import (
 D = MocoConfig()  # defaults, shown in the help
 
 
+def _bool_or_auto(v: str) -> bool | str:
+    return "auto" if v.lower() == "auto" else _bool(v)
+
+
 def _bool(v: str) -> bool:
     if v.lower() in ("1", "true", "yes", "on"):
         return True
@@ -127,8 +131,8 @@ def add_parser(sub: Any) -> None:
     r.add_argument("--dist-timeout", type=float, metavar="MINUTES", help="under torchrun: a "
                    "collective that waits longer fails and stops the job (a dead or stuck rank); "
                    f"must exceed rank 0's kNN evaluation and checkpoint time (default {D.dist_timeout})")
-    r.add_argument("--channels-last", type=_bool, nargs="?", const=True,
-                   help="channels_last memory format (default true)")
+    r.add_argument("--channels-last", type=_bool_or_auto, nargs="?", const=True,
+                   help="channels_last memory format: true, false or auto (default: on CUDA only)")
     s = p.add_argument_group("input pipeline and speed")
     s.add_argument("--loader", choices=LOADERS, help="auto / tensor: decoded-image cache (when the "
                    "decoded images fit in memory, else decoding in workers) + batched augmentation "
