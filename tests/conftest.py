@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from moco.cli import main
 
 
 def make_image_folder(root: Path, classes: int = 2, per_class: int = 16, size: int = 32,
@@ -41,3 +47,21 @@ TINY_FLAGS = ["-a", "resnet18", "--image-size", "32", "-b", "8", "--moco-k", "32
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decoded-image caches (moco.cache) go to a per-test folder, never to ~/.cache."""
     monkeypatch.setenv("MOCO_CACHE", str(tmp_path_factory.mktemp("moco-cache")))
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: bit-exact comparisons hold for a fixed count, and tiny runs are
+    fastest that way on shared CPUs. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """``moco ARGV`` in this process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return rc, out.getvalue(), err.getvalue()

@@ -3,23 +3,20 @@ traceback) or a documented policy: docs/reliability.md has the table these tests
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import TINY_FLAGS, make_image_folder
+from conftest import TINY_FLAGS, make_image_folder, run_cli
 from PIL import Image
 from torch._utils import ExceptionWrapper
 
 from moco.augment import TwoViews, eval_transform, pretrain_transform
 from moco.checkpoint import atomic_save
-from moco.cli import build_parser, main
+from moco.cli import build_parser
 from moco.commands.pretrain import config_from_args
 from moco.data import (
     DataError,
@@ -32,27 +29,16 @@ from moco.data import (
 )
 from moco.train import Pretrainer
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
 
 
 def pretrain_error(data: Path, out: Path, *extra: str, touches: bool = False) -> str:
     """Run ``moco pretrain`` expecting a user error: exit 2, one clean message, and (unless
     ``touches``: errors found once the run has started) no run folder left behind."""
     existed = out.exists() or touches
-    rc, _, err = cli(["pretrain", str(data), *TINY_FLAGS, "--output", str(out),
+    rc, _, err = run_cli(["pretrain", str(data), *TINY_FLAGS, "--output", str(out),
                       "--knn-every", "0", *extra])
     assert rc == 2, err
     assert "Traceback" not in err, err
@@ -126,7 +112,7 @@ def test_unreadable_images_skip_counts_and_reports(tmp_path: Path, loader: str) 
     write_broken(data / "train" / "class_1")
     for p in sorted((data / "train" / "class_0").glob("*.png"))[:3]:
         p.unlink()  # keep 16 images in train/, so every one is drawn in the epoch
-    rc, out, err = cli(["pretrain", str(data), *TINY_FLAGS, "--output", str(tmp_path / "run"),
+    rc, out, err = run_cli(["pretrain", str(data), *TINY_FLAGS, "--output", str(tmp_path / "run"),
                         "--epochs", "1", "--moco-k", "16", "--on-bad-image", "skip",
                         *loader_flags(tmp_path, loader)])
     assert rc == 0, err

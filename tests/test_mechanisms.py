@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +34,7 @@ from moco.train import Pretrainer, build_model, newest_checkpoint
 DIM = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_encoder(dim: int = DIM, bn: nn.Module | None = None) -> nn.Module:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import pickle
 import re
@@ -12,18 +10,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_FLAGS
+from conftest import TINY_FLAGS, run_cli
 
 import moco.checkpoint as ckpt_mod
 import moco.train as train_mod
 from moco.checkpoint import CheckpointError, atomic_save, load_checkpoint
-from moco.cli import build_parser, main
+from moco.cli import build_parser
 from moco.commands.pretrain import config_from_args
 from moco.config import MocoConfig
 from moco.train import (
@@ -38,19 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 _real_step = train_mod.train_step
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
 
 
 def make_cfg(data: Path, out: Path, *extra: str) -> MocoConfig:
@@ -232,7 +219,7 @@ def test_no_silent_overwrite(tiny_data: Path, tmp_path: Path) -> None:
     out.mkdir()
     old = out / "checkpoint_0005.pth.tar"
     atomic_save({"epoch": 6}, old)
-    rc, _, err = _cli(["pretrain", str(tiny_data), *TINY_FLAGS, "--output", str(out)])
+    rc, _, err = run_cli(["pretrain", str(tiny_data), *TINY_FLAGS, "--output", str(out)])
     assert rc == 2 and "already holds a run" in err and "--resume auto" in err
     assert "--overwrite" in err and "Traceback" not in err
     assert old.is_file()
@@ -259,7 +246,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
 
 
 def test_huge_lr_diverges_with_a_clear_cli_error(tiny_data: Path, tmp_path: Path) -> None:
-    rc, _, err = _cli(["pretrain", str(tiny_data), *TINY_FLAGS, "--output", str(tmp_path / "r"),
+    rc, _, err = run_cli(["pretrain", str(tiny_data), *TINY_FLAGS, "--output", str(tmp_path / "r"),
                        "--knn-every", "0", "--lr", "1e30", "--epochs", "3"])
     assert rc == 2 and "training diverged" in err and "Traceback" not in err
     assert re.search(r"at epoch \d+, step \d+", err)
