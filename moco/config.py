@@ -128,7 +128,7 @@ class MocoConfig:
                 f"(batch {self.batch_size}{' x2 for --symmetric' if self.symmetric else ''}); "
                 "raise --moco-k or lower --batch-size"
             )
-        if self.shuffle_bn == "split" and self.batch_size % self.bn_splits:
+        if self.shuffle_bn in ("split", "none") and self.batch_size % self.bn_splits:
             raise ValueError(
                 f"--batch-size {self.batch_size} is not divisible by --bn-splits {self.bn_splits}; "
                 "SplitBatchNorm needs equal sub-batches"

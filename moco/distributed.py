@@ -238,11 +238,11 @@ def resolve_for_world(cfg: MocoConfig, ctx: DistContext, device: torch.device) -
     check_same_settings(ctx, cfg.to_dict())
     mode = resolve_shuffle_bn(cfg.shuffle_bn, ctx.world_size)
     local = per_rank_batch(cfg.batch_size, ctx.world_size)
-    if mode == "split" and local % cfg.bn_splits:
+    if mode in ("split", "none") and local % cfg.bn_splits:
         where = f"the per-process batch {local} (-b {cfg.batch_size} / {ctx.world_size})" \
             if ctx.enabled else f"--batch-size {cfg.batch_size}"
         raise DistributedError(
-            f"--shuffle-bn split: {where} is not divisible by --bn-splits {cfg.bn_splits}; "
+            f"--shuffle-bn {mode}: {where} is not divisible by --bn-splits {cfg.bn_splits}; "
             "SplitBatchNorm needs equal sub-batches")
     if mode == "syncbn" and device.type != "cuda":
         raise DistributedError("--shuffle-bn syncbn: PyTorch's SyncBatchNorm runs on GPUs only; "

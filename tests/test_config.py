@@ -218,9 +218,15 @@ def test_valid_edge_values() -> None:
                             "shuffle_bn": "split"}).validate()  # K == N
     build_config(overrides={"moco_k": 12, "batch_size": 8, "bn_splits": 2,
                             "shuffle_bn": "split"}).validate()  # N does not divide K: fine
-    # Not divisible by bn-splits is fine without SplitBatchNorm.
-    build_config(overrides={"batch_size": 10, "bn_splits": 4, "shuffle_bn": "none",
+    # Not divisible by bn-splits is fine without SplitBatchNorm (--bn-splits 1 or syncbn)...
+    build_config(overrides={"batch_size": 10, "bn_splits": 1, "shuffle_bn": "none",
                             "moco_k": 64}).validate()
+    build_config(overrides={"batch_size": 10, "bn_splits": 4, "shuffle_bn": "syncbn",
+                            "moco_k": 64}).validate()
+    # ... but --shuffle-bn none keeps the sub-batches, so they must be equal.
+    with pytest.raises(ValueError, match="not divisible by --bn-splits 4"):
+        build_config(overrides={"batch_size": 10, "bn_splits": 4, "shuffle_bn": "none",
+                                "moco_k": 64}).validate()
 
 
 def test_cli_reports_invalid_value_with_exit_code_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -236,10 +236,12 @@ def test_bn_splits_converts_every_bn() -> None:
     assert all(isinstance(m, SplitBatchNorm) and m.num_splits == 4 for m in bns)
 
 
-@pytest.mark.parametrize(("shuffle_bn", "split"), [("split", True), ("none", False)])
-def test_build_model_bn_in_both_encoders(shuffle_bn: str, split: bool) -> None:
+@pytest.mark.parametrize(("shuffle_bn", "bn_splits", "split"),
+                         [("split", 2, True), ("none", 2, True), ("none", 1, False), ("syncbn", 2, False)])
+def test_build_model_bn_in_both_encoders(shuffle_bn: str, bn_splits: int, split: bool) -> None:
+    """SplitBatchNorm with or without the key shuffle (none: the per-GPU-BN ablation)."""
     cfg = MocoConfig(arch="resnet18", cifar_stem=True, moco_dim=16, moco_k=32, batch_size=8,
-                     bn_splits=2, shuffle_bn=shuffle_bn, channels_last=False, mlp=True)
+                     bn_splits=bn_splits, shuffle_bn=shuffle_bn, channels_last=False, mlp=True)
     model = build_model(cfg, torch.device("cpu"))
     for enc in (model.encoder_q, model.encoder_k):
         bns = [m for m in enc.modules() if isinstance(m, nn.BatchNorm2d)]

@@ -187,7 +187,7 @@ def test_resume_exact_with_plain_bn_mlp_symmetric_v2_cosine_and_workers(
     """Other state: plain BN (num_batches_tracked), MLP head, symmetric loss (two key sets per
     step), aug+ (blur), cosine lr; resumed with a DataLoader worker where the reference had
     none (augmentations are seeded per sample, not per worker)."""
-    flags = ["--shuffle-bn", "none", "--mlp", "--symmetric", "--aug", "v2", "--cos",
+    flags = ["--shuffle-bn", "none", "--bn-splits", "1", "--mlp", "--symmetric", "--aug", "v2", "--cos",
              "--moco-k", "48", "--knn-every", "0", *loader_flags(tmp_path, "pil")]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     train(make_cfg(tiny_data, ref_dir, *flags))

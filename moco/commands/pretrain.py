@@ -67,7 +67,8 @@ def add_parser(sub: Any) -> None:
     m.add_argument("--shuffle-bn", choices=SHUFFLE_BN, help="shuffling BN: ddp = key images "
                    "shuffled across processes, each process's BN on its slice (the original; needs "
                    "torchrun); split = SplitBatchNorm + key-batch shuffle within each process; none = "
-                   "plain BN, no shuffle (ablation); syncbn = SyncBatchNorm over the global batch, no "
+                   "no shuffle, BN over the same --bn-splits sub-batches (per-GPU BN without the "
+                   "shuffle: the paper's ablation; --bn-splits 1 for plain BN); syncbn = SyncBatchNorm over the global batch, no "
                    "shuffle (comparison; GPUs only); auto = ddp under torchrun, split on one process "
                    f"(default {D.shuffle_bn})")
     m.add_argument("--bn-splits", type=int, help=f"sub-batches of SplitBatchNorm (default {D.bn_splits})")
