@@ -19,6 +19,8 @@ CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 AUGMENTATIONS = ("v1", "v2", "cifar-demo")
 SHUFFLE_BN = ("auto", "split", "none", "ddp", "syncbn")
+# Modes that normalise with SplitBatchNorm over --bn-splits sub-batches (with / without the shuffle).
+SPLIT_BN_MODES = ("split", "none")
 LR_SCALES = ("none", "linear")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 KNN_FEATURES = ("backbone", "head")
@@ -128,7 +130,7 @@ class MocoConfig:
                 f"(batch {self.batch_size}{' x2 for --symmetric' if self.symmetric else ''}); "
                 "raise --moco-k or lower --batch-size"
             )
-        if self.shuffle_bn in ("split", "none") and self.batch_size % self.bn_splits:
+        if self.shuffle_bn in SPLIT_BN_MODES and self.batch_size % self.bn_splits:
             raise ValueError(
                 f"--batch-size {self.batch_size} is not divisible by --bn-splits {self.bn_splits}; "
                 "SplitBatchNorm needs equal sub-batches"

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from moco.config import MocoConfig
+from moco.config import SPLIT_BN_MODES, MocoConfig
 from moco.shuffle_bn import KeyShuffle, LocalShuffle, NoShuffle
 
 T = TypeVar("T")
@@ -238,7 +238,7 @@ def resolve_for_world(cfg: MocoConfig, ctx: DistContext, device: torch.device) -
     check_same_settings(ctx, cfg.to_dict())
     mode = resolve_shuffle_bn(cfg.shuffle_bn, ctx.world_size)
     local = per_rank_batch(cfg.batch_size, ctx.world_size)
-    if mode in ("split", "none") and local % cfg.bn_splits:
+    if mode in SPLIT_BN_MODES and local % cfg.bn_splits:
         where = f"the per-process batch {local} (-b {cfg.batch_size} / {ctx.world_size})" \
             if ctx.enabled else f"--batch-size {cfg.batch_size}"
         raise DistributedError(

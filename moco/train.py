@@ -36,7 +36,7 @@ from moco.checkpoint import (
     remove_stale_temporaries,
     to_original_layout,
 )
-from moco.config import MocoConfig, save_yaml
+from moco.config import SPLIT_BN_MODES, MocoConfig, save_yaml
 from moco.data import DataError, ImageSource, class_balanced_subset, find_dataset
 from moco.distributed import (
     DistContext,
@@ -99,7 +99,7 @@ def build_model(cfg: MocoConfig, device: torch.device, num_samples: int | None =
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         encoder = build_encoder(cfg.arch, cfg.moco_dim, mlp=cfg.mlp, cifar_stem=cfg.cifar_stem,
-                                bn_splits=cfg.bn_splits if cfg.shuffle_bn in ("split", "none", "auto") else 1)
+                                bn_splits=cfg.bn_splits if cfg.shuffle_bn in (*SPLIT_BN_MODES, "auto") else 1)
     model: Mechanism
     if cfg.mechanism == "moco":
         model = MoCo(encoder, dim=cfg.moco_dim, k=cfg.moco_k, m=cfg.moco_m, t=cfg.moco_t,
