@@ -860,7 +860,7 @@ def write_report(spec: AblationSpec, output: Path, *,
                    output / "knn.png", baseline=True):
         plots.append(("kNN top-1 per epoch", "knn.png"))
     if plot_curves(summaries, "acc1", "pretext acc@1 (%)",
-                   "pretext accuracy per epoch (near 100%: the shuffling-BN 'cheating' signature)",
+                   "pretext accuracy per epoch (near 100%: BN 'cheating')",
                    output / "pretext.png"):
         plots.append(("pretext accuracy per epoch", "pretext.png"))
     if plot_curves(summaries, "loss", "InfoNCE loss (epoch mean)", "loss per epoch",
