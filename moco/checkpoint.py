@@ -8,11 +8,12 @@ own ``moco`` entry with what an exact resume needs (step, config, RNG states, hi
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import torch
 
@@ -71,7 +72,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 -> a normal file's mode
-            torch.save(obj, f)
+            torch_save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -79,6 +80,38 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def torch_save(obj: Any, f: BinaryIO) -> None:
+    """``torch.save(obj, f)`` that raises the ``OSError`` of a failed write (``ENOSPC`` for a
+    full disk) instead of torch's RuntimeError "unexpected pos"."""
+    writer = _FailedWriteKeeper(f)
+    try:
+        torch.save(obj, cast(BinaryIO, writer))  # write() is all torch.save uses
+    except RuntimeError as e:
+        if writer.error is None:
+            raise
+        raise writer.error from e
+
+
+class _FailedWriteKeeper(io.RawIOBase):
+    """Forwards writes to ``file`` and keeps the ``OSError`` of a failed one (disk full, quota,
+    I/O error), which ``torch.save`` would report only as a RuntimeError "unexpected pos"."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        super().__init__()
+        self.file = file
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        try:
+            return self.file.write(b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
 
 
 def _fsync_dir(folder: Path) -> None:

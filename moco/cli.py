@@ -38,6 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, ValueError, CheckpointError, DataError, RunError, FileNotFoundError) as e:
         print(f"moco {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions, a folder removed under a run
+        print(f"moco {args.command}: error: {e}; free space or fix the folder, then run the "
+              "command again", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"moco {args.command}: interrupted", file=sys.stderr)
         return 130

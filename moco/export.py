@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from moco.checkpoint import CheckpointError
+from moco.checkpoint import CheckpointError, torch_save
 from moco.pretrained import (
     EncoderWeights,
     PretrainedInfo,
@@ -148,7 +148,7 @@ def export_checkpoint(ckpt_path: str | Path, fmt: str, out: str | Path,
     if fmt == "torchvision":
         warnings += _stem_warning(info, f"torchvision.models.{info.arch}()")
         state = {k: v.detach().clone() for k, v in backbone.items()}
-        atomic_write(dst, lambda f: torch.save(state, f))
+        atomic_write(dst, lambda f: torch_save(state, f))
         n = len(state)
     elif fmt == "detectron2":
         warnings += _stem_warning(info, "detectron2 ResNet")
@@ -161,7 +161,7 @@ def export_checkpoint(ckpt_path: str | Path, fmt: str, out: str | Path,
         atomic_write(dst, lambda f: pickle.dump(obj, f))
         n = len(obj["model"])
     else:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tensors = {k: v.detach().contiguous().clone() for k, v in backbone.items()}
         metadata = {
@@ -172,7 +172,7 @@ def export_checkpoint(ckpt_path: str | Path, fmt: str, out: str | Path,
             "source": src.name, "source_layout": info.layout,
             "epoch": "" if info.epoch is None else str(info.epoch),
         }
-        with atomic_path(dst) as tmp:
-            save_file(tensors, tmp, metadata=metadata)
+        data = save(tensors, metadata=metadata)
+        atomic_write(dst, lambda f: f.write(data))  # a Python write: a full disk is an OSError
         n = len(tensors)
     return ExportResult(dst, fmt, n, info, warnings)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -57,6 +59,22 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def fill_disk_after(f: Any, nbytes: int, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Make the writes of the open file ``f`` fail with ENOSPC once ``nbytes`` are written, as
+    on a disk that fills up mid-write; returns ``f``."""
+    left = {"n": nbytes}
+    real_write = f.write
+
+    def write(b: Any) -> int:
+        if len(b) > left["n"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        left["n"] -= len(b)
+        return int(real_write(b))
+
+    monkeypatch.setattr(f, "write", write, raising=False)
+    return f
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:

@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import fill_disk_after
 from original_layout import save_original_checkpoint
 from PIL import Image
 from safetensors import safe_open
 
+import moco.export as export_mod
 from moco.augment import eval_transform
 from moco.cli import main
 from moco.data import open_rgb
@@ -70,6 +72,21 @@ def test_embed_safetensors_head_normalized(ckpt: Path, images: Path, tmp_path: P
     assert emb.shape == (4, 128)
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(4))
     assert json.loads(meta["files"]) == EXPECTED and meta["features"] == "head"
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
+def test_embed_on_a_full_disk_is_a_clear_error(ckpt: Path, images: Path, tmp_path: Path,
+                                               suffix: str, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    real_open = open
+    monkeypatch.setattr(export_mod, "open", lambda *a, **k: fill_disk_after(
+        real_open(*a, **k), 64, monkeypatch), raising=False)
+    out = tmp_path / "out" / f"emb{suffix}"
+    out.parent.mkdir()
+    assert main(["embed", str(images), "--pretrained", str(ckpt), "--out", str(out), *FLAGS]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert list(out.parent.iterdir()) == []
 
 
 def test_embed_bad_images(ckpt: Path, images: Path, tmp_path: Path,

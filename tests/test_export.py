@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import fill_disk_after
 from original_layout import (
     demo_state_dict,
     original_convert_to_detectron2,
@@ -21,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+import moco.export as export_mod
 from moco.backbones import build_backbone
 from moco.checkpoint import load_checkpoint
 from moco.cli import main
@@ -171,6 +173,20 @@ def test_export_errors(v2: tuple[Path, nn.Module], tmp_path: Path,
                  str(tmp_path / "z.safetensors")]) == 2
     assert "truncated" in capsys.readouterr().err
     assert not (tmp_path / "z.safetensors").exists()
+
+
+@pytest.mark.parametrize("fmt", ["torchvision", "detectron2", "safetensors"])
+def test_a_full_disk_is_a_clear_error_and_leaves_no_file(
+        v2: tuple[Path, nn.Module], tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    real_open = open
+    monkeypatch.setattr(export_mod, "open", lambda *a, **k: fill_disk_after(
+        real_open(*a, **k), 4096, monkeypatch), raising=False)
+    out = tmp_path / f"out.{fmt}"
+    assert main(["export", str(v2[0]), "-f", fmt, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "free space" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_our_checkpoint_exports_like_the_original_script(tiny_data: Path, tmp_path: Path) -> None:

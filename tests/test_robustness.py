@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_FLAGS, run_cli
+from conftest import TINY_FLAGS, fill_disk_after, run_cli
 
 import moco.checkpoint as ckpt_mod
 import moco.train as train_mod
@@ -147,6 +148,23 @@ def test_failed_save_keeps_the_previous_file_and_leaves_no_partial_file(
         atomic_save({"epoch": 1}, tmp_path / "checkpoint_0001.pth.tar")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_0000.pth.tar"]
     assert load_checkpoint(path)["epoch"] == 1
+
+
+def test_a_full_disk_mid_save_is_an_oserror_naming_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real torch.save whose file writes fail part-way (the disk fills up): torch reports only
+    "unexpected pos"; atomic_save raises the write's own OSError and removes the partial file."""
+    path = tmp_path / "checkpoint_0000.pth.tar"
+    real_fdopen = os.fdopen
+
+    def filling_fdopen(fd: int, mode: str) -> Any:
+        return fill_disk_after(real_fdopen(fd, mode), 4096, monkeypatch)
+
+    monkeypatch.setattr(ckpt_mod.os, "fdopen", filling_fdopen)
+    with pytest.raises(OSError, match="No space left on device") as info:
+        atomic_save({"w": torch.ones(100_000)}, path)
+    assert info.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
 
 
 def _umask() -> int:
