@@ -578,6 +578,16 @@ class Pretrainer:
             stop.signal = agreed
         return agreed is not None
 
+    def _dictionary(self) -> str:
+        """The negatives of each query, as the mechanism draws them (MoCo v1 Figure 2)."""
+        cfg = self.cfg
+        if cfg.mechanism == "end-to-end":
+            return f"dictionary = the batch's other {cfg.batch_size - 1} keys"
+        if cfg.mechanism == "memory-bank":
+            return (f"K {cfg.moco_k} sampled from a bank of {len(self.train_source)}, bank "
+                    f"momentum {cfg.bank_momentum}")
+        return f"K {cfg.moco_k}, m {cfg.moco_m}"
+
     def describe(self) -> str:
         cfg = self.cfg
         prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
@@ -587,7 +597,7 @@ class Pretrainer:
               if cfg.lr_scale == "linear" else f"lr {cfg.lr:g}")
         return (f"{'MoCo' if cfg.mechanism == 'moco' else cfg.mechanism} pretraining: {cfg.arch}{' (CIFAR stem)' if cfg.cifar_stem else ''}, "
                 f"{len(self.train_source)} images from {cfg.data}, {cfg.image_size} px, batch "
-                f"{cfg.batch_size}{procs}, {lr}, K {cfg.moco_k}, m {cfg.moco_m}, T {cfg.moco_t}, "
+                f"{cfg.batch_size}{procs}, {lr}, {self._dictionary()}, T {cfg.moco_t}, "
                 f"{'MLP' if cfg.mlp else 'linear'} head, aug {cfg.aug}, shuffle-BN {self.shuffle_bn}"
                 f"{f' ({cfg.bn_splits} splits)' if self.shuffle_bn == 'split' else ''}, device "
                 f"{self.device}, {prec}, {self.workers} workers -> {self.run_dir}")

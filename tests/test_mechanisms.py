@@ -276,8 +276,13 @@ def _make_cfg(data: Path, out: Path, *extra: str) -> MocoConfig:
 def test_mechanism_trains_checkpoints_and_resumes_exactly(
         tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mechanism: str) -> None:
     flags = ("--mechanism", mechanism, "--knn-every", "0")
-    full = Pretrainer(_make_cfg(tiny_data, tmp_path / "full", *flags), log=lambda _m: None,
+    logged: list[str] = []
+    full = Pretrainer(_make_cfg(tiny_data, tmp_path / "full", *flags), log=logged.append,
                       progress=False).run()
+    banner = next(m for m in logged if "pretraining:" in m)
+    assert banner.startswith(f"{mechanism} pretraining:") and ", K 32, m " not in banner
+    assert {"end-to-end": "dictionary = the batch's other 7 keys",
+            "memory-bank": "K 32 sampled from a bank of 32, bank momentum 0.5"}[mechanism] in banner
     assert len(full.history) == 2 and all(math.isfinite(h["loss"]) for h in full.history)
     assert {"loss", "acc1", "images_per_s"} <= set(full.history[-1])
 
