@@ -94,7 +94,7 @@ def embed_images(images: str | Path, pretrained: str | Path, out: str | Path, *,
     from tqdm import tqdm
 
     from moco.augment import eval_transform
-    from moco.export import atomic_write
+    from moco.export import atomic_write, write_safetensors
     from moco.pretrained import default_workers, extract_into, load_encoder, resolve_device
 
     out_p = Path(out)
@@ -133,11 +133,8 @@ def embed_images(images: str | Path, pretrained: str | Path, out: str | Path, *,
         text = json.dumps({**meta, "files": names, "skipped": skipped}, indent=1) + "\n"
         atomic_write(sidecar, lambda f: f.write(text.encode()))
     else:
-        from safetensors.torch import save
-
         metadata = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()}
         metadata["files"] = json.dumps(names)
         metadata["skipped"] = json.dumps(skipped)
-        data = save({"embeddings": emb.contiguous()}, metadata=metadata)
-        atomic_write(out_p, lambda f: f.write(data))  # a Python write: a full disk is an OSError
+        write_safetensors(out_p, {"embeddings": emb.contiguous()}, metadata)
     return EmbedResult(out_p, names, (int(emb.shape[0]), int(emb.shape[1])), skipped, sidecar)

@@ -78,6 +78,21 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         os.fsync(f.fileno())
 
 
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` through :func:`atomic_path` (it streams: no second copy
+    of the tensors in memory). Its write errors (a full disk: "I/O error: No space left on
+    device (os error 28)") come as ``SafetensorError``; they are raised as ``OSError``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as e:
+            raise OSError(f"cannot write {path}: {e}") from None
+
+
 def detectron2_name(key: str) -> str | None:
     """One key of the checkpoint -> its detectron2 name, or None when it is dropped.
 
@@ -161,8 +176,6 @@ def export_checkpoint(ckpt_path: str | Path, fmt: str, out: str | Path,
         atomic_write(dst, lambda f: pickle.dump(obj, f))
         n = len(obj["model"])
     else:
-        from safetensors.torch import save
-
         tensors = {k: v.detach().contiguous().clone() for k, v in backbone.items()}
         metadata = {
             "format": SAFETENSORS_FORMAT, "arch": info.arch,
@@ -172,7 +185,6 @@ def export_checkpoint(ckpt_path: str | Path, fmt: str, out: str | Path,
             "source": src.name, "source_layout": info.layout,
             "epoch": "" if info.epoch is None else str(info.epoch),
         }
-        data = save(tensors, metadata=metadata)
-        atomic_write(dst, lambda f: f.write(data))  # a Python write: a full disk is an OSError
+        write_safetensors(dst, tensors, metadata)
         n = len(tensors)
     return ExportResult(dst, fmt, n, info, warnings)

@@ -77,6 +77,20 @@ def fill_disk_after(f: Any, nbytes: int, monkeypatch: pytest.MonkeyPatch) -> Any
     return f
 
 
+def full_disk_for_safetensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``safetensors.torch.save_file`` fail as it does on a full disk (measured on a 1 MB
+    tmpfs: SafetensorError, no file left): it writes from Rust, past ``fill_disk_after``."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def save_file(tensors: Any, filename: str, metadata: Any = None) -> None:
+        Path(filename).write_bytes(b"")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
     """``moco ARGV`` in this process: (exit status, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()

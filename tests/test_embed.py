@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import fill_disk_after
+from conftest import fill_disk_after, full_disk_for_safetensors
 from original_layout import save_original_checkpoint
 from PIL import Image
 from safetensors import safe_open
@@ -81,6 +81,7 @@ def test_embed_on_a_full_disk_is_a_clear_error(ckpt: Path, images: Path, tmp_pat
     real_open = open
     monkeypatch.setattr(export_mod, "open", lambda *a, **k: fill_disk_after(
         real_open(*a, **k), 64, monkeypatch), raising=False)
+    full_disk_for_safetensors(monkeypatch)
     out = tmp_path / "out" / f"emb{suffix}"
     out.parent.mkdir()
     assert main(["embed", str(images), "--pretrained", str(ckpt), "--out", str(out), *FLAGS]) == 2

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import fill_disk_after
+from conftest import fill_disk_after, full_disk_for_safetensors
 from original_layout import (
     demo_state_dict,
     original_convert_to_detectron2,
@@ -182,6 +182,7 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_file(
     real_open = open
     monkeypatch.setattr(export_mod, "open", lambda *a, **k: fill_disk_after(
         real_open(*a, **k), 4096, monkeypatch), raising=False)
+    full_disk_for_safetensors(monkeypatch)
     out = tmp_path / f"out.{fmt}"
     assert main(["export", str(v2[0]), "-f", fmt, "-o", str(out)]) == 2
     err = capsys.readouterr().err
