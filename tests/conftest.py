@@ -77,11 +77,20 @@ def fill_disk_after(f: Any, nbytes: int, monkeypatch: pytest.MonkeyPatch) -> Any
     return f
 
 
-def full_disk_for_safetensors(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make ``safetensors.torch.save_file`` fail as it does on a full disk (measured on a 1 MB
-    tmpfs: SafetensorError, no file left): it writes from Rust, past ``fill_disk_after``."""
+def full_disk_for_exports(monkeypatch: pytest.MonkeyPatch, after_bytes: int) -> None:
+    """A full disk for ``moco.export``'s writers: its files fail after ``after_bytes``
+    (``fill_disk_after``), and ``safetensors.torch.save_file``, which writes from Rust, fails as
+    it does on a full disk (measured on a 1 MB tmpfs: SafetensorError, no file left)."""
+    import builtins
+
     import safetensors.torch
     from safetensors import SafetensorError
+
+    import moco.export as export_mod
+
+    real_open = builtins.open
+    monkeypatch.setattr(export_mod, "open", lambda *a, **k: fill_disk_after(
+        real_open(*a, **k), after_bytes, monkeypatch), raising=False)
 
     def save_file(tensors: Any, filename: str, metadata: Any = None) -> None:
         Path(filename).write_bytes(b"")

@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import fill_disk_after, full_disk_for_safetensors
+from conftest import full_disk_for_exports
 from original_layout import save_original_checkpoint
 from PIL import Image
 from safetensors import safe_open
 
-import moco.export as export_mod
 from moco.augment import eval_transform
 from moco.cli import main
 from moco.data import open_rgb
@@ -78,10 +77,7 @@ def test_embed_safetensors_head_normalized(ckpt: Path, images: Path, tmp_path: P
 def test_embed_on_a_full_disk_is_a_clear_error(ckpt: Path, images: Path, tmp_path: Path,
                                                suffix: str, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture) -> None:
-    real_open = open
-    monkeypatch.setattr(export_mod, "open", lambda *a, **k: fill_disk_after(
-        real_open(*a, **k), 64, monkeypatch), raising=False)
-    full_disk_for_safetensors(monkeypatch)
+    full_disk_for_exports(monkeypatch, 64)
     out = tmp_path / "out" / f"emb{suffix}"
     out.parent.mkdir()
     assert main(["embed", str(images), "--pretrained", str(ckpt), "--out", str(out), *FLAGS]) == 2

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import fill_disk_after, full_disk_for_safetensors
+from conftest import full_disk_for_exports
 from original_layout import (
     demo_state_dict,
     original_convert_to_detectron2,
@@ -22,7 +22,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-import moco.export as export_mod
 from moco.backbones import build_backbone
 from moco.checkpoint import load_checkpoint
 from moco.cli import main
@@ -179,10 +178,7 @@ def test_export_errors(v2: tuple[Path, nn.Module], tmp_path: Path,
 def test_a_full_disk_is_a_clear_error_and_leaves_no_file(
         v2: tuple[Path, nn.Module], tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture) -> None:
-    real_open = open
-    monkeypatch.setattr(export_mod, "open", lambda *a, **k: fill_disk_after(
-        real_open(*a, **k), 4096, monkeypatch), raising=False)
-    full_disk_for_safetensors(monkeypatch)
+    full_disk_for_exports(monkeypatch, 4096)
     out = tmp_path / f"out.{fmt}"
     assert main(["export", str(v2[0]), "-f", fmt, "-o", str(out)]) == 2
     err = capsys.readouterr().err
