@@ -1,5 +1,5 @@
-"""``moco ablate``: grid files, resumable run-by-run training, the results table and plots,
-and the cost-per-step measurement (MoCo v2 Table 3 analogue)."""
+"""``moco ablate``: resumable run-by-run training of a grid, failures kept, and the cost
+measurement (``--cost-only``) cached."""
 
 from __future__ import annotations
 
@@ -13,24 +13,11 @@ import pytest
 import yaml
 
 import moco.train as train_mod
-from moco.ablate import (
-    AblationError,
-    RunSpec,
-    ablate,
-    load_spec,
-    measure_step_cost,
-    parse_spec,
-    run_config,
-    run_grid,
-    run_status,
-    write_report,
-)
+from moco.ablate import ablate, run_grid
+from moco.ablation_grid import AblationError, RunSpec, load_spec, parse_spec, run_status
 from moco.cli import main
 from moco.config import MocoConfig
 from moco.train import RunError
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,99 +38,6 @@ def write_grid(path: Path, data: Path, **extra: Any) -> Path:
 
 def quiet(_msg: str) -> None:
     pass
-
-
-# ----- grid files -----------------------------------------------------------------------------
-
-def test_parse_grid_product_runs_and_sweep() -> None:
-    spec = parse_spec({
-        "base": {"preset": "cifar10", "epochs": 3, "train-subset": 100},
-        "grid": {"moco_t": [0.07, 0.2], "mlp": [False, True]},
-        "runs": [{"name": "extra", "moco-k": 256}],
-    }, name="t")
-    assert [r.name for r in spec.runs] == ["moco_t=0.07_mlp=false", "moco_t=0.07_mlp=true",
-                                           "moco_t=0.2_mlp=false", "moco_t=0.2_mlp=true", "extra"]
-    assert spec.runs[-1].settings == {"moco_k": 256}
-    assert spec.sweep == ["moco_t", "mlp"] and spec.preset == "cifar10"
-    cfg = run_config(spec, spec.runs[1], Path("/tmp/x/r"), {"epochs": 1})
-    # preset <- base <- run <- overrides; the runner sets the folder.
-    assert (cfg.arch, cfg.moco_t, cfg.mlp, cfg.train_subset, cfg.epochs) == ("resnet18", 0.07, True, 100, 1)
-    assert cfg.output == "/tmp/x/r" and cfg.resume == ""
-
-
-@pytest.mark.parametrize("raw, match", [
-    ({"base": {}, "grid": {}}, "no runs"),
-    ({"grid": {"moco_mm": [1]}}, "unknown setting"),
-    ({"base": {"output": "x"}, "grid": {"moco_m": [0.9]}}, "set by the runner"),
-    ({"grid": {"moco_m": 0.9}}, "non-empty list"),
-    ({"runs": [{"name": "a"}, {"name": "a", "mlp": True}]}, "unique"),
-    ({"runs": [{"name": "a"}], "colour": 1}, "top-level"),
-    ({"runs": [{"name": "a"}], "cost": {"batch": [1]}}, "cost"),
-])
-def test_bad_grid_files_say_what_is_wrong(raw: dict[str, Any], match: str) -> None:
-    with pytest.raises(AblationError, match=match):
-        parse_spec(raw)
-
-
-def test_ready_made_grids_parse_and_validate() -> None:
-    files = sorted((ROOT / "configs/ablations").glob("*.yaml"))
-    assert len(files) >= 6
-    for f in files:
-        spec = load_spec(f)
-        assert spec.expect and spec.budget, f"{f.name}: say what it must show and how long it takes"
-        for r in spec.runs:
-            run_config(spec, r, Path("/tmp/unused") / r.name).validate()
-
-
-# ----- report from run folders (no training) ---------------------------------------------------
-
-def _fake_run(run_dir: Path, epochs: int, knn: list[float | None], acc: list[float]) -> None:
-    run_dir.mkdir(parents=True)
-    with (run_dir / "metrics.jsonl").open("w") as f:
-        for e in range(epochs):
-            f.write(json.dumps({"epoch": e + 1, "loss": 5.0 - e, "acc1": acc[e], "knn_top1": knn[e],
-                                "images_per_s": 100.0, "seconds": 10.0,
-                                "knn_random_init": 30.0}) + "\n")
-    (run_dir / "checkpoint_0000.pth.tar").write_bytes(b"")
-
-
-def test_report_table_and_plots_from_metrics(tmp_path: Path) -> None:
-    spec = parse_spec({"base": {"epochs": 2, "data": str(tmp_path)},
-                       "grid": {"moco_t": [0.1, 0.2], "mlp": [False, True]}}, name="g")
-    out = tmp_path / "out"
-    _fake_run(out / "moco_t=0.1_mlp=false", 2, [31.0, 35.5], [50.0, 99.9])
-    _fake_run(out / "moco_t=0.1_mlp=true", 1, [33.0], [40.0])  # partial: 1 of 2 epochs
-    _fake_run(out / "moco_t=0.2_mlp=false", 2, [None, 40.25], [20.0, 30.0])
-    (out / "moco_t=0.2_mlp=false" / "FAILED.txt").write_text("the loss became nan at epoch 2\n")
-    report = write_report(spec, out)
-    text = report.read_text()
-    assert "| moco_t=0.1_mlp=false | moco_t=0.1, mlp=false | done | 4.000 | 99.9 / 99.9 | 35.50 / 35.50 |" in text
-    assert "partial (1/2 ep)" in text and "failed: the loss became nan" in text
-    assert "| moco_t=0.2_mlp=true |" in text  # never started: listed with no numbers
-    for png in ("knn.png", "pretext.png", "loss.png", "sweep.png"):
-        assert (out / png).stat().st_size > 1000, png
-    assert "random init" in text or "randomly initialised" in text
-    data = json.loads((out / "results.json").read_text())
-    assert data["runs"][0]["final_knn_top1"] == 35.5 and data["runs"][2]["status"] == "failed"
-
-
-# ----- cost per step ----------------------------------------------------------------------------
-
-@pytest.mark.parametrize("mechanism", ["moco", "end-to-end", "memory-bank"])
-def test_measure_step_cost_in_process(mechanism: str) -> None:
-    cfg = MocoConfig(arch="resnet18", image_size=32, batch_size=4, moco_k=16, bn_splits=2,
-                     moco_dim=16, mechanism=mechanism, device="cpu", channels_last=False)
-    r = measure_step_cost(cfg, num_samples=10, steps=1, warmup=0)
-    assert "error" not in r, r
-    assert r["time_per_step_s"] > 0 and r["peak_bytes"] > 0 and r["step_bytes"] >= 0
-    assert r["dictionary_size"] == (3 if mechanism == "end-to-end" else 16)
-
-
-def test_measure_step_cost_reports_errors_instead_of_raising() -> None:
-    cfg = MocoConfig(arch="resnet18", image_size=32, batch_size=3, bn_splits=2, moco_k=16,
-                     device="cpu", channels_last=False, shuffle_bn="split")
-    r = measure_step_cost(cfg, num_samples=10, steps=1, warmup=0)
-    assert "divisible" in r["error"]
 
 
 # ----- the runner, end to end --------------------------------------------------------------------
@@ -252,13 +146,3 @@ def test_cost_only_measures_without_training_and_caches(
     with pytest.raises(AblationError, match="cost"):
         ablate(parse_spec({"runs": [{"name": "a"}]}), out, cost_only=True)
 
-
-@pytest.mark.slow
-def test_isolated_cost_measurement_runs_in_a_fresh_process() -> None:
-    from moco.ablate import _measure_isolated
-
-    cfg = MocoConfig(arch="resnet18", image_size=32, batch_size=4, moco_k=16, bn_splits=2,
-                     moco_dim=16, mechanism="end-to-end", device="cpu", channels_last=False)
-    r = _measure_isolated(cfg, 10, steps=1, warmup=1)
-    assert "error" not in r, r
-    assert r["step_bytes"] >= 0 and r["peak_bytes"] > r["step_bytes"] and r["dictionary_size"] == 3

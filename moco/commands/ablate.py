@@ -1,5 +1,6 @@
 """``moco ablate GRID.yaml``: train a grid of pretraining runs that differ in one or two
-settings, then write results.md (table) and PNG plots (see ``moco/ablate.py``)."""
+settings, then write results.md (table) and PNG plots (``moco/ablate.py``; the grid file
+format: ``moco/ablation_grid.py``)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moco.ablate import _fmt_value, ablate, default_output, load_spec, run_config, run_status
+    from moco.ablate import ablate
+    from moco.ablation_grid import default_output, fmt_value, load_spec, run_config, run_status
 
     spec = load_spec(args.grid)
     overrides = dict(args.settings)
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         for r in spec.runs:
             cfg = run_config(spec, r, output / r.name, overrides)
-            settings = ", ".join(f"{k}={_fmt_value(v)}" for k, v in r.settings.items())
+            settings = ", ".join(f"{k}={fmt_value(v)}" for k, v in r.settings.items())
             print(f"{r.name:32s} {run_status(output / r.name, cfg.epochs):8s} {settings}")
         if spec.cost is not None:
             print(f"cost: {spec.cost.mechanisms} x batch {spec.cost.batch_sizes}, "
