@@ -228,21 +228,12 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def machine() -> str:
-    import platform
-
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    from moco.machine import describe_machine
+
     load = f", load {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-    return f"{cpu}, {os.cpu_count()} cores{gpu}{load}; torch {torch.__version__}"
+    return f"{describe_machine('cuda' if torch.cuda.is_available() else 'cpu')}{load}; torch {torch.__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,11 @@ class RunSummary:
     def train_seconds(self) -> float:
         return float(sum(float(h.get("seconds") or 0.0) for h in self.history))
 
+    @property
+    def machines(self) -> list[str]:
+        """The machines the epochs were trained on (several if the run was resumed elsewhere)."""
+        return list(dict.fromkeys(str(h["machine"]) for h in self.history if h.get("machine")))
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "settings": self.settings, "status": self.status,
                 "epochs_done": len(self.history), "epochs": self.epochs,
@@ -71,7 +76,7 @@ class RunSummary:
                 "max_acc1": self.max_acc1, "final_knn_top1": self.final_knn,
                 "best_knn_top1": self.best_knn, "knn_random_init": self.knn_random_init,
                 "images_per_s": self.images_per_s, "train_seconds": self.train_seconds,
-                "message": self.message}
+                "machines": self.machines, "message": self.message}
 
 
 def collect(spec: AblationSpec, output: Path,
@@ -109,8 +114,8 @@ def _mb(v: Any) -> str:
 def results_table(summaries: list[RunSummary]) -> str:
     """The markdown table of results.md."""
     head = ("| run | settings | status | final loss | pretext acc@1 (final / max) | kNN top-1 "
-            "(final / best) | img/s | train time |")
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+            "(final / best) | img/s | train time | machine |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         settings = ", ".join(f"{k}={fmt_value(v)}" for k, v in s.settings.items()) or "(base)"
         status = s.status if s.status != "partial" else f"partial ({len(s.history)}/{s.epochs} ep)"
@@ -120,7 +125,7 @@ def results_table(summaries: list[RunSummary]) -> str:
             f"| {s.name} | {settings} | {status} | {_f(s.last.get('loss'), '{:.3f}')} | "
             f"{_f(s.last.get('acc1'), '{:.1f}')} / {_f(s.max_acc1, '{:.1f}')} | "
             f"{_f(s.final_knn)} / {_f(s.best_knn)} | {_f(s.images_per_s, '{:.0f}')} | "
-            f"{_duration(s.train_seconds)} |")
+            f"{_duration(s.train_seconds)} | {'; '.join(s.machines) or '–'} |")
     return "\n".join(lines)
 
 

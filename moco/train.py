@@ -51,6 +51,7 @@ from moco.distributed import (
 from moco.knn import extract_features, knn_accuracy
 from moco.loader import Batch, TrainLoader, eval_batches, make_train_loader
 from moco.loss import top1_accuracy
+from moco.machine import describe_machine
 from moco.mechanisms import Mechanism, build_mechanism
 from moco.model import MoCo, build_encoder
 from moco.runlog import RunLog, read_metrics
@@ -531,6 +532,7 @@ class Pretrainer:
             "images_per_s": n * cfg.batch_size / max(train_seconds, 1e-9),
             "seconds": time.perf_counter() - t0 + seconds_before,
             "knn_random_init": s.knn_random_init,
+            "machine": describe_machine(self.device),
         }
         bad = getattr(self.train_loader, "bad_images", None)
         if bad is not None:  # distinct unreadable images replaced so far (--on-bad-image skip)

@@ -19,6 +19,7 @@ from PIL import Image
 
 from moco.cli import COMMANDS, build_parser, main
 from moco.config import build_config
+from moco.machine import describe_machine
 from moco.train import build_model
 
 
@@ -127,6 +128,7 @@ def test_metrics_jsonl(tiny_run: tuple[Path, Path, str]) -> None:
         assert rec["loss"] > 0 and 0 <= rec["acc1"] <= 100 and 0 <= rec["knn_top1"] <= 100
         assert rec["lr"] == pytest.approx(0.03)
         assert rec["images_per_s"] > 0 and rec["seconds"] > 0
+        assert rec["machine"] == describe_machine("cpu")  # the hardware behind the img/s
 
 
 @pytest.mark.slow
