@@ -357,8 +357,10 @@ def write_report(spec: AblationSpec, output: Path, *,
               "", "## Results", "",
               "kNN: weighted kNN (k, t as configured) of the test split against the full train "
               "split, on the encoder's features. Pretext acc@1: how often the positive wins among "
-              "1 + K (end-to-end: among the batch). img/s and train time: training steps only, "
-              "without kNN evaluation.", "", results_table(summaries), ""]
+              "1 + K (end-to-end: among the batch). img/s: training steps only; train time: the "
+              "epochs' wall time, their kNN evaluations included (not the random-init one). "
+              "machine: where the epochs ran (img/s and times depend on it).", "",
+              results_table(summaries), ""]
     inits = [s.knn_random_init for s in summaries if s.knn_random_init is not None]
     if inits:
         lines += [f"kNN top-1 of the randomly initialised network: {statistics.mean(inits):.2f}% "
