@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import pytest
 import yaml
 
 import moco.train as train_mod
-from moco.ablate import ablate, run_grid
+from moco.ablate import ablate, run_grid, run_grid_jobs
 from moco.ablation_grid import AblationError, RunSpec, load_spec, parse_spec, run_status
 from moco.cli import main
 from moco.config import MocoConfig
@@ -146,3 +148,81 @@ def test_cost_only_measures_without_training_and_caches(
     with pytest.raises(AblationError, match="cost"):
         ablate(parse_spec({"runs": [{"name": "a"}]}), out, cost_only=True)
 
+
+
+# ----- several runs at once (--jobs) -----------------------------------------------------------
+
+TIMING_KEYS = {"seconds", "images_per_s", "machine"}
+
+
+def _metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_jobs_train_runs_at_once_with_the_results_of_one_at_a_time(
+        tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as this process (one_thread): bit-exact
+    spec = load_spec(write_grid(tmp_path / "grid.yaml", tiny_data))
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert [o.status for o in run_grid(spec, one, progress=False, log=quiet)] == ["done", "done"]
+    logs: list[str] = []
+    outcomes = run_grid_jobs(spec, two, jobs=2, log=logs.append)
+    assert [(o.name, o.status) for o in outcomes] == [("moco_m=0.9", "done"), ("moco_m=0.99", "done")]
+    assert any("moco_m=0.99] training" in m for m in logs)  # the jobs' logs come through
+    for r in spec.runs:
+        assert _metrics(two / r.name) == _metrics(one / r.name), r.name
+    # At once: each run started before the other finished.
+    starts = [(two / r.name / "config.yaml").stat().st_mtime for r in spec.runs]
+    ends = [(two / r.name / "metrics.jsonl").stat().st_mtime for r in spec.runs]
+    assert max(starts) < min(ends)
+    # Finished runs are skipped, as one at a time.
+    logs.clear()
+    assert [o.status for o in run_grid_jobs(spec, two, jobs=2, log=logs.append)] == ["done", "done"]
+    assert sum("finished earlier: skipped" in m for m in logs) == 2
+
+
+@pytest.mark.slow
+def test_jobs_pass_a_signal_on_and_a_crashed_job_is_reported(
+        tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    grid = write_grid(tmp_path / "grid.yaml", tiny_data, runs=[{"name": "no-data", "data": str(
+        tmp_path / "missing")}])
+    spec = load_spec(grid)
+    out = tmp_path / "out"
+    overrides = {"epochs": 25, "knn_every": 0}  # 100 steps: long enough to be stopped mid-run
+
+    def stop_when_both_train() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if all(list((out / n).glob("tb/*")) for n in ("moco_m=0.9", "moco_m=0.99")):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=stop_when_both_train, daemon=True)
+    killer.start()
+    outcomes = run_grid_jobs(spec, out, jobs=2, overrides=overrides, log=quiet)
+    killer.join()
+    # Both running jobs checkpointed and stopped; the third was never started.
+    assert [o.status for o in outcomes] == ["stopped", "stopped", "stopped"]
+    assert all(run_status(out / n, 25) == "partial" for n in ("moco_m=0.9", "moco_m=0.99"))
+    assert all(list((out / n).glob("checkpoint_*.pth.tar")) for n in ("moco_m=0.9", "moco_m=0.99"))
+
+    logs: list[str] = []
+    outcomes = run_grid_jobs(spec, out, jobs=2, overrides=overrides, log=logs.append)
+    by_name = {o.name: o for o in outcomes}
+    assert by_name["moco_m=0.9"].status == by_name["moco_m=0.99"].status == "done"
+    assert sum("] resuming" in m for m in logs) == 2
+    # A job that dies of an error (here: no data) is reported with the reason, and is not
+    # marked as a diverged run (no FAILED.txt), so it trains once the data is there.
+    assert by_name["no-data"].status == "failed" and "missing" in by_name["no-data"].message
+    assert not (out / "no-data" / "FAILED.txt").exists()
+
+
+def test_jobs_must_be_positive(tiny_data: Path, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    grid = write_grid(tmp_path / "grid.yaml", tiny_data)
+    assert main(["ablate", str(grid), "--output", str(tmp_path / "out"), "--jobs", "0"]) == 2
+    assert "--jobs must be at least 1" in capsys.readouterr().err
