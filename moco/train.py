@@ -244,6 +244,7 @@ class Pretrainer:
         self.device = resolve_device(cfg.device)
         self.dist = dist if dist is not None else init_distributed(self.device, cfg.dist_timeout)
         self.device = self.dist.local_device(self.device)
+        self.machine = describe_machine(self.device)  # named in every epoch record
         # --shuffle-bn auto resolved (ddp under torchrun, split on one process) after checking
         # that -b (the global batch) splits evenly over the ranks and that every rank got the
         # same settings. self.cfg keeps the requested mode: N processes' runs resume on M.
@@ -532,7 +533,7 @@ class Pretrainer:
             "images_per_s": n * cfg.batch_size / max(train_seconds, 1e-9),
             "seconds": time.perf_counter() - t0 + seconds_before,
             "knn_random_init": s.knn_random_init,
-            "machine": describe_machine(self.device),
+            "machine": self.machine,
         }
         bad = getattr(self.train_loader, "bad_images", None)
         if bad is not None:  # distinct unreadable images replaced so far (--on-bad-image skip)
