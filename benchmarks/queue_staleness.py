@@ -10,6 +10,7 @@ shuffling BN, BN in training mode as in training) against
 
 Stale keys come from older encoders the queries have moved away from: if they are easier
 negatives, (a) shows a lower loss, a higher acc@1 and a lower mean cosine than (b).
+The measurement is moco.staleness (also logged per epoch by ``moco pretrain --staleness-every``).
 
     .venv/bin/python benchmarks/queue_staleness.py runs/ablations/v2_table1/v1/checkpoint_0009.pth.tar
 """
@@ -17,7 +18,6 @@ negatives, (a) shows a lower loss, a higher acc@1 and a lower mean cosine than (
 from __future__ import annotations
 
 import argparse
-import itertools
 from pathlib import Path
 
 import torch
@@ -26,10 +26,10 @@ from moco.checkpoint import from_original_layout, load_checkpoint
 from moco.config import build_config
 from moco.data import find_dataset
 from moco.loader import make_train_loader
-from moco.loss import info_nce, moco_logits, top1_accuracy
 from moco.model import MoCo
-from moco.shuffle_bn import LocalShuffle
-from moco.train import build_model
+from moco.shuffle_bn import LocalShuffle, NoShuffle
+from moco.staleness import measure_staleness
+from moco.train import build_model, resolve_precision
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,31 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(cfg, device)
     assert isinstance(model, MoCo), "a MoCo checkpoint (--mechanism moco)"
     model.load_state_dict(from_original_layout(load_checkpoint(ckpt_path)["state_dict"]))
-    model.train()
     loader = make_train_loader(cfg, find_dataset(cfg.data).train, device, workers=0)
-    shuffle = LocalShuffle(torch.Generator().manual_seed(0))
-    k_size = model.key_queue.queue.shape[1]
-    with torch.no_grad():
-        fresh = []
-        batches = loader.batches(epoch=cfg.epochs + 1)  # an order no training epoch used
-        while sum(x.shape[0] for x in fresh) < k_size:
-            fresh.append(model.encode_key(next(batches).im_k, shuffle))
-        negatives = {"(a) the checkpoint's queue": model.key_queue.negatives(),
-                     "(b) fresh keys, current f_k": torch.cat(fresh)[:k_size].T.contiguous()}
-        measured = list(itertools.islice(loader.batches(epoch=cfg.epochs + 2), args.batches))
-        print(f"{ckpt_path}: K {k_size}, T {cfg.moco_t}, {args.batches} batches of {cfg.batch_size}")
-        for name, neg in negatives.items():
-            losses, accs, cos = [], [], []
-            for b in measured:
-                q = model.encode_query(b.im_q)
-                k = model.encode_key(b.im_k, shuffle)
-                logits = moco_logits(q, k, neg, cfg.moco_t)
-                losses.append(float(info_nce(logits)))
-                accs.append(top1_accuracy(logits))
-                cos.append(float((q @ neg).mean()))
-            n = len(measured)
-            print(f"  {name:30s} loss {sum(losses) / n:.3f}  acc@1 {sum(accs) / n:5.1f}%  "
-                  f"mean cos(q, negative) {sum(cos) / n:+.4f}")
+    split = cfg.shuffle_bn in ("auto", "split", "ddp", "syncbn")  # one process: shuffled splits
+    r = measure_staleness(
+        model, loader, lambda: LocalShuffle(torch.Generator().manual_seed(0)) if split else NoShuffle(),
+        batches=args.batches, autocast_dtype=resolve_precision(cfg.precision, device))
+    print(f"{ckpt_path}: K {model.key_queue.size}, T {cfg.moco_t}, {args.batches} batches of "
+          f"{cfg.batch_size}")
+    for name, loss, acc, cos in (("(a) the checkpoint's queue", r.queue_loss, r.queue_acc1, r.queue_cos),
+                                 ("(b) fresh keys, current f_k", r.fresh_loss, r.fresh_acc1, r.fresh_cos)):
+        print(f"  {name:30s} loss {loss:.3f}  acc@1 {acc:5.1f}%  mean cos(q, negative) {cos:+.4f}")
     return 0
 
 

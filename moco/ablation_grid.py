@@ -49,7 +49,7 @@ from moco.runlog import read_metrics
 #: Settings a re-run may change without invalidating a finished run.
 IGNORED_WHEN_COMPARING = frozenset({
     "resume", "output", "workers", "print_freq", "keep_last", "save_every_steps", "knn_every",
-    "device", "dist_timeout",
+    "device", "dist_timeout", "staleness_every", "staleness_batches",
 })
 FAILED_MARKER = "FAILED.txt"
 RUNNER_KEYS = frozenset({"output", "resume"})

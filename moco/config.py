@@ -66,6 +66,8 @@ class MocoConfig:
     knn_k: int = 200
     knn_t: float = 0.1
     knn_features: str = "backbone"
+    staleness_every: int = 0
+    staleness_batches: int = 8
     output: str = "runs/pretrain"
     device: str = "auto"
     precision: str = "auto"
@@ -115,6 +117,10 @@ class MocoConfig:
              f"--on-bad-image must be one of {BAD_IMAGE_POLICIES}"),
             (0 <= self.bank_momentum < 1, "--bank-momentum must be in [0, 1)"),
             (self.knn_k >= 1 and self.knn_t > 0, "--knn-k must be >= 1 and --knn-t > 0"),
+            (self.staleness_every >= 0 and self.staleness_batches >= 1,
+             "--staleness-every must be >= 0 and --staleness-batches >= 1"),
+            (self.staleness_every == 0 or self.mechanism == "moco",
+             f"--staleness-every measures MoCo's queue; --mechanism {self.mechanism} has none"),
             (len(self.mean) == 3 and len(self.std) == 3, "mean and std need 3 values (RGB)"),
             (self.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
             (self.save_every_steps >= 0 and self.keep_last >= 0,

@@ -40,7 +40,8 @@ class RunLog:
             return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        for key in ("loss", "acc1", "lr", "knn_top1", "images_per_s"):
+        for key in ("loss", "acc1", "lr", "knn_top1", "images_per_s", "staleness_queue_loss",
+                    "staleness_fresh_loss"):
             if record.get(key) is not None:
                 self.scalar(f"epoch/{key}", float(record[key]), int(record["epoch"]))
         if self._tb is not None:

@@ -57,6 +57,7 @@ from moco.model import MoCo, build_encoder
 from moco.runlog import RunLog, read_metrics
 from moco.schedule import learning_rate
 from moco.shuffle_bn import KeyShuffle
+from moco.staleness import Staleness, measure_staleness
 
 Log = Callable[[str], None]
 CHECKPOINT_GLOB = "checkpoint_*.pth.tar"
@@ -249,6 +250,9 @@ class Pretrainer:
         # that -b (the global batch) splits evenly over the ranks and that every rank got the
         # same settings. self.cfg keeps the requested mode: N processes' runs resume on M.
         self.shuffle_bn = resolve_for_world(cfg, self.dist, self.device)
+        if cfg.staleness_every and self.dist.world_size > 1:
+            raise ValueError("--staleness-every is a single-process diagnostic; run it without "
+                             "torchrun, or drop it (it has no effect on the training)")
         self.cfg = cfg
         self.log: Log = log if self.dist.is_main else (lambda _msg: None)
         self.progress = progress and self.dist.is_main
@@ -441,6 +445,15 @@ class Pretrainer:
         return knn_accuracy(query.to(self.device), query_labels, bank, bank_labels,
                             k=self.cfg.knn_k, t=self.cfg.knn_t)
 
+    def staleness(self, epoch: int) -> Staleness:
+        """The queue's keys against fresh ones on the model as it is (moco.staleness)."""
+        assert isinstance(self.model, MoCo), "validated: --staleness-every needs --mechanism moco"
+        seed = self.cfg.seed * 1_000_003 + epoch + 3  # a generator no training shuffle uses
+        return measure_staleness(
+            self.model, self.train_loader,
+            lambda: make_key_shuffle(self.shuffle_bn, self.dist, torch.Generator().manual_seed(seed)),
+            batches=self.cfg.staleness_batches, epoch=epoch, autocast_dtype=self.autocast_dtype)
+
     # ----- training -----------------------------------------------------------------------
     def run(self) -> PretrainResult:
         cfg, s = self.cfg, self.state
@@ -526,6 +539,9 @@ class Pretrainer:
         knn = None
         if cfg.knn_every > 0 and ((s.epoch + 1) % cfg.knn_every == 0 or s.epoch + 1 == cfg.epochs):
             knn = self.knn()
+        stale = None
+        if cfg.staleness_every > 0 and (s.epoch + 1) % cfg.staleness_every == 0:
+            stale = self.staleness(s.epoch)
         record = {
             "epoch": s.epoch + 1, "step": s.global_step, "loss": s.loss_sum / n,
             "acc1": s.acc_sum / n, "lr": lr, "knn_top1": knn[0] if knn else None,
@@ -534,6 +550,7 @@ class Pretrainer:
             "seconds": time.perf_counter() - t0 + seconds_before,
             "knn_random_init": s.knn_random_init,
             "machine": self.machine,
+            **(stale.as_record() if stale else {}),
         }
         bad = getattr(self.train_loader, "bad_images", None)
         if bad is not None:  # distinct unreadable images replaced so far (--on-bad-image skip)
@@ -544,6 +561,8 @@ class Pretrainer:
         s.history.append(record)
         self.runlog.epoch(record, s.history)
         knn_txt = f", kNN top-1 {knn[0]:.2f}%" if knn else ""
+        if stale:
+            knn_txt += f", loss vs queue / fresh keys {stale.queue_loss:.3f} / {stale.fresh_loss:.3f}"
         self.log(f"epoch {s.epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}, pretext acc@1 "
                  f"{record['acc1']:.1f}%{knn_txt}, {record['images_per_s']:.0f} img/s, "
                  f"{record['seconds']:.0f} s")
@@ -649,7 +668,7 @@ def _set_global_rng_state(state: dict[str, Any]) -> None:
 # Settings that may change between a run and its resumption without changing the training.
 _RESUME_FREE = {"resume", "output", "data", "workers", "print_freq", "keep_last",
                 "save_every_steps", "dist_timeout", "cache_dir", "knn_every", "knn_k", "knn_t",
-                "knn_features", "preset", "device"}
+                "knn_features", "staleness_every", "staleness_batches", "preset", "device"}
 
 
 def _warn_config_changes(saved: Any, cfg: MocoConfig, path: Path, log: Log) -> None:

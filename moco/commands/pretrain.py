@@ -111,6 +111,12 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--knn-t", type=float, help=f"kNN temperature (default {D.knn_t})")
     e.add_argument("--knn-features", choices=("backbone", "head"), help="kNN on pooled backbone "
                    "features or on the head's output (default backbone)")
+    e.add_argument("--staleness-every", type=int, help="every N epochs, measure the loss against "
+                   "the queue vs against K keys freshly encoded by f_k (moco.staleness; ~K/B+2x"
+                   "--staleness-batches key-encoder batches, no training effect); 0 = never "
+                   "(default); single process only")
+    e.add_argument("--staleness-batches", type=int, help="training batches the two dictionaries "
+                   f"are compared on (default {D.staleness_batches})")
     e.add_argument("-p", "--print-freq", type=int, help="TensorBoard step scalars every N steps")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     r = p.add_argument_group("run")
