@@ -49,12 +49,12 @@ class Staleness:
 
 
 def _measure(model: MoCo, batches: list[tuple[torch.Tensor, torch.Tensor]], negatives: torch.Tensor,
-             shuffle: KeyShuffle, t: float) -> tuple[float, float, float]:
+             shuffle: KeyShuffle) -> tuple[float, float, float]:
     loss = acc = cos = 0.0
     for im_q, im_k in batches:
         q = model.encode_query(im_q)
         k = model.encode_key(im_k, shuffle)
-        logits = moco_logits(q, k, negatives, t)
+        logits = moco_logits(q, k, negatives, model.t)
         loss += float(info_nce(logits))
         acc += top1_accuracy(logits)
         cos += float((q.float() @ negatives.float()).mean())
@@ -91,16 +91,17 @@ def measure_staleness(model: MoCo, loader: TrainLoader, make_shuffle: Callable[[
                         enabled=autocast_dtype is not None):
         fresh_shuffle = make_shuffle()
         fresh: list[torch.Tensor] = []
+        n_fresh = 0
         for b in loader.batches(_FRESH_EPOCH + epoch):
             fresh.append(net.encode_key(b.im_k, fresh_shuffle).float())
-            if sum(x.shape[0] for x in fresh) >= k_size:
+            n_fresh += fresh[-1].shape[0]
+            if n_fresh >= k_size:
                 break
-        n_fresh = sum(x.shape[0] for x in fresh)
         if n_fresh < k_size:
             raise ValueError(f"staleness needs K = {k_size} fresh keys, but an epoch has only "
                              f"{n_fresh} images; lower --moco-k or use more images")
         fresh_keys = torch.cat(fresh)[:k_size].T.contiguous()
         queue = net.key_queue.negatives().float()
-        ql, qa, qc = _measure(net, measured, queue, make_shuffle(), net.t)
-        fl, fa, fc = _measure(net, measured, fresh_keys, make_shuffle(), net.t)
+        ql, qa, qc = _measure(net, measured, queue, make_shuffle())
+        fl, fa, fc = _measure(net, measured, fresh_keys, make_shuffle())
     return Staleness(ql, fl, qa, fa, qc, fc)
