@@ -37,6 +37,8 @@ class MocoConfig:
     arch: str = "resnet50"
     cifar_stem: bool = False
     epochs: int = 200
+    stop_after_epochs: int = 0
+    time_limit: float = 0.0
     batch_size: int = 256
     lr: float = 0.03
     lr_scale: str = "none"
@@ -93,6 +95,9 @@ class MocoConfig:
         """Raise ``ValueError`` naming the first bad value and what would be accepted."""
         checks: list[tuple[bool, str]] = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.stop_after_epochs >= 0, f"--stop-after-epochs must be >= 0, got {self.stop_after_epochs}"),
+            (self.time_limit >= 0 and self.time_limit != float("inf"),
+             f"--time-limit must be a finite number of minutes >= 0, got {self.time_limit}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.lr >= 0, f"--lr must be >= 0, got {self.lr}"),
             (self.wd >= 0, f"--wd must be >= 0, got {self.wd}"),

@@ -473,7 +473,15 @@ class Pretrainer:
                     self.log("train/ is unlabeled: kNN evaluation is skipped")
                 else:
                     self.log("no labeled val/ or test/ split: kNN evaluation is skipped")
+            first_epoch, t_start = s.epoch, time.perf_counter()
             while s.epoch < cfg.epochs:
+                if self._budget_spent(first_epoch, t_start):
+                    ckpt_path = newest_checkpoint(self.run_dir) if ckpt_path is None else ckpt_path
+                    if ckpt_path is None:
+                        ckpt_path = self.save()
+                    self.log(f"stopped after epoch {s.epoch} of {cfg.epochs} "
+                             f"({self._budget_text()}); saved {ckpt_path}\n{self.resume_hint()}")
+                    return PretrainResult(self.run_dir, ckpt_path, s.history, s.knn_random_init, True)
                 self._train_epoch(stop)
                 if self._stop_agreed(stop):
                     ckpt_path = self.save()
@@ -490,6 +498,25 @@ class Pretrainer:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
             self.runlog.close()
+
+    def _budget_spent(self, first_epoch: int, t_start: float) -> bool:
+        """Whether ``--stop-after-epochs`` or ``--time-limit`` ends this invocation before the
+        next epoch (the schedule still spans ``--epochs``). The time limit is judged on whole
+        epochs: stop when one more epoch as long as the mean so far would pass it."""
+        cfg, s = self.cfg, self.state
+        if cfg.stop_after_epochs and s.epoch >= cfg.stop_after_epochs:
+            return True
+        done = s.epoch - first_epoch
+        if cfg.time_limit and done > 0:
+            elapsed = time.perf_counter() - t_start
+            return elapsed + elapsed / done > cfg.time_limit * 60
+        return False
+
+    def _budget_text(self) -> str:
+        cfg = self.cfg
+        if cfg.stop_after_epochs and self.state.epoch >= cfg.stop_after_epochs:
+            return f"--stop-after-epochs {cfg.stop_after_epochs}"
+        return f"another epoch would pass --time-limit {cfg.time_limit:g} min"
 
     def _train_epoch(self, stop: _StopFlag) -> None:
         cfg, s = self.cfg, self.state
@@ -668,7 +695,8 @@ def _set_global_rng_state(state: dict[str, Any]) -> None:
 # Settings that may change between a run and its resumption without changing the training.
 _RESUME_FREE = {"resume", "output", "data", "workers", "print_freq", "keep_last",
                 "save_every_steps", "dist_timeout", "cache_dir", "knn_every", "knn_k", "knn_t",
-                "knn_features", "staleness_every", "staleness_batches", "preset", "device"}
+                "knn_features", "staleness_every", "staleness_batches", "preset", "device",
+                "stop_after_epochs", "time_limit"}
 
 
 def _warn_config_changes(saved: Any, cfg: MocoConfig, path: Path, log: Log) -> None:

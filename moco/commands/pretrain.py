@@ -80,6 +80,13 @@ def add_parser(sub: Any) -> None:
                    f"(1-m) q) (default {D.bank_momentum}, InstDisc's)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, help=f"number of epochs (default {D.epochs})")
+    o.add_argument("--stop-after-epochs", type=int, metavar="N", help="train only the first N "
+                   "epochs of the --epochs schedule, then save and stop (0 = all); --resume auto "
+                   "continues the same schedule (this flag is not kept for the resumed run)")
+    o.add_argument("--time-limit", type=float, metavar="MINUTES", help="save and stop at the end "
+                   "of the last epoch whose training fits in MINUTES (judged from the epochs so "
+                   "far; 0 = no limit); --resume auto continues the same schedule (this flag is not "
+                   "kept for the resumed run)")
     o.add_argument("-b", "--batch-size", type=int, help="GLOBAL batch size over all processes; "
                    f"each of N torchrun processes gets b / N (default {D.batch_size})")
     o.add_argument("--lr", "--learning-rate", dest="lr", type=float, help=f"base lr (default {D.lr})")
@@ -152,6 +159,8 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
+# Settings of one invocation, never taken from the resumed run's config.yaml.
+PER_INVOCATION = {"resume", "stop_after_epochs", "time_limit"}
 _NOT_CONFIG = {"command", "run", "config_file", "no_progress", "overwrite"}
 
 
@@ -185,7 +194,7 @@ def saved_run_settings(flags: dict[str, Any], file_values: dict[str, Any]) -> di
         print(f"warning: ignoring {path}: {e}", file=sys.stderr)
         return {}
     known = {f.name for f in fields(MocoConfig)}
-    return {k: v for k, v in saved.items() if k in known and k != "resume"}
+    return {k: v for k, v in saved.items() if k in known and k not in PER_INVOCATION}
 
 
 def run(args: argparse.Namespace) -> int:
