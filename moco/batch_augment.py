@@ -1,14 +1,6 @@
 """Batched augmentation on the training device: the recipes of :mod:`moco.augment`
-(REFERENCE.md §5.1-5.5, §6.1) applied to a whole uint8 batch at once.
-
-Every sample gets its own random parameters, drawn from a ``torch.Generator`` with the same
-distributions as torchvision's transforms (:func:`sample_params`):
-
-* crop: ``RandomResizedCrop.get_params`` - area fraction ~ U(scale), log-ratio ~ U(log 3/4,
-  log 4/3), w/h rounded half-to-even, 10 tries, then the center-crop fallback;
-* ``ColorJitter``: brightness/contrast/saturation ~ U[1-x, 1+x], hue ~ U[-h, h], the four ops
-  in a uniformly random order per sample, applied with ``RandomApply`` p;
-* grayscale with p, Gaussian blur σ ~ U(0.1, 2.0) with p, horizontal flip with p 0.5.
+(REFERENCE.md §5.1-5.5, §6.1) applied to a whole uint8 batch at once, with per-sample
+parameters drawn on the CPU (:mod:`moco.aug_params`).
 
 Applying them (:func:`apply_params`) matches torchvision's functional ops on float tensors:
 
@@ -26,150 +18,33 @@ Applying them (:func:`apply_params`) matches torchvision's functional ops on flo
 
 The per-image PIL pipeline rounds to uint8 after every op; this one stays in float32, so
 outputs agree with PIL to within a few 1/255 levels (the tests check both references).
-Works on CPU and CUDA alike: parameters are drawn on the CPU (bit-identical on any device),
-images live on the device.
+Works on CPU and CUDA alike: parameters are drawn on the CPU (bit-identical on any device)
+and reach the device in one non-blocking copy (``moco.runtime.packed_to_device``); images
+live there.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
 
 import torch
 
-BLUR_SIGMA = (0.1, 2.0)
+from moco.aug_params import (  # re-exported: the sampling half of the batched augmentation
+    BLUR_SIGMA,
+    AugParams,
+    Recipe,
+    make_recipe,
+    sample_crops,
+    sample_params,
+)
+from moco.runtime import packed_to_device as plan_to_device
+
+__all__ = ["BLUR_SIGMA", "AugParams", "BatchAugment", "Recipe", "apply_params", "eval_resize",
+           "make_recipe", "sample_crops", "sample_params"]
+
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 
-
-@dataclass(frozen=True)
-class Recipe:
-    """One view's augmentation. ``order`` lists the colour steps after crop+flip."""
-
-    name: str
-    scale: tuple[float, float]
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
-    jitter_p: float = 0.8
-    gray_p: float = 0.2
-    blur_p: float = 0.0
-    flip_p: float = 0.5
-    order: tuple[str, ...] = ("jitter", "gray", "blur")
-
-
-def make_recipe(aug: str, crop_min_scale: float) -> Recipe:
-    """The recipe of ``moco.augment.pretrain_transform(aug, ...)`` (REFERENCE.md §5.1/5.2, §6.1).
-
-    v1: crop, grayscale p0.2, ColorJitter(0.4,0.4,0.4,0.4) always, flip.
-    v2: crop, jitter(0.4,0.4,0.4,0.1) p0.8, grayscale p0.2, blur p0.5, flip.
-    cifar-demo: crop, flip, jitter(0.4,0.4,0.4,0.1) p0.8, grayscale p0.2.
-    """
-    scale = (crop_min_scale, 1.0)
-    if aug == "v1":
-        return Recipe("v1", scale, jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0,
-                      order=("gray", "jitter"))
-    if aug == "v2":
-        return Recipe("v2", scale, blur_p=0.5, order=("jitter", "gray", "blur"))
-    if aug == "cifar-demo":
-        return Recipe("cifar-demo", scale, order=("jitter", "gray"))
-    raise ValueError(f"unknown augmentation {aug!r}; choose v1, v2 or cifar-demo")
-
-
-@dataclass
-class AugParams:
-    """Per-sample parameters of N views (CPU tensors).
-
-    crop [N,4] int64 (top i, left j, height h, width w) as ``RandomResizedCrop.get_params``;
-    flip, jitter, gray, blur [N] bool (applied or not); brightness, contrast, saturation,
-    hue, sigma [N] float64; order [N,4] int64: a permutation of 0..3 (0 brightness,
-    1 contrast, 2 saturation, 3 hue, torchvision's ``fn_idx``).
-    """
-
-    crop: torch.Tensor
-    flip: torch.Tensor
-    jitter: torch.Tensor
-    brightness: torch.Tensor
-    contrast: torch.Tensor
-    saturation: torch.Tensor
-    hue: torch.Tensor
-    order: torch.Tensor
-    gray: torch.Tensor
-    blur: torch.Tensor
-    sigma: torch.Tensor
-
-    def select(self, idx: torch.Tensor | slice) -> AugParams:
-        """The parameters of the samples ``idx``."""
-        return AugParams(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
-
-    @staticmethod
-    def cat(parts: Sequence[AugParams]) -> AugParams:
-        return AugParams(**{f.name: torch.cat([getattr(p, f.name) for p in parts])
-                            for f in fields(AugParams)})
-
-
-def _uniform(n: int | tuple[int, ...], lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
-    shape = (n,) if isinstance(n, int) else n
-    return torch.rand(shape, generator=g, dtype=torch.float64) * (hi - lo) + lo
-
-
-def sample_crops(heights: torch.Tensor, widths: torch.Tensor, scale: tuple[float, float],
-                 ratio: tuple[float, float], g: torch.Generator) -> torch.Tensor:
-    """``RandomResizedCrop.get_params`` for N images of sizes ``heights`` x ``widths`` [N].
-
-    Returns [N,4] int64 (i, j, h, w): the first of 10 tries whose box fits, else the
-    center crop with the ratio clamped into ``ratio``.
-    """
-    hh, ww = heights.to(torch.float64), widths.to(torch.float64)
-    n, tries = len(heights), 10
-    area = (hh * ww)[:, None]
-    target = area * _uniform((n, tries), scale[0], scale[1], g)
-    log_r = _uniform((n, tries), math.log(ratio[0]), math.log(ratio[1]), g)
-    ar = torch.exp(log_r)
-    w = torch.round(torch.sqrt(target * ar))  # torch.round is half-to-even, as Python's round
-    h = torch.round(torch.sqrt(target / ar))
-    ok = (w > 0) & (w <= ww[:, None]) & (h > 0) & (h <= hh[:, None])
-    first = torch.argmax(ok.to(torch.int8), dim=1)
-    found = ok.any(dim=1)
-    h1 = h.gather(1, first[:, None])[:, 0]
-    w1 = w.gather(1, first[:, None])[:, 0]
-    u = torch.rand((n, 2), generator=g, dtype=torch.float64)
-    i1 = torch.floor(u[:, 0] * (hh - h1 + 1))
-    j1 = torch.floor(u[:, 1] * (ww - w1 + 1))
-    # center-crop fallback
-    in_ratio = ww / hh
-    lo, hi = min(ratio), max(ratio)
-    fw = torch.where(in_ratio < lo, ww, torch.where(in_ratio > hi, torch.round(hh * hi), ww))
-    fh = torch.where(in_ratio < lo, torch.round(ww / lo), hh)
-    fi = torch.div(hh - fh, 2, rounding_mode="floor")
-    fj = torch.div(ww - fw, 2, rounding_mode="floor")
-    out = torch.stack([torch.where(found, i1, fi), torch.where(found, j1, fj),
-                       torch.where(found, h1, fh), torch.where(found, w1, fw)], dim=1)
-    return out.to(torch.int64)
-
-
-def sample_params(recipe: Recipe, heights: torch.Tensor, widths: torch.Tensor,
-                  g: torch.Generator) -> AugParams:
-    """Draw one view's parameters for N images (sizes ``heights``, ``widths`` [N]) from ``g``."""
-    n = len(heights)
-    crop = sample_crops(heights, widths, recipe.scale, recipe.ratio, g)
-    b, c, s, h = recipe.jitter
-    u = torch.rand((n, 4), generator=g, dtype=torch.float64)
-    return AugParams(
-        crop=crop,
-        flip=u[:, 0] < recipe.flip_p,
-        jitter=u[:, 1] < recipe.jitter_p,
-        brightness=_uniform(n, max(0.0, 1 - b), 1 + b, g),
-        contrast=_uniform(n, max(0.0, 1 - c), 1 + c, g),
-        saturation=_uniform(n, max(0.0, 1 - s), 1 + s, g),
-        hue=_uniform(n, -h, h, g),
-        order=torch.argsort(torch.rand((n, 4), generator=g), dim=1),
-        gray=u[:, 2] < recipe.gray_p,
-        blur=u[:, 3] < recipe.blur_p,
-        sigma=_uniform(n, BLUR_SIGMA[0], BLUR_SIGMA[1], g),
-    )
-
-
-# ----- applying parameters ----------------------------------------------------------------
 
 def resample_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int,
                      flip: torch.Tensor | None = None, scale: torch.Tensor | None = None,
@@ -264,7 +139,7 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h6 = torch.where(is_r, g - b, torch.where(is_g, (b - r).add_(rng, alpha=2.0),
                                                (r - g).add_(rng, alpha=4.0)))
     h6 = h6.div_(div).add_(shift[:, :, 0].mul(6.0)).remainder_(6.0).unsqueeze(1)
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)  # 5, 3, 1
     k = (h6 + n).remainder_(6.0)
     a = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return (maxc.unsqueeze(1) - rng.unsqueeze(1) * a).clamp_(0.0, 1.0)
@@ -277,44 +152,89 @@ def _col(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.to(device=like.device, dtype=like.dtype).view(-1, 1, 1, 1)
 
 
-def color_jitter(x: torch.Tensor, p: AugParams) -> torch.Tensor:
-    """ColorJitter on the samples with ``p.jitter``, each with its own factors and op order."""
+# The parameters are drawn on the CPU, where every "which samples does this op touch" decision
+# is made. Everything the device needs (crop boxes, flips, per-sample factors, the indices of
+# the samples each op touches, mean/std) is first collected in a plan of CPU tensors and sent
+# in one non-blocking copy (:func:`moco.runtime.packed_to_device`), not in ~20 blocking ones.
+Plan = dict[str, torch.Tensor]
+
+
+def _jitter_plan(p: AugParams) -> Plan:
+    """``j{pos}{op}``: the factors of op ``op`` at position ``pos`` of the random order for the
+    samples it applies to; ``j{pos}{op}i``: their indices (absent when it is every sample)."""
     factors = [p.brightness, p.contrast, p.saturation, p.hue]
+    plan: Plan = {}
     for pos in range(4):
         for op in range(4):
             sel = p.jitter & (p.order[:, pos] == op)
             if not bool(sel.any()):
                 continue
+            key = f"j{pos}{op}"
             if bool(sel.all()):
-                x = _JITTER_OPS[op](x, _col(factors[op], x))
+                plan[key] = factors[op]
+            else:
+                plan[key + "i"] = sel.nonzero()[:, 0]
+                plan[key] = factors[op][sel]
+    return plan
+
+
+def _jitter(x: torch.Tensor, plan: Plan) -> torch.Tensor:
+    for pos in range(4):
+        for op in range(4):
+            key = f"j{pos}{op}"
+            if key not in plan:
                 continue
-            idx = sel.nonzero()[:, 0].to(x.device)
-            sub = _JITTER_OPS[op](x.index_select(0, idx), _col(factors[op][sel], x))
-            x.index_copy_(0, idx, sub)
+            if key + "i" not in plan:
+                x = _JITTER_OPS[op](x, _col(plan[key], x))
+                continue
+            idx = plan[key + "i"]
+            x.index_copy_(0, idx, _JITTER_OPS[op](x.index_select(0, idx), _col(plan[key], x)))
     return x
+
+
+def color_jitter(x: torch.Tensor, p: AugParams) -> torch.Tensor:
+    """ColorJitter on the samples with ``p.jitter``, each with its own factors and op order."""
+    return _jitter(x, plan_to_device(_jitter_plan(p), x.device))
+
+
+def _gray_plan(on: torch.Tensor) -> Plan:
+    return {"gray": on} if bool(on.any()) else {}
+
+
+def _grayscale(x: torch.Tensor, plan: Plan) -> torch.Tensor:
+    if "gray" not in plan:
+        return x
+    return torch.where(plan["gray"].view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
 
 
 def grayscale(x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
     """3-channel grayscale where ``on`` [N] is true."""
+    return _grayscale(x, plan_to_device(_gray_plan(on), x.device))
+
+
+def _blur_plan(on: torch.Tensor, sigma: torch.Tensor) -> Plan:
     if not bool(on.any()):
+        return {}
+    idx = on.nonzero()[:, 0]
+    return {"blur_i": idx, "sigma": sigma[idx]}
+
+
+def _blur(x: torch.Tensor, plan: Plan, kernel: int | None = None) -> torch.Tensor:
+    if "blur_i" not in plan:
         return x
-    return torch.where(on.to(x.device).view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+    kernel = kernel or blur_kernel_size()
+    idx, sig = plan["blur_i"], plan["sigma"]
+    _, _, hgt, wid = x.shape
+    by = blur_matrices(sig, hgt, kernel).to(x.dtype)
+    bx = by if hgt == wid else blur_matrices(sig, wid, kernel).to(x.dtype)
+    sub = torch.matmul(torch.matmul(by[:, None], x.index_select(0, idx)), bx[:, None].transpose(-1, -2))
+    return x.index_copy_(0, idx, sub)
 
 
 def gaussian_blur(x: torch.Tensor, on: torch.Tensor, sigma: torch.Tensor,
                   kernel: int | None = None) -> torch.Tensor:
     """Separable Gaussian blur (σ per sample) on the samples where ``on`` [N] is true."""
-    if not bool(on.any()):
-        return x
-    kernel = kernel or blur_kernel_size()
-    idx = on.nonzero()[:, 0]
-    _, _, hgt, wid = x.shape
-    sig = sigma[idx].to(x.device)
-    by = blur_matrices(sig, hgt, kernel).to(x.dtype)
-    bx = by if hgt == wid else blur_matrices(sig, wid, kernel).to(x.dtype)
-    idx = idx.to(x.device)
-    sub = torch.matmul(torch.matmul(by[:, None], x.index_select(0, idx)), bx[:, None].transpose(-1, -2))
-    return x.index_copy_(0, idx, sub)
+    return _blur(x, plan_to_device(_blur_plan(on, sigma), x.device), kernel)
 
 
 def _separable(x: torch.Tensor, wy: torch.Tensor, wx: torch.Tensor) -> torch.Tensor:
@@ -328,6 +248,25 @@ def _separable(x: torch.Tensor, wy: torch.Tensor, wx: torch.Tensor) -> torch.Ten
     return out.view(n, s, 3, t).transpose(1, 2).contiguous()
 
 
+def _crop_plan(p: AugParams, source: torch.Tensor | None) -> Plan:
+    plan = {"crop": p.crop, "flip": p.flip}
+    if source is not None:
+        plan["source"] = source
+    return plan
+
+
+def _crop_resize(images: torch.Tensor, plan: Plan, size: int) -> torch.Tensor:
+    m, hgt, wid, _ = images.shape
+    crop = plan["crop"]  # the weights are built on the device: [N,S,H] is large at 224 px
+    wy = resample_weights(crop[:, 0], crop[:, 2], hgt, size).mul_(1.0 / 255.0)
+    wx = resample_weights(crop[:, 1], crop[:, 3], wid, size, plan["flip"])
+    if "source" in plan:
+        images = images.index_select(0, plan["source"])
+    elif m != len(crop):
+        raise ValueError(f"{m} images for {len(crop)} views: pass source")
+    return _separable(images.to(torch.float32), wy, wx)
+
+
 def crop_resize(images: torch.Tensor, p: AugParams, size: int,
                 source: torch.Tensor | None = None) -> torch.Tensor:
     """Crop ``p.crop`` of each image, resize to ``size`` (antialiased bilinear), flip where
@@ -337,39 +276,43 @@ def crop_resize(images: torch.Tensor, p: AugParams, size: int,
     picks the image of each of the N views (default: view n uses image n).
     Returns float32 [N,3,size,size].
     """
-    m, hgt, wid, _ = images.shape
-    dev = images.device
-    crop = p.crop.to(dev)  # the weights are built on the device: [N,S,H] is large at 224 px
-    wy = resample_weights(crop[:, 0], crop[:, 2], hgt, size).mul_(1.0 / 255.0)
-    wx = resample_weights(crop[:, 1], crop[:, 3], wid, size, p.flip.to(dev))
-    if source is not None:
-        images = images.index_select(0, source.to(dev))
-    elif m != len(p.crop):
-        raise ValueError(f"{m} images for {len(p.crop)} views: pass source")
-    return _separable(images.to(torch.float32), wy, wx)
+    return _crop_resize(images, plan_to_device(_crop_plan(p, source), images.device), size)
+
+
+def _normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (x - mean.to(x.dtype).view(1, 3, 1, 1)) / std.to(x.dtype).view(1, 3, 1, 1)
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
+    stats = plan_to_device({"mean": torch.tensor(mean, dtype=torch.float64),
+                            "std": torch.tensor(std, dtype=torch.float64)}, x.device)
+    return _normalize(x, stats["mean"], stats["std"])
 
 
 def apply_params(images: torch.Tensor, p: AugParams, recipe: Recipe, size: int,
                  mean: Sequence[float] | None, std: Sequence[float] | None,
                  source: torch.Tensor | None = None) -> torch.Tensor:
     """The recipe with parameters ``p`` on uint8 [M,H,W,3] images -> float32 [N,3,size,size]
-    (normalised with ``mean``/``std`` unless they are None)."""
-    x = crop_resize(images, p, size, source)
+    (normalised with ``mean``/``std`` unless they are None). Every parameter reaches the
+    device in one copy (:func:`plan_to_device`)."""
+    plan = _crop_plan(p, source)
+    for step in recipe.order:
+        plan.update({"jitter": _jitter_plan(p), "gray": _gray_plan(p.gray),
+                     "blur": _blur_plan(p.blur, p.sigma)}[step])
+    if mean is not None and std is not None:
+        plan["mean"] = torch.tensor(mean, dtype=torch.float64)
+        plan["std"] = torch.tensor(std, dtype=torch.float64)
+    plan = plan_to_device(plan, images.device)
+    x = _crop_resize(images, plan, size)
     for step in recipe.order:
         if step == "jitter":
-            x = color_jitter(x, p)
+            x = _jitter(x, plan)
         elif step == "gray":
-            x = grayscale(x, p.gray)
+            x = _grayscale(x, plan)
         elif step == "blur":
-            x = gaussian_blur(x, p.blur, p.sigma)
-    if mean is not None and std is not None:
-        x = normalize(x, mean, std)
+            x = _blur(x, plan)
+    if "mean" in plan:
+        x = _normalize(x, plan["mean"], plan["std"])
     return x
 
 
@@ -433,11 +376,14 @@ def eval_resize(images: torch.Tensor, size: int, resize: int,
     nw = torch.where(ws <= hs, resize, torch.floor(resize * ws / short)).to(torch.float64)
     if bool((nh < size).any() or (nw < size).any()):
         raise ValueError(f"resize {resize} is smaller than the crop {size}")
-    mats, dev = [], images.device
-    for full, new, in_size in ((hs, nh, hgt), (ws, nw, wid)):
+    plan: Plan = {}
+    for axis, (full, new) in enumerate(((hs, nh), (ws, nw))):
         sc = full.to(torch.float64) / new
         top = torch.round((new - size) / 2.0)  # torchvision's int(round(...)), half-to-even
-        zero = torch.zeros_like(sc)
-        mats.append(resample_weights((top * sc).to(dev), full.to(dev), in_size, size,
-                                     scale=sc.to(dev), window=(zero.to(dev), full.to(dev))))
+        plan.update({f"start{axis}": top * sc, f"full{axis}": full, f"scale{axis}": sc})
+    plan = plan_to_device(plan, images.device)
+    mats = [resample_weights(plan[f"start{a}"], plan[f"full{a}"], in_size, size,
+                             scale=plan[f"scale{a}"],
+                             window=(torch.zeros_like(plan[f"scale{a}"]), plan[f"full{a}"]))
+            for a, in_size in enumerate((hgt, wid))]
     return _separable(images.to(torch.float32), mats[0].mul_(1.0 / 255.0), mats[1])

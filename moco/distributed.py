@@ -1,21 +1,24 @@
 """Multi-process and multi-node training with ``torchrun`` and DistributedDataParallel.
 
-Without torchrun (no ``WORLD_SIZE`` in the environment, or ``WORLD_SIZE=1``) everything is a
-single process, rank 0 of 1, and nothing here communicates. Under torchrun,
-:func:`init_distributed` joins the process group (NCCL on CUDA, one GPU per process chosen by
-``LOCAL_RANK``; gloo on the CPU) with a timeout, so that a rank that dies or hangs stops the
-job instead of blocking the others forever.
+Without torchrun (no ``WORLD_SIZE`` in the environment, or ``WORLD_SIZE=1`` outside torchrun)
+everything is a single process, rank 0 of 1, and nothing here communicates. Under torchrun
+(even ``--nproc_per_node 1``: the multi-process path on one process, e.g. to test NCCL on
+one GPU), :func:`init_distributed` joins the process group (NCCL on CUDA, one GPU per process
+chosen by ``LOCAL_RANK``; gloo on the CPU) with a timeout, so that a rank that dies or hangs
+stops the job instead of blocking the others forever.
 
-Shuffling BN across processes is the original's ``_batch_shuffle_ddp`` /
-``_batch_unshuffle_ddp`` (REFERENCE.md §3.2), behind the :class:`~moco.shuffle_bn.KeyShuffle`
-interface of :class:`~moco.model.MoCo`: :class:`DDPShuffle`.
+Shuffling BN across processes (the original's ``_batch_shuffle_ddp``, :class:`DDPShuffle`) and
+the other collectives live in :mod:`moco.collectives`; :func:`make_key_shuffle` picks the
+:class:`~moco.shuffle_bn.KeyShuffle` of a ``--shuffle-bn`` mode.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
+import inspect
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +29,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from moco.collectives import (  # noqa: F401  (re-exported)
+    DDPShuffle,
+    GatherKeys,
+    concat_all_gather,
+    gather_shards,
+    shard,
+)
 from moco.config import SPLIT_BN_MODES, MocoConfig
 from moco.shuffle_bn import KeyShuffle, LocalShuffle, NoShuffle
 
@@ -57,6 +67,7 @@ class DistContext:
     backend: str = ""
     comm_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     local_world_size: int = 1  # processes on this machine (torchrun's LOCAL_WORLD_SIZE)
+    grouped: bool = False  # a process group is joined (also with one process under torchrun)
 
     @property
     def is_main(self) -> bool:
@@ -64,7 +75,8 @@ class DistContext:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """Whether this process is in a process group and communicates."""
+        return self.world_size > 1 or self.grouped
 
     def barrier(self) -> None:
         """Wait until every rank reaches this point (bounded by the process-group timeout)."""
@@ -114,6 +126,13 @@ class DistContext:
             raise error
         return result
 
+    @torch.no_grad()
+    def broadcast_buffers(self, module: nn.Module) -> None:
+        """Rank 0's buffers of ``module`` (e.g. BN running statistics) on every rank."""
+        if self.enabled:
+            for b in module.buffers():
+                dist.broadcast(b, src=0)
+
     def local_device(self, device: torch.device) -> torch.device:
         """The device this process trains on: ``cuda:LOCAL_RANK`` under torchrun on CUDA."""
         if not self.enabled or device.type != "cuda":
@@ -152,9 +171,10 @@ def init_distributed(device: torch.device, timeout_minutes: float = 30.0) -> Dis
         comm = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         return DistContext(g_rank, dist.get_world_size(),
                            env_local if env_local is not None else g_rank, backend, comm,
-                           _env_int("LOCAL_WORLD_SIZE") or 1)
+                           _env_int("LOCAL_WORLD_SIZE") or 1, grouped=True)
     env_world = _env_int("WORLD_SIZE")
-    if env_world is None or env_world <= 1:
+    under_torchrun = bool(os.environ.get("TORCHELASTIC_RUN_ID"))
+    if env_world is None or env_world < 1 or (env_world == 1 and not under_torchrun):
         return DistContext()
     env_rank, env_local = _env_int("RANK"), _env_int("LOCAL_RANK")
     if env_rank is None:
@@ -176,10 +196,10 @@ def init_distributed(device: torch.device, timeout_minutes: float = 30.0) -> Dis
         torch.cuda.set_device(cuda)
         dist.init_process_group("nccl", rank=rank, world_size=world, timeout=timeout,
                                 device_id=cuda)
-        ctx = DistContext(rank, world, local, "nccl", cuda, local_world)
+        ctx = DistContext(rank, world, local, "nccl", cuda, local_world, grouped=True)
     else:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
-        ctx = DistContext(rank, world, local, "gloo", torch.device("cpu"), local_world)
+        ctx = DistContext(rank, world, local, "gloo", torch.device("cpu"), local_world, grouped=True)
     global _owns_group
     _owns_group = True
     return ctx
@@ -205,11 +225,19 @@ def is_communication_error(e: BaseException) -> bool:
 
 
 # ----- configuration across ranks ---------------------------------------------------------
-def resolve_shuffle_bn(mode: str, world_size: int) -> str:
-    """``auto`` -> ``ddp`` with several processes, ``split`` with one. Modes that need several
-    processes are refused on one, with what to use instead."""
+def resolve_shuffle_bn(mode: str, world_size: int, grouped: bool = False) -> str:
+    """``auto`` -> ``ddp`` with several processes, ``split`` with one. Modes that need a
+    process group are refused without one, with what to use instead; in a group of one
+    process (``torchrun --nproc_per_node 1``) they run, with a warning: shuffling one batch
+    does not keep a query's BN statistics from its key (a test of the multi-process path)."""
     if mode == "auto":
         return "ddp" if world_size > 1 else "split"
+    if world_size == 1 and mode in ("ddp", "syncbn") and grouped:
+        logging.getLogger(__name__).warning(
+            "--shuffle-bn %s on one process: the key encoder's BN sees the same images as the "
+            "query encoder's; this tests the multi-process path, use --shuffle-bn split to train",
+            mode)
+        return mode
     if world_size == 1 and mode in ("ddp", "syncbn"):
         raise DistributedError(
             f"--shuffle-bn {mode} needs several processes (torchrun --nproc_per_node N, N >= 2); "
@@ -236,7 +264,7 @@ def resolve_for_world(cfg: MocoConfig, ctx: DistContext, device: torch.device) -
     checkpoints), so a run saved by N processes resumes on M processes or on one.
     """
     check_same_settings(ctx, cfg.to_dict())
-    mode = resolve_shuffle_bn(cfg.shuffle_bn, ctx.world_size)
+    mode = resolve_shuffle_bn(cfg.shuffle_bn, ctx.world_size, ctx.grouped)
     local = per_rank_batch(cfg.batch_size, ctx.world_size)
     if mode in SPLIT_BN_MODES and local % cfg.bn_splits:
         where = f"the per-process batch {local} (-b {cfg.batch_size} / {ctx.world_size})" \
@@ -275,91 +303,7 @@ def check_same_settings(ctx: DistContext, settings: dict[str, Any]) -> None:
         "flags and config file: " + "; ".join(diffs[:10]) + (" ..." if len(diffs) > 10 else ""))
 
 
-# ----- collectives and shuffling BN -------------------------------------------------------
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-@torch.no_grad()
-def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``tensor`` (same shape on all ranks) concatenated along dim 0 in rank
-    order. No gradient flows back through it (REFERENCE.md §1.3). Identity without a group."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    fmt = _memory_format(tensor)
-    t = tensor.contiguous()
-    # NCCL gathers GPU tensors only: a CPU tensor (e.g. dataset indices) makes the round trip.
-    on_cpu_with_nccl = t.device.type == "cpu" and dist.get_backend() == "nccl"
-    if on_cpu_with_nccl:
-        t = t.to(torch.device("cuda", torch.cuda.current_device()))
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t)
-    out = torch.cat(parts, dim=0)
-    if on_cpu_with_nccl:
-        out = out.cpu()
-    return out.contiguous(memory_format=fmt) if fmt is not torch.contiguous_format else out
-
-
-class DDPShuffle:
-    """Shuffling BN across processes, as the original's ``_batch_shuffle_ddp`` (§3.2).
-
-    ``shuffle``: all-gather the key images of every rank ([N,...], N = world x B), draw one
-    permutation of N (broadcast from rank 0) and keep this rank's B images of it; the key
-    encoder then normalises a random subset of the global batch, mostly other ranks' images.
-    ``unshuffle``: all-gather the keys and take back this rank's own, in its original order.
-    ``gather``: every rank's keys, so the queue is the same on all ranks.
-
-    The permutation comes from ``generator`` (CPU), seeded identically on every rank and
-    advanced identically, so its state (saved from rank 0) resumes the run exactly; the
-    broadcast from rank 0 keeps the ranks in agreement regardless.
-    """
-
-    def __init__(self, generator: torch.Generator, rank: int | None = None,
-                 world_size: int | None = None) -> None:
-        self.generator = generator
-        self.rank = dist.get_rank() if rank is None else rank
-        self.world_size = dist.get_world_size() if world_size is None else world_size
-
-    @torch.no_grad()
-    def shuffle(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x_all = concat_all_gather(x)
-        n = x_all.shape[0]
-        perm = torch.randperm(n, generator=self.generator).to(x.device)
-        if self.world_size > 1:
-            dist.broadcast(perm, src=0)
-        inv = torch.argsort(perm)
-        mine = perm.view(self.world_size, -1)[self.rank]
-        return x_all[mine], inv
-
-    @torch.no_grad()
-    def unshuffle(self, k: torch.Tensor, handle: torch.Tensor | None) -> torch.Tensor:
-        assert handle is not None, "unshuffle needs the handle returned by shuffle"
-        k_all = concat_all_gather(k)
-        return k_all[handle.view(self.world_size, -1)[self.rank]]
-
-    def gather(self, k: torch.Tensor) -> torch.Tensor:
-        return concat_all_gather(k)
-
-
-class GatherKeys:
-    """A per-process :class:`KeyShuffle` (no shuffle, or SplitBN's local shuffle) whose keys
-    are still all-gathered for the queue: ``--shuffle-bn none|split|syncbn`` under torchrun."""
-
-    def __init__(self, local: KeyShuffle) -> None:
-        self.local = local
-
-    def shuffle(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.local.shuffle(x)
-
-    def unshuffle(self, k: torch.Tensor, handle: torch.Tensor | None) -> torch.Tensor:
-        return self.local.unshuffle(k, handle)
-
-    def gather(self, k: torch.Tensor) -> torch.Tensor:
-        return concat_all_gather(k)
-
-
+# ----- shuffling BN (the collectives are in moco.collectives) ---------------------------
 def make_key_shuffle(mode: str, ctx: DistContext, generator: torch.Generator) -> KeyShuffle:
     """The :class:`KeyShuffle` of a resolved ``--shuffle-bn`` mode for this process count."""
     local: KeyShuffle = LocalShuffle(generator) if mode == "split" else NoShuffle()
@@ -376,7 +320,8 @@ def wrap_ddp(model: nn.Module, ctx: DistContext, device: torch.device,
 
     The key encoder's parameters have ``requires_grad=False``, so DDP leaves them out of the
     gradient all-reduce. Buffers are synced from rank 0 once, at construction, but not before
-    every forward (``forward_sync_buffers=False``, the successor of ``broadcast_buffers=False``):
+    every forward (``forward_sync_buffers=False``, the successor of ``broadcast_buffers=False``,
+    whichever this torch has):
     unlike the original, whose DDP kept the default (REFERENCE.md §12.18). The queue ([C, K], 32 MiB at K=65536) is identical on every rank by
     construction, and BN running statistics are never used during pretraining; rank 0's own
     buffers, which are what checkpoints and kNN use, are the same either way. With
@@ -387,4 +332,12 @@ def wrap_ddp(model: nn.Module, ctx: DistContext, device: torch.device,
     if sync_bn:
         nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+    # torch 2.11 has only broadcast_buffers (deprecated in 2.13), whose False also skips
+    # the buffers' sync at construction: done here, so that both behave the same.
+    ddp = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    with torch.no_grad():
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
+    return ddp

@@ -17,8 +17,11 @@ def extract_features(
     *,
     channels_last: bool = False,
     autocast_dtype: torch.dtype | None = None,
+    out_device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``model`` in eval mode: L2-normalised features [N, D] (float32, CPU) and labels [N]."""
+    """Run ``model`` in eval mode: L2-normalised features [N, D] (float32) and labels [N], on
+    ``out_device`` (the training monitor keeps them on the GPU: the bank is then read in place
+    by every query chunk instead of being copied to the GPU again for each)."""
     was_training = model.training
     model.eval()
     feats, labels = [], []
@@ -30,11 +33,11 @@ def extract_features(
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                 enabled=autocast_dtype is not None):
                 f = model(x)
-            feats.append(F.normalize(f.float(), dim=1).cpu())
+            feats.append(F.normalize(f.float(), dim=1).to(out_device))
             labels.append(torch.as_tensor(y).cpu())
     finally:
         model.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    return torch.cat(feats), torch.cat(labels).to(out_device)
 
 
 @torch.no_grad()

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moco.loss import info_nce, moco_logits
-from moco.model import MoCo, StepOutput
+from moco.loss import fp32, info_nce, moco_logits
+from moco.model import MoCo, StepOutput, embed
+from moco.runtime import to_device
 from moco.shuffle_bn import KeyShuffle, NoShuffle
 
 BANK_INITS = ("random", "uniform")
@@ -43,11 +44,12 @@ def end_to_end_logits(q: torch.Tensor, k: torch.Tensor, t: float) -> torch.Tenso
         t: softmax temperature τ.
     """
     n = q.shape[0]
-    sim = q @ k.T.to(q.dtype)  # [N, N]
-    pos = sim.diagonal().unsqueeze(1)  # [N, 1]
-    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=sim.device)
-    neg = sim[off_diagonal].view(n, n - 1)  # row-major: row n keeps j != n in order
-    return torch.cat([pos, neg], dim=1) / t
+    with fp32(q.device.type):
+        sim = q.float() @ k.float().T  # [N, N]
+        pos = sim.diagonal().unsqueeze(1)  # [N, 1]
+        off_diagonal = ~torch.eye(n, dtype=torch.bool, device=sim.device)
+        neg = sim[off_diagonal].view(n, n - 1)  # row-major: row n keeps j != n in order
+        return torch.cat([pos, neg], dim=1) / t
 
 
 class EndToEnd(nn.Module):
@@ -81,9 +83,9 @@ class EndToEnd(nn.Module):
         shuffle = shuffle if shuffle is not None else NoShuffle()
         if im_q.shape[0] < 2:
             raise ValueError("end-to-end needs a batch of at least 2 (the negatives are the batch)")
-        q = F.normalize(self.encoder_q(im_q), dim=1)
+        q = embed(self.encoder_q(im_q))
         x, handle = shuffle.shuffle(im_k)
-        k = shuffle.unshuffle(F.normalize(self.encoder_q(x), dim=1), handle)
+        k = shuffle.unshuffle(embed(self.encoder_q(x)), handle)
         if q.requires_grad and not k.requires_grad:
             raise ValueError(
                 "end-to-end back-propagates through the keys, but this --shuffle-bn mode gathers "
@@ -134,7 +136,7 @@ class FeatureBank(nn.Module):
         """Indices of ``shape`` drawn uniformly with replacement from [0, num_samples), on the
         bank's device. A draw may hit the query's own sample (InstDisc allows it)."""
         idx = torch.randint(0, self.num_samples, shape, generator=self.sampler)
-        return idx.to(self.bank.device)
+        return to_device(idx, self.bank.device)
 
     @torch.no_grad()
     def update(self, index: torch.Tensor, features: torch.Tensor, m: float) -> None:
@@ -217,18 +219,19 @@ class MemoryBank(nn.Module):
         if index is None:
             raise ValueError("the memory bank needs the samples' dataset indices (Batch.index)")
         shuffle = shuffle if shuffle is not None else NoShuffle()
-        index = index.to(self.memory.bank.device, torch.long)
+        index = to_device(index, self.memory.bank.device).long()
         n = im_q.shape[0]
-        q = F.normalize(self.encoder_q(im_q), dim=1)  # [N, C]
+        q = embed(self.encoder_q(im_q))  # [N, C] float32
         with torch.no_grad():
             pos = self.memory.bank.index_select(0, index).to(q.dtype)  # [N, C]
             if self.per_query:
                 neg_idx = self.memory.sample((n, self.k))  # [N, K]
                 neg = self.memory.bank[neg_idx].to(q.dtype)  # [N, K, C]
         if self.per_query:
-            l_pos = torch.einsum("nc,nc->n", q, pos).unsqueeze(1)
-            l_neg = torch.einsum("nc,nkc->nk", q, neg)
-            logits = torch.cat([l_pos, l_neg], dim=1) / self.t
+            with fp32(q.device.type):
+                l_pos = torch.einsum("nc,nc->n", q, pos).unsqueeze(1)
+                l_neg = torch.einsum("nc,nkc->nk", q, neg)
+                logits = torch.cat([l_pos, l_neg], dim=1) / self.t
         else:
             with torch.no_grad():
                 negatives = self.memory.bank[self.memory.sample((self.k,))].T  # [C, K]

@@ -11,7 +11,7 @@ from torch import nn
 
 from moco.backbones import build_backbone
 from moco.heads import linear_head, mlp_head
-from moco.loss import info_nce, moco_logits
+from moco.loss import fp32, info_nce, moco_logits
 from moco.momentum import init_key_encoder, momentum_update
 from moco.queue import KeyQueue
 from moco.shuffle_bn import KeyShuffle, NoShuffle, convert_split_bn
@@ -24,6 +24,12 @@ class StepOutput:
 
     loss: torch.Tensor
     logits: torch.Tensor
+
+
+def embed(features: torch.Tensor) -> torch.Tensor:
+    """The unit-length embedding of encoder outputs [B, C], in float32 (under autocast too)."""
+    with fp32(features.device.type):
+        return F.normalize(features.float(), dim=1)
 
 
 def build_encoder(
@@ -71,15 +77,14 @@ class MoCo(nn.Module):
         self.key_queue = KeyQueue(dim, k, generator=generator)
 
     def encode_query(self, im: torch.Tensor) -> torch.Tensor:
-        """q = normalize(f_q(im)), [B, C]."""
-        return F.normalize(self.encoder_q(im), dim=1)
+        """q = normalize(f_q(im)), [B, C] float32 (also under autocast: see :func:`fp32`)."""
+        return embed(self.encoder_q(im))
 
     @torch.no_grad()
     def encode_key(self, im: torch.Tensor, shuffle: KeyShuffle) -> torch.Tensor:
         """k = normalize(f_k(im)) with the batch shuffled around f_k, [B, C], no gradient."""
         x, handle = shuffle.shuffle(im)
-        k = F.normalize(self.encoder_k(x), dim=1)
-        return shuffle.unshuffle(k, handle)
+        return shuffle.unshuffle(embed(self.encoder_k(x)), handle)
 
     def forward(
         self,

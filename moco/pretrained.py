@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from torch import nn
 
 from moco.backbones import available_backbones, build_backbone
 from moco.checkpoint import PREFIX, CheckpointError, load_checkpoint, model_state
+from moco.runtime import default_workers, resolve_device  # noqa: F401  (re-exported)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -377,27 +377,6 @@ def load_encoder(ckpt_path: str | Path, arch: str | None = None, device: str | t
         assert info.head_dim is not None
         info.feature_dim = info.head_dim
     return model.to(resolve_device(device)), info
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; a clear error when CUDA is asked but absent."""
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return dev
-
-
-def default_workers(device: torch.device) -> int:
-    """Data-loading processes: cores - 1 on CPU, up to 8 with CUDA."""
-    cores = os.cpu_count() or 1
-    return min(8, cores) if device.type == "cuda" else max(1, cores - 1)
 
 
 @torch.no_grad()

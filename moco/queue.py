@@ -47,7 +47,8 @@ class KeyQueue(nn.Module):
                 f"cannot enqueue {n} keys into a queue of K={self.size}: choose --moco-k >= the "
                 "number of keys enqueued per step (global batch, x2 with --symmetric)"
             )
-        ptr = int(self.queue_ptr)
-        cols = (torch.arange(n, device=self.queue.device) + ptr) % self.size
-        self.queue[:, cols] = keys.detach().T.to(self.queue.dtype)
-        self.queue_ptr[0] = (ptr + n) % self.size
+        # Pointer arithmetic on the device: reading the pointer into Python would make the
+        # host wait for the GPU in the middle of every forward.
+        cols = (torch.arange(n, device=self.queue.device) + self.queue_ptr) % self.size
+        self.queue.index_copy_(1, cols, keys.detach().T.to(self.queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + n) % self.size)

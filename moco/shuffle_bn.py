@@ -9,11 +9,78 @@ behind the same :class:`KeyShuffle` interface.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moco.runtime import to_device
+
+_DIMS = (0, 3, 4)  # of [B/S, S, C, H, W]: what one split's statistics reduce over
+
+
+class _SplitBNChannelsLast(torch.autograd.Function):
+    """Training-mode SplitBatchNorm of a channels_last input, without changing its layout.
+
+    The NCHW path folds the S splits into the channels (``view(B/S, C·S, H, W)``), which a
+    channels_last tensor cannot do without two copies into NCHW and back. Here the input is
+    viewed as [B/S, S, C, H, W] (split s = samples s, s+S, ...: a view in either layout) and
+    normalised with the per-(split, channel) statistics, y = a·x + b with a = w·rstd,
+    b = bias - mean·a; the output has the input's layout. Statistics and coefficients are
+    float32 (bf16/fp16 inputs are read as they are and accumulated in float32).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, splits: int,
+                weight: torch.Tensor, bias: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n, c, h, w = x.shape
+        x5 = x.view(n // splits, splits, c, h, w)
+        m = (n // splits) * h * w
+        with torch.autocast(x.device.type, enabled=False):
+            if x.dtype in (torch.float32, torch.float64):
+                var, mean = torch.var_mean(x5, dim=_DIMS, correction=0)
+            else:  # E[x^2] - E[x]^2 in float32, without a float32 copy of x
+                mean = x5.mean(dim=_DIMS, dtype=torch.float32)
+                sq = torch.linalg.vector_norm(x5, 2, dim=_DIMS, dtype=torch.float32).square()
+                var = (sq / m - mean.square()).clamp_(min=0.0)
+            rstd = torch.rsqrt(var + eps)  # [S, C]
+            a = weight.to(rstd.dtype) * rstd
+            b = bias.to(rstd.dtype) - mean * a
+            out = torch.empty_like(x)  # the input's memory format
+            out5 = out.view(x5.shape)
+            if torch.compiler.is_compiling():
+                out5.copy_(torch.addcmul(b[:, :, None, None], x5, a[:, :, None, None]))
+            else:  # float32 arithmetic, written in x's dtype
+                torch.addcmul(b[:, :, None, None], x5, a[:, :, None, None], out=out5)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.mark_non_differentiable(mean, var)
+        ctx.splits = splits
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor, *_: torch.Tensor
+                 ) -> tuple[torch.Tensor | None, ...]:
+        x, weight, mean, rstd = ctx.saved_tensors
+        n, c, h, w = x.shape
+        splits = ctx.splits
+        m = (n // splits) * h * w
+        x5 = x.view(n // splits, splits, c, h, w)
+        g5 = g.reshape(x5.shape)
+        sum_g = g5.sum(dim=_DIMS, dtype=torch.float32)
+        sum_gx = (g5 * x5).sum(dim=_DIMS, dtype=torch.float32)
+        sum_gxhat = rstd * (sum_gx - mean * sum_g)  # Σ g·x̂ per (split, channel)
+        # dx = (w·rstd/m)(m·g - Σg - x̂·Σ(g·x̂)) = A·g + B·x + C
+        coef_a = weight.to(rstd.dtype) * rstd
+        coef_b = -coef_a * rstd * sum_gxhat / m
+        coef_c = -coef_a * sum_g / m - coef_b * mean
+        dx = torch.empty_like(x)
+        part = torch.addcmul(coef_c[:, :, None, None], x5, coef_b[:, :, None, None])
+        torch.addcmul(part, g5, coef_a[:, :, None, None], out=dx.view(x5.shape))
+        grad_w = sum_gxhat.sum(dim=0).to(weight.dtype)
+        grad_b = sum_g.sum(dim=0).to(weight.dtype)
+        return dx, None, grad_w, grad_b, None
 
 
 class SplitBatchNorm(nn.BatchNorm2d):
@@ -21,7 +88,8 @@ class SplitBatchNorm(nn.BatchNorm2d):
 
     Input [B, C, H, W] with B divisible by S. Split s holds samples s, s+S, s+2S, ...
     Running statistics become the average over the S per-split updates (REFERENCE.md §3.3).
-    In eval mode it is plain BN with the running statistics.
+    In eval mode it is plain BN with the running statistics. A channels_last input stays
+    channels_last (:class:`_SplitBNChannelsLast`), an NCHW one folds the splits into channels.
     """
 
     def __init__(self, num_features: int, num_splits: int, **kw: object) -> None:
@@ -41,6 +109,15 @@ class SplitBatchNorm(nn.BatchNorm2d):
                 "choose a batch size that is a multiple of the number of splits"
             )
         assert self.running_mean is not None and self.running_var is not None
+        momentum = self.momentum if self.momentum is not None else 0.1
+        if not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last):
+            out, mean, var = _SplitBNChannelsLast.apply(input, s, self.weight, self.bias, self.eps)
+            m = (n // s) * h * w
+            with torch.no_grad():  # the S per-split updates, averaged (var: unbiased)
+                self.running_mean.lerp_(mean.mean(dim=0).to(self.running_mean.dtype), momentum)
+                unbiased = var * (m / max(m - 1, 1))
+                self.running_var.lerp_(unbiased.mean(dim=0).to(self.running_var.dtype), momentum)
+            return out
         running_mean = self.running_mean.repeat(s)
         running_var = self.running_var.repeat(s)
         # [B, C, H, W] -> [B/S, C·S, H, W]: channel c·S... of row j is sample j·S + s.
@@ -51,7 +128,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
             self.weight.repeat(s),
             self.bias.repeat(s),
             True,
-            self.momentum if self.momentum is not None else 0.1,
+            momentum,
             self.eps,
         ).view(n, c, h, w)
         with torch.no_grad():
@@ -106,14 +183,16 @@ class NoShuffle:
 class LocalShuffle(NoShuffle):
     """Random permutation of the key batch on one device (the demo's ``_batch_shuffle_single_gpu``).
 
-    The permutation comes from ``generator`` (CPU), so a run is reproducible and resumable.
+    The permutation comes from ``generator`` (CPU), so a run is reproducible and resumable,
+    and the same on every device; on a GPU it is sent with a non-blocking copy (the host does
+    not wait for the GPU mid-forward).
     """
 
     def __init__(self, generator: torch.Generator) -> None:
         self.generator = generator
 
     def shuffle(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        perm = torch.randperm(x.shape[0], generator=self.generator).to(x.device)
+        perm = to_device(torch.randperm(x.shape[0], generator=self.generator), x.device)
         return x[perm], torch.argsort(perm)
 
     def unshuffle(self, k: torch.Tensor, handle: torch.Tensor | None) -> torch.Tensor:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from moco.loader import TrainLoader
-from moco.loss import info_nce, moco_logits, top1_accuracy
+from moco.loss import fp32, info_nce, moco_logits, top1_accuracy
 from moco.model import MoCo
 from moco.shuffle_bn import KeyShuffle
 
@@ -57,7 +57,8 @@ def _measure(model: MoCo, batches: list[tuple[torch.Tensor, torch.Tensor]], nega
         logits = moco_logits(q, k, negatives, model.t)
         loss += float(info_nce(logits))
         acc += top1_accuracy(logits)
-        cos += float((q.float() @ negatives.float()).mean())
+        with fp32(q.device.type):
+            cos += float((q.float() @ negatives.float()).mean())
     n = len(batches)
     return loss / n, acc / n, cos / n
 

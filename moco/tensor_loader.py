@@ -5,11 +5,12 @@ images -> batched augmentation on the training device (:mod:`moco.batch_augment`
   (:mod:`moco.cache`). Each step takes its indices from :func:`moco.data.epoch_order` (the
   same order as the PIL path), gathers the uint8 images, draws every view's parameters from a
   ``torch.Generator`` seeded by (seed, epoch, step) and augments on the device. On CUDA the
-  whole array is copied to the GPU once. A background thread can prepare the next batch
-  (``prefetch``); it is off by default: on a CPU the model already uses every core, and the
-  thread's work then slows the model's threads more than it saves (docs/benchmarks.md). On
-  CUDA it would hide the few milliseconds of parameter drawing and kernel launches behind the
-  step (the step ends with a host sync for its loss): not measured yet, hence off.
+  whole array is copied to the GPU once (when it takes under a quarter of the free memory).
+* Prefetch (``prefetch``): on CUDA, on by default, batch t+1 is augmented on a side stream
+  while step t runs on the main one (:func:`stream_prefetch`; the training step does not wait
+  for the GPU, so the host queues both). On the CPU a background thread can prepare the next
+  batch; it is off by default there: the model already uses every core, and the thread's work
+  then slows the model's threads more than it saves (docs/benchmarks.md).
 * :class:`DecodeTrainLoader`: for larger datasets, DataLoader workers decode each step's
   files to uint8 (short side ``short_side``, as the cache's mixed-size layout) and the main
   process augments the padded batch the same way.
@@ -38,8 +39,9 @@ from torch.utils.data import DataLoader, Dataset
 from moco.batch_augment import AugParams, BatchAugment, eval_resize
 from moco.cache import DecodedImages, cached_images, decode_resized
 from moco.config import MocoConfig
-from moco.data import DataError, EpochBatchSampler, ImageSource, epoch_order
+from moco.data import DataError, EpochBatchSampler, ImageSource, epoch_order, ignore_stop_signals
 from moco.loader import Batch
+from moco.runtime import normalize_device, same_device, to_device
 
 
 def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
@@ -93,18 +95,45 @@ def _finish(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, channels_last: 
     return Batch(q, k, idx)
 
 
+def stream_prefetch(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
+    """``batches`` with batch t+1's work queued on a side CUDA stream before batch t is handed
+    out: its copies and augmentation kernels overlap step t on the main stream. The main
+    stream waits for a batch's work before using it (``wait_stream``), and the batch's tensors
+    are marked as used there (``record_stream``) so the allocator does not hand their memory
+    back to the side stream while the step still reads them."""
+    side = torch.cuda.Stream(device)
+    main = torch.cuda.current_stream(device)
+
+    def produce() -> Batch | None:
+        side.wait_stream(main)  # what the main stream queued so far (e.g. the cache copy)
+        with torch.cuda.stream(side):
+            return next(batches, None)
+
+    cur = produce()
+    while cur is not None:
+        main.wait_stream(side)
+        for t in (cur.im_q, cur.im_k, cur.index):
+            if t.is_cuda:
+                t.record_stream(main)
+        following = produce()
+        yield cur
+        cur = following
+
+
 class TensorTrainLoader:
     """Decoded images in memory -> two augmented views per image, on ``device``.
 
     ``images``: uint8 [N,H,W,3] (and per-image ``sizes`` [N,2] for a mixed-size cache).
-    ``prefetch``: prepare batch t+1 in a background thread while batch t trains (default
-    off; see the module doc). ``aug_threads``: intra-op threads of the CPU augmentation
-    (default 1 on the CPU without prefetch, see :func:`torch_threads`; None: unchanged).
+    ``prefetch``: prepare batch t+1 while batch t trains: on a side stream on CUDA (default
+    on), in a background thread on the CPU (default off; see the module doc).
+    ``aug_threads``: intra-op threads of the CPU augmentation (default 1 on the CPU without
+    prefetch, see :func:`torch_threads`; None: unchanged).
     """
 
     def __init__(self, cfg: MocoConfig, images: DecodedImages, device: torch.device,
                  rank: int = 0, world_size: int = 1, prefetch: bool | None = None,
                  aug_threads: int | None = -1) -> None:
+        device = normalize_device(device)  # cuda -> cuda:<current>, as tensors report it
         self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
         self.decoded = images
         self.n = len(images)
@@ -120,7 +149,7 @@ class TensorTrainLoader:
             arr = arr.to(device)  # CIFAR-10: 150 MB, gathered on the GPU from then on
         self.images = arr
         self.sizes = torch.from_numpy(np.asarray(images.sizes)) if images.sizes is not None else None
-        self.prefetch = bool(prefetch)
+        self.prefetch = device.type == "cuda" if prefetch is None else prefetch
         if aug_threads == -1:
             aug_threads = 1 if device.type == "cpu" and not self.prefetch else None
         self.aug_threads = aug_threads
@@ -150,10 +179,9 @@ class TensorTrainLoader:
         if self.world_size > 1:
             p = _rank_params(p, self.global_batch, self.rank, self.batch)
         idx = gidx[self.rank * self.batch:(self.rank + 1) * self.batch]
-        imgs = self.images.index_select(0, idx.to(self.images.device))
-        if imgs.device != self.device:  # a large cache stays in host memory
-            imgs = imgs.pin_memory() if self.device.type == "cuda" else imgs
-            imgs = imgs.to(self.device, non_blocking=True)
+        imgs = self.images.index_select(0, to_device(idx, self.images.device))
+        if not same_device(imgs.device, self.device):  # a large cache stays in host memory
+            imgs = to_device(imgs, self.device)
         q, k = self.aug.two_views(imgs, p)
         return _finish(q, k, idx, self.cfg.channels_last_on(self.device.type))
 
@@ -163,6 +191,9 @@ class TensorTrainLoader:
         if not self.prefetch:
             for step in steps:
                 yield self.make_batch(order, epoch, step)
+            return
+        if self.device.type == "cuda":
+            yield from stream_prefetch((self.make_batch(order, epoch, s) for s in steps), self.device)
             return
         with ThreadPoolExecutor(1, thread_name_prefix="moco-aug") as pool:
             pending: Future[Batch] | None = None
@@ -228,7 +259,8 @@ class DecodeTrainLoader:
 
     def __init__(self, cfg: MocoConfig, source: ImageSource, device: torch.device, workers: int,
                  rank: int = 0, world_size: int = 1, short_side: int | None = None) -> None:
-        self.cfg, self.source, self.device, self.workers = cfg, source, device, workers
+        self.cfg, self.source, self.workers = cfg, source, workers
+        self.device = normalize_device(device)
         self.rank, self.world_size = rank, world_size
         self.global_batch = cfg.batch_size * world_size
         self.aug = BatchAugment(cfg.aug, cfg.image_size, cfg.crop_min_scale, cfg.mean, cfg.std)
@@ -246,11 +278,21 @@ class DecodeTrainLoader:
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Each rank decodes its own slice; the parameters of the global batch are drawn from
         (seed, epoch, step) and sliced, so views match the in-memory loader's for the same
-        decoded pixels."""
+        decoded pixels. On CUDA the augmentation of batch t+1 overlaps step t
+        (:func:`stream_prefetch`)."""
+        if self.device.type == "cuda":
+            yield from stream_prefetch(self._batches(epoch, start_step), self.device)
+        else:
+            yield from self._batches(epoch, start_step)
+
+    def _batches(self, epoch: int, start_step: int) -> Iterator[Batch]:
         sampler = self._sampler(epoch, start_step)
+        # The workers ignore SIGINT/SIGTERM sent to the whole process group (Ctrl-C, a
+        # scheduler's preemption): the main process finishes the step, saves and stops.
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.workers,
                             collate_fn=_first, pin_memory=self.device.type == "cuda",
-                            prefetch_factor=4 if self.workers else None)
+                            prefetch_factor=4 if self.workers else None,
+                            worker_init_fn=ignore_stop_signals if self.workers else None)
         order, _ = epoch_order(len(self.source), self.cfg.seed, epoch)
         b = self.cfg.batch_size
         for step, (imgs, sizes, replaced) in enumerate(loader, start=start_step):
@@ -269,7 +311,7 @@ class DecodeTrainLoader:
                 p = _rank_params(p, self.global_batch, self.rank, b)
             idx = gidx[lo:lo + b]
             with torch_threads(1 if self.device.type == "cpu" else None):
-                q, k = self.aug.two_views(imgs.to(self.device, non_blocking=True), p)
+                q, k = self.aug.two_views(to_device(imgs, self.device), p)
                 out = _finish(q, k, idx, self.cfg.channels_last_on(self.device.type))
             yield out
 

@@ -100,3 +100,41 @@ def test_gradient_matches_naive_autograd() -> None:
 def test_top1_accuracy() -> None:
     logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 1.0], [2.0, 2.5, -1.0], [9.0, 0.0, 0.0]])
     assert top1_accuracy(logits) == pytest.approx(50.0)
+
+
+# ----- issue 15, fault 5: logits and loss in float32 under autocast ------------------------------
+
+def test_logits_and_loss_are_float32_under_bf16_autocast() -> None:
+    """bf16 logits / T 0.07 would be off by ~0.03-0.06 and tie the positive with negatives in
+    the pretext accuracy; they are computed in float32 from float32 embeddings."""
+    g = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(64, 128, generator=g), dim=1)
+    k = F.normalize(torch.randn(64, 128, generator=g), dim=1)
+    queue = F.normalize(torch.randn(128, 4096, generator=g), dim=0)
+    ref = moco_logits(q, k, queue, 0.07)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = moco_logits(q, k, queue, 0.07)
+        loss = info_nce(logits)
+        assert (q @ queue).dtype == torch.bfloat16  # what autocast would have done
+    assert logits.dtype == torch.float32 and loss.dtype == torch.float32
+    torch.testing.assert_close(logits, ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(loss, info_nce(ref))
+
+
+def test_a_moco_step_under_bf16_autocast_has_float32_logits() -> None:
+    from moco.mechanisms import EndToEnd, MemoryBank, end_to_end_logits
+    from moco.model import MoCo, build_encoder
+
+    torch.manual_seed(0)
+    enc = build_encoder("resnet18", 16, mlp=False, cifar_stem=True, bn_splits=1)
+    x = torch.randn(4, 3, 8, 8)
+    for model in (MoCo(enc, dim=16, k=32, t=0.07, generator=torch.Generator().manual_seed(1)),
+                  EndToEnd(enc, t=0.07),
+                  MemoryBank(enc, num_samples=8, dim=16, k=8, per_query=True,
+                             generator=torch.Generator().manual_seed(1))):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, x.clone(), None, torch.arange(4))
+        assert out.logits.dtype == torch.float32 and out.loss.dtype == torch.float32
+    q = F.normalize(torch.randn(5, 16), dim=1).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert end_to_end_logits(q, q, 0.1).dtype == torch.float32

@@ -32,16 +32,22 @@ def _plain_copy(bn: SplitBatchNorm) -> nn.BatchNorm2d:
     return plain
 
 
-def _input(b: int, seed: int = 1) -> torch.Tensor:
+def _input(b: int, seed: int = 1, fmt: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     # Per-sample offsets so that the split statistics differ clearly.
-    return torch.randn(b, C, 5, 4, generator=g) * 2 + torch.arange(b, dtype=torch.float32)[:, None, None, None]
+    x = torch.randn(b, C, 5, 4, generator=g) * 2 + torch.arange(b, dtype=torch.float32)[:, None, None, None]
+    return x.contiguous(memory_format=fmt)
 
 
+FORMATS = [pytest.param(torch.contiguous_format, id="nchw"),
+           pytest.param(torch.channels_last, id="channels_last")]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize(("b", "s"), [(8, 4), (12, 3), (8, 2), (6, 6)])
-def test_train_equals_plain_bn_per_strided_split(b: int, s: int) -> None:
+def test_train_equals_plain_bn_per_strided_split(b: int, s: int, fmt: torch.memory_format) -> None:
     bn = _split_bn(s).train()
-    x = _input(b).requires_grad_(True)
+    x = _input(b, fmt=fmt).requires_grad_(True)
     out = bn(x)
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
     (out * upstream).sum().backward()
@@ -73,12 +79,13 @@ def test_splits_are_strided_not_contiguous() -> None:
     assert not torch.allclose(out, blocks, atol=1e-3)
 
 
-def test_running_stats_are_average_of_split_updates() -> None:
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_running_stats_are_average_of_split_updates(fmt: torch.memory_format) -> None:
     b, s = 12, 3
     bn = _split_bn(s).train()
     rm0, rv0 = bn.running_mean.clone(), bn.running_var.clone()
     nbt0 = int(bn.num_batches_tracked)
-    x = _input(b).double()
+    x = _input(b, fmt=fmt).double()
     bn.double()(x)
     means, vars_ = [], []
     for split in range(s):
@@ -119,11 +126,51 @@ def test_one_split_is_plain_bn() -> None:
     torch.testing.assert_close(bn.running_var, plain.running_var)
 
 
-def test_channels_last_input() -> None:
-    bn = _split_bn(2).train()
+def test_channels_last_stays_channels_last_and_matches_nchw() -> None:
+    """Issue 15, fault 6: a channels_last activation (the CUDA default) is normalised without
+    being turned into NCHW and back; output, gradients and running stats equal the NCHW path's."""
+    bn = _split_bn(4).train()
     bn2 = copy.deepcopy(bn)
-    x = _input(8)
-    torch.testing.assert_close(bn(x.contiguous(memory_format=torch.channels_last)), bn2(x))
+    x = _input(16).requires_grad_(True)
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    out, out_cl = bn2(x), bn(x_cl)
+    assert out_cl.is_contiguous(memory_format=torch.channels_last) and not out_cl.is_contiguous()
+    torch.testing.assert_close(out_cl, out, rtol=1e-5, atol=1e-5)
+    up = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    (out * up).sum().backward()
+    (out_cl * up.contiguous(memory_format=torch.channels_last)).sum().backward()
+    assert x_cl.grad is not None and x_cl.grad.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x_cl.grad, x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn.weight.grad, bn2.weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn.bias.grad, bn2.bias.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn.running_mean, bn2.running_mean)
+    torch.testing.assert_close(bn.running_var, bn2.running_var)
+
+
+def test_channels_last_gradients_are_exact() -> None:
+    """The channels_last path's hand-written backward, against finite differences."""
+    from moco.shuffle_bn import _SplitBNChannelsLast
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(8, 3, 4, 5, generator=g, dtype=torch.float64) * 2 + 1).contiguous(
+        memory_format=torch.channels_last).requires_grad_(True)
+    w = (torch.rand(3, generator=g, dtype=torch.float64) + 0.5).requires_grad_(True)
+    b = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, w, b: _SplitBNChannelsLast.apply(x, 4, w, b, 1e-5)[0],
+                                    (x, w, b))
+
+
+def test_channels_last_in_bf16_keeps_float32_statistics() -> None:
+    """Under bf16 autocast the activations are bf16: the output is bf16 and channels_last, with
+    statistics in float32 (close to the float32 result within bf16 rounding, even with a
+    mean far from zero)."""
+    bn = _split_bn(2).train()
+    ref = copy.deepcopy(bn)
+    x = (_input(8) * 0.5 + 40.0).to(torch.bfloat16)
+    out = bn(x.contiguous(memory_format=torch.channels_last))
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    expected = ref(x.float())
+    torch.testing.assert_close(out.float(), expected, rtol=0.02, atol=0.03)
 
 
 def test_batch_not_divisible_raises_clear_error() -> None:

@@ -201,3 +201,46 @@ def test_mixed_size_folder_end_to_end(tmp_path: Path) -> None:
     pil = torch.cat([x for x, _ in eval_batches(dataclasses.replace(cfg, loader="pil"), src, CPU, 0)])
     std = min(MocoConfig().std)
     assert (ours - pil).abs().mean() < 2 / 255 / std
+
+
+def test_sigterm_to_the_process_group_during_worker_decoding_saves_and_exits_0(
+        tiny_data: Path, tmp_path: Path) -> None:
+    """Issue 15, fault 2: `moco pretrain` decoding in DataLoader workers (the decoded cache
+    forbidden by MOCO_CACHE_MAX_GB=0, as at ImageNet scale) gets a real SIGTERM sent to its
+    whole process group, as SLURM --signal and Ctrl-C send it. The workers ignore it, the main
+    process finishes the step, saves and exits 0 (before: 'DataLoader worker ... killed by
+    signal', no checkpoint)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import TINY_FLAGS
+
+    from moco.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo), "MOCO_CACHE_MAX_GB": "0"}
+    cmd = [sys.executable, "-m", "moco", "pretrain", str(tiny_data), *TINY_FLAGS, "--output",
+           str(out), "--epochs", "100", "--knn-every", "0", "--loader", "tensor", "--workers", "2",
+           "--save-every-steps", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("checkpoint_*.pth.tar")) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, signal.SIGTERM)  # main process and its decoding workers
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "decoding in workers" in stderr, stderr
+    assert proc.returncode == 0, stderr
+    assert "stopped by signal 15" in stdout and "killed by signal" not in stderr
+    saved = sorted(out.glob("checkpoint_*.pth.tar"), key=lambda p: p.stat().st_mtime)
+    assert load_checkpoint(saved[-1])["moco"]["global_step"] >= 1
