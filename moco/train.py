@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
 import re
@@ -50,14 +49,22 @@ from moco.distributed import (
 )
 from moco.knn import extract_features, knn_accuracy
 from moco.loader import Batch, TrainLoader, eval_batches, make_train_loader
-from moco.loss import top1_accuracy
 from moco.machine import describe_machine
 from moco.mechanisms import Mechanism, build_mechanism
 from moco.model import MoCo, build_encoder
 from moco.runlog import RunLog, read_metrics
+from moco.runtime import (  # noqa: F401  (resolve_device, default_workers: re-exported)
+    configure_backends,
+    default_workers,
+    needs_grad_scaler,
+    precision_name,
+    resolve_device,
+    resolve_precision,
+)
 from moco.schedule import learning_rate
 from moco.shuffle_bn import KeyShuffle
 from moco.staleness import Staleness, measure_staleness
+from moco.training_step import EpochMeter, StepResult, train_step  # noqa: F401  (re-exported)
 
 Log = Callable[[str], None]
 CHECKPOINT_GLOB = "checkpoint_*.pth.tar"
@@ -66,32 +73,6 @@ CHECKPOINT_FORMAT = 1  # version of the "moco" entry; a newer one is refused on 
 
 class RunError(RuntimeError):
     """A run that cannot start or must stop, with a message that says why and what to do."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RunError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return dev
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. ``auto``: bf16 on CUDA (fp16 on old cards), fp32 on CPU."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision == "fp16" and device.type != "cuda":
-        raise RunError("--precision fp16 needs CUDA; on the CPU use bf16 or fp32")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def default_workers(device: torch.device, processes_here: int = 1) -> int:
-    """Loader workers per process (``-j -1``): this machine's cores shared by its processes."""
-    cores = max(1, (os.cpu_count() or 1) // processes_here)
-    return min(8, cores) if device.type == "cuda" else max(1, cores - 1)
 
 
 def build_model(cfg: MocoConfig, device: torch.device, num_samples: int | None = None) -> Mechanism:
@@ -127,35 +108,6 @@ def epoch_lr(cfg: MocoConfig, epoch: int) -> float:
     e = epoch + 1 if cfg.cos_one_based else epoch
     return learning_rate(cfg.effective_lr, e, cfg.epochs, cos=cfg.cos, milestones=cfg.schedule,
                          warmup_epochs=cfg.warmup_epochs)
-
-
-@dataclass
-class StepResult:
-    loss: float
-    acc1: float
-
-
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batch: Batch,
-    shuffle: KeyShuffle,
-    autocast_dtype: torch.dtype | None,
-    scaler: torch.amp.GradScaler | None = None,
-) -> StepResult:
-    """One optimisation step on a batch of two views [B,3,H,W] already on the device."""
-    with torch.autocast(batch.im_q.device.type, dtype=autocast_dtype or torch.float32,
-                        enabled=autocast_dtype is not None):
-        out = model(batch.im_q, batch.im_k, shuffle, batch.index)
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(out.loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        out.loss.backward()
-        optimizer.step()
-    return StepResult(float(out.loss.detach()), top1_accuracy(out.logits))
 
 
 @dataclass
@@ -245,6 +197,7 @@ class Pretrainer:
         self.device = resolve_device(cfg.device)
         self.dist = dist if dist is not None else init_distributed(self.device, cfg.dist_timeout)
         self.device = self.dist.local_device(self.device)
+        configure_backends(self.device)
         self.machine = describe_machine(self.device)  # named in every epoch record
         # --shuffle-bn auto resolved (ddp under torchrun, split on one process) after checking
         # that -b (the global batch) splits evenly over the ranks and that every rank got the
@@ -276,7 +229,8 @@ class Pretrainer:
         self.train_model: nn.Module = wrap_ddp(self.model, self.dist, self.device,
                                                sync_bn=self.shuffle_bn == "syncbn")
         self.scaler = (torch.amp.GradScaler("cuda")
-                       if self.autocast_dtype == torch.float16 else None)
+                       if needs_grad_scaler(self.autocast_dtype) else None)
+        self._meter: EpochMeter | None = None  # the current epoch's sums, on the device
         self.shuffle_rng = torch.Generator().manual_seed(cfg.seed + 2)
         self.shuffle: KeyShuffle = make_key_shuffle(self.shuffle_bn, self.dist, self.shuffle_rng)
         self.state = TrainState()
@@ -530,37 +484,40 @@ class Pretrainer:
                    disable=not self.progress, dynamic_ncols=True, leave=False)
         t0 = time.perf_counter()
         seconds_before = s.seconds
+        self._meter = meter = EpochMeter(self.device, s.loss_sum, s.acc_sum)
+        # Nothing is read back from the device between log points (moco.training_step); under
+        # torchrun the ranks agree on a stop request at log points only (an all-reduce).
         for batch in batches:
             r = train_step(self.train_model, self.optimizer, batch, self.shuffle,
                            self.autocast_dtype, self.scaler)
-            if not math.isfinite(r.loss):
-                kept = (f"the last good checkpoint, {self.last_checkpoint}, is kept"
-                        if self.last_checkpoint is not None else
-                        f"no checkpoint was saved yet in {self.run_dir}")
-                raise RunError(
-                    f"the loss became {r.loss} at epoch {s.epoch + 1}, step {s.epoch_step + 1} "
-                    f"(global step {s.global_step + 1}): training diverged and was stopped; "
-                    f"{kept}. Lower --lr (or check the data) and --resume auto, or start again")
+            meter.add(r, s.global_step + 1)
             s.epoch_step += 1
             s.global_step += 1
-            s.loss_sum += r.loss
-            s.acc_sum += r.acc1
             s.seconds = seconds_before + time.perf_counter() - t0
-            done = s.epoch_step
-            ips = (done * cfg.batch_size) / max(s.seconds, 1e-9)
             bar.update(1)
-            bar.set_postfix(loss=f"{s.loss_sum / done:.3f}", acc1=f"{s.acc_sum / done:.1f}",
-                            img_s=f"{ips:.0f}", lr=f"{lr:.4g}")
-            if s.global_step % cfg.print_freq == 0:
-                self.runlog.scalar("step/loss", r.loss, s.global_step)
-                self.runlog.scalar("step/acc1", r.acc1, s.global_step)
-            if self._stop_agreed(stop):
+            log_point = s.global_step % cfg.print_freq == 0
+            saving = bool(cfg.save_every_steps and s.global_step % cfg.save_every_steps == 0
+                          and s.epoch_step < steps)
+            stopping = (log_point or not self.dist.enabled) and self._stop_agreed(stop)
+            if log_point or saving or stopping:
+                self._read_meter()  # raises if a step diverged: nothing is saved after it
+            if log_point:
+                done = s.epoch_step
+                ips = (done * cfg.batch_size) / max(s.seconds, 1e-9)
+                bar.set_postfix(loss=f"{s.loss_sum / done:.3f}", acc1=f"{s.acc_sum / done:.1f}",
+                                img_s=f"{ips:.0f}", lr=f"{lr:.4g}")
+                self.runlog.scalar("step/loss", float(r.loss), s.global_step)
+                self.runlog.scalar("step/acc1", float(r.acc1), s.global_step)
+            if stopping:
                 bar.close()
                 return
-            if cfg.save_every_steps and s.global_step % cfg.save_every_steps == 0 and s.epoch_step < steps:
+            if saving:
                 self.save()
                 self._prune()
         bar.close()
+        self._read_meter()
+        s.seconds = seconds_before + time.perf_counter() - t0  # the GPU's work included
+        self._meter = None
         n = s.epoch_step
         train_seconds = s.seconds
         knn = None
@@ -597,6 +554,24 @@ class Pretrainer:
         s.epoch_step = 0
         s.loss_sum = s.acc_sum = s.seconds = 0.0
 
+    def _read_meter(self) -> None:
+        """Bring the epoch's sums from the device into ``self.state`` (a log point: the host
+        waits for the device); a step whose loss was not finite stops the run, naming it."""
+        if self._meter is None:
+            return
+        s = self.state
+        bad = self._meter.divergence()
+        if bad is not None:
+            kept = (f"the last good checkpoint, {self.last_checkpoint}, is kept"
+                    if self.last_checkpoint is not None else
+                    f"no checkpoint was saved yet in {self.run_dir}")
+            epoch_step = bad.global_step - (s.global_step - s.epoch_step)
+            raise RunError(
+                f"the loss became {bad.loss} at epoch {s.epoch + 1}, step {epoch_step} "
+                f"(global step {bad.global_step}): training diverged and was stopped; "
+                f"{kept}. Lower --lr (or check the data) and --resume auto, or start again")
+        s.loss_sum, s.acc_sum = self._meter.sums()
+
     def _source_name(self, index: int) -> str:
         files = self.train_source.files
         return str(files[index]) if files is not None else f"image {index}"
@@ -614,6 +589,7 @@ class Pretrainer:
             yield from batches
         except DataError as e:
             where = ""
+            self._read_meter()  # the steps done so far, into the checkpoint
             if self.state.global_step > 0 and not self.dist.enabled:
                 where = (f"; the {self.state.global_step} steps done are saved in {self.save()}: "
                          "continue with --resume auto")
@@ -639,7 +615,7 @@ class Pretrainer:
 
     def describe(self) -> str:
         cfg = self.cfg
-        prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
+        prec = precision_name(self.autocast_dtype)
         w = self.dist.world_size
         procs = f" = {w} processes x {cfg.batch_size // w} ({self.dist.backend})" if w > 1 else ""
         lr = (f"lr {cfg.effective_lr:.6g} (--lr {cfg.lr:g} x {cfg.batch_size}/256, --lr-scale linear)"

@@ -128,7 +128,8 @@ def test_single_process_without_torchrun(monkeypatch: pytest.MonkeyPatch) -> Non
     assert ctx.on_main(lambda: 7) == 7
     assert ctx.local_device(torch.device("cpu")) == torch.device("cpu")
     assert not dist.is_initialized()
-    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc_per_node 1
+    monkeypatch.setenv("WORLD_SIZE", "1")  # outside torchrun (no TORCHELASTIC_RUN_ID)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     assert not init_distributed(torch.device("cpu")).enabled
     model = nn.Linear(2, 2)
     assert wrap_ddp(model, ctx, torch.device("cpu")) is model
@@ -192,6 +193,73 @@ def test_ddp_shuffle_on_one_process_is_a_local_shuffle() -> None:
     assert not torch.equal(shuffled, x)
     k = IdEncoder()(shuffled)
     assert torch.equal(s.unshuffle(k, handle), IdEncoder()(x))
+
+
+def test_torchrun_with_one_process_joins_a_group_of_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`torchrun --nproc_per_node 1` runs the multi-process path on one process (how NCCL and
+    --shuffle-bn ddp are tested on a machine with one GPU): a group of one is joined."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    ctx = init_distributed(torch.device("cpu"), timeout_minutes=1.0)
+    try:
+        assert dist.is_initialized() and ctx.enabled and ctx.grouped and ctx.world_size == 1
+        assert resolve_shuffle_bn("auto", 1, grouped=True) == "split"
+        assert resolve_shuffle_bn("ddp", 1, grouped=True) == "ddp"
+        cfg = MocoConfig(shuffle_bn="ddp", batch_size=8)
+        assert resolve_for_world(cfg, ctx, torch.device("cpu")) == "ddp"
+        assert isinstance(make_key_shuffle("ddp", ctx, torch.Generator()), DDPShuffle)
+        assert ctx.agree_signal(15) == 15 and ctx.broadcast_object("x") == "x"
+        assert isinstance(wrap_ddp(nn.Linear(2, 2), ctx, torch.device("cpu")), nn.parallel.DistributedDataParallel)
+    finally:
+        shutdown_distributed()
+    assert not dist.is_initialized()
+
+
+def test_ddp_without_forward_sync_buffers_falls_back_to_broadcast_buffers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch 2.11 (the GPU machine's) has no `forward_sync_buffers`: `broadcast_buffers=False`
+    is used, and the buffers are broadcast once by hand, as the newer keyword does."""
+    made: list[dict[str, Any]] = []
+    sent: list[torch.Tensor] = []
+
+    class OldDDP:  # DistributedDataParallel.__init__ of torch 2.11, as far as keywords go
+        def __init__(self, module: nn.Module, device_ids: Any = None, output_device: Any = None,
+                     dim: int = 0, broadcast_buffers: bool = True) -> None:
+            made.append({"broadcast_buffers": broadcast_buffers})
+
+    monkeypatch.setattr("moco.distributed.DistributedDataParallel", OldDDP)
+    monkeypatch.setattr("moco.distributed.dist.broadcast", lambda t, src: sent.append(t))
+    model = nn.BatchNorm2d(3)
+    wrap_ddp(model, DistContext(world_size=2), torch.device("cpu"))
+    assert made == [{"broadcast_buffers": False}]
+    assert [t.data_ptr() for t in sent] == [b.data_ptr() for b in model.buffers()]
+
+
+def _shards_worker(ctx: DistContext, n: int) -> dict[str, Any]:
+    from moco.distributed import gather_shards, shard
+
+    rows = torch.tensor(shard(n, ctx.rank, ctx.world_size), dtype=torch.float32)
+    feats = torch.stack([rows, -rows], dim=1)  # row i of the whole set is [i, -i]
+    bn = nn.BatchNorm1d(2)
+    with torch.no_grad():
+        bn.running_mean.fill_(float(ctx.rank + 1))
+    ctx.broadcast_buffers(bn)
+    return {"all": gather_shards(feats, n), "mean": bn.running_mean.clone()}
+
+
+def test_the_knn_monitor_splits_its_images_over_the_ranks(tmp_path: Path) -> None:
+    """Each rank extracts features of every world-th image; gathered, they are in the original
+    order on every rank (an uneven split included); rank 0's BN statistics are the ones used."""
+    n = 7
+    results = spawn(_shards_worker, tmp_path, n)
+    expected = torch.stack([torch.arange(n, dtype=torch.float32), -torch.arange(n, dtype=torch.float32)], 1)
+    for r in results:
+        assert torch.equal(r["all"], expected)
+        assert torch.equal(r["mean"], torch.ones(2))
 
 
 # ----- two processes -----------------------------------------------------------------------

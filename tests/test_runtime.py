@@ -5,11 +5,13 @@ each CUDA decision is checked here without a GPU."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import moco.train as train_mod
 from moco.runtime import (
     DeviceError,
     configure_backends,
@@ -108,6 +110,38 @@ def test_native_bf16_counts_no_emulation(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
     assert native_bf16_here(torch.device("cuda", 0)) is False and asked == [False]
     assert native_bf16_here(torch.device("cpu")) is False
+
+
+def test_the_commands_share_one_resolve_device() -> None:
+    import moco.pretrained as pretrained
+
+    assert train_mod.resolve_device is resolve_device
+    assert pretrained.resolve_device is resolve_device
+
+
+def test_pretrainer_resolves_precision_and_sets_backends(monkeypatch: pytest.MonkeyPatch,
+                                                         tiny_data: Path, tmp_path: Path) -> None:
+    """The training run takes its precision and backend flags from moco.runtime."""
+    seen: list[tuple[str, torch.device]] = []
+    real = train_mod.resolve_precision
+
+    def spy(precision: str, device: torch.device, native_bf16: bool | None = None) -> torch.dtype | None:
+        seen.append((precision, device))
+        return real(precision, device, native_bf16)
+
+    configured: list[torch.device] = []
+    monkeypatch.setattr(train_mod, "resolve_precision", spy)
+    monkeypatch.setattr(train_mod, "configure_backends", configured.append)
+    from conftest import TINY_FLAGS
+
+    from moco.cli import build_parser
+    from moco.commands.pretrain import config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(
+        ["pretrain", str(tiny_data), *TINY_FLAGS, "--output", str(tmp_path / "r"), "--knn-every", "0"]))
+    p = train_mod.Pretrainer(cfg, log=lambda _m: None, progress=False)
+    p.runlog.close()
+    assert seen == [("auto", torch.device("cpu"))] and configured == [torch.device("cpu")]
 
 
 # ----- backends (fault 4: cudnn.benchmark) -------------------------------------------------------
