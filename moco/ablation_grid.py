@@ -35,27 +35,24 @@ asked). Then ``OUTPUT`` gets ``results.md`` and ``results.json`` (table), ``knn.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from moco.config import MocoConfig, build_config
+from moco.config import RUNTIME_SETTINGS, SETTINGS, MocoConfig, build_config, setting_key
+from moco.errors import ConfigError
 from moco.runlog import read_metrics
+from moco.settings import coerce, read_yaml_mapping
 
-#: Settings a re-run may change without invalidating a finished run.
-IGNORED_WHEN_COMPARING = frozenset({
-    "resume", "output", "workers", "print_freq", "keep_last", "save_every_steps", "knn_every",
-    "device", "dist_timeout", "staleness_every", "staleness_batches",
-})
+#: Settings a re-run may change without invalidating a finished run (declared in MocoConfig).
+IGNORED_WHEN_COMPARING = RUNTIME_SETTINGS
 FAILED_MARKER = "FAILED.txt"
+MAX_RUNS = 10_000
 RUNNER_KEYS = frozenset({"output", "resume"})
 
 
-class AblationError(ValueError):
+class AblationError(ConfigError):
     """A grid file or run folder that cannot be used, with what to change."""
 
 
@@ -98,18 +95,44 @@ class AblationSpec:
     source: Path | None = None
 
 
-def _norm_keys(d: dict[str, Any], where: str) -> dict[str, Any]:
-    out = {str(k).replace("-", "_"): v for k, v in d.items()}
-    bad = sorted(set(out) & RUNNER_KEYS)
-    if bad:
-        raise AblationError(f"{where}: {bad} are set by the runner (use the grid's 'output:' or "
-                            "--output for the folder); remove them")
-    known = {f.name for f in dataclasses.fields(MocoConfig)} | {"config"}
-    unknown = sorted(set(out) - known)
-    if unknown:
-        raise AblationError(f"{where}: unknown setting(s) {unknown}; use the long pretrain flags' "
-                            "names (moco_m or moco-m, train_subset, ...)")
+def _norm_keys(d: dict[str, Any], where: str, source: Path | str | None = None,
+               *, lists: bool = False) -> dict[str, Any]:
+    """Settings of a grid section keyed by field name, each value checked by MocoConfig's
+    declaration (with ``lists``: each value of a ``grid:`` list). Errors name the key and
+    where it is (``source``: the grid file, or ``--set``)."""
+    if not isinstance(d, dict):
+        raise AblationError(f"{where} must map setting names to values, got {type(d).__name__}")
+    out: dict[str, Any] = {}
+    src = f" of {source}" if isinstance(source, Path) else ""
+    for key, value in d.items():
+        if str(key).replace("-", "_") == "config":
+            out["config"] = value
+            continue
+        try:
+            name = setting_key(key, f"in {where}{src}")
+        except ConfigError as e:
+            raise AblationError(str(e)) from None
+        if name in RUNNER_KEYS:
+            raise AblationError(f"{where}{src}: {name} is set by the runner (use the grid's "
+                                "'output:' or --output for the folder); remove it")
+        def said(_k: str, key: Any = key, value: Any = value) -> str:
+            if source == "--set":
+                return f"--set {key}={value!r}"
+            return f"key '{key}' in {where}{src}"
+        if lists and (not isinstance(value, list) or not value):
+            raise AblationError(f"{where}{src}: {key} needs a non-empty list of values, "
+                                f"got {value!r}")
+        try:
+            out[name] = ([coerce(name, SETTINGS[name], v, said) for v in value] if lists
+                         else coerce(name, SETTINGS[name], value, said))
+        except ConfigError as e:
+            raise AblationError(str(e)) from None
     return out
+
+
+def check_set_values(values: dict[str, Any]) -> dict[str, Any]:
+    """``moco ablate --set KEY=VALUE`` values, each checked by MocoConfig's declaration."""
+    return _norm_keys(values, "--set", "--set")
 
 
 def fmt_value(v: Any) -> str:
@@ -131,7 +154,7 @@ def parse_spec(raw: dict[str, Any], name: str = "ablation", source: Path | None 
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise AblationError(f"unknown top-level key(s) {unknown}; allowed: {sorted(allowed)}")
-    base = _norm_keys(dict(raw.get("base") or {}), "base")
+    base = _norm_keys(raw.get("base") or {}, "base", source)
     config_path = None
     if "config" in base:
         config_path = Path(str(base.pop("config")))
@@ -142,13 +165,16 @@ def parse_spec(raw: dict[str, Any], name: str = "ablation", source: Path | None 
     grid = raw.get("grid") or {}
     if not isinstance(grid, dict):
         raise AblationError("'grid' must map setting names to lists of values")
-    grid = _norm_keys(grid, "grid")
+    grid = _norm_keys(grid, "grid", source, lists=True)
+    grid.pop("config", None)
     if grid:
-        values = []
-        for k, v in grid.items():
-            if not isinstance(v, list) or not v:
-                raise AblationError(f"grid: {k} needs a non-empty list of values, got {v!r}")
-            values.append(v)
+        values = list(grid.values())
+        total = 1
+        for v in values:
+            total *= len(v)
+        if total > MAX_RUNS:
+            raise AblationError(f"the grid of {source or 'the file'} has {total} combinations, "
+                                f"more than {MAX_RUNS}: split it into smaller grids")
         for combo in itertools.product(*values):
             settings = dict(zip(grid, combo, strict=True))
             runs.append(RunSpec(run_name(settings), settings))
@@ -157,7 +183,7 @@ def parse_spec(raw: dict[str, Any], name: str = "ablation", source: Path | None 
             raise AblationError(f"runs[{i}] must be a mapping with 'name' and settings")
         item = dict(item)
         rname = str(item.pop("name", "") or "")
-        settings = _norm_keys(item, f"runs[{i}]")
+        settings = _norm_keys(item, f"runs[{i}]", source)
         runs.append(RunSpec(rname or run_name(settings), settings))
     if not runs:
         raise AblationError("the grid has no runs: give 'grid:' and/or 'runs:'")
@@ -172,7 +198,7 @@ def parse_spec(raw: dict[str, Any], name: str = "ablation", source: Path | None 
     cost = None
     if raw.get("cost"):
         c = dict(raw["cost"])
-        settings = _norm_keys(dict(c.pop("settings", {}) or {}), "cost.settings")
+        settings = _norm_keys(c.pop("settings", {}) or {}, "cost.settings", source)
         try:
             cost = CostSpec(**c, settings=settings)
         except TypeError as e:
@@ -190,14 +216,7 @@ def parse_spec(raw: dict[str, Any], name: str = "ablation", source: Path | None 
 def load_spec(path: str | Path) -> AblationSpec:
     """Read a grid YAML file (see the module docstring)."""
     p = Path(path)
-    if not p.is_file():
-        raise AblationError(f"grid file {p} does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise AblationError(f"grid file {p} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise AblationError(f"grid file {p} must hold a mapping (base, grid/runs, ...)")
+    raw = read_yaml_mapping(p, "grid file", AblationError)
     return parse_spec(raw, name=p.stem, source=p)
 
 
@@ -239,8 +258,8 @@ def settings_mismatch(run_dir: Path, cfg: MocoConfig) -> list[str]:
     if not path.is_file():
         return []
     try:
-        saved = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
+        saved = read_yaml_mapping(path, "config file")
+    except ConfigError:
         return ["config.yaml: unreadable"]
     now = cfg.to_dict()
     diffs = []

@@ -30,6 +30,7 @@ into place, so an interrupted build leaves nothing a later run would trust.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -46,6 +47,7 @@ import numpy as np
 from PIL import Image
 
 from moco.data import DataError, ImageSource, open_rgb
+from moco.memory import available_memory
 
 CACHE_FORMAT = 1
 MEMORY_FRACTION = 0.5  # of the memory available when the cache is built
@@ -88,20 +90,6 @@ def default_cache_dir() -> Path:
 def resolve_cache_dir(cache_dir: str | Path | None) -> Path:
     """``cache_dir`` when given (``--cache-dir``), else :func:`default_cache_dir`."""
     return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-
-
-def available_memory() -> int:
-    """Bytes of memory available now (``MemAvailable``; total physical memory elsewhere)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
 
 
 def memory_budget() -> int:
@@ -149,12 +137,16 @@ def _entry_prefix(source: ImageSource) -> str:
 
 
 def _probe(path: Path) -> tuple[int, int]:
+    """(height, width) from the file's header; any failure (not an image, a decompression
+    bomb, an unreadable file) is a :class:`DataError`, so it follows --on-bad-image."""
     try:
         with Image.open(path) as img:
             w, h = img.size
             return h, w
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # OSError, DecompressionBombError, SyntaxError, struct.error, ...
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
 def resized_size(h: int, w: int, short_side: int) -> tuple[int, int, int, int]:
@@ -230,6 +222,47 @@ def _remove_stale(root: Path, prefix: str, keep: str) -> None:
             age = float("inf")
         if age > STALE_DAYS * 86400:
             shutil.rmtree(stale, ignore_errors=True)
+
+
+BUILDING = ".building"  # suffix of the hidden folder an entry is built in
+
+
+def _hold(folder: Path) -> int:
+    """An open descriptor of ``folder`` holding an exclusive ``flock`` on it: the mark of a
+    build in progress (the kernel drops it when the process dies, SIGKILL included)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return -1
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def remove_abandoned_builds(root: Path, log: Log = _stderr) -> list[Path]:
+    """Remove the hidden build folders (``.<entry>-XXXX.building``) that a build stopped by a
+    signal or a crash left in ``root``; a build still running (its process holds the
+    folder's lock) is left alone."""
+    removed = []
+    for p in root.glob(f".*{BUILDING}"):
+        if not p.is_dir() or p.is_symlink():
+            continue
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a build in progress
+        finally:
+            os.close(fd)
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    if removed:
+        log(f"removed {len(removed)} unfinished decoded-cache build(s) left in {root} by a "
+            "stopped run")
+    return removed
 
 
 def _parallel(fn: Callable[[int], None], n: int, workers: int) -> None:
@@ -311,7 +344,9 @@ def cached_images(source: ImageSource, cache_dir: str | Path | None = None, *,
             log(f"not enough disk space in {root} for a {nbytes / 2**30:.1f} GiB decoded cache: "
                 "decoding on the fly instead")
             return None
-        tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}-", dir=root))
+        remove_abandoned_builds(root, log)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}-", suffix=BUILDING, dir=root))
+        building = _hold(tmp)  # released when this process ends, however it ends
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # readable like any folder, not mkdtemp's 0700
@@ -372,6 +407,8 @@ def cached_images(source: ImageSource, cache_dir: str | Path | None = None, *,
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if building >= 0:
+            os.close(building)
     result = _open_entry(entry)
     if result is None:
         raise DataError(f"the decoded cache {entry} could not be read back; delete it and retry")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -17,12 +18,14 @@ from typing import Any, BinaryIO, cast
 
 import torch
 
+from moco.errors import MocoError
+
 PREFIX = "module."
 _OURS_TO_ORIGINAL = {"key_queue.queue": "queue", "key_queue.queue_ptr": "queue_ptr"}
 _ORIGINAL_TO_OURS = {v: k for k, v in _OURS_TO_ORIGINAL.items()}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MocoError, ValueError):
     """A checkpoint file that cannot be used, with the reason and the fix."""
 
 
@@ -128,42 +131,136 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def check_is_file(p: Path) -> None:
+    """:class:`CheckpointError` unless ``p`` is a file: a folder is named as one (with its
+    newest checkpoint, when it is a run folder), a missing path as missing."""
+    if p.is_dir():
+        inside = sorted(p.glob("checkpoint_*.pth.tar"), key=lambda c: c.stat().st_mtime)
+        hint = (f"; the newest checkpoint in it is {inside[-1]}" if inside else
+                "; give a checkpoint file (e.g. RUN/checkpoint_0199.pth.tar)")
+        raise CheckpointError(f"{p} is a folder, not a checkpoint file{hint}")
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    if not p.is_file():
+        raise CheckpointError(f"{p} is not a regular file (a device or a pipe?): not a checkpoint")
+
+
+def _refusal(e: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, without torch's advice to load
+    it unsafely: the Python object it holds (``GLOBAL os.system``)."""
+    text = str(e)
+    m = re.search(r"GLOBAL ([\w.]+)", text)
+    if m and m.group(1).startswith("numpy"):
+        return (f"it holds numpy arrays ({m.group(1)}): a pickle such as a detectron2 export, "
+                "not a torch checkpoint")
+    if m:
+        return f"it holds the Python object {m.group(1)}"
+    return "it holds Python objects beyond tensors and plain data"
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint on the CPU, tensors and plain data only. Raises :class:`CheckpointError`
     for a missing, truncated or foreign file."""
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint {p} does not exist")
+    check_is_file(p)
     unreadable = f"{p} is not a readable checkpoint (truncated, corrupt, or not saved by torch.save)"
     try:
         with p.open("rb") as f:
             head = f.read(4)
     except OSError as e:
-        raise CheckpointError(f"{unreadable}: {e.strerror}") from None
+        raise CheckpointError(f"cannot read the checkpoint {p}: {e.strerror or e}; fix its "
+                              "permissions") from None
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # zip, or a legacy pickle
         raise CheckpointError(f"{unreadable}: it is neither a torch.save zip file nor a pickle"
                               f"{' (it is empty)' if not head else ''}")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{unreadable}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        ) from None
-    except Exception as e:  # pickle.UnpicklingError for objects weights_only refuses
-        raise CheckpointError(
-            f"{p} holds objects that cannot be loaded safely (weights_only=True): "
-            f"{str(e).splitlines()[0]}"
-        ) from None
+    except Exception as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):  # UnpicklingError
+            raise CheckpointError(
+                f"{p} cannot be loaded safely: {_refusal(e)}, and loading it could run code; "
+                "it is refused (a checkpoint of moco, main_moco.py or torchvision holds tensors "
+                "only)") from None
+        if isinstance(e, (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError,
+                          KeyError, IndexError, TypeError, AttributeError)) or (
+                type(e).__name__ == "UnpicklingError"):
+            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise CheckpointError(f"{unreadable}: {first}") from None
+        raise
     if not isinstance(obj, dict):
         raise CheckpointError(f"{p} is not a checkpoint: it holds a {type(obj).__name__}, not a dict")
     return obj
+
+
+def describe_contents(obj: dict[str, Any]) -> str:
+    """What kind of file a loaded dict looks like, for 'X is ..., not a pretraining
+    checkpoint' messages (never the whole key list)."""
+    ours = obj.get("moco")
+    if isinstance(ours, dict) and ours.get("kind") == "lincls":
+        return "a moco lincls checkpoint (a linear classifier)"
+    state = obj.get("state_dict", obj)
+    keys = [str(k) for k in state] if isinstance(state, dict) else []
+    bare = [k[len(PREFIX):] if k.startswith(PREFIX) else k for k in keys]
+    if any(k.startswith("encoder_q.") for k in bare):
+        return "a MoCo pretraining checkpoint"
+    if "conv1.weight" in bare or any(k.startswith("layer1.") for k in bare):
+        return "a bare backbone state dict (e.g. moco export --format torchvision)"
+    if "model" in obj and obj.get("__author__") == "MOCO":
+        return "a detectron2 export"
+    sample = ", ".join(bare[:3])
+    return (f"a dict of {len(keys)} entries ({sample}{', ...' if len(bare) > 3 else ''})"
+            if keys else "a dict without weights")
+
+
+def first_nonfinite(state: dict[str, Any]) -> tuple[str, int] | None:
+    """(name, count) of the first floating-point tensor of ``state`` holding NaN or Inf."""
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel():
+            bad = int((~torch.isfinite(v)).sum())
+            if bad:
+                return k, bad
+    return None
+
+
+def check_finite(state: dict[str, Any], path: str | Path, what: str = "checkpoint") -> None:
+    """:class:`CheckpointError` naming the first tensor of ``state`` with NaN/Inf values: the
+    weights of a diverged run give NaN features, kNN figures and exports."""
+    bad = first_nonfinite(state)
+    if bad is not None:
+        name, n = bad
+        raise CheckpointError(
+            f"{path}: {what} tensor {name} holds {n} NaN/Inf value(s): the weights come from a "
+            "diverged run; use an earlier checkpoint of that run (or train again with a lower "
+            "--lr)")
+
+
+def state_mismatch(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """How ``state`` differs from ``module.state_dict()``, in one short line: counts and the
+    first few names (not torch's list of every key)."""
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing = [k for k in want if k not in got]
+    extra = [k for k in got if k not in want]
+    shapes = [k for k in want if k in got and want[k] != got[k]]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of its {len(want)} tensors missing (e.g. "
+                     f"{', '.join(missing[:2])})")
+    if extra:
+        parts.append(f"{len(extra)} unexpected (e.g. {', '.join(extra[:2])})")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} of another shape (e.g. {k}: {list(got[k])} in the file, "
+                     f"{list(want[k])} in the model)")
+    return "; ".join(parts) or "no difference in names or shapes"
 
 
 def model_state(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
     """The model weights of a loaded checkpoint (``state_dict``, or a bare state dict)."""
     state = ckpt.get("state_dict", ckpt)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} has no 'state_dict' of tensors: not a MoCo checkpoint")
+        raise CheckpointError(f"{path} has no 'state_dict' of tensors: it is "
+                              f"{describe_contents(ckpt)}, not a MoCo checkpoint")
     return state
 
 

@@ -1,20 +1,43 @@
-"""Pretraining configuration: one typed dataclass built from defaults, then a preset, then a
-YAML file, then command-line flags (each layer overrides the one before)."""
+"""Pretraining configuration: :class:`MocoConfig`, each setting declared once.
+
+Every field carries its flags, help, type, choices, range, role and scope in its metadata
+(:mod:`moco.settings`). From this one declaration come the ``moco pretrain`` flags and their
+help, the check of every value from every source, and the lists of settings that do not change
+training (:data:`RESUME_FREE`, :data:`RUNTIME_SETTINGS`) or may differ between ranks
+(:data:`PER_RANK_SETTINGS`).
+
+Values are layered: the defaults (``main_moco.py``'s, MoCo v1), then a preset, then a YAML file,
+then flags, each over the one before (:func:`build_config`). ``MocoConfig(preset="mocov2",
+lr=0.1)`` applies the preset under the values given.
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from moco.errors import ConfigError
+from moco.settings import (
+    Setting,
+    Source,
+    coerce,
+    declarations,
+    from_caller,
+    from_yaml,
+    read_yaml_mapping,
+    setting,
+)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the demo's constants (REFERENCE.md §6.1)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the demo's constants (the authors' CIFAR-10 notebook)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 AUGMENTATIONS = ("v1", "v2", "cifar-demo")
@@ -27,125 +50,211 @@ KNN_FEATURES = ("backbone", "head")
 LOADERS = ("auto", "tensor", "pil")
 MECHANISMS = ("moco", "end-to-end", "memory-bank")
 BAD_IMAGE_POLICIES = ("stop", "skip")
+CROPS = ("auto", "original", "short-side")
+DECODES = ("auto", "cpu", "gpu")
+MAX_SEED = 2**32 - 1
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # MoCo v1, ImageNet (main_moco.py's defaults).
+    "mocov1": {"arch": "resnet50", "lr": 0.03, "batch_size": 256, "epochs": 200,
+               "schedule": [120, 160], "cos": False, "moco_k": 65536, "moco_m": 0.999,
+               "moco_t": 0.07, "mlp": False, "aug": "v1", "wd": 1e-4},
+    # MoCo v2: + MLP head, τ 0.2, aug+, cosine.
+    "mocov2": {"arch": "resnet50", "lr": 0.03, "batch_size": 256, "epochs": 200,
+               "schedule": [120, 160], "cos": True, "moco_k": 65536, "moco_m": 0.999,
+               "moco_t": 0.2, "mlp": True, "aug": "v2", "wd": 1e-4},
+    # The authors' CIFAR-10 demo notebook.
+    "cifar10": {"arch": "resnet18", "cifar_stem": True, "moco_dim": 128, "moco_k": 4096,
+                "moco_m": 0.99, "moco_t": 0.1, "bn_splits": 8, "shuffle_bn": "auto",
+                "symmetric": False, "mlp": False, "lr": 0.06, "batch_size": 512,
+                "wd": 5e-4, "epochs": 200, "cos": True, "cos_one_based": True, "schedule": [],
+                "aug": "cifar-demo", "image_size": 32, "crop_min_scale": 0.08,
+                "mean": list(CIFAR_MEAN), "std": list(CIFAR_STD), "knn_k": 200, "knn_t": 0.1,
+                "knn_features": "head"},
+}
+
+_R, _M, _O, _A = "recipe", "model", "optimisation", "data and augmentation"
+_E, _U, _S = "monitoring", "run", "input pipeline and speed"
+GROUPS = (_R, _M, _O, _A, _E, _U, _S)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MocoConfig:
     """Everything a pretraining run depends on. Defaults are ``main_moco.py``'s (MoCo v1)."""
 
-    data: str = ""
-    arch: str = "resnet50"
-    cifar_stem: bool = False
-    epochs: int = 200
-    stop_after_epochs: int = 0
-    time_limit: float = 0.0
-    batch_size: int = 256
-    lr: float = 0.03
-    lr_scale: str = "none"
-    schedule: list[int] = field(default_factory=lambda: [120, 160])
-    cos: bool = False
-    cos_one_based: bool = False
-    warmup_epochs: int = 0
-    momentum: float = 0.9
-    wd: float = 1e-4
-    moco_dim: int = 128
-    moco_k: int = 65536
-    moco_m: float = 0.999
-    moco_t: float = 0.07
-    mlp: bool = False
-    aug: str = "v1"
-    image_size: int = 224
-    crop_min_scale: float = 0.2
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-    symmetric: bool = False
-    shuffle_bn: str = "auto"
-    bn_splits: int = 8
-    seed: int = 0
-    workers: int = -1
-    train_subset: int = 0
-    knn_every: int = 1
-    knn_k: int = 200
-    knn_t: float = 0.1
-    knn_features: str = "backbone"
-    staleness_every: int = 0
-    staleness_batches: int = 8
-    output: str = "runs/pretrain"
-    device: str = "auto"
-    precision: str = "auto"
-    channels_last: bool | str = "auto"  # auto: on CUDA only (slower on CPUs, docs/benchmarks.md)
-    loader: str = "auto"
-    cache_dir: str = ""
-    compile: bool = False
-    on_bad_image: str = "stop"
-    mechanism: str = "moco"
-    bank_momentum: float = 0.5
-    resume: str = ""
-    save_every_steps: int = 0
-    keep_last: int = 2
-    print_freq: int = 10
-    dist_timeout: float = 30.0
-    preset: str = ""
+    data: str = setting(
+        "", "data", group=_A, metavar="DATA", role="data", per_rank=True,
+        default_text="$MOCO_DATA, else ../shared/data/cifar10 when present",
+        help="dataset folder with train/ (and val/ or test/)")
+    arch: str = setting(
+        "resnet50", "-a", "--arch", group=_M,
+        help="backbone: resnet18/34/50/101/152, wide_resnet50_2, ... (moco.backbones)")
+    cifar_stem: bool = setting(False, "--cifar-stem", group=_M,
+                               help="3x3 stride-1 conv1 and no max-pool, for 32 px images")
+    epochs: int = setting(200, "--epochs", group=_O, min=1, help="number of epochs")
+    stop_after_epochs: int = setting(
+        0, "--stop-after-epochs", group=_O, min=0, metavar="N", role="runtime",
+        per_invocation=True, help="train only the first N epochs of the --epochs schedule, then "
+        "save and stop (0 = all); --resume auto continues the same schedule (this flag is not "
+        "kept for the resumed run)")
+    time_limit: float = setting(
+        0.0, "--time-limit", group=_O, min=0, metavar="MINUTES", role="runtime",
+        per_invocation=True, help="save and stop at the end of the last epoch whose training "
+        "fits in MINUTES (judged from the epochs so far; 0 = no limit); --resume auto continues "
+        "the same schedule (this flag is not kept for the resumed run)")
+    batch_size: int = setting(256, "-b", "--batch-size", group=_O, min=1,
+                              help="GLOBAL batch size over all processes; each of N torchrun "
+                              "processes gets b / N")
+    lr: float = setting(0.03, "--lr", "--learning-rate", group=_O, min=0, help="base lr")
+    lr_scale: str = setting(
+        "none", "--lr-scale", group=_O, choices=LR_SCALES, help="none: --lr is used as given "
+        "(the original); linear: lr = --lr x batch / 256 (the global batch, so independent of "
+        "the process count)")
+    schedule: list[int] = setting([120, 160], "--schedule", group=_O, min=0,
+                                  help="epochs at which lr is multiplied by 0.1; ignored with --cos")
+    cos: bool = setting(False, "--cos", group=_O, help="cosine lr schedule (per epoch)")
+    cos_one_based: bool = setting(False, "--cos-one-based", group=_O,
+                                  help="cosine lr at epoch + 1 (the CIFAR demo's schedule)")
+    warmup_epochs: int = setting(0, "--warmup-epochs", group=_O, min=0,
+                                 help="linear lr warmup epochs")
+    momentum: float = setting(0.9, "--momentum", group=_O, min=0, max=1, max_open=True,
+                              help="SGD momentum")
+    wd: float = setting(1e-4, "--wd", "--weight-decay", group=_O, min=0, help="weight decay")
+    moco_dim: int = setting(128, "--moco-dim", group=_M, min=1, help="feature dimension C")
+    moco_k: int = setting(65536, "--moco-k", group=_M, min=1, help="queue size K")
+    moco_m: float = setting(0.999, "--moco-m", group=_M, min=0, max=1, max_open=True,
+                            help="key-encoder momentum m")
+    moco_t: float = setting(0.07, "--moco-t", group=_M, min=0, min_open=True,
+                            help="softmax temperature T")
+    mlp: bool = setting(False, "--mlp", group=_M, help="MoCo v2 MLP head")
+    aug: str = setting(
+        "v1", "--aug", group=_A, choices=AUGMENTATIONS, help="augmentation recipe",
+        shortcuts=(("--aug-plus", "v2", "MoCo v2 augmentation (same as --aug v2)"),))
+    image_size: int = setting(224, "--image-size", group=_A, min=8, help="crop size in pixels")
+    crop_min_scale: float = setting(0.2, "--crop-min-scale", group=_A, min=0, min_open=True,
+                                    max=1, help="RandomResizedCrop minimum area fraction")
+    mean: list[float] = setting(list(IMAGENET_MEAN), "--mean", group=_A, length=3,
+                                metavar=("R", "G", "B"), help="per-channel mean of the "
+                                "normalisation")
+    std: list[float] = setting(list(IMAGENET_STD), "--std", group=_A, length=3, min=0,
+                               min_open=True, metavar=("R", "G", "B"),
+                               help="per-channel standard deviation of the normalisation")
+    symmetric: bool = setting(False, "--symmetric", group=_M, help="symmetric loss: "
+                              "loss(q1,k2)+loss(q2,k1), both key sets enqueued")
+    shuffle_bn: str = setting(
+        "auto", "--shuffle-bn", group=_M, choices=SHUFFLE_BN, help="shuffling BN: ddp = key "
+        "images shuffled across processes, each process's BN on its slice (the original; needs "
+        "torchrun); split = SplitBatchNorm + key-batch shuffle within each process; none = no "
+        "shuffle, BN over the same --bn-splits sub-batches (per-GPU BN without the shuffle: the "
+        "paper's ablation; --bn-splits 1 for plain BN); syncbn = SyncBatchNorm over the global "
+        "batch, no shuffle (comparison; GPUs only); auto = ddp under torchrun, split on one "
+        "process")
+    bn_splits: int = setting(8, "--bn-splits", group=_M, min=1, help="sub-batches of "
+                             "SplitBatchNorm")
+    seed: int = setting(0, "--seed", group=_U, min=0, max=MAX_SEED,
+                        help="seed for weights, data order and augmentation")
+    workers: int = setting(
+        -1, "-j", "--workers", group=_A, min=-1, max=1024, role="runtime", per_rank=True,
+        help="data-loading processes; -1 = cores - 1 on CPU, up to 8 on GPU")
+    train_subset: int = setting(0, "--train-subset", group=_A, min=0, help="pretrain on a "
+                                "class-balanced subset of N train images (kNN still uses the "
+                                "full train set as its bank); 0 = all")
+    knn_every: int = setting(1, "--knn-every", group=_E, min=0, role="runtime", help="kNN "
+                             "evaluation every N epochs, 0 = never; the last epoch is always "
+                             "evaluated")
+    knn_k: int = setting(200, "--knn-k", group=_E, min=1, role="evaluation", help="neighbours")
+    knn_t: float = setting(0.1, "--knn-t", group=_E, min=0, min_open=True, role="evaluation",
+                           help="kNN temperature")
+    knn_features: str = setting("backbone", "--knn-features", group=_E, choices=KNN_FEATURES,
+                                role="evaluation", help="kNN on pooled backbone features or "
+                                "on the head's output")
+    staleness_every: int = setting(
+        0, "--staleness-every", group=_E, min=0, role="runtime", help="every N epochs, measure "
+        "the loss against the queue vs against K keys freshly encoded by f_k (moco.staleness; "
+        "~K/B+2x--staleness-batches key-encoder batches, no training effect); 0 = never; single "
+        "process only")
+    staleness_batches: int = setting(8, "--staleness-batches", group=_E, min=1, role="runtime",
+                                     help="training batches the two dictionaries are compared on")
+    output: str = setting("runs/pretrain", "--output", group=_U, role="runtime",
+                          help="run folder (never inside DATA)")
+    device: str = setting("auto", "--device", group=_U, role="runtime",
+                          help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    precision: str = setting("auto", "--precision", group=_U, choices=PRECISIONS,
+                             help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    channels_last: bool | str = setting(
+        "auto", "--channels-last", group=_U, help="channels_last memory format: true, false or "
+        "auto (on CUDA only: slower on CPUs, docs/benchmarks.md)")
+    loader: str = setting(
+        "auto", "--loader", group=_S, choices=LOADERS, help="auto / tensor: decoded-image cache "
+        "(when the decoded images fit in memory, else decoding in workers) + batched "
+        "augmentation on the training device; pil: the original per-image PIL transforms in "
+        "DataLoader workers")
+    cache_dir: str = setting(
+        "", "--cache-dir", group=_S, role="runtime", per_rank=True, default_text="$MOCO_CACHE, "
+        "else ~/.cache/moco", help="folder of the decoded-image cache, never inside DATA")
+    compile: bool = setting(False, "--compile", group=_S, help="torch.compile the encoders "
+                            "(the first steps compile for a minute or more)")
+    crops: str = setting(
+        "auto", "--crops", group=_S, choices=CROPS, help="where the crop boxes are drawn: "
+        "original = on each file's original size, decoded each step (the papers' "
+        "RandomResizedCrop); short-side = from the decoded cache (images resized to short side "
+        "256 for 224 px crops: fewer source pixels per crop); auto = the cache when it keeps "
+        "every image whole (none larger than the training size, e.g. CIFAR, STL), else "
+        "original. Tar shards always use original")
+    decode: str = setting(
+        "auto", "--decode", group=_S, choices=DECODES, help="where original-size crops' JPEGs "
+        "are decoded: cpu = in the DataLoader workers; gpu = bytes read in the workers, each "
+        "batch decoded on the training GPU in one call (nvJPEG; other files on the CPU); "
+        "auto = gpu when training on CUDA")
+    shuffle_buffer: int = setting(
+        1000, "--shuffle-buffer", group=_S, min=1, help="tar shards: the samples each reader's "
+        "shuffle buffer holds (more mixes better and holds more encoded images in memory)")
+    on_bad_image: str = setting(
+        "stop", "--on-bad-image", group=_U, choices=BAD_IMAGE_POLICIES, help="an unreadable "
+        "image file or folder: stop = stop with an error naming it (after saving the steps "
+        "done); skip = replace an image by the next readable one and leave an unreadable folder "
+        "out, and count them (the count is logged and in metrics.jsonl as bad_images)")
+    mechanism: str = setting(
+        "moco", "--mechanism", group=_M, choices=MECHANISMS, help="contrastive mechanism (MoCo "
+        "v1 Figure 2): moco = momentum key encoder + queue; end-to-end = keys from the current "
+        "batch through the query encoder with gradients (K = batch - 1); memory-bank = InstDisc "
+        "bank, --moco-k negatives sampled from it")
+    bank_momentum: float = setting(0.5, "--bank-momentum", group=_M, min=0, max=1, max_open=True,
+                                   help="memory bank entry update v <- normalize(m v + (1-m) q) "
+                                   "(InstDisc's)")
+    resume: str = setting(
+        "", "--resume", group=_U, role="runtime", per_invocation=True, metavar="CKPT|auto",
+        help="checkpoint to resume from, or 'auto' for the newest readable one in --output; the "
+        "run folder's config.yaml supplies every setting not given as a flag, so 'moco pretrain "
+        "--output DIR --resume auto' continues a run")
+    save_every_steps: int = setting(0, "--save-every-steps", group=_U, min=0, role="runtime",
+                                    help="also checkpoint every N steps (0 = per epoch only)")
+    keep_last: int = setting(2, "--keep-last", group=_U, min=0, role="runtime",
+                             help="checkpoints to keep (0 = all)")
+    print_freq: int = setting(10, "-p", "--print-freq", group=_E, min=1, role="runtime",
+                              help="TensorBoard step scalars every N steps")
+    dist_timeout: float = setting(
+        30.0, "--dist-timeout", group=_U, min=0, min_open=True, max=525600, metavar="MINUTES",
+        role="runtime", help="under torchrun: a collective that waits longer fails and stops "
+        "the job (a dead or stuck rank); must exceed rank 0's kNN evaluation and checkpoint time")
+    preset: str = setting(
+        "", "--preset", group=_R, choices=("", *PRESETS), role="runtime", help="mocov1 / mocov2: "
+        "the papers' ImageNet recipes; cifar10: the authors' CIFAR-10 demo recipe")
+
+    def __post_init__(self) -> None:
+        check_fields(self, from_caller("MocoConfig"))
 
     def channels_last_on(self, device_type: str) -> bool:
         """Whether to use the channels_last memory format on a ``device_type`` device."""
         return device_type == "cuda" if self.channels_last == "auto" else bool(self.channels_last)
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first bad value and what would be accepted."""
-        checks: list[tuple[bool, str]] = [
-            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (self.stop_after_epochs >= 0, f"--stop-after-epochs must be >= 0, got {self.stop_after_epochs}"),
-            (self.time_limit >= 0 and self.time_limit != float("inf"),
-             f"--time-limit must be a finite number of minutes >= 0, got {self.time_limit}"),
-            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (self.lr >= 0, f"--lr must be >= 0, got {self.lr}"),
-            (self.wd >= 0, f"--wd must be >= 0, got {self.wd}"),
-            (0 <= self.moco_m < 1, f"--moco-m must be in [0, 1), got {self.moco_m}"),
-            (self.moco_t > 0, f"--moco-t must be > 0, got {self.moco_t}"),
-            (self.channels_last in (True, False, "auto"),
-             f"--channels-last must be true, false or auto, got {self.channels_last!r}"),
-            (self.moco_dim >= 1, f"--moco-dim must be >= 1, got {self.moco_dim}"),
-            (self.moco_k >= 1, f"--moco-k must be >= 1, got {self.moco_k}"),
-            (self.bn_splits >= 1, f"--bn-splits must be >= 1, got {self.bn_splits}"),
-            (self.image_size >= 8, f"--image-size must be >= 8, got {self.image_size}"),
-            (0 < self.crop_min_scale <= 1, f"--crop-min-scale must be in (0, 1], got {self.crop_min_scale}"),
-            (self.aug in AUGMENTATIONS, f"--aug must be one of {AUGMENTATIONS}, got {self.aug!r}"),
-            (self.shuffle_bn in SHUFFLE_BN, f"--shuffle-bn must be one of {SHUFFLE_BN}, got {self.shuffle_bn!r}"),
-            (self.lr_scale in LR_SCALES, f"--lr-scale must be one of {LR_SCALES}, got {self.lr_scale!r}"),
-            (self.dist_timeout > 0, f"--dist-timeout must be > 0 minutes, got {self.dist_timeout}"),
-            (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}"),
-            (self.knn_features in KNN_FEATURES, f"--knn-features must be one of {KNN_FEATURES}"),
-            (self.loader in LOADERS, f"--loader must be one of {LOADERS}, got {self.loader!r}"),
-            (self.mechanism in MECHANISMS, f"--mechanism must be one of {MECHANISMS}"),
-            (self.on_bad_image in BAD_IMAGE_POLICIES,
-             f"--on-bad-image must be one of {BAD_IMAGE_POLICIES}"),
-            (0 <= self.bank_momentum < 1, "--bank-momentum must be in [0, 1)"),
-            (self.knn_k >= 1 and self.knn_t > 0, "--knn-k must be >= 1 and --knn-t > 0"),
-            (self.staleness_every >= 0 and self.staleness_batches >= 1,
-             "--staleness-every must be >= 0 and --staleness-batches >= 1"),
-            (self.staleness_every == 0 or self.mechanism == "moco",
-             f"--staleness-every measures MoCo's queue; --mechanism {self.mechanism} has none"),
-            (len(self.mean) == 3 and len(self.std) == 3, "mean and std need 3 values (RGB)"),
-            (self.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
-            (self.save_every_steps >= 0 and self.keep_last >= 0,
-             "--save-every-steps and --keep-last must be >= 0"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
-        keys_per_step = self.batch_size * (2 if self.symmetric else 1)
-        if keys_per_step > self.moco_k:
-            raise ValueError(
-                f"--moco-k {self.moco_k} is smaller than the {keys_per_step} keys enqueued per step "
-                f"(batch {self.batch_size}{' x2 for --symmetric' if self.symmetric else ''}); "
-                "raise --moco-k or lower --batch-size"
-            )
-        if self.shuffle_bn in SPLIT_BN_MODES and self.batch_size % self.bn_splits:
-            raise ValueError(
-                f"--batch-size {self.batch_size} is not divisible by --bn-splits {self.bn_splits}; "
-                "SplitBatchNorm needs equal sub-batches"
-            )
+        """Check every field again (they may have been assigned since) and the settings
+        together; raise :class:`ConfigError` naming the first bad value and the fix."""
+        check_fields(self, lambda key: "in the configuration")
+        from moco.config_checks import check_combination
+
+        check_combination(self)
 
     @property
     def effective_lr(self) -> float:
@@ -158,64 +267,108 @@ class MocoConfig:
         return dataclasses.asdict(self)
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # MoCo v1, ImageNet (REFERENCE.md §4.2): the defaults.
-    "mocov1": {"arch": "resnet50", "lr": 0.03, "batch_size": 256, "epochs": 200,
-               "schedule": [120, 160], "cos": False, "moco_k": 65536, "moco_m": 0.999,
-               "moco_t": 0.07, "mlp": False, "aug": "v1", "wd": 1e-4},
-    # MoCo v2: + MLP head, τ 0.2, aug+, cosine.
-    "mocov2": {"arch": "resnet50", "lr": 0.03, "batch_size": 256, "epochs": 200,
-               "schedule": [120, 160], "cos": True, "moco_k": 65536, "moco_m": 0.999,
-               "moco_t": 0.2, "mlp": True, "aug": "v2", "wd": 1e-4},
-    # The authors' CIFAR-10 demo (REFERENCE.md §6).
-    "cifar10": {"arch": "resnet18", "cifar_stem": True, "moco_dim": 128, "moco_k": 4096,
-                "moco_m": 0.99, "moco_t": 0.1, "bn_splits": 8, "shuffle_bn": "auto",
-                "symmetric": False, "mlp": False, "lr": 0.06, "batch_size": 512,
-                "wd": 5e-4, "epochs": 200, "cos": True, "cos_one_based": True, "schedule": [],
-                "aug": "cifar-demo", "image_size": 32, "crop_min_scale": 0.08,
-                "mean": list(CIFAR_MEAN), "std": list(CIFAR_STD), "knn_k": 200, "knn_t": 0.1,
-                "knn_features": "head"},
+def _init_with_preset(init: Any) -> Any:
+    """``MocoConfig(preset=NAME, **values)`` = the defaults <- the preset <- ``values``."""
+    def __init__(self: MocoConfig, **values: Any) -> None:
+        preset = values.get("preset") or ""
+        if preset:
+            if not isinstance(preset, str) or preset not in PRESETS:
+                raise ConfigError(f"expected --preset to be one of {', '.join(PRESETS)}, got "
+                                  f"{preset!r} (given to MocoConfig)")
+            values = {**copy.deepcopy(PRESETS[preset]), **values}  # lists must not be shared
+        init(self, **values)
+
+    __init__.__doc__ = init.__doc__
+    __init__.__wrapped__ = init  # type: ignore[attr-defined]
+    return __init__
+
+
+MocoConfig.__init__ = _init_with_preset(MocoConfig.__init__)  # type: ignore[method-assign]
+
+#: ``{field name: its declaration}``, in field order.
+SETTINGS: dict[str, Setting] = declarations(MocoConfig)
+#: ``{field name: default value}`` (what the help shows).
+DEFAULTS: dict[str, Any] = {
+    f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[operator]
+    for f in dataclasses.fields(MocoConfig)}
+#: Settings that may change between a run and its resumption without changing the training.
+RESUME_FREE = frozenset(k for k, s in SETTINGS.items() if s.role != "training")
+#: Settings that change neither the training nor the reported figures (an ablation re-run may
+#: change them without invalidating a finished run).
+RUNTIME_SETTINGS = frozenset(k for k, s in SETTINGS.items() if s.role == "runtime")
+#: Settings that may differ between torchrun ranks (paths and worker counts of each machine).
+PER_RANK_SETTINGS = frozenset(k for k, s in SETTINGS.items() if s.per_rank)
+#: Settings of one invocation, never taken from the resumed run's config.yaml.
+PER_INVOCATION = frozenset(k for k, s in SETTINGS.items() if s.per_invocation)
+#: YAML / --set key spellings: field names, and every long flag without its dashes.
+KEY_NAMES: dict[str, str] = {
+    **{f.lstrip("-").replace("-", "_"): k for k, s in SETTINGS.items() for f in s.flags
+       if f.startswith("--")},
+    **{k: k for k in SETTINGS},
 }
 
 
-def _check_keys(values: dict[str, Any], where: str) -> None:
-    known = {f.name for f in fields(MocoConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown setting(s) {unknown}; known: {sorted(known)}")
+def check_fields(cfg: MocoConfig, source: Source) -> None:
+    """Check (and normalise: ``"false"`` -> False) every field of ``cfg`` in place."""
+    for name, s in SETTINGS.items():
+        setattr(cfg, name, coerce(name, s, getattr(cfg, name), source))
+
+
+def setting_key(key: Any, where: str) -> str:
+    """The field a YAML / ``--set`` key names (``moco-k``, ``moco_k``, ``learning_rate`` all
+    accepted), else :class:`ConfigError` with the closest known names."""
+    text = str(key).strip().replace("-", "_")
+    if text in KEY_NAMES:
+        return KEY_NAMES[text]
+    close = difflib.get_close_matches(text, list(KEY_NAMES), n=3, cutoff=0.6)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    raise ConfigError(f"unknown setting {str(key)!r} {where}{hint}; the keys are the long "
+                      "pretrain flags without the dashes (moco_k or moco-k, batch_size, ...)")
+
+
+def check_settings(values: dict[str, Any], source: Source, where: str) -> dict[str, Any]:
+    """``values`` keyed by field name, each checked by its declaration; an unknown key or a
+    bad value is a :class:`ConfigError` naming it and ``source``/``where``."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = setting_key(key, where)
+
+        def said(_name: str, key: Any = key) -> str:
+            return source(str(key))
+
+        out[name] = coerce(name, SETTINGS[name], value, said)
+    return out
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping of config fields (dashes or underscores both accepted)."""
+    """Read a YAML mapping of config fields (dashes or underscores both accepted), each value
+    checked by its declaration (errors name the key and the file)."""
     p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"config file {p} does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"config file {p} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"config file {p} must hold a mapping of settings, not {type(raw).__name__}")
-    values = {str(k).replace("-", "_"): v for k, v in raw.items()}
-    _check_keys(values, f"config file {p}")
-    return values
+    raw = read_yaml_mapping(p, "config file")
+    return check_settings(raw, from_yaml(p), f"in config file {p}")
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    """A copy of preset ``name``'s settings, or :class:`ConfigError` naming the presets."""
+    if name not in PRESETS:
+        raise ConfigError(f"expected --preset to be one of {', '.join(PRESETS)}, got {name!r}")
+    return check_settings(copy.deepcopy(PRESETS[name]), lambda key: f"preset {name}",
+                          f"in preset {name}")
 
 
 def build_config(
     preset: str | None = None,
     yaml_path: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
+    source: Source | None = None,
 ) -> MocoConfig:
-    """Defaults <- preset <- YAML file <- overrides (flags). A YAML file may name a preset."""
+    """Defaults <- preset <- YAML file <- overrides (flags). A YAML file may name a preset.
+    ``source`` names where the overrides came from in errors (default: the caller)."""
     file_values = load_yaml(yaml_path) if yaml_path else {}
-    overrides = dict(overrides or {})
-    _check_keys(overrides, "flags")
+    overrides = check_settings(dict(overrides or {}), source or from_caller("build_config"),
+                               "in the overrides")
     preset = overrides.get("preset") or preset or file_values.get("preset") or ""
-    values: dict[str, Any] = {}
-    if preset:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-        values.update(copy.deepcopy(PRESETS[preset]))  # lists must not be shared
+    values: dict[str, Any] = preset_values(preset) if preset else {}
     values.update(file_values)
     values.update(overrides)
     values["preset"] = preset

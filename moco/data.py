@@ -7,6 +7,8 @@ labeled (one sub-folder per class) or a flat folder of images (then kNN is skipp
 from __future__ import annotations
 
 import io
+import logging
+import os
 import pickle
 import signal
 from collections.abc import Iterator
@@ -18,6 +20,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
+from moco.errors import ConfigError, MocoError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CIFAR_FOLDERS = {"cifar-10-batches-py": "cifar10", "cifar-100-python": "cifar100"}
 
@@ -26,7 +30,7 @@ BAD_IMAGE_HINT = ("remove or replace the file, or pass --on-bad-image skip to re
                   "unreadable image by the next readable one (they are counted and reported)")
 
 
-class DataError(ValueError):
+class DataError(MocoError, ValueError):
     """A problem with the user's data, with a message that says how to fix it.
 
     Raised in a DataLoader worker, it reaches the main process re-created by torch with the
@@ -88,6 +92,7 @@ class ImageSource:
         self.labels = labels
         self.classes = classes or []
         self.name = name
+        self.unreadable_folders: list[str] = []  # left out under --on-bad-image skip
 
     def __len__(self) -> int:
         return len(self.files) if self.files is not None else len(self.array)  # type: ignore[arg-type]
@@ -111,36 +116,97 @@ class ImageSource:
         )
 
 
-def _images_in(folder: Path, recursive: bool) -> list[Path]:
-    """Image files by extension, sorted; hidden files (``.*``, e.g. macOS ``._x.jpg``) are not
-    images and are left out."""
-    it = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                  and not p.name.startswith("."))
+_log = logging.getLogger(__name__)
 
 
-def image_folder(folder: Path) -> ImageSource:
-    """ImageFolder layout (labeled) or a flat folder of images (unlabeled)."""
+def is_image_name(name: str) -> bool:
+    """An image file name: a known extension, not hidden (``.*``, e.g. macOS ``._x.jpg``)."""
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def images_under(folder: Path, unreadable: list[tuple[Path, str]]) -> list[Path]:
+    """Image files at any depth below ``folder``, sorted; hidden files and folders left out,
+    symbolic links to folders not followed. A folder that cannot be listed is appended to
+    ``unreadable`` as (folder, reason) instead of being skipped silently."""
+    found: list[Path] = []
+
+    def failed(e: OSError) -> None:
+        unreadable.append((Path(e.filename or folder), e.strerror or str(e)))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=failed):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [Path(dirpath, f) for f in filenames if is_image_name(f)
+                  and os.path.isfile(os.path.join(dirpath, f))]
+    return sorted(found)
+
+
+def image_folder(folder: Path, on_bad_image: str = "stop") -> ImageSource:
+    """ImageFolder layout (labeled: one sub-folder of images per class) or a flat folder of
+    images (unlabeled).
+
+    A folder that cannot be listed stops with a :class:`DataError` naming it; with
+    ``on_bad_image="skip"`` it is left out with a counted warning (its class, if it is one,
+    keeps its label). Images lying beside class folders that hold images are refused: which
+    of the two was meant cannot be told.
+    """
+    check_policy(on_bad_image)
+    folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder")
-    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    flat = _images_in(folder, recursive=False)
-    if class_dirs and not flat:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        raise DataError(f"cannot list the folder {folder}: {e.strerror or e}; fix its "
+                        "permissions") from None
+    class_dirs = [Path(e.path) for e in entries if not e.name.startswith(".") and _is_dir(e)]
+    flat = [Path(e.path) for e in entries if is_image_name(e.name) and _is_file(e)]
+    unreadable: list[tuple[Path, str]] = []
+    per_class = [images_under(d, unreadable) for d in class_dirs]
+    if unreadable:
+        where, why = unreadable[0]
+        if on_bad_image != "skip":
+            raise DataError(
+                f"cannot list the folder {where}: {why} ({len(unreadable)} unreadable folder(s) "
+                f"in {folder}); fix its permissions, remove it, or pass --on-bad-image skip to "
+                "leave it out (counted)")
+        _log.warning(f"--on-bad-image skip: left out {len(unreadable)} unreadable folder(s) of "
+                     f"{folder}, e.g. {where} ({why})")
+    labeled = [d for d, found in zip(class_dirs, per_class, strict=True) if found]
+    if flat and labeled:
+        raise DataError(
+            f"{folder} mixes {len(flat)} image file(s) (e.g. {flat[0].name}) with {len(labeled)} "
+            f"class folder(s) of images (e.g. {labeled[0].name}/): expected either one sub-folder "
+            "per class or only images; move the loose images into class folders (or elsewhere)")
+    if labeled:
         files: list[Path] = []
         labels: list[int] = []
-        for label, d in enumerate(class_dirs):
-            found = _images_in(d, recursive=True)
+        for label, found in enumerate(per_class):
             files += found
             labels += [label] * len(found)
-        if files:
-            return ImageSource(files=files, labels=labels, classes=[d.name for d in class_dirs],
-                               name=str(folder))
+        src = ImageSource(files=files, labels=labels, classes=[d.name for d in class_dirs],
+                          name=str(folder))
+        src.unreadable_folders = [str(p) for p, _ in unreadable]
+        return src
     if flat:
         return ImageSource(files=flat, name=str(folder))
     raise DataError(
         f"no images found in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)}); expected "
         "one sub-folder of images per class, or the images themselves"
     )
+
+
+def _is_dir(e: os.DirEntry[str]) -> bool:
+    try:
+        return e.is_dir()
+    except OSError:
+        return False
+
+
+def _is_file(e: os.DirEntry[str]) -> bool:
+    try:
+        return e.is_file()
+    except OSError:
+        return False
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -190,8 +256,12 @@ class DatasetSplits:
     test: ImageSource | None
 
 
-def find_dataset(root: str | Path) -> DatasetSplits:
-    """Resolve ``DATA`` to its train and val/test splits, with errors that say what to fix."""
+def find_dataset(root: str | Path, on_bad_image: str = "stop",
+                 cache_dir: str | Path | None = None) -> DatasetSplits:
+    """Resolve ``DATA`` to its train and val/test splits, with errors that say what to fix
+    (``on_bad_image``: what a folder that cannot be listed does, see :func:`image_folder`).
+    Folders are listed through their index in the cache folder (``cache_dir``, default
+    ``$MOCO_CACHE``; :mod:`moco.index`); ``DATA`` may also be tar shards (:mod:`moco.shards`)."""
     if not str(root):
         raise DataError("no data folder given: pass DATA, or set $MOCO_DATA")
     r = Path(root)
@@ -200,18 +270,64 @@ def find_dataset(root: str | Path) -> DatasetSplits:
     for folder in [r] + [r / n for n in CIFAR_FOLDERS]:
         if folder.name in CIFAR_FOLDERS and folder.is_dir():
             return DatasetSplits(cifar_python(folder, True), cifar_python(folder, False))
+    from moco.index import listed_folder
+    from moco.shards import find_shards
+
+    shards = find_shards(r, cache_dir)
+    if shards is not None:
+        return shards
     if not (r / "train").is_dir():
         raise DataError(
             f"{r} has no train/ folder: expected DATA/train/ (ImageFolder layout or a flat folder "
             "of images) and optionally DATA/val/ or DATA/test/, or a torchvision CIFAR python folder"
         )
-    train = image_folder(r / "train")
+    train: ImageSource = listed_folder(r / "train", on_bad_image, cache_dir, r)
     test = None
     for name in ("val", "test"):
         if (r / name).is_dir():
-            test = image_folder(r / name)
+            test = listed_folder(r / name, on_bad_image, cache_dir, r)
             break
     return DatasetSplits(train, test)
+
+
+def knn_splits(splits: DatasetSplits, data: str | Path, *, required: bool,
+               hint: str = "") -> tuple[ImageSource, ImageSource] | None:
+    """The (bank, queries) of a kNN evaluation: the labeled train split and the labeled
+    val/test split, the one check shared by ``moco knn`` and the training monitor.
+
+    Without a labeled pair: a :class:`DataError` when ``required``, else None (the monitor
+    skips kNN). Labeled splits whose class folders differ are always a DataError naming the
+    differences (labels are class indices: they would compare different classes); ``hint``
+    is appended to its fix.
+    """
+    train, test = splits.train, splits.test
+    if not train.labeled:
+        if required:
+            raise DataError(f"{data}/train is unlabeled: kNN needs one sub-folder per class")
+        return None
+    if test is None or not test.labeled:
+        if required:
+            raise DataError(f"{data} has no labeled val/ or test/ split for the kNN queries")
+        return None
+    if train.classes != test.classes:
+        raise DataError(f"{class_mismatch(train, test)}{hint}")
+    return train, test
+
+
+def class_mismatch(train: ImageSource, test: ImageSource) -> str:
+    """'the classes of A and B differ: ...' naming the first differences."""
+    a, b = train.classes, test.classes
+    only_a = [c for c in a if c not in set(b)]
+    only_b = [c for c in b if c not in set(a)]
+    parts = []
+    if only_a:
+        parts.append(f"{len(only_a)} only in {train.name} (e.g. {only_a[0]!r})")
+    if only_b:
+        parts.append(f"{len(only_b)} only in {test.name} (e.g. {only_b[0]!r})")
+    what = "; ".join(parts) or "the same names in another order"
+    return (f"the classes of {train.name} and {test.name} differ ({len(a)} vs {len(b)} class "
+            f"folders; {what}): the labels would not compare the same classes; give both "
+            "splits the same class folders")
 
 
 def class_balanced_subset(labels: list[int], n: int, seed: int) -> list[int]:
@@ -249,7 +365,7 @@ def class_balanced_subset(labels: list[int], n: int, seed: int) -> list[int]:
 
 def check_policy(policy: str) -> None:
     if policy not in ("stop", "skip"):
-        raise ValueError(f"--on-bad-image must be 'stop' or 'skip', got {policy!r}")
+        raise ConfigError(f"expected --on-bad-image to be stop or skip, got {policy!r}")
 
 
 def load_checked(source: ImageSource, index: int, policy: str = "stop") -> tuple[Image.Image, int]:

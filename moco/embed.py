@@ -22,7 +22,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from moco.data import IMAGE_EXTENSIONS, DataError, open_rgb
+from moco.data import IMAGE_EXTENSIONS, DataError, images_under, open_rgb
+from moco.errors import ConfigError
+from moco.paths import check_output, check_writable_parent
 
 OUTPUT_SUFFIXES = (".npy", ".safetensors")
 
@@ -36,9 +38,10 @@ class EmbedResult:
     sidecar: Path | None = None
 
 
-def list_images(root: str | Path) -> list[Path]:
-    """Image files under ``root`` (any depth, hidden folders skipped), sorted; or ``root``
-    itself when it is an image file."""
+def list_images(root: str | Path, skip_bad: bool = False) -> list[Path]:
+    """Image files under ``root`` (any depth, hidden files and folders skipped), sorted; or
+    ``root`` itself when it is an image file. A folder that cannot be listed is an error, or
+    with ``skip_bad`` a warning naming how many were left out."""
     r = Path(root)
     if r.is_file():
         if r.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -46,8 +49,18 @@ def list_images(root: str | Path) -> list[Path]:
         return [r]
     if not r.is_dir():
         raise DataError(f"{r} does not exist")
-    files = sorted(p for p in r.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                   and not any(part.startswith(".") for part in p.relative_to(r).parts))
+    unreadable: list[tuple[Path, str]] = []
+    files = images_under(r, unreadable)
+    if unreadable:
+        where, why = unreadable[0]
+        if not skip_bad:
+            raise DataError(f"cannot list the folder {where}: {why} ({len(unreadable)} "
+                            f"unreadable folder(s) under {r}); fix its permissions, or pass "
+                            "--skip-bad to leave it out")
+        import sys
+
+        print(f"moco embed: warning: left out {len(unreadable)} unreadable folder(s), e.g. "
+              f"{where} ({why})", file=sys.stderr)
     if not files:
         raise DataError(f"no images found under {r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return files
@@ -99,11 +112,17 @@ def embed_images(images: str | Path, pretrained: str | Path, out: str | Path, *,
 
     out_p = Path(out)
     if out_p.suffix not in OUTPUT_SUFFIXES:
-        raise ValueError(f"--out {out_p}: the file must end in .npy or .safetensors")
+        raise ConfigError(f"--out {out_p}: the file must end in .npy or .safetensors")
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        raise ConfigError(f"expected --batch-size >= 1, got {batch_size}")
     root = Path(images)
-    files = list_images(root)
+    files = list_images(root, skip_bad)
+    outputs = [out_p] + ([out_p.with_name(out_p.name + ".json")] if out_p.suffix == ".npy" else [])
+    for o in outputs:  # never over the checkpoint or an image, never inside IMAGES
+        check_output(o, "--out", files={"the checkpoint given as --pretrained": pretrained,
+                                        "an input image": files},
+                     folders={"the image folder": root if root.is_dir() else None})
+    check_writable_parent(out_p, "--out")
     dev = resolve_device(device)
     model, info = load_encoder(pretrained, arch, dev, features=features)
     size = image_size or info.image_size

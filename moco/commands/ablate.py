@@ -10,12 +10,20 @@ from typing import Any
 
 import yaml
 
+from moco.settings import NoAliasLoader
+
 
 def _setting(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as YAML (``true``, ``0.1``, ``[1, 2]``); the value is
+    checked against the setting's declaration in :func:`run`."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
-    return key.strip().replace("-", "_"), yaml.safe_load(value)
+    try:
+        return key.strip(), yaml.load(value, Loader=NoAliasLoader)  # noqa: S506 - safe loader
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the value is not valid YAML ({' '.join(str(e).split())})") from None
 
 
 def add_parser(sub: Any) -> None:
@@ -55,10 +63,17 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moco.ablate import ablate
-    from moco.ablation_grid import default_output, fmt_value, load_spec, run_config, run_status
+    from moco.ablation_grid import (
+        check_set_values,
+        default_output,
+        fmt_value,
+        load_spec,
+        run_config,
+        run_status,
+    )
 
     spec = load_spec(args.grid)
-    overrides = dict(args.settings)
+    overrides = check_set_values(dict(args.settings))
     if args.data:
         overrides["data"] = args.data
     output = Path(args.output) if args.output else default_output(spec)
@@ -71,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"cost: {spec.cost.mechanisms} x batch {spec.cost.batch_sizes}, "
                   f"{spec.cost.steps} steps each")
         return 0
+    if not args.report_only:  # every run's settings are checked before any run starts
+        for r in spec.runs:
+            run_config(spec, r, output / r.name, overrides).validate()
     report, outcomes = ablate(
         spec, output, overrides=overrides, only=args.only, overwrite=args.overwrite,
         retry_failed=args.retry_failed, cost=not args.no_cost, cost_only=args.cost_only,

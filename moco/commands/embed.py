@@ -37,8 +37,10 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moco.commands.common import check_numbers
     from moco.embed import embed_images
 
+    check_numbers(batch_size=args.batch_size, workers=args.workers, image_size=args.image_size)
     r = embed_images(args.images, args.pretrained, args.out, arch=args.arch,
                      features=args.features, image_size=args.image_size,
                      batch_size=args.batch_size, workers=args.workers, device=args.device,

@@ -72,7 +72,8 @@ def knn_evaluate(data: str | Path, pretrained: str | Path, *, arch: str | None =
     from tqdm import tqdm
 
     from moco.augment import eval_transform
-    from moco.data import DataError, find_dataset
+    from moco.commands.common import check_numbers
+    from moco.data import find_dataset, knn_splits
     from moco.knn import knn_accuracy
     from moco.pretrained import (
         default_workers,
@@ -82,40 +83,40 @@ def knn_evaluate(data: str | Path, pretrained: str | Path, *, arch: str | None =
         resolve_device,
     )
 
-    if k < 1 or t <= 0:
-        raise ValueError(f"--k must be >= 1 and --t > 0, got k={k}, t={t}")
-    if batch_size < 1 or bank_chunk < 1:
-        raise ValueError("--batch-size and --bank-chunk must be >= 1")
-    splits = find_dataset(data)
-    if not splits.train.labeled:
-        raise DataError(f"{data}/train is unlabeled: kNN needs one sub-folder per class")
-    if splits.test is None or not splits.test.labeled:
-        raise DataError(f"{data} has no labeled val/ or test/ split for the kNN queries")
-    if splits.train.classes != splits.test.classes:
-        raise DataError(f"the classes of {data}/train and its val/test split differ")
+    check_numbers(k=k, t=t, batch_size=batch_size, bank_chunk=bank_chunk, workers=workers,
+                  image_size=image_size)
+    # The same check of the splits as the training monitor's (moco.data.knn_splits).
+    bank_source, query_source = knn_splits(find_dataset(data), data, required=True)  # type: ignore[misc]
     dev = resolve_device(device)
     model, info = load_encoder(pretrained, arch, dev, features=features)
     tf = eval_transform(image_size or info.image_size, info.mean, info.std)
     nw = workers if workers >= 0 else default_workers(dev)
     t0 = time.perf_counter()
-    total = len(splits.train) + len(splits.test)
+    total = len(bank_source) + len(query_source)
     with tqdm(total=total, desc="features", unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
         bank, bank_labels = extract_into(
-            model, image_batches(splits.train, tf, batch_size, nw, dev), len(splits.train), dev,
+            model, image_batches(bank_source, tf, batch_size, nw, dev), len(bank_source), dev,
             normalize=True, dtype=torch.float16 if half_bank else torch.float32, progress=bar)
         query, query_labels = extract_into(
-            model, image_batches(splits.test, tf, batch_size, nw, dev), len(splits.test), dev,
+            model, image_batches(query_source, tf, batch_size, nw, dev), len(query_source), dev,
             normalize=True, progress=bar)
     t1 = time.perf_counter()
     top1, top5 = knn_accuracy(query.to(dev), query_labels, bank, bank_labels, k=k, t=t,
                               bank_chunk=bank_chunk)
     t2 = time.perf_counter()
-    return KnnResult(top1, top5, k, t, info.features, len(splits.train), len(splits.test),
+    return KnnResult(top1, top5, k, t, info.features, len(bank_source), len(query_source),
                      int(bank.shape[1]), t1 - t0, t2 - t1)
 
 
 def run(args: argparse.Namespace) -> int:
+    from moco.paths import check_output, check_writable_parent
+
+    if args.json:  # checked before the features are computed, never over an input
+        check_output(args.json, "--json", files={"the checkpoint given as --pretrained":
+                                                 args.pretrained},
+                     folders={"the data folder": args.data})
+        check_writable_parent(args.json, "--json")
     r = knn_evaluate(args.data, args.pretrained, arch=args.arch, k=args.k, t=args.t,
                      features=args.features, image_size=args.image_size,
                      batch_size=args.batch_size, workers=args.workers, device=args.device,
@@ -125,5 +126,8 @@ def run(args: argparse.Namespace) -> int:
           f"queries {r.num_queries}): top-1 {r.top1:.2f}%  top-5 {r.top5:.2f}%  "
           f"(features {r.extract_seconds:.1f} s, kNN {r.knn_seconds:.1f} s)")
     if args.json:
-        Path(args.json).write_text(json.dumps(asdict(r), indent=2) + "\n")
+        from moco.export import atomic_write
+
+        text = json.dumps(asdict(r), indent=2) + "\n"
+        atomic_write(Path(args.json), lambda f: f.write(text.encode()))
     return 0
