@@ -1,4 +1,13 @@
-"""Backbones by name: torchvision ResNets, optionally with the CIFAR stem (REFERENCE.md §6.2).
+"""Backbones by name (``-a/--arch``), optionally with the CIFAR stem (REFERENCE.md §6.2).
+
+* torchvision ResNets: ``resnet18`` ... ``resnet152``, ``resnext50_32x4d``,
+  ``resnext101_32x8d``, torchvision's ``wide_resnet50_2``/``wide_resnet101_2`` (bottleneck
+  widened only), and ``resnext50_32x8d`` (the MoCo paper's RX50, torchvision's ResNet class
+  with 32 groups of width 8);
+* the MoCo/CPC papers' wide ResNets, every layer k times wider: ``resnet50w2``,
+  ``resnet50w4`` (and ``resnet18w2/w4``, ``resnet34w2/w4``), see :mod:`moco.wide_resnet`;
+* ``timm:NAME``: any timm CNN with BatchNorm (optional dependency), see
+  :mod:`moco.timm_backbone`.
 
 Every backbone is a torchvision-style network whose last layer is ``fc``; MoCo replaces that
 ``fc`` by its projection head, so checkpoints keep the original key names
@@ -16,6 +25,12 @@ from dataclasses import dataclass
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.resnet import Bottleneck, ResNet
+
+from moco.errors import ConfigError
+from moco.timm_backbone import PREFIX as TIMM_PREFIX
+from moco.timm_backbone import build_timm_backbone, is_timm_arch
+from moco.wide_resnet import WIDE_RESNETS, wide_resnet
 
 NormLayer = Callable[[int], nn.Module]
 BackboneFactory = Callable[[NormLayer | None], nn.Module]
@@ -41,13 +56,46 @@ def _torchvision(name: str) -> BackboneFactory:
     return build
 
 
+def _wide(name: str) -> BackboneFactory:
+    def build(norm_layer: NormLayer | None) -> nn.Module:
+        return wide_resnet(name, norm_layer=norm_layer)
+
+    return build
+
+
+def _resnext50_32x8d(norm_layer: NormLayer | None) -> nn.Module:
+    """ResNeXt-50 32x8d, the MoCo v1 paper's RX50 (Table 1: 46M parameters); torchvision has
+    the class but no builder for this width."""
+    return ResNet(Bottleneck, [3, 4, 6, 3], groups=32, width_per_group=8, norm_layer=norm_layer)
+
+
 for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
               "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d"):
     register_backbone(_name, _torchvision(_name))
+for _name in WIDE_RESNETS:
+    register_backbone(_name, _wide(_name))
+register_backbone("resnext50_32x8d", _resnext50_32x8d)
 
 
 def available_backbones() -> list[str]:
+    """The registered names (``timm:NAME`` is accepted too but not listed)."""
     return sorted(_REGISTRY)
+
+
+def accepted_archs_text() -> str:
+    return f"{', '.join(available_backbones())}, or {TIMM_PREFIX}NAME for a timm CNN with BatchNorm"
+
+
+def is_known_arch(name: str) -> bool:
+    """Whether ``name`` is registered or has the ``timm:`` form (timm checks the rest)."""
+    return name in _REGISTRY or (is_timm_arch(name) and len(name) > len(TIMM_PREFIX))
+
+
+def check_arch(name: str) -> None:
+    """Raise :class:`ConfigError` (a ValueError) naming what is accepted unless ``name`` is a
+    known architecture."""
+    if not is_known_arch(name):
+        raise ConfigError(f"unknown architecture {name!r}; choose one of: {accepted_archs_text()}")
 
 
 @dataclass
@@ -60,18 +108,23 @@ class Backbone:
 
 def build_backbone(name: str, *, cifar_stem: bool = False, norm_layer: NormLayer | None = None) -> Backbone:
     """Build the named backbone with random weights (no download)."""
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"unknown architecture {name!r}; choose one of: {', '.join(available_backbones())}"
-        )
-    model = _REGISTRY[name](norm_layer)
+    check_arch(name)
+    if is_timm_arch(name):
+        if cifar_stem:
+            raise ConfigError(f"--cifar-stem replaces the stem of torchvision ResNets; {name} keeps "
+                              "its own: pass --cifar-stem false (or choose a torchvision ResNet)")
+        if norm_layer is not None:
+            raise ConfigError(f"{name}: a custom norm_layer is for torchvision ResNets only")
+        model: nn.Module = build_timm_backbone(name)
+    else:
+        model = _REGISTRY[name](norm_layer)
     if cifar_stem:
         width = int(model.conv1.out_channels)  # type: ignore[union-attr,arg-type]
         model.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
         model.maxpool = nn.Identity()
     fc = model.fc
     if not isinstance(fc, nn.Linear):
-        raise ValueError(f"backbone {name!r} must end in a Linear named 'fc'")
+        raise ConfigError(f"backbone {name!r} must end in a Linear named 'fc'")
     return Backbone(model=model, feature_dim=fc.in_features)
 
 
@@ -95,4 +148,4 @@ def feature_dim_of(encoder: nn.Module) -> int:
         first = fc[0] if isinstance(fc, nn.Sequential) else None
         if isinstance(first, nn.Linear):
             return first.in_features
-    raise ValueError("cannot infer the feature width of this encoder")
+    raise ConfigError("cannot infer the feature width of this encoder")

@@ -32,9 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moco.backbones import available_backbones, build_backbone
+from moco.backbones import accepted_archs_text, available_backbones, build_backbone, is_known_arch
 from moco.checkpoint import PREFIX, CheckpointError, load_checkpoint, model_state
+from moco.errors import ConfigError
 from moco.runtime import default_workers, resolve_device  # noqa: F401  (re-exported)
+from moco.timm_backbone import is_timm_arch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -179,11 +181,15 @@ def read_encoder(path: str | Path) -> EncoderWeights:
     elif "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
         layout = "torchvision"
         out = dict(zip(keys, state.values(), strict=True))
+    elif keys and all(k.startswith("body.") or _HEAD.match(k) for k in keys):
+        layout = "timm"  # a bare -a timm:NAME backbone (body.* + fc.*): a moco lincls checkpoint
+        out = dict(zip(keys, state.values(), strict=True))
     else:
         sample = ", ".join(list(state)[:3]) or "none"
         raise CheckpointError(
             f"{p} has no encoder_q weights (keys start with: {sample}): not a MoCo pretraining "
-            "checkpoint, nor a torchvision ResNet state dict")
+            "checkpoint, nor a torchvision ResNet state dict (a moco export --format timm file "
+            "is for timm.create_model, not for moco)")
     return EncoderWeights(out, layout, ckpt)
 
 
@@ -243,14 +249,14 @@ def resolve_arch(w: EncoderWeights, arch: str | None, path: str | Path) -> str:
     backbone = w.backbone
     cfg = _config_of(w) or {}
     recorded = w.ckpt.get("arch") or cfg.get("arch") or w.metadata.get("arch")
-    if arch is not None and arch not in available_backbones():
-        raise ValueError(f"unknown architecture {arch!r}; choose one of: "
-                         f"{', '.join(available_backbones())}")
+    if arch is not None and not is_known_arch(arch):
+        raise ConfigError(f"-a/--arch: unknown architecture {arch!r}; choose one of: "
+                          f"{accepted_archs_text()}")
     if arch is not None and recorded and recorded != arch:
         raise CheckpointError(f"{path} is a {recorded} checkpoint but --arch is {arch}; pass "
                               f"--arch {recorded} (or leave --arch out)")
     wanted = arch or recorded
-    if wanted and wanted in available_backbones():
+    if wanted and is_known_arch(wanted):
         if not _matches(wanted, backbone):
             found = infer_arch(backbone)
             if found is not None:
@@ -263,7 +269,8 @@ def resolve_arch(w: EncoderWeights, arch: str | None, path: str | Path) -> str:
     if found is None:
         name = f" ({wanted!r} is not a known architecture)" if wanted else ""
         raise CheckpointError(f"cannot tell the architecture of {path}{name}: its tensors match "
-                              f"none of {', '.join(available_backbones())}")
+                              f"none of {', '.join(available_backbones())} (a timm:NAME "
+                              "backbone must be named: pass -a timm:NAME)")
     return found
 
 
@@ -280,9 +287,12 @@ def describe_encoder(w: EncoderWeights, arch: str | None = None,
     """Architecture, stem, widths and preprocessing of the encoder in ``w``."""
     arch = resolve_arch(w, arch, path)
     conv1 = w.state.get("conv1.weight")
-    if conv1 is None:
+    if is_timm_arch(arch):
+        cifar_stem = False  # timm models keep their own stem
+    elif conv1 is None:
         raise CheckpointError(f"{path} has no conv1.weight: not a ResNet checkpoint")
-    cifar_stem = tuple(conv1.shape[-2:]) != (7, 7)
+    else:
+        cifar_stem = tuple(conv1.shape[-2:]) != (7, 7)
     backbone_dim = _pooled_dim(arch)
     cfg = _config_of(w) or {}
     meta = w.metadata

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moco.errors import ConfigError
 from moco.runtime import to_device
 
 _DIMS = (0, 3, 4)  # of [B/S, S, C, H, W]: what one split's statistics reduce over
@@ -137,14 +138,40 @@ class SplitBatchNorm(nn.BatchNorm2d):
         return out
 
 
+class SplitBatchNormAct(SplitBatchNorm):
+    """:class:`SplitBatchNorm` followed by the sub-modules of the BN it replaces, in order and
+    under the same names: timm's ``BatchNormAct2d`` (a BatchNorm2d subclass that applies its
+    ``drop`` then ``act`` children after normalising) keeps its activation and state-dict keys."""
+
+    AFTER = ("drop", "act")
+
+    def __init__(self, num_features: int, num_splits: int, after: dict[str, nn.Module],
+                 **kw: object) -> None:
+        super().__init__(num_features, num_splits, **kw)
+        if tuple(after) != self.AFTER[-len(after):]:
+            raise ConfigError(f"cannot convert a BatchNorm2d subclass with sub-modules "
+                              f"{list(after)} to SplitBatchNorm (only {list(self.AFTER)})")
+        for name, m in after.items():
+            self.add_module(name, m)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        out = super().forward(input)
+        for m in self.children():
+            out = m(out)
+        return out
+
+
 def convert_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
-    """Replace every ``BatchNorm2d`` in ``module`` by a :class:`SplitBatchNorm` (in place)."""
+    """Replace every ``BatchNorm2d`` in ``module`` by a :class:`SplitBatchNorm` (in place);
+    one with sub-modules (timm's ``BatchNormAct2d``) by a :class:`SplitBatchNormAct`."""
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d) and not isinstance(child, SplitBatchNorm):
-            new = SplitBatchNorm(
-                child.num_features, num_splits, eps=child.eps, momentum=child.momentum,
-                affine=child.affine, track_running_stats=child.track_running_stats,
-            ).to(device=child.weight.device, dtype=child.weight.dtype)
+            after = dict(child.named_children())
+            kw = dict(eps=child.eps, momentum=child.momentum, affine=child.affine,
+                      track_running_stats=child.track_running_stats)
+            new = (SplitBatchNormAct(child.num_features, num_splits, after, **kw) if after
+                   else SplitBatchNorm(child.num_features, num_splits, **kw)
+                   ).to(device=child.weight.device, dtype=child.weight.dtype)
             new.load_state_dict(child.state_dict())
             setattr(module, name, new)
         else:

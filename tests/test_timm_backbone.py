@@ -1,0 +1,114 @@
+"""``-a timm:NAME``: timm CNNs as MoCo backbones, SplitBatchNorm on timm's BatchNormAct2d, and
+``moco export --format timm`` loaded by ``timm.create_model(..., pretrained=True)``."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+timm = pytest.importorskip("timm")
+
+from timm.layers import BatchNormAct2d  # noqa: E402
+
+from moco.backbones import build_backbone  # noqa: E402
+from moco.errors import ConfigError  # noqa: E402
+from moco.model import build_encoder  # noqa: E402
+from moco.shuffle_bn import SplitBatchNorm, SplitBatchNormAct, convert_split_bn  # noqa: E402
+from moco.timm_backbone import TimmBackbone, convert_sync_batchnorm, timm_state_dict  # noqa: E402
+
+X = torch.randn(4, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+# A small timm CNN whose norm layers are BatchNormAct2d (BN + activation in one module).
+BN_ACT = "mobilenetv3_small_050"
+
+
+def test_backbone_is_the_timm_model_without_its_classifier() -> None:
+    torch.manual_seed(0)
+    b = build_backbone("timm:resnet26d")
+    assert isinstance(b.model, TimmBackbone) and b.feature_dim == 2048
+    ref = timm.create_model("resnet26d")
+    sd = b.model.body.state_dict()
+    assert set(sd) == {k for k in ref.state_dict() if not k.startswith("fc.")}
+    ref.load_state_dict({**sd, "fc.weight": ref.fc.weight, "fc.bias": ref.fc.bias})
+    b.model.fc = nn.Identity()
+    with torch.no_grad():
+        want = ref.eval().forward_head(ref.forward_features(X), pre_logits=True)
+        torch.testing.assert_close(b.model.eval()(X), want, rtol=0, atol=0)
+
+
+def test_feature_width_after_a_pre_logits_stage() -> None:
+    b = build_backbone(f"timm:{BN_ACT}")  # pool -> conv_head (1024) -> classifier
+    assert b.feature_dim == 1024
+    with torch.no_grad():
+        assert b.model.body.eval()(X).shape == (4, 1024)
+
+
+def test_errors() -> None:
+    with pytest.raises(ConfigError, match="no BatchNorm layer"):
+        build_backbone("timm:test_vit")
+    with pytest.raises(ConfigError, match="timm has no model named 'resnet_nope'"):
+        build_backbone("timm:resnet_nope")
+    with pytest.raises(ConfigError, match="keeps its own"):
+        build_backbone("timm:resnet26d", cifar_stem=True)
+
+
+def test_missing_timm_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm -> ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'momentum-contrast\[timm\]'"):
+        build_backbone("timm:resnet26d")
+
+
+def test_split_bn_keeps_the_activation_of_batchnormact() -> None:
+    torch.manual_seed(0)
+    net = build_backbone(f"timm:{BN_ACT}").model
+    n_bnact = sum(isinstance(m, BatchNormAct2d) for m in net.modules())
+    assert n_bnact > 10
+    split = convert_split_bn(copy.deepcopy(net), 2)
+    assert sum(isinstance(m, SplitBatchNormAct) for m in split.modules()) == n_bnact
+    assert not any(isinstance(m, BatchNormAct2d) for m in split.modules())
+    assert list(split.state_dict()) == list(net.state_dict())  # same names: exports unchanged
+    with torch.no_grad():
+        # eval: plain BN with the running statistics, then the activation
+        torch.testing.assert_close(split.eval()(X), net.eval()(X), rtol=0, atol=0)
+        # training: each strided sub-batch is normalised on its own, i.e. exactly the
+        # unconverted network in training mode run on that sub-batch alone
+        out = split.train()(X)
+        for s in range(2):
+            ref = copy.deepcopy(net).train()(X[s::2])
+            torch.testing.assert_close(out[s::2], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_moco_encoder_of_a_timm_model_with_split_bn() -> None:
+    enc = build_encoder(f"timm:{BN_ACT}", 16, mlp=True, cifar_stem=False, bn_splits=2)
+    assert any(isinstance(m, SplitBatchNorm) for m in enc.modules())
+    assert enc.fc[0].in_features == 1024
+    assert enc.train()(X).shape == (4, 16)
+
+
+def test_sync_batchnorm_keeps_the_activation() -> None:
+    from timm.layers.norm_act import SyncBatchNormAct
+
+    net = convert_sync_batchnorm(build_backbone(f"timm:{BN_ACT}").model)
+    assert any(isinstance(m, SyncBatchNormAct) for m in net.modules())
+    assert not any(type(m) is nn.SyncBatchNorm for m in net.modules())
+    r = convert_sync_batchnorm(build_backbone("resnet18").model)
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in r.modules()) == 20
+
+
+def test_timm_state_dict_has_the_default_head_at_a_fresh_init() -> None:
+    b = build_backbone("timm:resnet26d").model
+    backbone = {k: v for k, v in b.state_dict().items() if not k.startswith("fc.")}
+    sd, heads = timm_state_dict("timm:resnet26d", backbone, seed=3)
+    assert heads == ["fc.weight", "fc.bias"]
+    net = timm.create_model("resnet26d")
+    net.load_state_dict(sd)  # strict
+    torch.manual_seed(3)
+    fresh = timm.create_model("resnet26d")
+    assert torch.equal(sd["fc.weight"], fresh.fc.weight) and torch.equal(sd["fc.bias"], fresh.fc.bias)
+    with pytest.raises(ConfigError, match="does not fit timm's resnet26d"):
+        timm_state_dict("timm:resnet26d", {**backbone, "body.extra": torch.zeros(1)})
+    with pytest.raises(ConfigError, match="timm has no model named resnet50w2"):
+        timm_state_dict("resnet50w2", {})
