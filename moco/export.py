@@ -11,6 +11,15 @@ Formats:
 * ``safetensors``: the backbone tensors plus string metadata (``arch``, ``cifar_stem``,
   ``feature_dim``, ``image_size``, ``mean``, ``std``, ...), loadable with
   ``safetensors.torch.load_file`` and by :func:`moco.pretrained.load_backbone`.
+* ``timm``: a state dict under timm's names with the model's default classifier at timm's
+  fresh initialisation (pretraining trains none), so that ``timm.create_model(NAME,
+  pretrained=True, pretrained_cfg_overlay=dict(file=OUT))`` loads it strictly with the default
+  head; for ``-a timm:NAME`` backbones and for torchvision ResNets that timm has under the same
+  name (resnet50, resnext50_32x4d, ...). ``.safetensors`` output when ``OUT`` ends so, else
+  ``torch.save``.
+
+A torchvision-format file has no ``fc``: ``timm.create_model`` loads it only with
+``num_classes=0`` (timm then drops the classifier and loads the rest non-strictly).
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ import numpy as np
 import torch
 
 from moco.checkpoint import CheckpointError, torch_save
+from moco.detection.settings import c4_problem
+from moco.errors import ConfigError, OutputError
 from moco.pretrained import (
     EncoderWeights,
     PretrainedInfo,
@@ -36,8 +47,9 @@ from moco.pretrained import (
     describe_encoder,
     read_encoder,
 )
+from moco.timm_backbone import is_timm_arch, timm_name, timm_state_dict
 
-EXPORT_FORMATS = ("torchvision", "detectron2", "safetensors")
+EXPORT_FORMATS = ("torchvision", "detectron2", "safetensors", "timm")
 SAFETENSORS_FORMAT = "moco-backbone/1"
 
 
@@ -50,6 +62,7 @@ class ExportResult:
     num_tensors: int
     info: PretrainedInfo
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # how to load it (wide ResNets, timm)
 
 
 @contextlib.contextmanager
@@ -146,26 +159,52 @@ def _stem_warning(info: PretrainedInfo, consumer: str) -> list[str]:
             "replace conv1 by Conv2d(3, 64, 3, 1, 1, bias=False) and maxpool by Identity)"]
 
 
+def _builder_note(arch: str) -> list[str]:
+    """How to build the network a torchvision-format export of ``arch`` loads into, when it is
+    not ``torchvision.models.<arch>()``."""
+    from moco.wide_resnet import WIDE_RESNETS
+
+    if arch in WIDE_RESNETS:
+        return [f"{arch} is torchvision's ResNet with every layer {WIDE_RESNETS[arch][2]}x wider: "
+                f"build it with moco.wide_resnet.{arch}() and load_state_dict(sd, strict=False) "
+                "(only fc.weight and fc.bias missing)"]
+    if arch == "resnext50_32x8d":
+        return ["build it with torchvision.models.resnet.ResNet(Bottleneck, [3, 4, 6, 3], "
+                "groups=32, width_per_group=8) (or moco.backbones.build_backbone"
+                "('resnext50_32x8d').model) and load_state_dict(sd, strict=False)"]
+    return []
+
+
 def export_checkpoint(ckpt_path: str | Path, fmt: str, out: str | Path,
-                      arch: str | None = None) -> ExportResult:
+                      arch: str | None = None, *, seed: int = 0) -> ExportResult:
     """Export the query encoder of ``ckpt_path`` (any file :func:`load_backbone` accepts) to
-    ``out`` in format ``fmt`` (one of :data:`EXPORT_FORMATS`)."""
+    ``out`` in format ``fmt`` (one of :data:`EXPORT_FORMATS`). ``seed``: the timm format's
+    fresh classifier initialisation."""
     if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+        raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     src, dst = Path(ckpt_path), Path(out)
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
-        raise ValueError(f"--out {dst} is the input checkpoint; choose another file")
+        raise OutputError(f"--out {dst} is the input checkpoint; choose another file")
     w = read_encoder(src)
     info = describe_encoder(w, arch, src)
+    is_timm = is_timm_arch(info.arch)
+    if is_timm and fmt in ("torchvision", "detectron2"):
+        raise ConfigError(f"{info.arch} is a timm model, not a torchvision ResNet: export it with "
+                         "--format timm (for timm.create_model) or --format safetensors")
     # Load into the network once: the export holds exactly what the model accepts.
     backbone = build_features_model(w, info, path=src).state_dict()
     warnings: list[str] = []
+    notes: list[str] = []
     if fmt == "torchvision":
         warnings += _stem_warning(info, f"torchvision.models.{info.arch}()")
+        notes += _builder_note(info.arch)
         state = {k: v.detach().clone() for k, v in backbone.items()}
         atomic_write(dst, lambda f: torch_save(state, f))
         n = len(state)
     elif fmt == "detectron2":
+        problem = c4_problem(info.arch)
+        if problem is not None and not info.cifar_stem:
+            warnings.append(f"{problem}; the MoCo R-C4 configs will not build with these weights")
         warnings += _stem_warning(info, "detectron2 ResNet")
         if w.layout in ("torchvision", "safetensors"):
             warnings.append(f"{src} is a bare backbone ({w.layout}): only its backbone keys are "
@@ -175,6 +214,24 @@ def export_checkpoint(ckpt_path: str | Path, fmt: str, out: str | Path,
             obj = detectron2_checkpoint(_original_encoder_keys(w))
         atomic_write(dst, lambda f: pickle.dump(obj, f))
         n = len(obj["model"])
+    elif fmt == "timm":
+        if info.cifar_stem:
+            raise ConfigError(f"this {info.arch} has the CIFAR stem (3x3 conv1, no max-pool): "
+                             f"timm's {timm_name(info.arch)} has the 7x7 stem; export it as "
+                             "torchvision or safetensors")
+        tensors, heads = timm_state_dict(info.arch, backbone, seed=seed)
+        if dst.suffix == ".safetensors":
+            write_safetensors(dst, tensors, {"format": "pt", "source": src.name,
+                                             "arch": info.arch})
+        else:
+            atomic_write(dst, lambda f: torch_save(tensors, f))
+        n = len(tensors)
+        name = timm_name(info.arch)
+        notes.append(f"the classifier ({', '.join(heads)}) is timm's fresh initialisation, not "
+                     "trained (MoCo pretraining trains no classifier): fine-tune it, or build the "
+                     "model with num_classes=N for your classes")
+        notes.append(f"load with timm.create_model({name!r}, pretrained=True, "
+                     f"pretrained_cfg_overlay=dict(file={str(dst)!r}))")
     else:
         tensors = {k: v.detach().contiguous().clone() for k, v in backbone.items()}
         metadata = {
@@ -187,4 +244,4 @@ def export_checkpoint(ckpt_path: str | Path, fmt: str, out: str | Path,
         }
         write_safetensors(dst, tensors, metadata)
         n = len(tensors)
-    return ExportResult(dst, fmt, n, info, warnings)
+    return ExportResult(dst, fmt, n, info, warnings, notes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +113,28 @@ def test_timm_state_dict_has_the_default_head_at_a_fresh_init() -> None:
         timm_state_dict("timm:resnet26d", {**backbone, "body.extra": torch.zeros(1)})
     with pytest.raises(ConfigError, match="timm has no model named resnet50w2"):
         timm_state_dict("resnet50w2", {})
+
+
+def test_export_formats_for_timm_backbones(tmp_path: Path) -> None:
+    from moco.export import export_checkpoint
+    from moco.heads import linear_head
+
+    torch.manual_seed(0)
+    net = build_backbone(f"timm:{BN_ACT}").model
+    net.fc = linear_head(1024, 8)
+    ckpt = tmp_path / "c.pth.tar"
+    torch.save({"arch": f"timm:{BN_ACT}", "epoch": 1,
+                "state_dict": {f"module.encoder_q.{k}": v for k, v in net.state_dict().items()}},
+               ckpt)
+    for fmt in ("torchvision", "detectron2"):
+        with pytest.raises(ConfigError, match="--format timm"):
+            export_checkpoint(ckpt, fmt, tmp_path / "x")
+    r = export_checkpoint(ckpt, "timm", tmp_path / "m.safetensors")
+    assert any("fresh initialisation" in n for n in r.notes)
+    m = timm.create_model(BN_ACT, pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "m.safetensors")))
+    net.fc = nn.Identity()
+    with torch.no_grad():
+        want = net.eval()(X)
+        got = m.eval().forward_head(m.forward_features(X), pre_logits=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
