@@ -11,7 +11,7 @@ import torchvision
 from conftest import make_image_folder
 from original_layout import save_original_checkpoint
 
-import moco.lincls as lincls
+import moco.lincls_protocol as lincls_protocol
 from moco.checkpoint import load_checkpoint
 from moco.cli import main
 from moco.lincls import (
@@ -107,7 +107,7 @@ def test_sanity_check_catches_changed_backbone(setup: tuple[Path, Path], tmp_pat
     with pytest.raises(SanityCheckError, match=r"layer3\.1\.bn2\.running_mean"):
         sanity_check(model.state_dict(), ckpt)
     # A training loop that forgets eval(): BN statistics drift, the check after epoch 1 fails.
-    monkeypatch.setattr(lincls, "set_frozen_mode", lambda m: m.train())
+    monkeypatch.setattr(lincls_protocol, "set_frozen_mode", lambda m: m.train())
     with pytest.raises(SanityCheckError, match="running_mean|num_batches_tracked"):
         linear_classification(_cfg(data, ckpt, tmp_path / "bad", epochs=1), **QUIET)
     rc = main(["lincls", str(data), "--pretrained", str(ckpt), "--epochs", "1", "-b", "4", "-j",

@@ -16,7 +16,9 @@ def add_parser(sub: Any) -> None:
         "wd 0, batch 256, 100 epochs, lr x0.1 at 60 and 80. Reads DATA/train and DATA/val (or "
         "DATA/test). Writes OUTPUT/metrics.jsonl, checkpoint.pth.tar (last) and "
         "model_best.pth.tar. --fast trains on features computed once (no augmentation): much "
-        "faster on a CPU.",
+        "faster on a CPU. Many GPUs: torchrun --nproc_per_node N -m moco lincls ... (-b is the "
+        "global batch; the result equals one process's). SIGTERM/SIGINT save the step reached "
+        "and exit 0; --resume auto continues exactly.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("data", metavar="DATA", help="dataset folder with labeled train/ and val/ or "
@@ -35,8 +37,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=0.0, help="weight decay")
     p.add_argument("-e", "--evaluate", action="store_true",
                    help="only evaluate the model of --resume on the val split")
-    p.add_argument("--resume", default="", metavar="PATH",
-                   help="continue from a checkpoint.pth.tar written by moco lincls")
+    p.add_argument("--resume", default="", metavar="PATH|auto",
+                   help="continue from a checkpoint.pth.tar written by moco lincls; auto: from "
+                   "OUTPUT/checkpoint.pth.tar when it exists, else start from --pretrained")
     p.add_argument("--fast", action="store_true",
                    help="compute the frozen features once (no augmentation) and train the linear "
                    "layer on them: same optimizer and schedule, much faster on CPUs")
@@ -45,6 +48,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-j", "--workers", type=int, default=-1, help="data-loading processes "
                    "(-1: cores - 1 on CPU, up to 8 with CUDA)")
     p.add_argument("--seed", type=int, default=0, help="seed for the fc init, order and augmentation")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="the frozen backbone's forward: bf16 autocast, or fp32 (the original's "
+                   "numerics); auto = bf16 on a GPU that supports it, fp32 on the CPU. fc, its loss "
+                   "and update are always fp32")
+    p.add_argument("--dist-timeout", type=float, default=30.0, metavar="MIN",
+                   help="under torchrun: minutes a process waits for the others before failing")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--output", default="runs/lincls", help="run folder")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
@@ -61,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         momentum=args.momentum, wd=args.wd, workers=args.workers, seed=args.seed,
         device=args.device, output=args.output, resume=args.resume, evaluate=args.evaluate,
         fast=args.fast, image_size=args.image_size, overwrite=args.overwrite,
+        precision=args.precision, dist_timeout=args.dist_timeout,
     )
     try:
         linear_classification(cfg, progress=not args.no_progress)
