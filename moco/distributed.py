@@ -330,7 +330,9 @@ def wrap_ddp(model: nn.Module, ctx: DistContext, device: torch.device,
     if not ctx.enabled:
         return model
     if sync_bn:
-        nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        from moco.timm_backbone import convert_sync_batchnorm  # keeps timm's BN + activation
+
+        convert_sync_batchnorm(model)
     ids = [device.index] if device.type == "cuda" else None
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
         return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
