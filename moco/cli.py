@@ -8,7 +8,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("pretrain", "lincls", "knn", "export", "embed", "ablate", "detectron2_config")
+COMMANDS = ("pretrain", "lincls", "knn", "export", "embed", "ablate", "detectron2_config", "shard")
 
 
 class UserError(Exception):

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from moco.data import IMAGE_EXTENSIONS, DataError, images_under, open_rgb
 from moco.errors import ConfigError
 from moco.paths import check_output, check_writable_parent
+from moco.shards import ShardSource, shard_source
 
 OUTPUT_SUFFIXES = (".npy", ".safetensors")
 
@@ -83,10 +84,30 @@ class _Files(Dataset[tuple[torch.Tensor, int]]):
             return torch.zeros(3, self.size, self.size), -1 - i
 
 
+class _Samples(_Files):
+    """:class:`_Files` over the samples of tar shards (:mod:`moco.shards`)."""
+
+    def __init__(self, source: ShardSource, transform: Any, size: int) -> None:
+        super().__init__([], transform, size)
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        try:
+            return self.transform(self.source.load(i)), i
+        except DataError:
+            return torch.zeros(3, self.size, self.size), -1 - i
+
+
 def _checked(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], files: list[Path],
-             skip_bad: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+             skip_bad: bool, shards: ShardSource | None = None
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for x, idx in batches:
         bad = idx[idx < 0]
+        if len(bad) and not skip_bad and shards is not None:
+            shards.load(-1 - int(bad[0]))  # raises its DataError, naming the sample
         if len(bad) and not skip_bad:
             f = files[-1 - int(bad[0])]
             try:
@@ -116,7 +137,8 @@ def embed_images(images: str | Path, pretrained: str | Path, out: str | Path, *,
     if batch_size < 1:
         raise ConfigError(f"expected --batch-size >= 1, got {batch_size}")
     root = Path(images)
-    files = list_images(root, skip_bad)
+    shards = shard_source(root)  # a .tar shard or a folder of them: their samples
+    files = list_images(root, skip_bad) if shards is None else []
     outputs = [out_p] + ([out_p.with_name(out_p.name + ".json")] if out_p.suffix == ".npy" else [])
     for o in outputs:  # never over the checkpoint or an image, never inside IMAGES
         check_output(o, "--out", files={"the checkpoint given as --pretrained": pretrained,
@@ -128,14 +150,16 @@ def embed_images(images: str | Path, pretrained: str | Path, out: str | Path, *,
     size = image_size or info.image_size
     tf = eval_transform(size, info.mean, info.std)
     nw = workers if workers >= 0 else default_workers(dev)
-    loader = DataLoader(_Files(files, tf, size), batch_size=batch_size, shuffle=False,
+    data = _Files(files, tf, size) if shards is None else _Samples(shards, tf, size)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False,
                         num_workers=nw, pin_memory=dev.type == "cuda")
-    with tqdm(total=len(files), desc="embed", unit="img", disable=not progress,
+    with tqdm(total=len(data), desc="embed", unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
-        emb, index = extract_into(model, _checked(loader, files, skip_bad), len(files), dev, normalize=normalize, progress=bar)
+        emb, index = extract_into(model, _checked(loader, files, skip_bad, shards), len(data), dev, normalize=normalize, progress=bar)
     ok = index >= 0
     base = root if root.is_dir() else root.parent
-    names = [p.relative_to(base).as_posix() for p in files]
+    names = ([p.relative_to(base).as_posix() for p in files] if shards is None else
+             [shards.short_name(i) for i in range(len(shards))])
     skipped = [n for n, good in zip(names, ok.tolist(), strict=True) if not good]
     if skipped:
         emb = emb[ok]

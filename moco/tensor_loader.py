@@ -40,7 +40,7 @@ from moco.batch_augment import AugParams, BatchAugment, eval_resize
 from moco.cache import DecodedImages, cached_images, decode_resized
 from moco.config import MocoConfig
 from moco.data import DataError, EpochBatchSampler, ImageSource, epoch_order, ignore_stop_signals
-from moco.loader import Batch
+from moco.loader import Batch, TrainLoader
 from moco.runtime import normalize_device, same_device, to_device
 
 
@@ -327,15 +327,23 @@ def decoded_or_none(cfg: MocoConfig, source: ImageSource, workers: int) -> Decod
     key = (cfg.cache_dir, cache_short_side(cfg.image_size))
     known = _DECODED.setdefault(source, {})
     if key not in known:
-        known[key] = cached_images(source, cfg.cache_dir or None, short_side=key[1],
+        from moco.input_plan import cache_declined  # shards; a size estimate from the index
+
+        known[key] = None if cache_declined(cfg, source) else cached_images(source, cfg.cache_dir or None, short_side=key[1],
                                    workers=max(1, workers or (os.cpu_count() or 1)),
                                    on_bad_image=cfg.on_bad_image)
     return known[key]
 
 
 def make_tensor_loader(cfg: MocoConfig, source: ImageSource, device: torch.device, workers: int,
-                       rank: int = 0, world_size: int = 1) -> TensorTrainLoader | DecodeTrainLoader:
-    """In-memory pipeline when the decoded images fit, else worker decoding."""
+                       rank: int = 0, world_size: int = 1) -> TrainLoader:
+    """Original-size crops when the run takes them (:mod:`moco.input_plan`), else the
+    in-memory pipeline when the decoded images fit, else worker decoding."""
+    from moco.input_plan import original_crops_loader
+
+    crops = original_crops_loader(cfg, source, device, workers, rank, world_size)
+    if crops is not None:
+        return crops
     decoded = decoded_or_none(cfg, source, workers)
     if decoded is not None:
         return TensorTrainLoader(cfg, decoded, device, rank, world_size)

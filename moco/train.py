@@ -212,7 +212,7 @@ class Pretrainer:
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         self.run_dir = Path(cfg.output)
         self.last_checkpoint: Path | None = None  # the newest checkpoint this run wrote or read
-        splits = find_dataset(cfg.data)
+        splits = find_dataset(cfg.data, cache_dir=cfg.cache_dir or None)
         self.train_source: ImageSource = splits.train
         if cfg.train_subset:
             if not splits.train.labeled:
@@ -290,6 +290,8 @@ class Pretrainer:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "rng": _global_rng_state(),
                 "bad_images": sorted(getattr(self.train_loader, "bad_images", ())),
+                # where a streaming loader is in its epoch (tar shards' layout), if it keeps it
+                "loader": getattr(self.train_loader, "state_dict", dict)(),
             },
         }
 
@@ -361,6 +363,8 @@ class Pretrainer:
             _set_global_rng_state(ours["rng"])
         if hasattr(self.train_loader, "bad_images"):
             self.train_loader.bad_images = set(ours.get("bad_images", []))
+        if hasattr(self.train_loader, "load_state_dict"):
+            self.train_loader.load_state_dict(ours.get("loader", {}), s.epoch_step)
         self.last_checkpoint = path
         if self.dist.is_main:  # the other ranks keep no history: they log nothing
             s.history = [h for h in read_metrics(self.run_dir / "metrics.jsonl") if h["epoch"] <= s.epoch]
@@ -574,6 +578,8 @@ class Pretrainer:
 
     def _source_name(self, index: int) -> str:
         files = self.train_source.files
+        if files is None and hasattr(self.train_source, "sample_name"):  # a tar shard member
+            return str(self.train_source.sample_name(index))
         return str(files[index]) if files is not None else f"image {index}"
 
     def resume_hint(self) -> str:

@@ -12,6 +12,7 @@ import torch
 
 from moco.cache import DecodedImages
 from moco.config import MocoConfig, build_config
+from moco.crop_loader import CropTrainLoader
 from moco.data import EpochBatchSampler, ImageSource, find_dataset
 from moco.loader import PILTrainLoader, eval_batches, make_train_loader
 from moco.tensor_loader import (
@@ -127,12 +128,16 @@ def test_decode_loader_matches_the_cached_loader(tiny_data: Path) -> None:
 
 def test_dispatch(tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = find_dataset(tiny_data).train
+    cached = {"crops": "short-side"}  # 32 px images, 24 px crops: auto takes original-size crops
     assert isinstance(make_train_loader(_cfg(loader="pil"), src, CPU, 0), PILTrainLoader)
-    assert isinstance(make_train_loader(_cfg(loader="auto"), src, CPU, 0), TensorTrainLoader)
-    assert isinstance(make_train_loader(_cfg(loader="tensor"), src, CPU, 0), TensorTrainLoader)
+    assert isinstance(make_train_loader(_cfg(loader="auto", **cached), src, CPU, 0), TensorTrainLoader)
+    assert isinstance(make_train_loader(_cfg(loader="tensor", **cached), src, CPU, 0), TensorTrainLoader)
+    assert isinstance(make_train_loader(_cfg(loader="auto"), src, CPU, 0), CropTrainLoader)
+    assert isinstance(make_train_loader(_cfg(loader="auto", image_size=32), src, CPU, 0),
+                      TensorTrainLoader)  # the cache keeps 32 px images whole for 32 px crops
     monkeypatch.setenv("MOCO_CACHE_MAX_GB", "0")
     fresh = find_dataset(tiny_data).train  # decoded_or_none remembers per source object
-    assert isinstance(make_tensor_loader(_cfg(), fresh, CPU, 0), DecodeTrainLoader)
+    assert isinstance(make_tensor_loader(_cfg(**cached), fresh, CPU, 0), DecodeTrainLoader)
     assert MocoConfig().loader == "auto"
     with pytest.raises(ValueError, match="--loader"):
         dataclasses.replace(MocoConfig(), loader="fast").validate()
@@ -192,7 +197,7 @@ def test_mixed_size_folder_end_to_end(tmp_path: Path) -> None:
             base = np.linspace(0, 200, w)[None, :, None] + rng.integers(0, 40, (h, w, 3))
             Image.fromarray(base.clip(0, 255).astype(np.uint8)).save(d / f"{k}.png")
     src = find_dataset(tmp_path / "data").train
-    cfg = _cfg(image_size=32, batch_size=4)
+    cfg = _cfg(image_size=32, batch_size=4, crops="short-side")
     loader = make_train_loader(cfg, src, CPU, 0)
     assert isinstance(loader, TensorTrainLoader) and loader.sizes is not None
     b = next(iter(loader.batches(0)))

@@ -16,8 +16,9 @@ def add_parser(sub: Any) -> None:
         "'embeddings', file list in the metadata).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("images", metavar="IMAGES", help="folder of images (searched recursively) "
-                   "or one image")
+    p.add_argument("images", metavar="IMAGES", help="folder of images (searched recursively), "
+                   "one image, or tar shards (a .tar file or a folder of them, e.g. OUT/val of "
+                   "moco shard; rows named SHARD.tar:KEY.jpg)")
     p.add_argument("--pretrained", required=True, metavar="CKPT", help="checkpoint")
     p.add_argument("--out", "-o", required=True, metavar="FILE", help="output .npy or .safetensors")
     p.add_argument("-a", "--arch", default=None, help="expected architecture (default: from CKPT)")
