@@ -208,3 +208,44 @@ def test_our_checkpoint_exports_like_the_original_script(tiny_data: Path, tmp_pa
     ref = original_convert_to_detectron2(load_checkpoint(ckpt_path))
     assert list(obj["model"]) == list(ref["model"])
     assert all(np.array_equal(obj["model"][k], v) for k, v in ref["model"].items())
+
+
+def test_torchvision_and_timm_formats_in_timm(v2: tuple[Path, nn.Module], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    """The torchvision file has no fc: timm loads it only with num_classes=0. --format timm
+    adds timm's default head (a fresh init, said in the log) and loads strictly."""
+    timm = pytest.importorskip("timm")
+    path, enc = v2
+    ref = _features(original_encoder("resnet18", mlp=True))
+    tv = tmp_path / "tv.pth"
+    assert main(["export", str(path), "-f", "torchvision", "-o", str(tv)]) == 0
+    with pytest.raises(RuntimeError, match="fc.weight"):
+        timm.create_model("resnet18", pretrained=True, pretrained_cfg_overlay=dict(file=str(tv)))
+    net = timm.create_model("resnet18", pretrained=True, num_classes=0,
+                            pretrained_cfg_overlay=dict(file=str(tv)))
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(X), ref, rtol=0, atol=0)
+    capsys.readouterr()
+    tf = tmp_path / "timm.safetensors"
+    assert main(["export", str(path), "-f", "timm", "-o", str(tf)]) == 0
+    out = capsys.readouterr().out
+    assert "fresh initialisation, not trained" in out and "pretrained_cfg_overlay" in out
+    net = timm.create_model("resnet18", pretrained=True, pretrained_cfg_overlay=dict(file=str(tf)))
+    assert net.fc.out_features == 1000
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval().forward_head(net.forward_features(X), pre_logits=True),
+                                   ref, rtol=0, atol=0)
+
+
+def test_wide_resnet_export_names_its_builder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from moco.heads import linear_head
+
+    net = build_backbone("resnet18w2").model
+    net.fc = linear_head(1024, 8)
+    ckpt = tmp_path / "w2.pth.tar"
+    torch.save({"arch": "resnet18w2", "state_dict": {f"module.encoder_q.{k}": v for k, v in
+                                                     net.state_dict().items()}}, ckpt)
+    assert main(["export", str(ckpt), "-f", "torchvision", "-o", str(tmp_path / "w2.pth")]) == 0
+    assert "moco.wide_resnet.resnet18w2()" in capsys.readouterr().out
+    assert main(["export", str(ckpt), "-f", "timm", "-o", str(tmp_path / "t.pth")]) == 2
+    assert "timm has no model named resnet18w2" in capsys.readouterr().err
