@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,26 @@ def test_stopped_on_two_processes_resumes_on_one(setup: tuple[Path, Path], tmp_p
     done = _run(None, {**cfg, "resume": "auto"})
     assert done["stopped_by"] is None
     _same(done, ref)
+
+
+@pytest.mark.slow
+def test_torchrun_command_equals_one_process(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2 -m moco lincls``: the command joins the group itself."""
+    data, ckpt = setup
+    one = _run(None, _cfg(data, ckpt, tmp_path / "one", fast=True))
+    root = Path(__file__).resolve().parents[1]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    r = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "moco", "lincls", str(data),
+         "--pretrained", str(ckpt), "--output", str(tmp_path / "two"), "--epochs", "2", "-b", "17",
+         "--lr", "1", "-j", "0", "--device", "cpu", "--image-size", "32", "--fast",
+         "--no-progress"], capture_output=True, text=True, timeout=300, cwd=root,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("linear classification") == 1 and "2 processes" in r.stdout
+    two = load_checkpoint(tmp_path / "two" / "checkpoint.pth.tar")
+    torch.testing.assert_close(two["state_dict"]["module.fc.weight"], one["weight"],
+                               rtol=1e-5, atol=1e-6)
 
 
 # ----- one process: signals and --resume auto ---------------------------------------------------
