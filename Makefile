@@ -1,12 +1,15 @@
 # Two commands do everything on a fresh machine with only Python:
 #   make demo   - create .venv, install, pretrain MoCo v2 on CIFAR-10 (~5 min on 2 CPU cores)
 #   make test   - create .venv, install, run lint, type checks and the whole test suite
+# On a GPU machine (no venv needed: its python3 with PYTHONPATH=.):
+#   make gpu-check            - CUDA tests, throughput table, learning check (<= 8 min, one GPU)
+#   make gpu-check DRY_RUN=1  - the same script on the CPU with tiny sizes (CI runs it)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint setup clean
+.PHONY: demo test test-fast lint setup clean gpu-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,3 +34,8 @@ test-fast: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# No dependency on the venv rule: the GPU machine has python3 + torch and nothing to install.
+CHECK_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+gpu-check:
+	PYTHONPATH=.$(if $(PYTHONPATH),:$(PYTHONPATH)) $(CHECK_PY) scripts/gpu_check.py $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(GPU_CHECK_ARGS)

@@ -227,6 +227,63 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def pairs_per_second(cfg: Any, source: Any, *, steps: int, warmup: int, workers: int,
+                     end_to_end: bool = True) -> dict[str, Any]:
+    """Pairs/s of ``cfg``'s training (``moco pretrain``'s loader, model, precision and step,
+    no host sync between steps, as in the run): ``model_only`` on one ready batch repeated,
+    and ``end_to_end`` (unless False) through the loader that ``moco pretrain`` would pick for
+    ``source``. ``warmup`` untimed steps first (cudnn autotuning, compilation). In-process;
+    used by scripts/gpu_check.py."""
+    import itertools
+
+    import torch
+
+    from moco.loader import make_train_loader
+    from moco.runtime import configure_backends, resolve_device, resolve_precision
+    from moco.shuffle_bn import LocalShuffle, NoShuffle
+    from moco.train import build_model, build_optimizer, train_step
+
+    device = resolve_device(cfg.device)
+    configure_backends(device)
+    dtype = resolve_precision(cfg.precision, device)
+    model = build_model(cfg, device, num_samples=len(source))
+    state = {"model": model, "opt": build_optimizer(cfg, model)}
+    del model
+    shuffle = (LocalShuffle(torch.Generator().manual_seed(0))
+               if cfg.shuffle_bn in ("split", "auto") else NoShuffle())
+    loader = make_train_loader(cfg, source, device, workers)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+
+    def step(b: Any) -> None:
+        train_step(state["model"], state["opt"], b, shuffle, dtype, scaler)
+
+    def timed(it: Any) -> float:
+        for _ in range(warmup):
+            step(next(it))
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(next(it))
+        _sync(device)
+        return steps * cfg.batch_size / (time.perf_counter() - t0)
+
+    batches = itertools.chain.from_iterable(loader.batches(e) for e in itertools.count())
+    ready = next(batches)
+    out: dict[str, Any] = {"loader": type(loader).__name__, "device": str(device),
+                           "precision": str(dtype).replace("torch.", "") if dtype else "fp32",
+                           "model_only": timed(itertools.repeat(ready))}
+    if end_to_end:
+        out["end_to_end"] = timed(batches)
+        out["ratio"] = out["end_to_end"] / out["model_only"]
+    state.clear()  # frees the model and optimizer state before the next measurement
+    del loader, batches, ready
+    if device.type == "cuda":
+        out["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    return out
+
+
 def machine() -> str:
     import torch
 
