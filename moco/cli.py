@@ -1,5 +1,10 @@
 """``moco`` command line: a thin layer over the library. Each subcommand lives in
-``moco/commands/<name>.py`` with ``add_parser(subparsers)`` and ``run(args) -> int``."""
+``moco/commands/<name>.py`` with ``add_parser(subparsers)`` and ``run(args) -> int``.
+
+A :class:`~moco.errors.MocoError` (a problem the user can fix) and an ``OSError`` (a disk,
+a permission) are printed as one line, exit status 2; any other exception is a bug and keeps
+its traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,26 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
+
+from moco.errors import MocoError
 
 COMMANDS = ("pretrain", "lincls", "knn", "export", "embed", "ablate", "detectron2_config", "shard")
 
+#: Kept for code that raised it: a user error of the command line.
+UserError = MocoError
 
-class UserError(Exception):
-    """Raised for problems the user can fix; printed without a traceback."""
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line ("moco knn: error: ...; see --help")
+    instead of the usage block followed by the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="moco",
         description="Momentum Contrast (MoCo v1/v2) self-supervised pretraining and evaluation.",
         epilog="Run 'moco COMMAND --help' for the flags of each command.",
@@ -28,23 +43,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from moco.checkpoint import CheckpointError
-    from moco.data import DataError
-    from moco.train import RunError
-
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:  # named by the command they were given to
+        print(f"moco {args.command}: error: unrecognized arguments: {' '.join(extra)}; see "
+              f"'moco {args.command} --help'", file=sys.stderr)
+        return 2
     try:
         return int(args.run(args))
-    except (UserError, ValueError, CheckpointError, DataError, RunError, FileNotFoundError) as e:
-        print(f"moco {args.command}: error: {e}", file=sys.stderr)
+    except MocoError as e:
+        print(f"moco {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, permissions, a folder removed under a run
-        print(f"moco {args.command}: error: {e}; free space or fix the folder, then run the "
-              "command again", file=sys.stderr)
+        print(f"moco {args.command}: error: {one_line(e)}; free space or fix the folder, then "
+              "run the command again", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"moco {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def one_line(e: BaseException, limit: int = 1000) -> str:
+    """The message of ``e`` on one line, at most ``limit`` characters."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 if __name__ == "__main__":

@@ -36,17 +36,17 @@ from moco.collectives import (  # noqa: F401  (re-exported)
     gather_shards,
     shard,
 )
-from moco.config import SPLIT_BN_MODES, MocoConfig
+
+# PER_RANK_SETTINGS: those that may differ between ranks (paths, worker counts), declared in
+# MocoConfig's fields (per_rank=True).
+from moco.config import PER_RANK_SETTINGS, SPLIT_BN_MODES, MocoConfig
+from moco.errors import ConfigError
 from moco.shuffle_bn import KeyShuffle, LocalShuffle, NoShuffle
 
 T = TypeVar("T")
 
-#: Settings that may differ between ranks: the data path (nodes may mount it elsewhere) and
-#: the number of loader workers (``-1`` resolves from each machine's cores).
-PER_RANK_SETTINGS = frozenset({"data", "workers"})
 
-
-class DistributedError(ValueError):
+class DistributedError(ConfigError):
     """A multi-process run that cannot start, with what to change."""
 
 

@@ -141,7 +141,7 @@ def embed_images(images: str | Path, pretrained: str | Path, out: str | Path, *,
     files = list_images(root, skip_bad) if shards is None else []
     outputs = [out_p] + ([out_p.with_name(out_p.name + ".json")] if out_p.suffix == ".npy" else [])
     for o in outputs:  # never over the checkpoint or an image, never inside IMAGES
-        check_output(o, "--out", files={"the checkpoint given as --pretrained": pretrained,
+        check_output(o, "--out", files={"the input checkpoint (--pretrained)": pretrained,
                                         "an input image": files},
                      folders={"the image folder": root if root.is_dir() else None})
     check_writable_parent(out_p, "--out")

@@ -33,7 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from moco.backbones import accepted_archs_text, available_backbones, build_backbone, is_known_arch
-from moco.checkpoint import PREFIX, CheckpointError, load_checkpoint, model_state
+from moco.checkpoint import (
+    PREFIX,
+    CheckpointError,
+    check_finite,
+    check_is_file,
+    load_checkpoint,
+    model_state,
+    state_mismatch,
+)
 from moco.errors import ConfigError
 from moco.runtime import default_workers, resolve_device  # noqa: F401  (re-exported)
 from moco.timm_backbone import is_timm_arch
@@ -138,12 +146,18 @@ def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
 def _check_torch_file(p: Path) -> None:
     """A clear error for a file that ``torch.save`` did not write (text, an image, ...): the
     zip format starts with ``PK``, the legacy format with a pickle protocol byte."""
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint {p} does not exist")
-    with p.open("rb") as f:
-        head = f.read(4)
+    check_is_file(p)
+    try:
+        with p.open("rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        raise CheckpointError(f"cannot read the checkpoint {p}: {e.strerror or e}; fix its "
+                              "permissions") from None
     if not head:
         raise CheckpointError(f"{p} is empty: not a checkpoint")
+    if head.startswith(b"\x93NUMPY"):
+        raise CheckpointError(f"{p} is a numpy .npy file (e.g. moco embed's output), not a "
+                              "checkpoint")
     if not (head.startswith(b"PK") or head[:1] == b"\x80"):
         raise CheckpointError(f"{p} is not a checkpoint: it was not written by torch.save "
                               "(nor is it a .safetensors file)")
@@ -157,11 +171,11 @@ def read_encoder(path: str | Path) -> EncoderWeights:
     """
     p = Path(path)
     if p.suffix == ".safetensors":
-        if not p.is_file():
-            raise CheckpointError(f"checkpoint {p} does not exist")
+        check_is_file(p)
         tensors, metadata = _read_safetensors(p)
         if "embeddings" in tensors and "conv1.weight" not in tensors:
             raise CheckpointError(f"{p} holds embeddings (moco embed), not encoder weights")
+        check_finite(tensors, p, "encoder")
         return EncoderWeights(tensors, "safetensors", {}, metadata)
     _check_torch_file(p)
     ckpt = load_checkpoint(p)
@@ -190,6 +204,7 @@ def read_encoder(path: str | Path) -> EncoderWeights:
             f"{p} has no encoder_q weights (keys start with: {sample}): not a MoCo pretraining "
             "checkpoint, nor a torchvision ResNet state dict (a moco export --format timm file "
             "is for timm.create_model, not for moco)")
+    check_finite(out, p, "encoder")
     return EncoderWeights(out, layout, ckpt)
 
 
@@ -197,8 +212,7 @@ def read_encoder(path: str | Path) -> EncoderWeights:
 def _signature(arch: str) -> dict[str, tuple[int, ...]]:
     """Shapes of ``arch``'s backbone tensors except ``fc`` and ``conv1`` (built on the meta
     device: no memory, no time)."""
-    with torch.device("meta"):
-        model = build_backbone(arch).model
+    model = _meta_backbone(arch).model
     return {k: tuple(v.shape) for k, v in model.state_dict().items()
             if not k.startswith("fc.") and k != "conv1.weight"}
 
@@ -318,8 +332,17 @@ def describe_encoder(w: EncoderWeights, arch: str | None = None,
 
 @functools.cache
 def _pooled_dim(arch: str) -> int:
-    with torch.device("meta"):
-        return build_backbone(arch).feature_dim
+    return _meta_backbone(arch).feature_dim
+
+
+def _meta_backbone(arch: str) -> Any:
+    """``build_backbone(arch)`` on the meta device; a name the registry or timm refuses is a
+    :class:`~moco.errors.ConfigError` naming ``-a/--arch``."""
+    try:
+        with torch.device("meta"):
+            return build_backbone(arch)
+    except ValueError as e:
+        raise ConfigError(f"-a/--arch {arch}: {e}") from None
 
 
 def build_features_model(w: EncoderWeights, info: PretrainedInfo, *, keep_head: bool = False,
@@ -343,11 +366,10 @@ def build_features_model(w: EncoderWeights, info: PretrainedInfo, *, keep_head: 
         model.fc = nn.Identity()
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        lines = str(e).splitlines()
+    except RuntimeError:
         raise CheckpointError(f"{path} does not load into {info.arch}"
                               f"{' (CIFAR stem)' if info.cifar_stem else ''}: "
-                              f"{' '.join(s.strip() for s in lines[1:3])}") from None
+                              f"{state_mismatch(model, state)}") from None
     return model.eval()
 
 
@@ -376,7 +398,7 @@ def load_encoder(ckpt_path: str | Path, arch: str | None = None, device: str | t
     monitor used (``backbone`` when the file does not say or has no head). The choice is in
     ``info.features``."""
     if features not in (None, "backbone", "head"):
-        raise ValueError(f"features must be 'backbone' or 'head', got {features!r}")
+        raise ConfigError(f"expected --features to be backbone or head, got {features!r}")
     w = read_encoder(ckpt_path)
     info = describe_encoder(w, arch, ckpt_path)
     if features is None:

@@ -23,10 +23,12 @@ import os
 
 import torch
 
+from moco.errors import ConfigError
+
 DEVICE_HELP = "auto, cpu, cuda, cuda:1, ..."
 
 
-class DeviceError(ValueError):
+class DeviceError(ConfigError):
     """A ``--device`` or ``--precision`` this machine cannot run, with what to pass instead."""
 
 

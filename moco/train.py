@@ -29,14 +29,19 @@ from moco.backbones import strip_head
 from moco.checkpoint import (
     CheckpointError,
     atomic_save,
+    check_finite,
+    describe_contents,
+    first_nonfinite,
     from_original_layout,
     load_checkpoint,
     model_state,
     remove_stale_temporaries,
+    state_mismatch,
     to_original_layout,
 )
-from moco.config import SPLIT_BN_MODES, MocoConfig, save_yaml
-from moco.data import DataError, ImageSource, class_balanced_subset, find_dataset
+from moco.config import RESUME_FREE, SPLIT_BN_MODES, MocoConfig, save_yaml
+from moco.config_checks import check_buildable, check_staleness_images
+from moco.data import DataError, ImageSource, class_balanced_subset, find_dataset, knn_splits
 from moco.distributed import (
     DistContext,
     init_distributed,
@@ -47,11 +52,14 @@ from moco.distributed import (
     shutdown_distributed,
     wrap_ddp,
 )
+from moco.errors import ConfigError, RunError
 from moco.knn import extract_features, knn_accuracy
 from moco.loader import Batch, TrainLoader, eval_batches, make_train_loader
 from moco.machine import describe_machine
 from moco.mechanisms import Mechanism, build_mechanism
 from moco.model import MoCo, build_encoder
+from moco.paths import check_output
+from moco.runlock import RunLock
 from moco.runlog import RunLog, read_metrics
 from moco.runtime import (  # noqa: F401  (resolve_device, default_workers: re-exported)
     configure_backends,
@@ -69,10 +77,6 @@ from moco.training_step import EpochMeter, StepResult, train_step  # noqa: F401 
 Log = Callable[[str], None]
 CHECKPOINT_GLOB = "checkpoint_*.pth.tar"
 CHECKPOINT_FORMAT = 1  # version of the "moco" entry; a newer one is refused on resume
-
-
-class RunError(RuntimeError):
-    """A run that cannot start or must stop, with a message that says why and what to do."""
 
 
 def build_model(cfg: MocoConfig, device: torch.device, num_samples: int | None = None) -> Mechanism:
@@ -176,6 +180,53 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob(CHECKPOINT_GLOB), key=_checkpoint_age)
 
 
+def resume_auto_choice(run_dir: Path, log: Log) -> tuple[Path, dict[str, Any]] | tuple[None, None]:
+    """``--resume auto``'s checkpoint, loaded: the newest readable one (newer truncated or
+    corrupt files are passed over, with a log line), or (None, None) when ``run_dir`` holds
+    no checkpoint at all. A checkpoint that cannot be opened (permissions), a folder whose
+    checkpoints all fail to load, or a newest one with NaN/Inf weights is a
+    :class:`CheckpointError`: a run is never restarted from scratch over files that exist."""
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        return None, None
+    failures: list[str] = []
+    for p in reversed(ckpts):
+        if not os.access(p, os.R_OK):
+            raise CheckpointError(f"--resume auto: cannot read {p} (permission denied); fix its "
+                                  "permissions (chmod u+r) and run again; nothing was changed")
+        try:
+            ckpt = load_checkpoint(p)
+        except CheckpointError as e:
+            failures.append(str(e))
+            log(f"--resume auto: skipping {p}: {e}")
+            continue
+        bad = first_nonfinite(model_state(ckpt, p)) if isinstance(ckpt.get("state_dict"), dict) else None
+        if bad is not None:
+            good, _ = newest_finite_checkpoint(run_dir)
+            fix = f"resume from {good} with --resume {good}" if good else "start again"
+            raise CheckpointError(f"--resume auto: the newest readable checkpoint {p} holds "
+                                  f"NaN/Inf weights ({bad[0]}): the run had diverged; {fix}")
+        return p, ckpt
+    raise CheckpointError(
+        f"--resume auto: cannot read any of the {len(ckpts)} checkpoint(s) in {run_dir} "
+        f"({failures[0]}); nothing was changed: repair or move them away to start from "
+        "scratch")
+
+
+def newest_finite_checkpoint(run_dir: Path) -> tuple[Path | None, Path | None]:
+    """(the newest checkpoint of ``run_dir`` that loads and whose weights are all finite,
+    the newest checkpoint file): what a divergence message may call good."""
+    ckpts = list_checkpoints(run_dir)
+    for p in reversed(ckpts):
+        try:
+            ckpt = load_checkpoint(p)
+            if first_nonfinite(model_state(ckpt, p)) is None:
+                return p, ckpts[-1]
+        except CheckpointError:
+            continue
+    return None, ckpts[-1] if ckpts else None
+
+
 def newest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint in ``run_dir`` that loads (``--resume auto``): a truncated or
     corrupt newer file is passed over for the previous valid one."""
@@ -194,6 +245,8 @@ class Pretrainer:
     def __init__(self, cfg: MocoConfig, *, log: Log = print, progress: bool = True,
                  overwrite: bool = False, dist: DistContext | None = None) -> None:
         cfg.validate()
+        check_output(cfg.output, "--output", folders={"the data folder": cfg.data})
+        self.lock: RunLock | None = None  # the run folder's lock (rank 0, from _prepare_run_dir)
         self.device = resolve_device(cfg.device)
         self.dist = dist if dist is not None else init_distributed(self.device, cfg.dist_timeout)
         self.device = self.dist.local_device(self.device)
@@ -204,23 +257,27 @@ class Pretrainer:
         # same settings. self.cfg keeps the requested mode: N processes' runs resume on M.
         self.shuffle_bn = resolve_for_world(cfg, self.dist, self.device)
         if cfg.staleness_every and self.dist.world_size > 1:
-            raise ValueError("--staleness-every is a single-process diagnostic; run it without "
-                             "torchrun, or drop it (it has no effect on the training)")
+            raise ConfigError("--staleness-every is a single-process diagnostic; run it without "
+                              "torchrun, or drop it (it has no effect on the training)")
         self.cfg = cfg
         self.log: Log = log if self.dist.is_main else (lambda _msg: None)
         self.progress = progress and self.dist.is_main
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         self.run_dir = Path(cfg.output)
         self.last_checkpoint: Path | None = None  # the newest checkpoint this run wrote or read
-        splits = find_dataset(cfg.data, cache_dir=cfg.cache_dir or None)
+        splits = find_dataset(cfg.data, cfg.on_bad_image, cfg.cache_dir or None)
         self.train_source: ImageSource = splits.train
         if cfg.train_subset:
             if not splits.train.labeled:
                 raise DataError("--train-subset needs a labeled train/ folder (it is class-balanced)")
             idx = class_balanced_subset(splits.train.labels or [], cfg.train_subset, cfg.seed)
             self.train_source = splits.train.subset(idx)
+        # The same check of the splits as `moco knn` (classes that differ are an error).
+        pair = knn_splits(splits, cfg.data, required=False, hint=", or pass --knn-every 0 to "
+                          "pretrain without the kNN monitor") if cfg.knn_every > 0 else None
         self.knn_bank = splits.train if splits.train.labeled else None
-        self.knn_query = splits.test if splits.test is not None and splits.test.labeled else None
+        self.knn_query = pair[1] if pair is not None else None
+        check_buildable(cfg, self.shuffle_bn, self.dist.world_size, len(self.train_source))
         self.model = build_model(dataclasses.replace(cfg, shuffle_bn=self.shuffle_bn), self.device,
                                  num_samples=len(self.train_source))
         self.optimizer = build_optimizer(cfg, self.model)
@@ -239,18 +296,28 @@ class Pretrainer:
         self.train_loader: TrainLoader = make_train_loader(
             dataclasses.replace(cfg, batch_size=per_rank_batch(cfg.batch_size, self.dist.world_size)),
             self.train_source, self.device, self.workers, self.dist.rank, self.dist.world_size)
-        self.train_loader.steps()  # batch larger than the dataset: fail now, not after kNN
+        steps = self.train_loader.steps()  # batch larger than the dataset: fail now, not after kNN
+        check_staleness_images(cfg, steps * cfg.batch_size)
+        # The checkpoint to resume is read and checked before anything is written.
+        resume_from = self._read_resume(cfg.resume) if cfg.resume else None
         # Every input is checked above, before the run folder is touched (--overwrite deletes).
-        self.dist.on_main(lambda: self._prepare_run_dir(overwrite))  # one writer
-        self.runlog = RunLog(self.run_dir, enabled=self.dist.is_main)
-        if cfg.resume:
-            try:
-                self._resume(cfg.resume)
-            except BaseException:
-                self.runlog.close()  # no TensorBoard writer thread left behind
-                raise
-        if self.dist.is_main:
-            _replace_file(self.run_dir / "config.yaml", lambda tmp: save_yaml(cfg, tmp))
+        self.dist.on_main(lambda: self._prepare_run_dir(overwrite))  # one writer, holds the lock
+        try:
+            self.runlog = RunLog(self.run_dir, enabled=self.dist.is_main)
+            if cfg.resume:
+                self._resume(resume_from)
+            if self.dist.is_main:
+                _replace_file(self.run_dir / "config.yaml", lambda tmp: save_yaml(cfg, tmp))
+        except BaseException:
+            self.close()  # no TensorBoard writer thread, no lock left behind
+            raise
+
+    def close(self) -> None:
+        """Close the run's logs and release the run folder's lock (``run()`` does it)."""
+        if getattr(self, "runlog", None) is not None:
+            self.runlog.close()
+        if self.lock is not None:
+            self.lock.release()
 
     # ----- run folder and checkpoints -------------------------------------------------------
     def _prepare_run_dir(self, overwrite: bool) -> None:
@@ -262,12 +329,14 @@ class Pretrainer:
         except OSError as e:
             raise RunError(f"cannot write to the output folder {self.run_dir}: {e.strerror}; "
                            "choose another --output") from None
+        self.lock = RunLock(self.run_dir, log=self.log).acquire()  # a second process refuses
+        if _existing_run(self.run_dir) and not self.cfg.resume and not overwrite:
+            self.lock.release()
+            raise RunError(
+                f"{self.run_dir} already holds a run; pass --resume auto to continue it, "
+                "--overwrite to replace it, or choose another --output")
         remove_stale_temporaries(self.run_dir, CHECKPOINT_GLOB)  # left by a kill mid-save
         if _existing_run(self.run_dir) and not self.cfg.resume:
-            if not overwrite:
-                raise RunError(
-                    f"{self.run_dir} already holds a run; pass --resume auto to continue it, "
-                    "--overwrite to replace it, or choose another --output")
             for p in (list(self.run_dir.glob(CHECKPOINT_GLOB)) + [self.run_dir / "metrics.jsonl"]
                       + list(self.run_dir.glob("tb/events.out.tfevents.*"))):
                 p.unlink(missing_ok=True)
@@ -313,38 +382,62 @@ class Pretrainer:
         self.last_checkpoint = path
         return path
 
-    def _resume(self, resume: str) -> None:
-        if resume == "auto":  # rank 0 picks, so that every rank loads the same file
-            path = self.dist.broadcast_object(
-                newest_checkpoint(self.run_dir) if self.dist.is_main else None)
+    def _read_resume(self, resume: str) -> tuple[Path, dict[str, Any]] | None:
+        """The checkpoint ``--resume`` names, loaded and checked (format, kind, architecture,
+        finite weights), or None for ``auto`` in a folder without any checkpoint. Rank 0 picks
+        the file of ``auto`` and every rank loads that one; an error reaches every rank."""
+        ckpt: dict[str, Any] | None = None
+        if resume == "auto":
+            found: tuple[Path | None, str] = (None, "")
+            if self.dist.is_main:
+                try:
+                    path, ckpt = resume_auto_choice(self.run_dir, self.log)
+                    found = (path, "")
+                except CheckpointError as e:
+                    found = (None, str(e))
+            chosen, error = self.dist.broadcast_object(found)
+            if error:
+                raise CheckpointError(error)
+            if chosen is None:
+                return None
+            path = chosen
         else:
             path = Path(resume)
-        if path is None:
-            self.log(f"--resume auto: no checkpoint in {self.run_dir}, starting from scratch")
-            if self.dist.is_main:  # epochs logged by an attempt killed before its first save
-                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            return
-        if resume == "auto" and self.dist.is_main:
-            passed = list_checkpoints(self.run_dir)
-            for p in passed[passed.index(path) + 1:] if path in passed else []:
-                self.log(f"--resume auto: skipping {p}: not a readable checkpoint (truncated?)")
-        ckpt = load_checkpoint(path)
+        if ckpt is None:
+            ckpt = load_checkpoint(path)
         ours = ckpt.get("moco", {})
         if not isinstance(ours, dict) or int(ours.get("format", 1)) > CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path} was written by a newer moco (checkpoint format "
                                   f"{ours.get('format') if isinstance(ours, dict) else '?'}); "
                                   "upgrade moco to resume it")
-        _warn_config_changes(ours.get("config"), self.cfg, path, self.log)
         arch = ckpt.get("arch")
         if arch is not None and arch != self.cfg.arch:
             raise CheckpointError(f"{path} is a {arch} checkpoint but --arch is {self.cfg.arch}")
+        kind = describe_contents(ckpt)
+        if ours.get("kind") == "lincls" or kind != "a MoCo pretraining checkpoint":
+            raise CheckpointError(f"{path} is {kind}, not a pretraining checkpoint: --resume "
+                                  "takes a checkpoint_NNNN.pth.tar written by moco pretrain (or "
+                                  "main_moco.py); to start from a backbone, train from scratch")
+        check_finite(model_state(ckpt, path), path, "model")
+        return path, ckpt
+
+    def _resume(self, found: tuple[Path, dict[str, Any]] | None) -> None:
+        if found is None:
+            self.log(f"--resume auto: no checkpoint in {self.run_dir}, starting from scratch")
+            if self.dist.is_main:  # epochs logged by an attempt killed before its first save
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            return
+        path, ckpt = found
+        ours = ckpt.get("moco", {})
+        _warn_config_changes(ours.get("config"), self.cfg, path, self.log)
+        state = from_original_layout(model_state(ckpt, path))
         try:
-            self.model.load_state_dict(from_original_layout(model_state(ckpt, path)))
-        except RuntimeError as e:
+            self.model.load_state_dict(state)
+        except RuntimeError:
             raise CheckpointError(
                 f"{path} does not match this model ({self.cfg.arch}, mlp={self.cfg.mlp}, "
-                f"dim={self.cfg.moco_dim}, K={self.cfg.moco_k}): {str(e).splitlines()[0]} "
-                f"{' '.join(str(e).splitlines()[1:3])}") from None
+                f"dim={self.cfg.moco_dim}, K={self.cfg.moco_k}): "
+                f"{state_mismatch(self.model, state)}") from None
         if "optimizer" in ckpt:
             self.optimizer.load_state_dict(_query_only_optimizer_state(ckpt["optimizer"], self.optimizer))
         s = self.state
@@ -455,7 +548,7 @@ class Pretrainer:
         finally:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
-            self.runlog.close()
+            self.close()
 
     def _budget_spent(self, first_epoch: int, t_start: float) -> bool:
         """Whether ``--stop-after-epochs`` or ``--time-limit`` ends this invocation before the
@@ -566,15 +659,31 @@ class Pretrainer:
         s = self.state
         bad = self._meter.divergence()
         if bad is not None:
-            kept = (f"the last good checkpoint, {self.last_checkpoint}, is kept"
-                    if self.last_checkpoint is not None else
-                    f"no checkpoint was saved yet in {self.run_dir}")
             epoch_step = bad.global_step - (s.global_step - s.epoch_step)
-            raise RunError(
-                f"the loss became {bad.loss} at epoch {s.epoch + 1}, step {epoch_step} "
-                f"(global step {bad.global_step}): training diverged and was stopped; "
-                f"{kept}. Lower --lr (or check the data) and --resume auto, or start again")
+            raise RunError(self._diverged(bad.loss, epoch_step, bad.global_step))
         s.loss_sum, s.acc_sum = self._meter.sums()
+
+    def _diverged(self, loss: float, epoch_step: int, global_step: int) -> str:
+        """What diverged, where, and which checkpoint (if any) holds finite weights."""
+        s = self.state
+        bad = first_nonfinite(self.model.state_dict())
+        weights = (f"; after that step {bad[0]} holds {bad[1]} NaN/Inf value(s)" if bad else "")
+        if not self.dist.is_main:
+            kept = "rank 0 names the checkpoint to resume from"
+        else:
+            good, newest = newest_finite_checkpoint(self.run_dir)
+            if good is None:
+                kept = f"no checkpoint with finite weights was saved in {self.run_dir}"
+            elif good == newest:
+                kept = (f"the newest checkpoint, {good}, has finite weights and is kept: "
+                        "continue with --resume auto")
+            else:
+                kept = (f"the newest checkpoint with finite weights is {good} ({newest} already "
+                        f"holds NaN/Inf): continue with --resume {good}")
+        return (f"the training loss (InfoNCE) became {loss} at epoch {s.epoch + 1}, step "
+                f"{epoch_step} (global step {global_step}){weights}: training "
+                f"diverged and was stopped; {kept}. Lower --lr (now {self.cfg.lr:g}) or check "
+                "the data, or start again")
 
     def _source_name(self, index: int) -> str:
         files = self.train_source.files
@@ -674,11 +783,7 @@ def _set_global_rng_state(state: dict[str, Any]) -> None:
         random.setstate((version, tuple(internal), gauss_next))
 
 
-# Settings that may change between a run and its resumption without changing the training.
-_RESUME_FREE = {"resume", "output", "data", "workers", "print_freq", "keep_last",
-                "save_every_steps", "dist_timeout", "cache_dir", "knn_every", "knn_k", "knn_t",
-                "knn_features", "staleness_every", "staleness_batches", "preset", "device",
-                "stop_after_epochs", "time_limit"}
+_RESUME_FREE = RESUME_FREE  # settings a resumed run may change (declared in MocoConfig)
 
 
 def _warn_config_changes(saved: Any, cfg: MocoConfig, path: Path, log: Log) -> None:

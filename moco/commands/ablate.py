@@ -87,8 +87,12 @@ def run(args: argparse.Namespace) -> int:
                   f"{spec.cost.steps} steps each")
         return 0
     if not args.report_only:  # every run's settings are checked before any run starts
+        from moco.paths import check_output
+
         for r in spec.runs:
-            run_config(spec, r, output / r.name, overrides).validate()
+            cfg = run_config(spec, r, output / r.name, overrides)
+            cfg.validate()
+            check_output(output, "--output", folders={"the data folder": cfg.data})
     report, outcomes = ablate(
         spec, output, overrides=overrides, only=args.only, overwrite=args.overwrite,
         retry_failed=args.retry_failed, cost=not args.no_cost, cost_only=args.cost_only,

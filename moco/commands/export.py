@@ -38,6 +38,10 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moco.export import export_checkpoint
+    from moco.paths import check_output, check_writable_parent
+
+    check_output(args.out, "--out", files={"the input checkpoint": args.checkpoint})
+    check_writable_parent(args.out, "--out")
 
     r = export_checkpoint(args.checkpoint, args.format, args.out, arch=args.arch, seed=args.seed)
     for w in r.warnings:

@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     from moco.paths import check_output, check_writable_parent
 
     if args.json:  # checked before the features are computed, never over an input
-        check_output(args.json, "--json", files={"the checkpoint given as --pretrained":
+        check_output(args.json, "--json", files={"the input checkpoint (--pretrained)":
                                                  args.pretrained},
                      folders={"the data folder": args.data})
         check_writable_parent(args.json, "--json")

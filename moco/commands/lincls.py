@@ -62,8 +62,12 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moco.commands.common import check_numbers
     from moco.lincls import LinclsConfig, SanityCheckError, linear_classification
 
+    check_numbers(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                  momentum=args.momentum, wd=args.wd, workers=args.workers, seed=args.seed,
+                  image_size=args.image_size, schedule=args.schedule)
     cfg = LinclsConfig(
         data=args.data, pretrained=args.pretrained, arch=args.arch, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, schedule=list(args.schedule), cos=args.cos,

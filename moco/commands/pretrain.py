@@ -24,6 +24,7 @@ from moco.config import (
     load_yaml,
 )
 from moco.errors import ConfigError
+from moco.paths import check_output
 from moco.settings import Setting, from_command_line
 
 # Command-line switches that are not settings of the run.
@@ -132,6 +133,10 @@ def run(args: argparse.Namespace) -> int:
     from moco.train import pretrain
 
     cfg = config_from_args(args)
+    config_file = getattr(args, "config_file", None)
+    if config_file and not cfg.resume:  # the run rewrites its config.yaml
+        check_output(Path(cfg.output) / "config.yaml", "--output",
+                     files={"the --config file": config_file})
     result = pretrain(cfg, progress=not getattr(args, "no_progress", False),
                       overwrite=getattr(args, "overwrite", False))
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
