@@ -43,7 +43,7 @@ from typing import Any
 from moco.config import RUNTIME_SETTINGS, SETTINGS, MocoConfig, build_config, setting_key
 from moco.errors import ConfigError
 from moco.runlog import read_metrics
-from moco.settings import coerce, read_yaml_mapping
+from moco.settings import coerce, read_yaml_mapping, show_value
 
 #: Settings a re-run may change without invalidating a finished run (declared in MocoConfig).
 IGNORED_WHEN_COMPARING = RUNTIME_SETTINGS
@@ -117,7 +117,7 @@ def _norm_keys(d: dict[str, Any], where: str, source: Path | str | None = None,
                                 "'output:' or --output for the folder); remove it")
         def said(_k: str, key: Any = key, value: Any = value) -> str:
             if source == "--set":
-                return f"--set {key}={value!r}"
+                return f"--set {key}={show_value(value)}"
             return f"key '{key}' in {where}{src}"
         if lists and (not isinstance(value, list) or not value):
             raise AblationError(f"{where}{src}: {key} needs a non-empty list of values, "

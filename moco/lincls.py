@@ -41,8 +41,8 @@ import torch
 from tqdm import tqdm
 
 from moco import lincls_data as batches
-from moco.checkpoint import CheckpointError, atomic_save, model_state
-from moco.data import DataError, ImageSource, find_dataset
+from moco.checkpoint import CheckpointError, atomic_save, model_state, state_mismatch
+from moco.data import DataError, ImageSource, class_mismatch, find_dataset
 from moco.distributed import (
     DistContext,
     check_same_settings,
@@ -71,8 +71,10 @@ from moco.lincls_state import (
     resume_path,
     stop_on_signals,
 )
+from moco.paths import check_output
 from moco.pretrained import default_workers, describe_encoder, read_encoder
 from moco.pretrained import resolve_device as _resolve_device
+from moco.runlock import RunLock
 from moco.schedule import learning_rate
 
 Log = Callable[[str], None]
@@ -152,6 +154,11 @@ class LinearClassification:
         self.dtype = autocast_dtype(cfg.precision, self.device)
         self.workers = cfg.workers if cfg.workers >= 0 else default_workers(self.device)
         self.run_dir = Path(cfg.output)
+        check_output(self.run_dir, "--output", folders={"the data folder": cfg.data})
+        for name in (LAST, BEST, "metrics.jsonl", "lincls.json"):  # never over the input
+            check_output(self.run_dir / name, "--output",
+                         files={"the input checkpoint (--pretrained)": cfg.pretrained})
+        self.lock: RunLock | None = None
         splits = find_dataset(cfg.data)
         if not splits.train.labeled:
             raise DataError(f"{cfg.data}/train is unlabeled: linear classification needs one "
@@ -159,8 +166,7 @@ class LinearClassification:
         if splits.test is None or not splits.test.labeled:
             raise DataError(f"{cfg.data} has no labeled val/ or test/ split to evaluate on")
         if splits.train.classes != splits.test.classes:
-            raise DataError(f"the classes of {cfg.data}/train and its val/test split differ: "
-                            f"{splits.train.classes[:5]} vs {splits.test.classes[:5]}")
+            raise DataError(class_mismatch(splits.train, splits.test))
         self.train_source: ImageSource = splits.train
         self.val_source: ImageSource = splits.test
         self.classes = splits.train.classes
@@ -205,10 +211,10 @@ class LinearClassification:
                  for k, v in model_state(ckpt, path or "checkpoint").items()}
         try:
             self.model.load_state_dict(state)
-        except RuntimeError as e:
+        except RuntimeError:
             raise CheckpointError(f"{path} does not fit this model ({self.info.arch}, "
                                   f"{len(self.classes)} classes): "
-                                  f"{str(e).splitlines()[1].strip()}") from None
+                                  f"{state_mismatch(self.model, state)}") from None
         if "optimizer" in ckpt and not self.cfg.evaluate:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         ours = ckpt.get("moco", {})
@@ -247,14 +253,23 @@ class LinearClassification:
             rec = {"epoch": self.start_epoch, "acc1": acc1, "acc5": acc5}
             return LinclsResult(self.run_dir, self.best_acc1, rec, [rec])
         resuming = self.resume_from is not None
-        kept = self.dist.on_main(lambda: prepare_run_dir(
-            self.run_dir, resuming=resuming, start_epoch=self.start_epoch,
-            overwrite=cfg.overwrite, settings=asdict(cfg)))
-        self.history = list(kept or [])
-        self.log(self.describe())
-        stop = StopFlag()
-        with stop_on_signals(stop):
-            return self._loop(stop)
+        self.lock = self.dist.on_main(self._lock_run_dir)  # a second process refuses
+        try:
+            kept = self.dist.on_main(lambda: prepare_run_dir(
+                self.run_dir, resuming=resuming, start_epoch=self.start_epoch,
+                overwrite=cfg.overwrite, settings=asdict(cfg)))
+            self.history = list(kept or [])
+            self.log(self.describe())
+            stop = StopFlag()
+            with stop_on_signals(stop):
+                return self._loop(stop)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _lock_run_dir(self) -> RunLock:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        return RunLock(self.run_dir, what="lincls run folder", log=self.log).acquire()
 
     def _loop(self, stop: StopFlag) -> LinclsResult:
         cfg = self.cfg
@@ -289,7 +304,9 @@ class LinearClassification:
                 loss_sum, correct, n = self.engine.all_sum(sums)
                 loss, train_acc1 = loss_sum / n, 100.0 * correct / n
                 if not math.isfinite(loss):
-                    raise RunError(f"the loss became {loss} at epoch {epoch + 1}: lower --lr")
+                    raise RunError(f"the linear classifier's cross-entropy loss became {loss} at "
+                                   f"epoch {epoch + 1} (the frozen backbone's weights are "
+                                   f"finite): lower --lr (now {cfg.lr:g}) and run again")
                 acc1, acc5 = self.engine.validate(val_feats)
                 is_best = acc1 > self.best_acc1
                 self.best_acc1 = max(acc1, self.best_acc1)

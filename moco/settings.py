@@ -116,7 +116,7 @@ def from_caller(what: str) -> Source:
 
 
 # ----- checking one value ----------------------------------------------------------------------
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
     """A value as an error shows it: text as typed (quoted when empty or with spaces)."""
     plain = isinstance(value, str) and value.strip() == value and value and " " not in value
     text = value if plain else repr(value)
@@ -204,7 +204,7 @@ def coerce(name: str, s: Setting, value: Any, source: Source) -> Any:
     """``value`` as the declared type of setting ``name``, checked against its choices and
     range; else :class:`ConfigError` "expected --flag ..., got X (source)"."""
     def fail(what: str | None = None) -> ConfigError:
-        return ConfigError(f"expected {s.flag} {what or expectation(s)}, got {_show(value)} "
+        return ConfigError(f"expected {s.flag} {what or expectation(s)}, got {show_value(value)} "
                            f"({source(name)})")
 
     kind = s.kind

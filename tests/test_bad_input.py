@@ -4,7 +4,9 @@ traceback) or a documented policy: docs/reliability.md has the table these tests
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -302,3 +304,279 @@ def test_unwritable_output_folder(tiny_data: Path, tmp_path: Path) -> None:
         ro.mkdir(mode=0o500)
         err = pretrain_error(tiny_data, ro)
         assert "cannot write to the output folder" in err
+
+
+# ===== issue 20: images and folders (class 3) ===================================================
+
+def bomb_dataset(root: Path) -> Path:
+    """16 train images (2 classes) and a test split; one train image is 64x64, a
+    decompression bomb once PIL's limit is lowered to 1500 pixels (32x32 = 1024 stays fine)."""
+    data = make_image_folder(root, per_class=8, splits=("train", "test"))
+    bomb = data / "train" / "class_1" / "007.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(bomb)
+    return bomb
+
+
+@pytest.mark.parametrize("loader", ["pil", "tensor"])
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_decompression_bomb_follows_on_bad_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 loader: str, policy: str) -> None:
+    bomb = bomb_dataset(tmp_path / "d")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)
+    argv = ["pretrain", str(tmp_path / "d"), *TINY_FLAGS, "--output", str(tmp_path / "run"),
+            "--epochs", "1", "--moco-k", "16", "--knn-every", "0", "--on-bad-image", policy,
+            *loader_flags(tmp_path, loader)]
+    rc, out, err = run_cli(argv)
+    assert "Traceback" not in err, err
+    if policy == "stop":
+        line = err.strip().splitlines()[-1]
+        assert rc == 2 and str(bomb) in line and "--on-bad-image skip" in line, err
+    else:
+        assert rc == 0, err
+        rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+        assert rec["bad_images"] == 1
+
+
+def test_decompression_bomb_in_the_evaluation_commands(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from original_layout import save_original_checkpoint
+
+    bomb = bomb_dataset(tmp_path / "d")
+    ckpt = tmp_path / "m.pth.tar"
+    save_original_checkpoint(ckpt, "resnet18", with_optimizer=False)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)
+    ev = ["-j", "0", "--device", "cpu", "--no-progress", "--image-size", "32"]
+    for argv in (["knn", str(tmp_path / "d"), "--pretrained", str(ckpt), *ev],
+                 ["embed", str(tmp_path / "d"), "--pretrained", str(ckpt), "--out",
+                  str(tmp_path / "e.npy"), *ev]):
+        rc, _, err = run_cli(argv)
+        assert rc == 2 and "Traceback" not in err and str(bomb) in err, err
+    rc, _, err = run_cli(["embed", str(tmp_path / "d"), "--pretrained", str(ckpt), "--out",
+                          str(tmp_path / "e.npy"), "--skip-bad", *ev])
+    assert rc == 0 and "skipped unreadable image" in err and bomb.name in err, err
+
+
+def unlistable(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """``folder`` cannot be listed: chmod 000 where that works (not as root), else os.walk
+    reports it as unreadable (what it does for a folder without read permission)."""
+    if os.geteuid() != 0:
+        folder.chmod(0)
+        return
+    real_walk = os.walk
+
+    def walk(top: Any, *a: Any, onerror: Any = None, **k: Any) -> Any:
+        if Path(top) == folder:
+            if onerror is not None:
+                onerror(PermissionError(13, "Permission denied", str(folder)))
+            return iter(())
+        return real_walk(top, *a, onerror=onerror, **k)
+
+    monkeypatch.setattr(os, "walk", walk)
+
+
+def test_unreadable_class_folder_stops_or_is_counted(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    data = make_image_folder(tmp_path / "d", classes=3, per_class=8, splits=("train",))
+    bad = data / "train" / "class_2"
+    unlistable(monkeypatch, bad)
+    try:
+        err = pretrain_error(data, tmp_path / "run", "--epochs", "1", "--moco-k", "16")
+        assert f"cannot list the folder {bad}: Permission denied" in err
+        assert "--on-bad-image skip" in err
+        src = image_folder(data / "train", "skip")
+        assert src.classes == ["class_0", "class_1", "class_2"]  # labels keep their meaning
+        assert len(src) == 16 and src.unreadable_folders == [str(bad)]
+        rc, out, err = run_cli(["pretrain", str(data), *TINY_FLAGS, "--output",
+                                str(tmp_path / "run"), "--epochs", "1", "--moco-k", "16",
+                                "--knn-every", "0", "--on-bad-image", "skip"])
+        assert rc == 0, err
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert any("left out 1 unreadable folder(s)" in m and str(bad) in m for m in warned)
+    finally:
+        bad.chmod(0o755)
+
+
+def test_images_beside_class_folders_are_refused(tmp_path: Path) -> None:
+    from original_layout import save_original_checkpoint
+
+    data = make_image_folder(tmp_path / "d", per_class=8)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(data / "train" / "stray.png")
+    says = "mixes 1 image file(s) (e.g. stray.png) with 2 class folder(s) of images (e.g. class_0/)"
+    assert says in pretrain_error(data, tmp_path / "run")
+    ckpt = tmp_path / "m.pth.tar"
+    save_original_checkpoint(ckpt, "resnet18", with_optimizer=False)
+    for argv in (["knn", str(data), "--pretrained", str(ckpt)],
+                 ["lincls", str(data), "--pretrained", str(ckpt), "--output",
+                  str(tmp_path / "lin")]):
+        rc, _, err = run_cli([*argv, "-j", "0", "--device", "cpu", "--no-progress"])
+        assert rc == 2 and says in err and "Traceback" not in err, err
+    # An empty folder beside the images is no layout: the images are used, unlabeled.
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(flat / "a.png")
+    (flat / "empty").mkdir()
+    assert not image_folder(flat).labeled and len(image_folder(flat)) == 1
+
+
+# ===== numbers that are not numbers (class 4) ==================================================
+
+@pytest.fixture(scope="module")
+def poisoned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A main_moco.py checkpoint whose query encoder has one Inf (a BN running variance)."""
+    from original_layout import save_original_checkpoint
+
+    path = tmp_path_factory.mktemp("nan") / "diverged.pth.tar"
+    save_original_checkpoint(path, "resnet18", with_optimizer=False)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["state_dict"]["module.encoder_q.layer2.0.bn1.running_var"][3] = float("inf")
+    ckpt["state_dict"]["module.encoder_q.layer3.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(ckpt, path)
+    return path
+
+
+def test_a_checkpoint_with_nan_or_inf_is_refused_by_every_command(poisoned: Path, tiny_data: Path,
+                                                                  tmp_path: Path) -> None:
+    ev = ["-j", "0", "--device", "cpu", "--no-progress", "--image-size", "32"]
+    for argv in (["knn", str(tiny_data), "--pretrained", str(poisoned), *ev],
+                 ["embed", str(tiny_data / "test"), "--pretrained", str(poisoned), "--out",
+                  str(tmp_path / "e.npy"), *ev],
+                 ["export", str(poisoned), "-f", "torchvision", "-o", str(tmp_path / "x.pth")],
+                 ["lincls", str(tiny_data), "--pretrained", str(poisoned), "--output",
+                  str(tmp_path / "lin"), *ev]):
+        rc, out, err = run_cli(argv)
+        assert rc == 2 and "Traceback" not in err, (argv[0], err)
+        line = err.strip().splitlines()[-1]
+        assert "layer2.0.bn1.running_var holds 1 NaN/Inf value(s)" in line, (argv[0], line)
+        assert "diverged run" in line and "--lr" not in line.split("(or train again")[0]
+    assert not (tmp_path / "x.pth").exists() and not (tmp_path / "e.npy").exists()
+    err = pretrain_error(tiny_data, tmp_path / "run", "--resume", str(poisoned))
+    assert "module.encoder_q.layer2.0.bn1.running_var holds 1 NaN/Inf" in err
+
+
+# ===== evaluation on data that does not match (class 5) ========================================
+
+def test_monitor_and_knn_share_the_class_check(tmp_path: Path) -> None:
+    from original_layout import save_original_checkpoint
+
+    data = make_image_folder(tmp_path / "d", per_class=8)
+    (data / "test" / "class_1").rename(data / "test" / "class_9")
+    err = pretrain_error(data, tmp_path / "run", "--knn-every", "1")
+    says = (f"the classes of {data / 'train'} and {data / 'test'} differ (2 vs 2 class folders; "
+            f"1 only in {data / 'train'} (e.g. 'class_1'); 1 only in {data / 'test'} (e.g. "
+            "'class_9'))")
+    assert says in err and "--knn-every 0" in err
+    ckpt = tmp_path / "m.pth.tar"
+    save_original_checkpoint(ckpt, "resnet18", with_optimizer=False)
+    rc, _, err = run_cli(["knn", str(data), "--pretrained", str(ckpt), "-j", "0", "--device",
+                          "cpu", "--no-progress"])
+    assert rc == 2 and says in err
+    # Without the monitor the same data pretrains (the check is the monitor's).
+    args = build_parser().parse_args(["pretrain", str(data), *TINY_FLAGS, "--output",
+                                      str(tmp_path / "ok"), "--knn-every", "0"])
+    p = Pretrainer(config_from_args(args), log=lambda _m: None, progress=False)
+    assert p.knn_query is None
+    p.close()
+
+
+def test_the_class_check_is_one_function() -> None:
+    import inspect
+
+    import moco.commands.knn as knn_cmd
+    import moco.train as train
+
+    assert "knn_splits(" in inspect.getsource(train.Pretrainer.__init__)
+    assert "knn_splits(" in inspect.getsource(knn_cmd.knn_evaluate)
+
+
+# ===== messages (class 7) ======================================================================
+
+def test_huge_seed_is_one_line_naming_the_flag(tiny_data: Path, tmp_path: Path) -> None:
+    err = pretrain_error(tiny_data, tmp_path / "run", "--seed", str(2**64 + 1))
+    assert "expected --seed in [0, 4294967295], got 18446744073709551617" in err
+    assert "Overflow" not in err
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    (["-b", "8", "--bn-splits", "8"], "1 image per group: -b 8 / --bn-splits 8"),
+    (["-b", "8", "--bn-splits", "8", "--shuffle-bn", "none"], "1 image per group"),
+    (["-b", "8", "--bn-splits", "8", "--mechanism", "end-to-end"], "1 image per group"),
+])
+def test_too_many_bn_splits_for_the_feature_map(tiny_data: Path, tmp_path: Path,
+                                               extra: list[str], says: str) -> None:
+    err = pretrain_error(tiny_data, tmp_path / "run", *extra)
+    assert says in err and "BatchNorm would normalise 1 value per channel" in err
+    assert "--cifar-stem" in err and "Expected more than 1 value" not in err
+    # With the CIFAR stem the last feature map is 4x4 at 32 px: 16 values per channel, fine.
+    args = build_parser().parse_args(["pretrain", str(tiny_data), *TINY_FLAGS, *extra,
+                                      "--cifar-stem", "--output", str(tmp_path / "ok"),
+                                      "--knn-every", "0"])
+    Pretrainer(config_from_args(args), log=lambda _m: None, progress=False).close()
+
+
+def test_checkpoint_of_the_wrong_kind_is_named_in_one_short_line(
+        tiny_data: Path, tmp_path: Path, r18_checkpoint: Path) -> None:
+    tv = tmp_path / "tv.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), tv)
+    err = pretrain_error(tiny_data, tmp_path / "a", "--resume", str(tv))
+    assert len(err) < 400 and "bare backbone state dict" in err
+    err = pretrain_error(tiny_data, tmp_path / "b", "--resume", str(r18_checkpoint),
+                         "--moco-dim", "64", touches=True)
+    assert "does not match this model" in err and "of another shape" in err and len(err) < 700
+    assert err.count("encoder_q.") <= 6  # a few names, not the whole list
+
+
+def test_a_folder_is_not_called_missing(tiny_data: Path, tmp_path: Path,
+                                        r18_checkpoint: Path) -> None:
+    run_dir = r18_checkpoint.parent
+    err = pretrain_error(tiny_data, tmp_path / "run", "--resume", str(run_dir))
+    assert f"{run_dir} is a folder, not a checkpoint file; the newest checkpoint in it is " \
+           f"{r18_checkpoint}" in err and "does not exist" not in err
+    for argv in (["knn", str(tiny_data), "--pretrained", str(run_dir)],
+                 ["export", str(run_dir), "-f", "torchvision", "-o", str(tmp_path / "x.pth")],
+                 ["embed", str(tiny_data), "--pretrained", str(run_dir), "-o",
+                  str(tmp_path / "e.npy")]):
+        rc, _, err = run_cli(argv)
+        assert rc == 2 and "is a folder, not a checkpoint file" in err, err
+
+
+def test_unsafe_checkpoint_message_gives_no_unsafe_advice(tiny_data: Path, tmp_path: Path) -> None:
+    class Evil:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (os.system, ("true",))
+
+    path = tmp_path / "evil.pth.tar"
+    torch.save({"epoch": 1, "state_dict": {}, "x": Evil()}, path)
+    for argv in (["knn", str(tiny_data), "--pretrained", str(path)],
+                 ["pretrain", str(tiny_data), *TINY_FLAGS, "--resume", str(path), "--output",
+                  str(tmp_path / "run")]):
+        rc, _, err = run_cli(argv)
+        assert rc == 2 and "cannot be loaded safely" in err and "system" in err, err
+        assert "weights_only" not in err and "Re-running" not in err and "trust" not in err
+    npy = tmp_path / "emb.npy"
+    np.save(npy, np.zeros((2, 3), np.float32))
+    rc, _, err = run_cli(["knn", str(tiny_data), "--pretrained", str(npy)])
+    assert rc == 2 and "is a numpy .npy file" in err
+
+
+def test_bad_device_is_one_line(tiny_data: Path, tmp_path: Path) -> None:
+    err = pretrain_error(tiny_data, tmp_path / "run", "--device", "foo")
+    assert "expected --device to be auto, cpu, cuda, cuda:N" in err
+
+
+def test_ablate_set_and_grid_values_are_checked(tmp_path: Path) -> None:
+    grid = tmp_path / "g.yaml"
+    grid.write_text("base: {epochs: 1}\ngrid: {moco_m: [0.9, 1.5]}\n")
+    rc, _, err = run_cli(["ablate", str(grid), "--list"])
+    assert rc == 2 and f"expected --moco-m in [0, 1), got 1.5 (key 'moco_m' in grid of {grid})" \
+        in err, err
+    grid.write_text("base: {epochs: 1}\ngrid: {moco_m: [0.9]}\n")
+    rc, _, err = run_cli(["ablate", str(grid), "--list", "--set", "epochs=2.5"])
+    assert rc == 2 and "expected --epochs to be an integer >= 1, got 2.5 (--set epochs=2.5)" \
+        in err, err
+    rc, _, err = run_cli(["ablate", str(grid), "--list", "--set", "mlp=maybe"])
+    assert rc == 2 and "expected --mlp to be true or false, got maybe (--set mlp=maybe)" \
+        in err, err
+    grid.write_text("base: &b {epochs: 1}\ngrid: {moco_m: [0.9]}\nother: *b\n")
+    rc, _, err = run_cli(["ablate", str(grid), "--list"])
+    assert rc == 2 and "aliases (*b) are not accepted" in err, err

@@ -336,3 +336,63 @@ def test_a_run_writes_only_into_its_run_folder_and_the_cache(tiny_data: Path,
                 and not p.is_relative_to(home / ".cache" / "moco")]
     outside += list(tmp.rglob("*"))
     assert outside == []
+
+
+# ----- issue 20: what diverged, and never a NaN checkpoint called good ---------------------------
+
+def poison(path: Path) -> None:
+    """Put a NaN in a checkpoint's query encoder, as a run that diverged before saving it."""
+    ckpt = load_checkpoint(path)
+    ckpt["state_dict"]["module.encoder_q.conv1.weight"][0, 0, 0, 0] = float("nan")
+    atomic_save(ckpt, path)
+
+
+def test_divergence_names_the_newest_checkpoint_with_finite_weights(
+        tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "run"
+
+    def nan_and_poison(r: train_mod.StepResult) -> train_mod.StepResult:
+        poison(out / "checkpoint_0000_step000002.pth.tar")  # saved after step 2, already bad
+        return train_mod.StepResult(float("nan"), r.acc1)
+
+    after_step(monkeypatch, 3, nan_and_poison)
+    with pytest.raises(RunError) as e:
+        quiet(make_cfg(tiny_data, out, "--save-every-steps", "1", "--keep-last", "0")).run()
+    msg = str(e.value)
+    good, bad = out / "checkpoint_0000_step000001.pth.tar", out / "checkpoint_0000_step000002.pth.tar"
+    assert "the training loss (InfoNCE) became nan at epoch 1, step 3 (global step 3)" in msg
+    assert f"the newest checkpoint with finite weights is {good} ({bad} already holds NaN/Inf)" \
+        in msg and f"continue with --resume {good}" in msg
+    assert "the last good" not in msg and "--lr (now 0.03)" in msg
+
+
+def test_resume_auto_refuses_a_newest_checkpoint_with_nan_weights(
+        tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "run"
+    after_step(monkeypatch, 2, lambda r: os.kill(os.getpid(), signal.SIGTERM))
+    quiet(make_cfg(tiny_data, out, "--save-every-steps", "1", "--keep-last", "0")).run()
+    ckpts = list_checkpoints(out)
+    assert len(ckpts) == 2
+    poison(ckpts[-1])
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(CheckpointError, match=rf"newest readable checkpoint {re.escape(str(ckpts[-1]))}"
+                       rf" holds NaN/Inf weights \(module.encoder_q.conv1.weight\).*--resume "
+                       rf"{re.escape(str(ckpts[0]))}"):
+        quiet(make_cfg(tiny_data, out, "--resume", "auto"))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # The one it names resumes.
+    p = quiet(make_cfg(tiny_data, out, "--resume", str(ckpts[0])))
+    assert p.state.global_step == 1
+    p.close()
+
+
+def test_resume_auto_starts_over_only_in_a_folder_without_checkpoints(
+        tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"epoch": 1, "loss": 1.0}\n')  # killed before a save
+    logs: list[str] = []
+    p = Pretrainer(make_cfg(tiny_data, out, "--resume", "auto"), log=logs.append, progress=False)
+    assert any("no checkpoint in" in m and "starting from scratch" in m for m in logs)
+    assert p.state.global_step == 0 and not (out / "metrics.jsonl").exists()
+    p.close()
