@@ -55,14 +55,18 @@ DECODES = ("auto", "cpu", "gpu")
 MAX_SEED = 2**32 - 1
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # MoCo v1, ImageNet (main_moco.py's defaults).
+    # MoCo v1, ImageNet (main_moco.py's defaults). Both ImageNet presets monitor kNN on
+    # class-balanced subsets (10 train images per class as the bank, 2 val images per class as
+    # queries): ~1-2% of an epoch, where the whole of train + val would cost more than one.
     "mocov1": {"arch": "resnet50", "lr": 0.03, "batch_size": 256, "epochs": 200,
                "schedule": [120, 160], "cos": False, "moco_k": 65536, "moco_m": 0.999,
-               "moco_t": 0.07, "mlp": False, "aug": "v1", "wd": 1e-4},
+               "moco_t": 0.07, "mlp": False, "aug": "v1", "wd": 1e-4,
+               "knn_bank_images": 10000, "knn_query_images": 2000},
     # MoCo v2: + MLP head, τ 0.2, aug+, cosine.
     "mocov2": {"arch": "resnet50", "lr": 0.03, "batch_size": 256, "epochs": 200,
                "schedule": [120, 160], "cos": True, "moco_k": 65536, "moco_m": 0.999,
-               "moco_t": 0.2, "mlp": True, "aug": "v2", "wd": 1e-4},
+               "moco_t": 0.2, "mlp": True, "aug": "v2", "wd": 1e-4,
+               "knn_bank_images": 10000, "knn_query_images": 2000},
     # The authors' CIFAR-10 demo notebook.
     "cifar10": {"arch": "resnet18", "cifar_stem": True, "moco_dim": 128, "moco_k": 4096,
                 "moco_m": 0.99, "moco_t": 0.1, "bn_splits": 8, "shuffle_bn": "auto",
@@ -168,6 +172,12 @@ class MocoConfig:
     knn_features: str = setting("backbone", "--knn-features", group=_E, choices=KNN_FEATURES,
                                 role="evaluation", help="kNN on pooled backbone features or "
                                 "on the head's output")
+    knn_bank_images: int = setting(0, "--knn-bank-images", group=_E, min=0, role="evaluation",
+                                   help="kNN monitor: a class-balanced subset of N train images "
+                                   "as the bank (the ImageNet presets: 10000); 0 = all")
+    knn_query_images: int = setting(0, "--knn-query-images", group=_E, min=0, role="evaluation",
+                                    help="kNN monitor: a class-balanced subset of N val/test "
+                                    "images as the queries (the ImageNet presets: 2000); 0 = all")
     staleness_every: int = setting(
         0, "--staleness-every", group=_E, min=0, role="runtime", help="every N epochs, measure "
         "the loss against the queue vs against K keys freshly encoded by f_k (moco.staleness; "

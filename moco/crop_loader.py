@@ -48,7 +48,8 @@ from moco.config import MocoConfig
 from moco.data import BAD_IMAGE_HINT, DataError, EpochBatchSampler, ignore_stop_signals
 from moco.decode import crop_on_device, decode_on_device, decode_views
 from moco.loader import Batch
-from moco.tensor_loader import step_generator, torch_threads
+from moco.runtime import normalize_device
+from moco.tensor_loader import step_generator, stream_prefetch, torch_threads
 
 
 class SampleReader(Protocol):
@@ -239,7 +240,7 @@ class CropTrainLoader:
     def __init__(self, cfg: MocoConfig, reader: SampleReader, meta: Meta, device: torch.device,
                  workers: int, rank: int = 0, world_size: int = 1,
                  decode_device: torch.device | None = None) -> None:
-        self.cfg, self.device, self.workers = cfg, device, workers
+        self.cfg, self.device, self.workers = cfg, normalize_device(device), workers
         self.rank, self.world_size = rank, world_size
         self.decode_device = decode_device
         self.work = CropWork(cfg, reader, meta, rank, world_size, decode_device is not None)
@@ -254,6 +255,12 @@ class CropTrainLoader:
         return self._sampler(0, 0).steps()
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """The epoch's batches from ``start_step`` on; on CUDA batch t+1's copies, decoding
+        and augmentation are queued on a side stream while step t runs (:func:`stream_prefetch`)."""
+        steps = self._batches(epoch, start_step)
+        yield from stream_prefetch(steps, self.device) if self.device.type == "cuda" else steps
+
+    def _batches(self, epoch: int, start_step: int) -> Iterator[Batch]:
         loader = DataLoader(_FolderSteps(self.work), batch_sampler=self._sampler(epoch, start_step),
                             num_workers=self.workers, collate_fn=_first,
                             pin_memory=self.device.type == "cuda",

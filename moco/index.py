@@ -24,13 +24,14 @@ in the calling process.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import multiprocessing
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -77,6 +78,29 @@ def read_headers(paths: list[str], workers: int) -> np.ndarray:
                                       multiprocessing.get_all_start_methods() else "spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         return np.concatenate(list(pool.map(_headers, chunks)))
+
+
+@contextlib.contextmanager
+def building(path: Path | None) -> Iterator[None]:
+    """An exclusive lock on ``path``'s ``.lock`` file while the block builds it: of the
+    processes starting together (torchrun's ranks on a machine), one builds, the others
+    wait and read its result. No lock where none can be taken (no path, a read-only or
+    lock-less folder)."""
+    fd = None
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path.with_suffix(".lock"), os.O_CREAT | os.O_RDWR, 0o666)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            if fd is not None:
+                os.close(fd)
+            fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 def _dirs(folder: Path) -> list[tuple[str, int]]:
@@ -179,13 +203,18 @@ class FolderIndex:
     def sized(self, workers: int, log: Log = _quiet) -> np.ndarray:
         """``headers``, reading the files' headers (once, stored) when missing."""
         if self.headers is None:
-            t = time.perf_counter()
-            paths = [str(self.folder / r) for r in self.rel]
-            self.headers = read_headers(paths, workers)
-            log(f"indexed the sizes of {len(paths)} images of {self.folder} in "
-                f"{time.perf_counter() - t:.1f} s ({workers} process(es)); later starts read them "
-                f"from {self.path}")
-            self.save()
+            with building(self.path):  # one process reads; the others take its result
+                stored = FolderIndex.load(self.path, self.folder) if self.path else None
+                if stored is not None and stored.headers is not None and stored.rel == self.rel:
+                    self.headers = stored.headers
+                    return self.headers
+                t = time.perf_counter()
+                paths = [str(self.folder / r) for r in self.rel]
+                self.headers = read_headers(paths, workers)
+                log(f"indexed the sizes of {len(paths)} images of {self.folder} in "
+                    f"{time.perf_counter() - t:.1f} s ({workers} process(es)); later starts "
+                    f"read them from {self.path}")
+                self.save()
         return self.headers
 
 
@@ -197,12 +226,17 @@ def folder_index(folder: Path, cache_dir: Path | None, on_bad_image: str = "stop
     change. Not stored when ``cache_dir`` is None or a folder could not be listed."""
     folder = folder.resolve()
     path = index_path(folder, cache_dir) if cache_dir is not None else None
-    old = None
     if path is not None and path.is_file():
         found = FolderIndex.load(path, folder)
         if found is not None:
             return found
-        old = _stale(path)
+    with building(path):  # one process (rank) lists; the others then load its index
+        found = FolderIndex.load(path, folder) if path is not None and path.is_file() else None
+        return found or _list(folder, path, on_bad_image)
+
+
+def _list(folder: Path, path: Path | None, on_bad_image: str) -> FolderIndex:
+    old = _stale(path) if path is not None and path.is_file() else None
     dirs = _dirs(folder)  # before the listing: a change during it shows next time
     src = image_folder(folder, on_bad_image)
     assert src.files is not None

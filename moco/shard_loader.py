@@ -193,7 +193,7 @@ class ShardTrainLoader(CropTrainLoader):
                   "run", file=sys.stderr)
         self.readers, self.buffer = int(state["readers"]), int(state["buffer"])
 
-    def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+    def _batches(self, epoch: int, start_step: int) -> Iterator[Batch]:
         data = _ReaderSteps(self.work, self.source, epoch, start_step, self.readers, self.buffer,
                             self.world_size)
         nw = self.readers if (self.workers > 0 or self.readers > 1) else 0

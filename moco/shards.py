@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from moco.data import IMAGE_EXTENSIONS, DataError, DatasetSplits, ImageSource, open_rgb
+from moco.index import building
 
 SHARD_INDEX_FORMAT = 1
 SEQUENTIAL_BUFFER = 1 << 20
@@ -141,6 +142,13 @@ def shard_index(folder: Path, cache_dir: Path | None, workers: int = 0,
         found = _load(path, folder, shards, fp)
         if found is not None:
             return found
+    with building(path):  # one process (rank) indexes; the others then read its index
+        found = _load(path, folder, shards, fp) if path is not None else None
+        return found or _build(folder, shards, fp, path, workers)
+
+
+def _build(folder: Path, shards: list[Path], fp: str, path: Path | None,
+           workers: int) -> ShardIndex:
     workers = workers or min(len(shards), os.cpu_count() or 1)
     if workers > 1 and len(shards) > 1:
         ctx = multiprocessing.get_context("fork" if "fork" in

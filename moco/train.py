@@ -44,11 +44,13 @@ from moco.config_checks import check_buildable, check_staleness_images
 from moco.data import DataError, ImageSource, class_balanced_subset, find_dataset, knn_splits
 from moco.distributed import (
     DistContext,
+    gather_shards,
     init_distributed,
     is_communication_error,
     make_key_shuffle,
     per_rank_batch,
     resolve_for_world,
+    shard,
     shutdown_distributed,
     wrap_ddp,
 )
@@ -288,6 +290,7 @@ class Pretrainer:
         self.scaler = (torch.amp.GradScaler("cuda")
                        if needs_grad_scaler(self.autocast_dtype) else None)
         self._meter: EpochMeter | None = None  # the current epoch's sums, on the device
+        self._knn_sources: tuple[ImageSource, ImageSource, int, int] | None = None
         self.shuffle_rng = torch.Generator().manual_seed(cfg.seed + 2)
         self.shuffle: KeyShuffle = make_key_shuffle(self.shuffle_bn, self.dist, self.shuffle_rng)
         self.state = TrainState()
@@ -478,22 +481,49 @@ class Pretrainer:
     def _eval_batches(self, source: ImageSource) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         return eval_batches(self.cfg, source, self.device, self.workers)
 
-    def knn(self) -> tuple[float, float] | None:
-        """Weighted kNN top-1/top-5 of the test split against the train split's features.
+    def _knn_monitor(self) -> tuple[ImageSource, ImageSource, int, int] | None:
+        """The monitor's bank and queries (class-balanced subsets when --knn-bank-images /
+        --knn-query-images ask: the ImageNet presets' cheap monitor), this rank's shard of each,
+        and their full sizes. Built once (the decoded-image cache is per source object)."""
+        if self._knn_sources is None and self.knn_bank is not None and self.knn_query is not None:
+            cfg, world, rank = self.cfg, self.dist.world_size, self.dist.rank
+            parts, sizes = [], []
+            for src, n in ((self.knn_bank, cfg.knn_bank_images), (self.knn_query, cfg.knn_query_images)):
+                if 0 < n < len(src):
+                    src = src.subset(class_balanced_subset(src.labels or [], n, cfg.seed))
+                sizes.append(len(src))
+                # Every rank extracts every world-th image; gathered in order afterwards.
+                parts.append(src.subset(shard(len(src), rank, world)) if len(src) >= world else src)
+            self._knn_sources = (parts[0], parts[1], sizes[0], sizes[1])
+            if sizes != [len(self.knn_bank), len(self.knn_query)]:
+                self.log(f"kNN monitor: class-balanced subsets, {sizes[0]} of the "
+                         f"{len(self.knn_bank)} train images as the bank, {sizes[1]} of the "
+                         f"{len(self.knn_query)} val/test images as queries")
+        return self._knn_sources
 
-        Under torchrun only rank 0 evaluates (its f_q, whose buffers are the ones saved); the
-        other ranks get None and wait for it at their next collective (--dist-timeout).
+    def knn(self) -> tuple[float, float] | None:
+        """Weighted kNN top-1/top-5 of the test split (or its subset) against the train split's
+        (or its subset's) features, computed on the device.
+
+        Under torchrun every rank extracts the features of its share of the images with rank
+        0's BN statistics (rank 0's f_q is the one saved) and all get the same result: no rank
+        waits for another's evaluation (which, at ImageNet scale, could pass --dist-timeout).
         """
-        if self.knn_bank is None or self.knn_query is None or not self.dist.is_main:
+        sources = self._knn_monitor()
+        if sources is None:
             return None
+        bank_src, query_src, n_bank, n_query = sources
         encoder = self.model.encoder_q
+        self.dist.broadcast_buffers(encoder)
         net = strip_head(encoder) if self.cfg.knn_features == "backbone" else encoder
-        dt = self.autocast_dtype
-        bank, bank_labels = extract_features(net, self._eval_batches(self.knn_bank), self.device,
-                                             autocast_dtype=dt)
-        query, query_labels = extract_features(net, self._eval_batches(self.knn_query), self.device,
-                                               autocast_dtype=dt)
-        return knn_accuracy(query.to(self.device), query_labels, bank, bank_labels,
+        dt, dev = self.autocast_dtype, self.device
+        feats = []
+        for src, n in ((bank_src, n_bank), (query_src, n_query)):
+            f, y = extract_features(net, self._eval_batches(src), dev, autocast_dtype=dt,
+                                    out_device=dev)
+            feats.append((gather_shards(f, n), gather_shards(y, n)) if len(src) < n else (f, y))
+        (bank, bank_labels), (query, query_labels) = feats
+        return knn_accuracy(query, query_labels, bank, bank_labels,
                             k=self.cfg.knn_k, t=self.cfg.knn_t)
 
     def staleness(self, epoch: int) -> Staleness:

@@ -1,14 +1,15 @@
 """Pack what ``make gpu-check`` brings to the GPU machine into gpu-pack/ (git-ignored; the device
 call carries it with the working tree, at most 64 MiB in all, ../shared not included):
 
-* ``cifar10-subset.tar.gz``: a class-balanced subset of CIFAR-10 (default 25,000 train + 5,000
-  test JPEGs, ~30 MB; the files as they are, in a gzipped tar) in the ImageFolder layout
+* ``cifar10-subset.tar.gz``: a class-balanced subset of CIFAR-10 (default: all of it, 50,000
+  train + 10,000 test JPEGs, 19.5 MiB; the files as they are, in a gzipped tar: CIFAR's ~1 KB
+  JPEGs would more than double in a plain tar's 512-byte blocks) in the ImageFolder layout
   ``cifar10-subset/{train,test}/<class>/<file>``;
 * ``site-packages/``: pytest and its pure-Python dependencies, copied from this environment
   (the GPU machine has torch but no pytest, and no network to install it).
 
     python3 scripts/pack_cifar_subset.py                        # from $MOCO_DATA or ../shared
-    python3 scripts/pack_cifar_subset.py DATA --train 25000 --test 5000
+    python3 scripts/pack_cifar_subset.py DATA --train 25000 --test 5000   # a smaller subset
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def pack_subset(data: Path, out: Path, n_train: int, n_test: int, seed: int = 0)
         chosen.append(("test", splits.test, n_test))
     count = 0
     tmp = out.with_name(out.name + ".tmp")
-    with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:  # gzip: tar's 512-byte padding
+    with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:  # gzip: tar's 512-byte blocks
         for split, src, n in chosen:
             if not src.labeled or src.files is None:
                 raise SystemExit(f"{data}/{split} is not a labeled folder of image files")

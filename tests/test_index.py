@@ -184,3 +184,31 @@ def test_cache_estimate_equals_the_cache(tmp_path: Path, uniform: bool) -> None:
     got = cached_images(src, tmp_path / "cache", short_side=37)
     assert got is not None
     assert cache_bytes(h[:, 0], h[:, 1], 37) == got.nbytes
+
+
+def _start(root: Path, cache: Path, log: Path) -> None:
+    real = index_mod._headers
+
+    def counted(paths: list[str]) -> np.ndarray:
+        with open(log, "a") as f:
+            f.write(f"{len(paths)}\n")
+        return real(paths)
+
+    index_mod._headers = counted  # type: ignore[assignment]  # in this child process only
+    listed_folder(root / "train", cache_dir=cache).headers(1)
+
+
+def test_processes_starting_together_read_the_headers_once(tmp_path: Path) -> None:
+    """torchrun's ranks start together: one builds the index, the others read it."""
+    import multiprocessing as mp
+
+    root = tree(tmp_path / "d")
+    log = tmp_path / "reads.txt"
+    procs = [mp.get_context("fork").Process(target=_start, args=(root, tmp_path / "cache", log))
+             for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert log.read_text().split() == [str(len(image_folder(root / "train").files or []))]

@@ -142,3 +142,45 @@ def test_extract_features_normalised_and_restores_mode() -> None:
     net.eval()
     with torch.no_grad():
         torch.testing.assert_close(feats[:3], F.normalize(net(batches[0][0]), dim=1))
+
+
+# ----- the training monitor (issue 15, fault 8) ------------------------------------------------
+
+def test_the_imagenet_presets_monitor_on_class_balanced_subsets() -> None:
+    from moco.config import build_config
+
+    for preset in ("mocov1", "mocov2"):
+        cfg = build_config(preset=preset)
+        assert (cfg.knn_bank_images, cfg.knn_query_images) == (10000, 2000)
+    cfg = build_config(preset="cifar10")  # the authors' log: the whole train and test sets
+    assert (cfg.knn_bank_images, cfg.knn_query_images) == (0, 0)
+
+
+def test_the_monitor_uses_the_subsets_and_says_so(tiny_data, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """--knn-bank-images / --knn-query-images: the bank and the queries are class-balanced
+    subsets (both classes kept), kept on the training device, and the log says it."""
+    from conftest import TINY_FLAGS
+
+    import moco.train as train_mod
+    from moco.cli import build_parser
+    from moco.commands.pretrain import config_from_args
+
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    real = train_mod.knn_accuracy
+
+    def spy(q, ql, b, bl, **kw):  # type: ignore[no-untyped-def]
+        seen.append((q, ql, b, bl))
+        return real(q, ql, b, bl, **kw)
+
+    monkeypatch.setattr(train_mod, "knn_accuracy", spy)
+    cfg = config_from_args(build_parser().parse_args(
+        ["pretrain", str(tiny_data), *TINY_FLAGS, "--output", str(tmp_path / "r"), "--epochs", "1",
+         "--knn-bank-images", "6", "--knn-query-images", "4"]))
+    logs: list[str] = []
+    train_mod.Pretrainer(cfg, log=logs.append, progress=False).run()
+    assert len(seen) == 2  # the untrained network, then epoch 1
+    q, ql, b, bl = seen[0]
+    assert b.shape[0] == 6 and q.shape[0] == 4 and b.device == q.device == torch.device("cpu")
+    assert sorted(bl.tolist()) == [0, 0, 0, 1, 1, 1] and sorted(ql.tolist()) == [0, 0, 1, 1]
+    assert any("kNN monitor: class-balanced subsets, 6 of the 32 train images as the bank, 4 of "
+               "the 32" in line for line in logs), logs

@@ -264,3 +264,29 @@ def r18_tiny_checkpoint(tmp_path: Path) -> Path:
     ckpt = sorted((tmp_path / "ck").glob("checkpoint_*.pth.tar"))[-1]
     Image.new("RGB", (1, 1)).save(tmp_path / "unused.png")
     return ckpt
+
+
+def test_webdataset_reads_ours_and_we_read_its(tmp_path: Path) -> None:
+    """The layout is WebDataset's: its reader gets our samples (keys, pixels, labels) and its
+    ShardWriter's output is a dataset here. Runs where the webdataset package is installed
+    (it is not a dependency)."""
+    import io
+
+    wds = pytest.importorskip("webdataset")
+    _, out = shards_of(tmp_path)
+    urls = sorted(str(p) for p in (out / "train").glob("*.tar"))
+    ds = wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("__key__", "png", "cls")
+    got = {k: (np.asarray(img.convert("RGB")), int(c)) for k, img, c in ds}
+    src = find_dataset(out).train
+    assert len(got) == len(src) == 16 and src.labels is not None
+    for i in range(len(src)):
+        arr, label = got[src.sample_name(i).split(":", 1)[1].rsplit(".", 1)[0]]
+        assert label == src.labels[i] and np.array_equal(arr, np.asarray(src.load(i)))
+    (tmp_path / "wds").mkdir()
+    with wds.ShardWriter(str(tmp_path / "wds" / "part-%06d.tar"), maxcount=5) as w:
+        for k in range(12):
+            b = io.BytesIO()
+            Image.new("RGB", (20 + k, 10), (k, 2 * k, 3)).save(b, "JPEG")
+            w.write({"__key__": f"s{k:04d}", "jpg": b.getvalue(), "cls": str(k % 3).encode()})
+    theirs = find_dataset(tmp_path / "wds").train
+    assert len(theirs) == 12 and sorted(theirs.labels or []) == sorted(k % 3 for k in range(12))
