@@ -26,7 +26,8 @@ JPEGs generated in a temporary folder (``--workdir``; nothing is downloaded):
     .venv/bin/python benchmarks/input_pipeline.py --only startup --baseline-src /tmp/moco-head
 
 ``--baseline-src DIR``: also time the start-up of another copy of the package (e.g. the
-commit before the index: ``git archive <commit> | tar -x -C DIR``).
+commit before the index: ``git archive <commit> moco | tar -x -C DIR``; it must be complete:
+a module missing there is taken from the editable install).
 """
 
 from __future__ import annotations
@@ -177,11 +178,12 @@ def bench_decode(root: Path, cache: Path, n: int, batch: int, size: int, aug: st
 
 TODAY = """
 import sys, time
+from pathlib import Path
 t = time.perf_counter()
-from moco.data import find_dataset
+from moco.data import image_folder
 from moco.cache import cached_images
 t1 = time.perf_counter()
-src = find_dataset(sys.argv[1]).train
+src = image_folder(Path(sys.argv[1]) / "train")  # the listing without the index
 cached_images(src, sys.argv[2], budget=1, log=lambda m: None)  # probes every file, declines
 print(time.perf_counter() - t1, t1 - t, len(src))
 """
