@@ -44,6 +44,8 @@ def check_combination(cfg: MocoConfig) -> None:
         raise ConfigError(
             f"--batch-size {cfg.batch_size} is not divisible by --bn-splits {cfg.bn_splits}; "
             "SplitBatchNorm needs equal sub-batches")
+    if not cfg.output.strip():
+        raise ConfigError("expected --output to name a run folder, got ''")
     check_device_name(cfg.device)
     check_sizes(cfg)
 
@@ -126,7 +128,7 @@ def check_buildable(cfg: MocoConfig, mode: str, world_size: int = 1,
             encoder = build_encoder(cfg.arch, cfg.moco_dim, mlp=cfg.mlp, cifar_stem=cfg.cifar_stem,
                                     bn_splits=1)
     except (ValueError, KeyError) as e:  # the backbone refuses the settings given to it
-        text = str(e).strip("'\"")
+        text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         raise ConfigError(f"-a/--arch {cfg.arch}: {text}") from None
     n_params = sum(p.numel() for p in encoder.parameters())
     # f_q, f_k, the gradient and the SGD momentum buffer, each as big as the weights.

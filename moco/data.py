@@ -267,6 +267,9 @@ def find_dataset(root: str | Path, on_bad_image: str = "stop",
     r = Path(root)
     if not r.exists():
         raise DataError(f"data folder {r} does not exist")
+    if not r.is_dir():
+        raise DataError(f"data folder {r} is a file, not a folder: pass the folder that holds "
+                        "train/ (and val/ or test/)")
     for folder in [r] + [r / n for n in CIFAR_FOLDERS]:
         if folder.name in CIFAR_FOLDERS and folder.is_dir():
             return DatasetSplits(cifar_python(folder, True), cifar_python(folder, False))

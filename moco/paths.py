@@ -112,6 +112,9 @@ def check_writable_parent(out: str | Path, flag: str) -> None:
     p = Path(out)
     if p.is_dir():
         raise OutputError(f"{flag} {p} is a folder; give a file name")
+    if p.exists() and not p.is_file():
+        raise OutputError(f"{flag} {p} is not a regular file (a device, a pipe, a socket): it "
+                          "would be replaced by the output; give a file name")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"{flag} {p}: the folder {parent} does not exist; create it first")

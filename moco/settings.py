@@ -246,7 +246,19 @@ def coerce(name: str, s: Setting, value: Any, source: Source) -> Any:
 # ----- YAML files ------------------------------------------------------------------------------
 class NoAliasLoader(yaml.SafeLoader):
     """SafeLoader that refuses aliases (``*name``, ``<<: *name``): a few lines of anchors and
-    aliases can expand into a structure of billions of items."""
+    aliases can expand into a structure of billions of items; and a key given twice (which
+    of the two was meant cannot be told)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark)
+            if isinstance(key, (str, int, float, bool)):
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
@@ -265,8 +277,10 @@ def read_yaml_mapping(path: str | Path, what: str, error: type[MocoError] = Conf
     p = Path(path)
     if p.is_dir():
         raise error(f"{what} {p} is a folder, not a YAML file")
-    if not p.is_file():
+    if not p.exists():
         raise error(f"{what} {p} does not exist")
+    if not p.is_file():
+        raise error(f"{what} {p} is not a regular file (a device or a pipe?)")
     try:
         size = p.stat().st_size
         if size > MAX_YAML_BYTES:

@@ -308,21 +308,25 @@ def test_unwritable_output_folder(tiny_data: Path, tmp_path: Path) -> None:
 
 # ===== issue 20: images and folders (class 3) ===================================================
 
-def bomb_dataset(root: Path) -> Path:
-    """16 train images (2 classes) and a test split; one train image is 64x64, a
-    decompression bomb once PIL's limit is lowered to 1500 pixels (32x32 = 1024 stays fine)."""
-    data = make_image_folder(root, per_class=8, splits=("train", "test"))
+def bomb_dataset(root: Path, size: int = 32) -> Path:
+    """16 train images (2 classes) and a test split; one train image is twice the size, a
+    decompression bomb once PIL's limit is lowered to 1.5 x size^2 pixels (see below)."""
+    data = make_image_folder(root, per_class=8, size=size, splits=("train", "test"))
     bomb = data / "train" / "class_1" / "007.png"
-    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(bomb)
+    Image.fromarray(np.zeros((2 * size, 2 * size, 3), np.uint8)).save(bomb)
     return bomb
 
 
-@pytest.mark.parametrize("loader", ["pil", "tensor"])
+@pytest.mark.parametrize("loader", ["pil", "tensor", "crop"])
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_decompression_bomb_follows_on_bad_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  loader: str, policy: str) -> None:
-    bomb = bomb_dataset(tmp_path / "d")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)
+    """tensor: 32 px images, kept whole in the decoded cache; crop: 48 px images, larger than
+    the cache's 37 px short side, cropped from the files at their full size."""
+    size = 48 if loader == "crop" else 32
+    bomb = bomb_dataset(tmp_path / "d", size)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", int(1.5 * size * size))
+    loader = "tensor" if loader == "crop" else loader
     argv = ["pretrain", str(tmp_path / "d"), *TINY_FLAGS, "--output", str(tmp_path / "run"),
             "--epochs", "1", "--moco-k", "16", "--knn-every", "0", "--on-bad-image", policy,
             *loader_flags(tmp_path, loader)]

@@ -450,6 +450,20 @@ def test_yaml_aliases_and_huge_files_are_refused(tmp_path: Path) -> None:
     folder.mkdir()
     with pytest.raises(ConfigError, match="is a folder"):
         build_config(yaml_path=folder)
+    with pytest.raises(ConfigError, match="/dev/zero is not a regular file"):
+        build_config(yaml_path="/dev/zero")  # never read (it has no end)
+    twice = _yaml(tmp_path, {}, "twice.yaml")
+    twice.write_text("epochs: 1\nlr: 0.1\nepochs: 2\n")
+    with pytest.raises(ConfigError, match="the key 'epochs' is given twice"):
+        build_config(yaml_path=twice)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00epochs")
+    with pytest.raises(ConfigError, match="is not a UTF-8 text file"):
+        build_config(yaml_path=binary)
+    code = _yaml(tmp_path, {}, "code.yaml")
+    code.write_text("!!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        build_config(yaml_path=code)
 
 
 def test_sizes_that_cannot_fit_in_memory_are_refused_before_allocation() -> None:
@@ -482,6 +496,11 @@ def test_a_bad_value_in_the_resumed_runs_config_is_named(tmp_path: Path) -> None
                        rf"in {re.escape(str(run / 'config.yaml'))}\); this is the saved "
                        "configuration of the run being resumed"):
         _cfg("d", "--output", str(run), "--resume", "auto")
+
+
+def test_empty_output_is_refused() -> None:
+    with pytest.raises(ConfigError, match="expected --output to name a run folder"):
+        build_config(overrides={"output": " "}).validate()
 
 
 def test_device_names_are_checked() -> None:

@@ -215,6 +215,35 @@ def test_export_out_is_never_the_checkpoint(ckpt: Path, tmp_path: Path, how: str
     assert digest(ckpt) == before
 
 
+@pytest.mark.parametrize("command", ["knn", "export", "embed"])
+def test_an_output_that_is_a_device_is_never_replaced(ckpt: Path, tmp_path: Path,
+                                                      command: str) -> None:
+    """An atomic write renames a temporary file over the output: over /dev/null it would
+    replace the device (as root). Refused."""
+    data = make_image_folder(tmp_path / "data", per_class=2, size=8)
+    fifo = tmp_path / "pipe.npy"
+    os.mkfifo(fifo)
+    argv = {"knn": ["knn", str(data), "--pretrained", str(ckpt), "--json", "/dev/null", *EVAL],
+            "export": ["export", str(ckpt), "-f", "torchvision", "-o", "/dev/null"],
+            "embed": ["embed", str(data), "--pretrained", str(ckpt), "-o", str(fifo), *EVAL]}
+    rc, _, err = run_cli(argv[command])
+    assert "is not a regular file" in one_line_error(rc, err, command)
+    assert Path("/dev/null").is_char_device() and fifo.is_fifo()
+
+
+def test_evaluation_batches_that_cannot_fit_are_refused(ckpt: Path, tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=2, size=8)
+    rc, _, err = run_cli(["knn", str(data), "--pretrained", str(ckpt), "-j", "0", "--device",
+                          "cpu", "--image-size", "100000"])
+    line = one_line_error(rc, err, "knn")
+    assert "one batch (-b 256 images of --image-size 100000 px, float32) would take" in line
+
+
+def test_a_file_given_as_the_data_folder(ckpt: Path, tiny_data: Path, tmp_path: Path) -> None:
+    rc, _, err = run_cli(["pretrain", str(ckpt), *TINY_FLAGS, "--output", str(tmp_path / "r")])
+    assert "is a file, not a folder" in one_line_error(rc, err, "pretrain")
+
+
 def test_output_folder_that_does_not_exist_is_refused_before_the_work(ckpt: Path,
                                                                       tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "data", per_class=2, size=8)

@@ -26,7 +26,14 @@ FLAGS: dict[str, Setting] = {
 
 def check_numbers(**values: Any) -> None:
     """Raise :class:`~moco.errors.ConfigError` naming the first flag whose value is of the
-    wrong type or out of range (None: not given)."""
+    wrong type or out of range (None: not given); a batch of images at ``image_size`` must fit
+    in the memory available."""
     for name, value in values.items():
         if value is not None:
             coerce(name, FLAGS[name], value, from_command_line)
+    size, batch = values.get("image_size"), values.get("batch_size")
+    if size and batch:
+        from moco.config_checks import refuse_if_too_big
+
+        refuse_if_too_big(f"one batch (-b {batch} images of --image-size {size} px, float32)",
+                          batch * 3 * size * size * 4, "lower --batch-size or --image-size")
