@@ -128,8 +128,9 @@ class CropWork:
         hs = torch.ones(self.global_batch, dtype=torch.int64)
         ws = torch.ones(self.global_batch, dtype=torch.int64)
         lo, b = self.rank * self.batch, self.batch
-        hs[lo:lo + b] = torch.as_tensor(self.meta.heights[list(idx)], dtype=torch.int64)
-        ws[lo:lo + b] = torch.as_tensor(self.meta.widths[list(idx)], dtype=torch.int64)
+        # an unreadable header's (0, 0) as 1 x 1: its crops are drawn again for its replacement
+        hs[lo:lo + b] = torch.as_tensor(self.meta.heights[list(idx)], dtype=torch.int64).clamp(min=1)
+        ws[lo:lo + b] = torch.as_tensor(self.meta.widths[list(idx)], dtype=torch.int64).clamp(min=1)
         p = self.aug.params(hs, ws, g)
         sel = torch.cat([torch.arange(lo, lo + b), torch.arange(self.global_batch + lo,
                                                                 self.global_batch + lo + b)])

@@ -162,10 +162,11 @@ class FolderIndex:
         labels = self.labels.tolist() if self.labels is not None else None
         return IndexedSource(self, files, labels, None)
 
-    def save(self) -> None:
-        """Write atomically to ``self.path`` (quietly skipped when the folder is read-only)."""
+    def save(self) -> bool:
+        """Write atomically to ``self.path``; False when not stored (no path, or the cache
+        folder cannot be written: the index is then built again next time)."""
         if self.path is None:
-            return
+            return False
         meta = {"format": INDEX_FORMAT, "folder": str(self.folder), "classes": self.classes,
                 "labeled": self.labels is not None, "dirs": self.dirs, "notes": self.notes}
         arrays = {"files": _pack(self.rel), "meta": _pack([json.dumps(meta)]),
@@ -177,9 +178,11 @@ class FolderIndex:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)  # type: ignore[arg-type]
             os.replace(tmp, self.path)
+            return True
         except OSError:
             with contextlib.suppress(OSError, UnboundLocalError):
                 os.unlink(tmp)
+            return False
 
     @staticmethod
     def load(path: Path, folder: Path) -> FolderIndex | None:
@@ -211,10 +214,10 @@ class FolderIndex:
                 t = time.perf_counter()
                 paths = [str(self.folder / r) for r in self.rel]
                 self.headers = read_headers(paths, workers)
+                where = (f"later starts read them from {self.path}" if self.save() else
+                         "not stored (no writable cache folder): read again next time")
                 log(f"indexed the sizes of {len(paths)} images of {self.folder} in "
-                    f"{time.perf_counter() - t:.1f} s ({workers} process(es)); later starts "
-                    f"read them from {self.path}")
-                self.save()
+                    f"{time.perf_counter() - t:.1f} s ({workers} process(es)); {where}")
         return self.headers
 
 

@@ -150,6 +150,9 @@ def original_crops_loader(cfg: MocoConfig, source: ImageSource, device: torch.de
         return None
     h = source_headers(source, workers)
     ok = h[:, 2] != KIND_BAD
+    if not ok.any():
+        raise DataError(f"none of the {len(h)} images of {source.name} can be read (first: "
+                        f"{source.files[0]}): no image header")
     whole = kept_whole(h[ok, 0], h[ok, 1], cache_short_side(cfg.image_size))
     if cfg.crops == "auto" and whole.all():
         say(f"input: decoded cache: every image is at most {int(h[ok, 0].max())}x"

@@ -243,3 +243,15 @@ def test_png_and_cmyk_files_take_the_cpu_decoders(tmp_path: Path) -> None:
     buf = io.BytesIO()
     Image.open(files[1]).save(buf, "JPEG")
     assert Image.open(buf).mode == "CMYK"
+
+
+def test_no_readable_image_is_a_clear_error(tmp_path: Path) -> None:
+    d = tmp_path / "data" / "train" / "c0"
+    d.mkdir(parents=True)
+    for k in range(8):
+        (d / f"{k}.jpg").write_text("not an image")
+    src = listed_folder(tmp_path / "data" / "train", cache_dir=tmp_path / "cache")
+    for crops in ("auto", "original"):
+        with pytest.raises(DataError, match="none of the 8 images"):
+            original_crops_loader(cfg_for(crops=crops, on_bad_image="skip"), src,
+                                  torch.device("cpu"), 0)

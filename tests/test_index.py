@@ -212,3 +212,13 @@ def test_processes_starting_together_read_the_headers_once(tmp_path: Path) -> No
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0, 0]
     assert log.read_text().split() == [str(len(image_folder(root / "train").files or []))]
+
+
+def test_an_unwritable_cache_folder_still_lists_and_says_so(tmp_path: Path) -> None:
+    root = tree(tmp_path / "d")
+    (tmp_path / "not-a-folder").write_text("x")  # the cache path cannot be created
+    said: list[str] = []
+    src = listed_folder(root / "train", cache_dir=tmp_path / "not-a-folder")
+    assert src.files == image_folder(root / "train").files
+    src.index.sized(1, said.append)
+    assert "not stored" in said[0] and src.index.headers is not None
