@@ -13,15 +13,18 @@ Samples are written in a shuffled order (a permutation drawn from ``seed``): a s
 holds a mix of classes, as a shuffle buffer needs (in ImageFolder order a 1 GB shard of
 ImageNet holds ~7 classes). The output is deterministic: the same DATA and seed give the
 same bytes (member mtimes, owners and modes are fixed). A shard is closed before it would
-pass ``shard_size`` (a sample larger than that gets a shard of its own); each is written
-under a temporary name and renamed when complete.
+pass ``shard_size`` (a sample larger than that gets a shard of its own). A split is written
+into a hidden folder and moved into place when complete: an interrupted run leaves no split
+that looks whole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
+import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,16 +96,19 @@ def _padded(nbytes: int) -> int:
     return -(-nbytes // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
-def write_split(folder: Path, out: Path, shard_size: int, seed: int, progress: bool) -> SplitWritten:
-    """Write the images of one split folder as shards in ``out``."""
+def write_split(folder: Path, final_out: Path, shard_size: int, seed: int,
+                progress: bool) -> SplitWritten:
+    """Write the images of one split folder as shards in ``final_out``: into a hidden
+    ``.<split>.partial`` folder beside it, moved into place once complete, so an interrupted
+    run never leaves a split that looks whole (its partial folder is removed next time)."""
     src = image_folder(folder)
     assert src.files is not None
     n = len(src.files)
     keys = unique_keys([os.path.relpath(f, folder) for f in src.files])  # in listing order
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".shard-*.tar.tmp"):  # left by an interrupted run
-        stale.unlink(missing_ok=True)
+    out = final_out.parent / f".{final_out.name}.partial"
+    shutil.rmtree(out, ignore_errors=True)  # left by an interrupted run
+    out.mkdir(parents=True)
     shards: list[Path] = []
     total = 0
     tf: tarfile.TarFile | None = None
@@ -144,14 +150,21 @@ def write_split(folder: Path, out: Path, shard_size: int, seed: int, progress: b
             total += len(data)
             bar.update(1)
         close()
-    finally:
+    finally:  # a failure (a full disk, a signal) leaves no partial shard behind
         bar.close()
         if tf is not None:
-            tf.close()
+            with contextlib.suppress(OSError):
+                tf.close()
             Path(tmp).unlink(missing_ok=True)
     if src.labels is not None:
         (out / CLASSES_FILE).write_text("".join(f"{c}\n" for c in src.classes))
-    return SplitWritten(folder.name, n, shards, total)
+    if not final_out.exists():
+        os.replace(out, final_out)  # atomic: the split appears whole
+    else:  # --overwrite into an existing folder: its old shards were removed before
+        for p in sorted(out.iterdir()):
+            os.replace(p, final_out / p.name)
+        out.rmdir()
+    return SplitWritten(folder.name, n, [final_out / p.name for p in shards], total)
 
 
 def write_shards(data: Path, out: Path, shard_size: int, seed: int = 0, overwrite: bool = False,

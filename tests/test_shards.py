@@ -73,6 +73,11 @@ def test_written_layout_is_deterministic_and_sized(tmp_path: Path) -> None:
         assert a.read_bytes() == (again / "train" / a.name).read_bytes()
     with pytest.raises(DataError, match="already holds"):
         write_shards(data, again, parse_size("25KB"), progress=False)
+    (again / "train" / "notes.txt").write_text("the user's")
+    write_shards(data, again, parse_size("25KB"), overwrite=True, progress=False)
+    assert [p.read_bytes() for p in shards] == [p.read_bytes() for p in
+                                                sorted((again / "train").glob("*.tar"))]
+    assert (again / "train" / "notes.txt").read_text() == "the user's"
     with pytest.raises(DataError, match="inside the data folder"):
         write_shards(data, data / "out", parse_size("25KB"), progress=False)
     rc, stdout, _ = run_cli(["shard", str(data), str(tmp_path / "cli"), "--shard-size", "1MB",
@@ -290,3 +295,30 @@ def test_webdataset_reads_ours_and_we_read_its(tmp_path: Path) -> None:
             w.write({"__key__": f"s{k:04d}", "jpg": b.getvalue(), "cls": str(k % 3).encode()})
     theirs = find_dataset(tmp_path / "wds").train
     assert len(theirs) == 12 and sorted(theirs.labels or []) == sorted(k % 3 for k in range(12))
+
+
+def test_a_full_disk_while_sharding_is_one_line_and_leaves_no_partial_shard(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    data = make_image_folder(tmp_path / "data", per_class=8)
+    real = tarfile.TarFile.addfile
+    calls = {"n": 0}
+
+    def addfile(self: tarfile.TarFile, *a: object, **k: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", addfile)
+    rc, _, err = run_cli(["shard", str(data), str(tmp_path / "out"), "--shard-size", "25KB",
+                          "--no-progress"])
+    assert rc == 2 and "No space left on device" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "train").exists()  # no split that looks whole
+    rc, _, err = run_cli(["shard", str(data), str(tmp_path / "out"), "--shard-size", "25KB",
+                          "--no-progress"])  # the disk has room again: written from scratch
+    assert rc == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["test", "train"]
+    assert len(find_dataset(tmp_path / "out").train) == 16
