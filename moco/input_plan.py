@@ -162,8 +162,9 @@ def original_crops_loader(cfg: MocoConfig, source: ImageSource, device: torch.de
     _check_headers(cfg, h[:, 2], lambda i: str(source.files[i]))  # type: ignore[index]
     dev = decode_device(cfg, device)
     why = ("--crops original" if cfg.crops == "original" else
-           f"{int((~whole).sum())} of {len(whole)} images are larger than the "
-           f"{cache_short_side(cfg.image_size)} px short side the decoded cache keeps")
+           f"{int((~whole).sum())} of {len(whole)} images are larger than the decoded cache "
+           f"keeps them: short side {cache_short_side(cfg.image_size)}, long side "
+           f"{2 * cache_short_side(cfg.image_size)}")
     say(f"input: original-size crops ({why}): crop boxes drawn on each file's full size, "
         f"{_decoding(dev, workers)}")
     meta = Meta(h[:, 0], h[:, 1], h[:, 2])
