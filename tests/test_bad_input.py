@@ -361,21 +361,19 @@ def test_decompression_bomb_in_the_evaluation_commands(tmp_path: Path,
 
 
 def unlistable(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
-    """``folder`` cannot be listed: chmod 000 where that works (not as root), else os.walk
-    reports it as unreadable (what it does for a folder without read permission)."""
+    """``folder`` cannot be listed: chmod 000 where that works (not as root), else listing it
+    raises what it raises for a folder without read permission."""
     if os.geteuid() != 0:
         folder.chmod(0)
         return
-    real_walk = os.walk
+    real_scandir = os.scandir
 
-    def walk(top: Any, *a: Any, onerror: Any = None, **k: Any) -> Any:
-        if Path(top) == folder:
-            if onerror is not None:
-                onerror(PermissionError(13, "Permission denied", str(folder)))
-            return iter(())
-        return real_walk(top, *a, onerror=onerror, **k)
+    def scandir(path: Any = ".") -> Any:
+        if isinstance(path, (str, os.PathLike)) and Path(path) == folder:
+            raise PermissionError(13, "Permission denied", str(folder))
+        return real_scandir(path)
 
-    monkeypatch.setattr(os, "walk", walk)
+    monkeypatch.setattr(os, "scandir", scandir)
 
 
 def test_unreadable_class_folder_stops_or_is_counted(tmp_path: Path,
@@ -584,3 +582,25 @@ def test_ablate_set_and_grid_values_are_checked(tmp_path: Path) -> None:
     grid.write_text("base: &b {epochs: 1}\ngrid: {moco_m: [0.9]}\nother: *b\n")
     rc, _, err = run_cli(["ablate", str(grid), "--list"])
     assert rc == 2 and "aliases (*b) are not accepted" in err, err
+
+
+def test_embed_unreadable_subfolder_is_an_error_or_skipped(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from original_layout import save_original_checkpoint
+
+    images = make_image_folder(tmp_path / "imgs", per_class=2, size=8, splits=("a", "b"))
+    ckpt = tmp_path / "m.pth.tar"
+    save_original_checkpoint(ckpt, "resnet18", with_optimizer=False)
+    bad = images / "b" / "class_1"
+    unlistable(monkeypatch, bad)
+    ev = ["-j", "0", "--device", "cpu", "--no-progress", "--image-size", "32"]
+    try:
+        rc, _, err = run_cli(["embed", str(images), "--pretrained", str(ckpt), "-o",
+                              str(tmp_path / "e.npy"), *ev])
+        assert rc == 2 and f"cannot list the folder {bad}" in err and "--skip-bad" in err, err
+        rc, out, err = run_cli(["embed", str(images), "--pretrained", str(ckpt), "-o",
+                                str(tmp_path / "e.npy"), "--skip-bad", *ev])
+        assert rc == 0 and "left out 1 unreadable folder(s)" in err, err
+        assert "6 x 512 embeddings" in out
+    finally:
+        bad.chmod(0o755)
