@@ -1,13 +1,13 @@
 """How fast can the MoCo v2 augmentation of a uint8 batch be, with per-sample parameters?
-The alternatives considered for ``moco.batch_augment`` (docs/benchmarks.md says which won and
+The alternatives considered for ``moco.data.batch_augment`` (docs/benchmarks.md says which won and
 why), timed on the same images, views per second (two views per image):
 
-  ours             moco.batch_augment: separable matmul crop, tensor colour ops (the choice)
+  ours             moco.data.batch_augment: separable matmul crop, tensor colour ops (the choice)
   ours: crop only  its crop+resize+flip step alone
   roi_align crop   torchvision.ops.roi_align per-sample boxes (no antialiasing when shrinking)
   grid_sample crop F.affine_grid + F.grid_sample (bilinear, no antialiasing)
   tv2 per image    torchvision.transforms.v2 (Compose of the recipe) on each image tensor
-  PIL per image    moco.augment.pretrain_transform on PIL images (the original recipe)
+  PIL per image    moco.data.augment.pretrain_transform on PIL images (the original recipe)
   kornia           kornia.augmentation (if importable): crop, jitter, gray, blur, flip
 
 Wall time (best of --repeat) and process CPU time per view are both printed: on a machine
@@ -50,8 +50,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from moco import batch_augment as BA
-    from moco.augment import pretrain_transform
+    from moco.data import batch_augment as BA
+    from moco.data.augment import pretrain_transform
 
     b, s = args.batch, args.size
     g = torch.Generator().manual_seed(0)

@@ -4,7 +4,7 @@ JPEGs generated in a temporary folder (``--workdir``; nothing is downloaded):
   decode  decode + augment images/s per core (one process, one torch thread; a core's work
           in a DataLoader worker plus its share of the main process's augmentation):
             short-side (before)  today's worker decoding: PIL decode, resize to short side 256
-                                 (long side cut to 512), crops drawn on that (moco.cache's
+                                 (long side cut to 512), crops drawn on that (moco.data.cache's
                                  layout, DecodeTrainLoader)
             original, PIL        crops drawn on the original size, PIL decode + crop + resize
             original, decode_jpeg  the same with torchvision.io.decode_jpeg on the CPU
@@ -106,12 +106,14 @@ def bench_decode(root: Path, cache: Path, n: int, batch: int, size: int, aug: st
                  repeat: int) -> None:
     import torch
 
-    from moco.batch_augment import BatchAugment
-    from moco.config import MocoConfig
-    from moco.crop_loader import CropTrainLoader, FileReader, Meta
-    from moco.decode import draft_scale
-    from moco.index import listed_folder
-    from moco.tensor_loader import _DecodeBatches, cache_short_side, step_generator
+    from moco.data.batch_augment import BatchAugment
+    from moco.data.batches import step_generator
+    from moco.data.crop_loader import CropTrainLoader, FileReader, Meta
+    from moco.data.decode import draft_scale
+    from moco.data.index import listed_folder
+    from moco.data.input_plan import cache_short_side
+    from moco.data.tensor_loader import _DecodeBatches
+    from moco.engine.config import MocoConfig
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -180,8 +182,12 @@ TODAY = """
 import sys, time
 from pathlib import Path
 t = time.perf_counter()
-from moco.data import image_folder
-from moco.cache import cached_images
+try:
+    from moco.data.folders import image_folder
+    from moco.data.cache import cached_images
+except ImportError:  # a --baseline-src copy from before the moco/data/ layout
+    from moco.data import image_folder
+    from moco.cache import cached_images
 t1 = time.perf_counter()
 src = image_folder(Path(sys.argv[1]) / "train")  # the listing without the index
 cached_images(src, sys.argv[2], budget=1, log=lambda m: None)  # probes every file, declines
@@ -190,7 +196,7 @@ print(time.perf_counter() - t1, t1 - t, len(src))
 INDEXED = """
 import sys, time
 t = time.perf_counter()
-from moco.data import find_dataset
+from moco.data.splits import find_dataset
 t1 = time.perf_counter()
 src = find_dataset(sys.argv[1], cache_dir=sys.argv[2]).train
 h = src.headers(int(sys.argv[3]))
@@ -243,12 +249,12 @@ def _drop(paths: list[Path]) -> None:
 
 
 def bench_shards(root: Path, cache: Path, shard_size: str, repeat: int) -> None:
-    from moco.crop_loader import FileReader
-    from moco.data import epoch_order
-    from moco.index import listed_folder
-    from moco.shard_loader import epoch_stream
-    from moco.shard_writer import parse_size, write_shards
-    from moco.shards import ShardSource, shard_index
+    from moco.data.crop_loader import FileReader
+    from moco.data.datasets import epoch_order
+    from moco.data.index import listed_folder
+    from moco.data.shard_loader import epoch_stream
+    from moco.data.shard_writer import parse_size, write_shards
+    from moco.data.shards import ShardSource, shard_index
 
     out = cache / f"shards-{root.name}"
     shutil.rmtree(out, ignore_errors=True)

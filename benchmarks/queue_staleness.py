@@ -10,7 +10,7 @@ shuffling BN, BN in training mode as in training) against
 
 Stale keys come from older encoders the queries have moved away from: if they are easier
 negatives, (a) shows a lower loss, a higher acc@1 and a lower mean cosine than (b).
-The measurement is moco.staleness (also logged per epoch by ``moco pretrain --staleness-every``).
+The measurement is moco.engine.staleness (also logged per epoch by ``moco pretrain --staleness-every``).
 
     .venv/bin/python benchmarks/queue_staleness.py runs/ablations/v2_table1/v1/checkpoint_0009.pth.tar
 """
@@ -22,14 +22,15 @@ from pathlib import Path
 
 import torch
 
-from moco.checkpoint import from_original_layout, load_checkpoint
-from moco.config import build_config
-from moco.data import find_dataset
-from moco.loader import make_train_loader
-from moco.model import MoCo
-from moco.shuffle_bn import LocalShuffle, NoShuffle
-from moco.staleness import measure_staleness
-from moco.train import build_model, resolve_precision
+from moco.core.model import MoCo
+from moco.core.shuffle_bn import LocalShuffle, NoShuffle
+from moco.data.loaders import make_train_loader
+from moco.data.splits import find_dataset
+from moco.engine.build import build_model
+from moco.engine.checkpoint import from_original_layout, load_checkpoint
+from moco.engine.config_sources import build_config
+from moco.engine.runtime import resolve_precision
+from moco.engine.staleness import measure_staleness
 
 
 def main(argv: list[str] | None = None) -> int:

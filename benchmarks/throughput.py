@@ -1,6 +1,6 @@
 """Throughput of MoCo pretraining, side by side, same model and batch (issue 5):
 
-  (a) model only: ``moco.train.train_step`` on ready tensors already on the device (the limit);
+  (a) model only: ``moco.engine.training_step.train_step`` on ready tensors already on the device (the limit);
   (b) ours end to end: ``TensorTrainLoader`` (decoded cache + batched augmentation) + step;
   (c) the original recipe: ``PILTrainLoader`` (PIL decode + transforms in DataLoader workers)
       + step;
@@ -73,18 +73,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def _setup(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from moco.cache import cached_images
-    from moco.config import build_config
-    from moco.data import find_dataset
-    from moco.shuffle_bn import LocalShuffle
-    from moco.tensor_loader import cache_short_side
-    from moco.train import (
-        build_model,
-        build_optimizer,
-        default_workers,
-        resolve_device,
-        resolve_precision,
-    )
+    from moco.core.shuffle_bn import LocalShuffle
+    from moco.data.cache import cached_images
+    from moco.data.input_plan import cache_short_side
+    from moco.data.splits import find_dataset
+    from moco.engine.build import build_model, build_optimizer
+    from moco.engine.config_sources import build_config
+    from moco.engine.runtime import default_workers, resolve_device, resolve_precision
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,7 +90,7 @@ def _setup(args: argparse.Namespace) -> dict[str, Any]:
         cache_dir=args.cache_dir, bn_splits=8, shuffle_bn="split"))
     device = resolve_device(cfg.device)
     model = build_model(cfg, device)
-    if args.compile:  # as moco.train.build_model does with --compile
+    if args.compile:  # as moco.engine.build.build_model does with --compile
         for child in model.children():
             child.compile()
     split = find_dataset(cfg.data).train
@@ -179,10 +174,11 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
-    from moco.data import ImageSource
-    from moco.loader import Batch, PILTrainLoader
-    from moco.tensor_loader import TensorTrainLoader
-    from moco.train import train_step
+    from moco.data.batches import Batch
+    from moco.data.pil_loader import PILTrainLoader
+    from moco.data.source import ImageSource
+    from moco.data.tensor_loader import TensorTrainLoader
+    from moco.engine.training_step import train_step
 
     s = _setup(args)
     cfg, device = s["cfg"], s["device"]
@@ -238,10 +234,11 @@ def pairs_per_second(cfg: Any, source: Any, *, steps: int, warmup: int, workers:
 
     import torch
 
-    from moco.loader import make_train_loader
-    from moco.runtime import configure_backends, resolve_device, resolve_precision
-    from moco.shuffle_bn import LocalShuffle, NoShuffle
-    from moco.train import build_model, build_optimizer, train_step
+    from moco.core.shuffle_bn import LocalShuffle, NoShuffle
+    from moco.data.loaders import make_train_loader
+    from moco.engine.build import build_model, build_optimizer
+    from moco.engine.runtime import configure_backends, resolve_device, resolve_precision
+    from moco.engine.training_step import train_step
 
     device = resolve_device(cfg.device)
     configure_backends(device)
@@ -287,7 +284,7 @@ def pairs_per_second(cfg: Any, source: Any, *, steps: int, warmup: int, workers:
 def machine() -> str:
     import torch
 
-    from moco.machine import describe_machine
+    from moco.engine.machine import describe_machine
 
     load = f", load {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     return f"{describe_machine('cuda' if torch.cuda.is_available() else 'cpu')}{load}; torch {torch.__version__}"
@@ -296,7 +293,7 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if not args.data:
-        from moco.config import default_data_dir
+        from moco.engine.config_sources import default_data_dir
 
         args.data = default_data_dir()
     if args.phase:

@@ -4,8 +4,8 @@ He et al., "Momentum Contrast for Unsupervised Visual Representation Learning", 
 Chen et al., "Improved Baselines with Momentum Contrastive Learning", arXiv 2003.04297.
 """
 
-from moco.config import MocoConfig
-from moco.model import MoCo
+from moco.core.model import MoCo
+from moco.engine.config import MocoConfig
 
 __all__ = ["MoCo", "MocoConfig"]
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ Prints, in this order, and writes to one folder (``--out``, default runs/gpu-che
    by the pipeline ``moco pretrain`` picks for them;
 3. a learning check: ``moco pretrain --preset cifar10`` exactly, stopped (``--time-limit``)
    after as many epochs as fit in the minutes left, with each epoch's kNN next to the
-   authors' log at the same number of image pairs seen (``moco.authors_log``).
+   authors' log at the same number of image pairs seen (``moco.eval.authors_log``).
 
 The GPU machine has no network and no venv: its python3 runs the repository with
 ``PYTHONPATH=.``; the data and pytest come in the folder ``scripts/pack_cifar_subset.py``
@@ -144,9 +144,9 @@ def cuda_tests(report: Report, out: Path, timeout_s: float) -> dict[str, Any]:
 
 def throughput(report: Report, out: Path, work: Path, cifar: Path, dry: bool) -> list[dict[str, Any]]:
     from benchmarks.throughput import pairs_per_second
-    from moco.config import build_config
-    from moco.data import find_dataset
-    from moco.runtime import default_workers, resolve_device
+    from moco.data.splits import find_dataset
+    from moco.engine.config_sources import build_config
+    from moco.engine.runtime import default_workers, resolve_device
 
     device = "cpu" if dry else "cuda"
     workers = default_workers(resolve_device(device))
@@ -188,7 +188,7 @@ def throughput(report: Report, out: Path, work: Path, cifar: Path, dry: bool) ->
 def compare_with_authors(history: list[dict[str, Any]], batch: int) -> list[dict[str, Any]]:
     """Each epoch's kNN next to the authors' at the same number of pairs seen (global steps x
     batch), the difference, and whether it is within 2 points of theirs or above."""
-    from moco.authors_log import authors_knn_at
+    from moco.eval.authors_log import authors_knn_at
 
     rows = []
     for h in history:
@@ -227,7 +227,7 @@ def learning(report: Report, out: Path, work: Path, cifar: Path, minutes: float,
         return {"returncode": rc}
     import shutil
 
-    from moco.runlog import read_metrics
+    from moco.engine.runlog import read_metrics
 
     (out / "learn").mkdir(exist_ok=True)
     for name in ("metrics.jsonl", "config.yaml"):
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torchvision
 
-    from moco.machine import describe_machine
+    from moco.engine.machine import describe_machine
 
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("gpu-check: no CUDA GPU here; run it on the GPU machine, or pass --dry-run")

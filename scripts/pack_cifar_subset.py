@@ -41,7 +41,8 @@ def default_source() -> Path:
 
 def pack_subset(data: Path, out: Path, n_train: int, n_test: int, seed: int = 0) -> tuple[int, int]:
     """Write the class-balanced subset as a .tar.gz; returns (images, bytes)."""
-    from moco.data import class_balanced_subset, find_dataset
+    from moco.data.datasets import class_balanced_subset
+    from moco.data.splits import find_dataset
 
     splits = find_dataset(data)
     chosen = [("train", splits.train, n_train)]

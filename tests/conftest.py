@@ -47,7 +47,7 @@ TINY_FLAGS = ["-a", "resnet18", "--image-size", "32", "-b", "8", "--moco-k", "32
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Decoded-image caches (moco.cache) go to a per-test folder, never to ~/.cache."""
+    """Decoded-image caches (moco.data.cache) go to a per-test folder, never to ~/.cache."""
     monkeypatch.setenv("MOCO_CACHE", str(tmp_path_factory.mktemp("moco-cache")))
 
 
@@ -78,7 +78,7 @@ def fill_disk_after(f: Any, nbytes: int, monkeypatch: pytest.MonkeyPatch) -> Any
 
 
 def full_disk_for_exports(monkeypatch: pytest.MonkeyPatch, after_bytes: int) -> None:
-    """A full disk for ``moco.export``'s writers: its files fail after ``after_bytes``
+    """A full disk for ``moco.eval.export``'s writers: its files fail after ``after_bytes``
     (``fill_disk_after``), and ``safetensors.torch.save_file``, which writes from Rust, fails as
     it does on a full disk (measured on a 1 MB tmpfs: SafetensorError, no file left)."""
     import builtins
@@ -86,7 +86,7 @@ def full_disk_for_exports(monkeypatch: pytest.MonkeyPatch, after_bytes: int) -> 
     import safetensors.torch
     from safetensors import SafetensorError
 
-    import moco.export as export_mod
+    import moco.eval.export as export_mod
 
     real_open = builtins.open
     monkeypatch.setattr(export_mod, "open", lambda *a, **k: fill_disk_after(

@@ -14,12 +14,13 @@ from typing import Any
 import pytest
 import yaml
 
-import moco.train as train_mod
-from moco.ablate import ablate, run_grid, run_grid_jobs
-from moco.ablation_grid import AblationError, RunSpec, load_spec, parse_spec, run_status
+import moco.engine.loop as train_mod
+from moco.ablation.ablate import ablate, run_grid, run_grid_jobs
+from moco.ablation.grid import AblationError, RunSpec, load_spec, parse_spec, run_status
 from moco.cli import main
-from moco.config import MocoConfig
-from moco.train import RunError
+from moco.core.errors import RunError
+from moco.engine.config import MocoConfig
+from moco.engine.training_step import StepResult
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,7 +70,7 @@ def test_runner_two_run_grid_writes_table_and_plots_then_skips(
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(train_mod, "pretrain", no_training)
-    monkeypatch.setattr("moco.ablate.measure_step_cost", no_training)
+    monkeypatch.setattr("moco.ablation.ablate.measure_step_cost", no_training)
     assert main(["ablate", str(grid), "--output", str(out), "--no-progress"]) == 0
     assert capsys.readouterr().out.count("finished earlier: skipped") == 2
     assert main(["ablate", str(grid), "--output", str(out), "--list"]) == 0
@@ -89,7 +90,7 @@ def test_runner_resumes_an_interrupted_run_and_records_failures(
     real_step = train_mod.train_step
     count = {"n": 0}
 
-    def step(*a: Any, **k: Any) -> train_mod.StepResult:
+    def step(*a: Any, **k: Any) -> StepResult:
         r = real_step(*a, **k)
         count["n"] += 1
         if count["n"] == 6:  # run 2, step 2 of 4
@@ -143,7 +144,7 @@ def test_cost_only_measures_without_training_and_caches(
     assert [p["mechanism"] for p in points] == ["moco", "end-to-end", "memory-bank"]
     assert all("error" not in p and p["min_time_per_step_s"] <= p["time_per_step_s"] for p in points)
     assert "| end-to-end | 4 | 3 |" in report.read_text() and (out / "cost.png").is_file()
-    monkeypatch.setattr("moco.ablate.measure_step_cost", no_training)
+    monkeypatch.setattr("moco.ablation.ablate.measure_step_cost", no_training)
     ablate(spec, out, cost_only=True, progress=False, log=quiet)  # cached: nothing measured
     with pytest.raises(AblationError, match="cost"):
         ablate(parse_spec({"runs": [{"name": "a"}]}), out, cost_only=True)

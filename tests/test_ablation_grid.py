@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from moco.ablation_grid import AblationError, load_spec, parse_spec, run_config
+from moco.ablation.grid import AblationError, load_spec, parse_spec, run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

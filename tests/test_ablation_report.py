@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from moco.ablation_grid import parse_spec
-from moco.ablation_report import write_report
+from moco.ablation.grid import parse_spec
+from moco.ablation.report import write_report
 
 
 def _fake_run(run_dir: Path, epochs: int, knn: list[float | None], acc: list[float],

@@ -9,8 +9,8 @@ from PIL import Image, ImageFilter
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from moco.augment import PILGaussianBlur, TwoViews, eval_transform, pretrain_transform
-from moco.config import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
+from moco.data.augment import PILGaussianBlur, TwoViews, eval_transform, pretrain_transform
+from moco.engine.config import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
 
 RATIO = (3 / 4, 4 / 3)
 

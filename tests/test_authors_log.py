@@ -1,10 +1,10 @@
-"""The authors' CIFAR-10 kNN log as the project keeps it (moco.authors_log)."""
+"""The authors' CIFAR-10 kNN log as the project keeps it (moco.eval.authors_log)."""
 
 from __future__ import annotations
 
 import pytest
 
-from moco.authors_log import AUTHORS_CIFAR10_KNN, AUTHORS_PAIRS_PER_EPOCH, authors_knn_at
+from moco.eval.authors_log import AUTHORS_CIFAR10_KNN, AUTHORS_PAIRS_PER_EPOCH, authors_knn_at
 
 
 def test_log_values_at_the_published_thresholds() -> None:

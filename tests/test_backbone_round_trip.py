@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from moco.cli import main
-from moco.pretrained import load_backbone
+from moco.eval.encoders import load_backbone
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 ARCHS = [
@@ -83,7 +83,7 @@ def test_pretrain_knn_lincls_export_embed(arch: str, tiny_data: Path, tmp_path: 
             got = net.eval().forward_head(net.forward_features(X), pre_logits=True)
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
     else:
-        from moco import wide_resnet
+        from moco.core import wide_resnet
 
         tv = tmp_path / "tv.pth"
         assert main(["export", str(ckpt), "-f", "torchvision", "-o", str(tv)]) == 0

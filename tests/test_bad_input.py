@@ -16,20 +16,14 @@ from conftest import TINY_FLAGS, make_image_folder, run_cli
 from PIL import Image
 from torch._utils import ExceptionWrapper
 
-from moco.augment import TwoViews, eval_transform, pretrain_transform
-from moco.checkpoint import atomic_save
 from moco.cli import build_parser
-from moco.commands.pretrain import config_from_args
-from moco.data import (
-    DataError,
-    EvalDataset,
-    ImageSource,
-    image_folder,
-    load_checked,
-    open_rgb,
-    scan_images,
-)
-from moco.train import Pretrainer
+from moco.cli.pretrain import config_from_args
+from moco.data.augment import TwoViews, eval_transform, pretrain_transform
+from moco.data.datasets import EvalDataset
+from moco.data.folders import image_folder
+from moco.data.source import DataError, ImageSource, load_checked, open_rgb, scan_images
+from moco.engine.checkpoint import atomic_save
+from moco.engine.loop import Pretrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -484,8 +478,8 @@ def test_monitor_and_knn_share_the_class_check(tmp_path: Path) -> None:
 def test_the_class_check_is_one_function() -> None:
     import inspect
 
-    import moco.commands.knn as knn_cmd
-    import moco.train as train
+    import moco.cli.knn as knn_cmd
+    import moco.engine.loop as train
 
     assert "knn_splits(" in inspect.getsource(train.Pretrainer.__init__)
     assert "knn_splits(" in inspect.getsource(knn_cmd.knn_evaluate)

@@ -1,4 +1,4 @@
-"""Batched augmentation (moco.batch_augment) against torchvision's per-image transforms:
+"""Batched augmentation (moco.data.batch_augment) against torchvision's per-image transforms:
 (a) the same parameter distributions, (b) the same output for the same parameters."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
-from moco import batch_augment as BA
-from moco.augment import eval_transform
+from moco.data import batch_augment as BA
+from moco.data.augment import eval_transform
 
 N = 20000  # draws per distribution
 

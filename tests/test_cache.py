@@ -1,4 +1,4 @@
-"""The decoded-image cache (moco.cache): content, reuse, rebuild on change, location."""
+"""The decoded-image cache (moco.data.cache): content, reuse, rebuild on change, location."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import pytest
 from conftest import make_image_folder
 from PIL import Image
 
-from moco import cache as C
-from moco.data import DataError, ImageSource, find_dataset, open_rgb
+from moco.data import cache as C
+from moco.data import cache_dir as CD
+from moco.data.source import DataError, ImageSource, open_rgb
+from moco.data.splits import find_dataset
 
 
 def _train(root: Path) -> ImageSource:
@@ -66,10 +68,10 @@ def test_never_inside_the_data_folder(tiny_data: Path) -> None:
 
 def test_default_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MOCO_CACHE", str(tmp_path / "x"))
-    assert C.default_cache_dir() == tmp_path / "x"
+    assert CD.default_cache_dir() == tmp_path / "x"
     monkeypatch.delenv("MOCO_CACHE")
-    assert C.default_cache_dir() == Path.home() / ".cache" / "moco"
-    assert C.resolve_cache_dir("/some/where") == Path("/some/where")
+    assert CD.default_cache_dir() == Path.home() / ".cache" / "moco"
+    assert CD.resolve_cache_dir("/some/where") == Path("/some/where")
 
 
 def test_mixed_sizes_short_side_layout(tmp_path: Path) -> None:

@@ -18,9 +18,9 @@ from conftest import TINY_FLAGS, make_image_folder
 from PIL import Image
 
 from moco.cli import COMMANDS, build_parser, main
-from moco.config import build_config
-from moco.machine import describe_machine
-from moco.train import build_model
+from moco.engine.build import build_model
+from moco.engine.config_sources import build_config
+from moco.engine.machine import describe_machine
 
 
 def _run(argv: list[str]) -> tuple[int, str, str]:

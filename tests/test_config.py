@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from moco.cli import build_parser, main
-from moco.commands.pretrain import config_from_args
-from moco.config import (
+from moco.cli.pretrain import config_from_args
+from moco.core.errors import ConfigError
+from moco.engine.config import (
     CIFAR_MEAN,
     CIFAR_STD,
     DEFAULTS,
@@ -25,11 +26,8 @@ from moco.config import (
     RUNTIME_SETTINGS,
     SETTINGS,
     MocoConfig,
-    build_config,
-    load_yaml,
-    save_yaml,
 )
-from moco.errors import ConfigError
+from moco.engine.config_sources import build_config, load_yaml, save_yaml
 
 
 def _cfg(*argv: str) -> MocoConfig:
@@ -302,11 +300,11 @@ def test_the_original_flag_names_and_aliases_are_kept() -> None:
 
 
 def test_the_lists_of_settings_that_do_not_change_training_are_derived() -> None:
-    import moco.ablation_grid as grid
-    import moco.distributed as distributed
-    import moco.train as train
+    import moco.ablation.grid as grid
+    import moco.engine.distributed as distributed
+    import moco.engine.run_state as run_state
 
-    assert train._RESUME_FREE is RESUME_FREE
+    assert run_state.RESUME_FREE is RESUME_FREE
     assert grid.IGNORED_WHEN_COMPARING is RUNTIME_SETTINGS
     assert distributed.PER_RANK_SETTINGS is PER_RANK_SETTINGS
     # The sets the three modules had written out, now one declaration (the ablation ignores
@@ -478,7 +476,7 @@ def test_sizes_that_cannot_fit_in_memory_are_refused_before_allocation() -> None
 
 
 def test_check_sizes_uses_the_memory_given() -> None:
-    from moco.config_checks import check_sizes
+    from moco.engine.config import check_sizes
 
     cfg = MocoConfig(moco_k=4096, moco_dim=128, batch_size=8, image_size=32)
     check_sizes(cfg, available=4096 * 128 * 4)  # exactly fits

@@ -1,4 +1,4 @@
-"""Original-size crops (moco.crop_loader, moco.input_plan): crop boxes drawn on each file's
+"""Original-size crops (moco.data.crop_loader, moco.data.input_plan): crop boxes drawn on each file's
 original size with RandomResizedCrop's distribution, views equal to torchvision's on the
 original image, exact resume, process-count independence, bad files, the path choice."""
 
@@ -15,12 +15,13 @@ from PIL import Image
 from test_batch_augment import KS_CRIT, ks
 from torchvision import transforms as T
 
-from moco.config import MocoConfig
-from moco.crop_loader import CropTrainLoader, CropWork, FileReader, Meta
-from moco.data import DataError, image_folder
-from moco.decode import KIND_JPEG
-from moco.index import listed_folder
-from moco.input_plan import original_crops_loader, source_headers
+from moco.data.crop_loader import CropTrainLoader, CropWork, FileReader, Meta
+from moco.data.decode import KIND_JPEG
+from moco.data.folders import image_folder
+from moco.data.index import listed_folder
+from moco.data.input_plan import original_crops_loader, source_headers
+from moco.data.source import DataError
+from moco.engine.config import MocoConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

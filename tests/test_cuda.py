@@ -46,7 +46,7 @@ def _pretrain(data: Path, out: Path, *flags: str) -> tuple[str, list[dict[str, A
 # ----- the devices and the precision -------------------------------------------------------------
 
 def test_auto_and_cuda_resolve_to_the_indexed_current_gpu() -> None:
-    from moco.runtime import native_bf16_here, resolve_device, resolve_precision
+    from moco.engine.runtime import native_bf16_here, resolve_device, resolve_precision
 
     current = torch.device("cuda", torch.cuda.current_device())
     assert resolve_device("auto") == current and resolve_device("cuda") == current
@@ -60,9 +60,9 @@ def test_auto_and_cuda_resolve_to_the_indexed_current_gpu() -> None:
 def test_tensor_loader_on_cuda_matches_the_cpu(on_gpu: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fault 1: --device cuda (unindexed) with the decoded cache on the GPU crashed at step 1
     (pin_memory of a CUDA tensor). Both cache placements, against the CPU's batches."""
-    from moco.cache import DecodedImages
-    from moco.config import build_config
-    from moco.tensor_loader import TensorTrainLoader
+    from moco.data.cache import DecodedImages
+    from moco.data.tensor_loader import TensorTrainLoader
+    from moco.engine.config_sources import build_config
 
     if not on_gpu:  # no free memory reported: the cache stays in (pinned) host memory
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 0))
@@ -79,9 +79,9 @@ def test_tensor_loader_on_cuda_matches_the_cpu(on_gpu: bool, monkeypatch: pytest
 
 
 def test_stream_prefetch_gives_the_same_batches() -> None:
-    from moco.cache import DecodedImages
-    from moco.config import build_config
-    from moco.tensor_loader import TensorTrainLoader
+    from moco.data.cache import DecodedImages
+    from moco.data.tensor_loader import TensorTrainLoader
+    from moco.engine.config_sources import build_config
 
     rng = np.random.default_rng(0)
     images = DecodedImages(rng.integers(0, 256, (32, 36, 36, 3), dtype=np.uint8), [0, 1] * 16)
@@ -99,11 +99,12 @@ def test_stream_prefetch_gives_the_same_batches() -> None:
 
 def test_a_training_step_and_the_augmentation_never_wait_for_the_gpu(tiny_data: Path) -> None:
     """Fault 7 on the GPU itself: torch's sync debug mode raises on any synchronising call."""
-    from moco.config import build_config
-    from moco.data import find_dataset
-    from moco.shuffle_bn import LocalShuffle
-    from moco.tensor_loader import make_tensor_loader
-    from moco.train import build_model, build_optimizer, train_step
+    from moco.core.shuffle_bn import LocalShuffle
+    from moco.data.loaders import make_tensor_loader
+    from moco.data.splits import find_dataset
+    from moco.engine.build import build_model, build_optimizer
+    from moco.engine.config_sources import build_config
+    from moco.engine.training_step import train_step
 
     dev = torch.device("cuda", torch.cuda.current_device())
     cfg = build_config(overrides=dict(arch="resnet18", cifar_stem=True, image_size=32,
@@ -126,7 +127,7 @@ def test_a_training_step_and_the_augmentation_never_wait_for_the_gpu(tiny_data: 
 
 
 def test_split_bn_channels_last_on_the_gpu_matches_nchw() -> None:
-    from moco.shuffle_bn import SplitBatchNorm
+    from moco.core.shuffle_bn import SplitBatchNorm
 
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
@@ -146,7 +147,7 @@ def test_split_bn_channels_last_on_the_gpu_matches_nchw() -> None:
 
 
 def test_knn_bank_stays_on_the_gpu() -> None:
-    from moco.knn import extract_features, knn_accuracy
+    from moco.eval.knn import extract_features, knn_accuracy
 
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8)).cuda()
     g = torch.Generator().manual_seed(0)

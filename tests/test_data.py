@@ -12,18 +12,12 @@ import torch
 from conftest import make_image_folder
 from PIL import Image
 
-from moco.augment import TwoViews, pretrain_transform
-from moco.config import IMAGENET_MEAN, IMAGENET_STD
-from moco.data import (
-    DataError,
-    EpochBatchSampler,
-    TwoViewDataset,
-    class_balanced_subset,
-    find_dataset,
-    image_folder,
-    open_rgb,
-    to_rgb,
-)
+from moco.data.augment import TwoViews, pretrain_transform
+from moco.data.datasets import EpochBatchSampler, TwoViewDataset, class_balanced_subset
+from moco.data.folders import image_folder
+from moco.data.source import DataError, open_rgb, to_rgb
+from moco.data.splits import find_dataset
+from moco.engine.config import IMAGENET_MEAN, IMAGENET_STD
 
 # ----- folders ------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""moco.decode: JPEG headers, original-size crops (full and reduced decodes) and batched
+"""moco.data.decode: JPEG headers, original-size crops (full and reduced decodes) and batched
 decoding on a device (run here with device="cpu", the same code path as CUDA's)."""
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import torch
 import torchvision.transforms.functional as F
 from PIL import Image
 
-from moco.data import DataError, open_rgb
-from moco.decode import (
+from moco.data.decode import (
     KIND_BAD,
     KIND_JPEG,
     KIND_JPEG_CPU,
@@ -26,6 +25,7 @@ from moco.decode import (
     header_info,
     jpeg_header,
 )
+from moco.data.source import DataError, open_rgb
 
 
 def photo(h: int, w: int, seed: int = 0) -> np.ndarray:

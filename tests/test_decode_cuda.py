@@ -14,10 +14,11 @@ from conftest import TINY_FLAGS, run_cli
 from PIL import Image
 from test_crop_loader import cfg_for, jpegs, loader_for
 
-from moco.crop_loader import CropTrainLoader, FileReader, Meta
-from moco.data import DataError, image_folder, open_rgb
-from moco.decode import KIND_JPEG, KIND_JPEG_CPU, KIND_OTHER, decode_on_device
-from moco.input_plan import source_headers
+from moco.data.crop_loader import CropTrainLoader, FileReader, Meta
+from moco.data.decode import KIND_JPEG, KIND_JPEG_CPU, KIND_OTHER, decode_on_device
+from moco.data.folders import image_folder
+from moco.data.input_plan import source_headers
+from moco.data.source import DataError, open_rgb
 
 pytestmark = [
     pytest.mark.cuda,

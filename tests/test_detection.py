@@ -17,7 +17,8 @@ import yaml
 from conftest import run_cli
 from original_layout import save_original_checkpoint
 
-from moco.backbones import build_backbone
+from moco.core.backbones import build_backbone
+from moco.core.heads import linear_head
 from moco.detection.settings import (
     BASE_CONFIG,
     RESNETS_DEFAULTS,
@@ -30,8 +31,7 @@ from moco.detection.settings import (
     resnet_settings,
     training_command,
 )
-from moco.export import export_checkpoint
-from moco.heads import linear_head
+from moco.eval.export import export_checkpoint
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detectron2"
 

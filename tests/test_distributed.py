@@ -2,7 +2,7 @@
 
 Workers are spawned with ``torch.multiprocessing`` (fresh interpreters) and join the group the
 way torchrun starts them: through ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` and
-:func:`moco.distributed.init_distributed`. Each worker saves what it saw to ``rank{r}.pt``.
+:func:`moco.engine.distributed.init_distributed`. Each worker saves what it saw to ``rank{r}.pt``.
 """
 
 from __future__ import annotations
@@ -23,18 +23,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from moco.checkpoint import load_checkpoint
-from moco.config import MocoConfig
-from moco.distributed import (
-    DDPShuffle,
+from moco.core.collectives import concat_all_gather
+from moco.core.shuffle_bn import DDPShuffle, GatherKeys, LocalShuffle, NoShuffle, make_key_shuffle
+from moco.data.batches import Batch
+from moco.engine.checkpoint import load_checkpoint
+from moco.engine.config import MocoConfig
+from moco.engine.distributed import (
     DistContext,
     DistributedError,
-    GatherKeys,
     check_same_settings,
-    concat_all_gather,
     init_distributed,
     is_communication_error,
-    make_key_shuffle,
     per_rank_batch,
     resolve_for_world,
     resolve_shuffle_bn,
@@ -42,8 +41,6 @@ from moco.distributed import (
     shutdown_distributed,
     wrap_ddp,
 )
-from moco.loader import Batch
-from moco.shuffle_bn import LocalShuffle, NoShuffle
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -112,7 +109,7 @@ def toy_batches(steps: int, global_batch: int, size: int = 8) -> list[tuple[torc
 
 
 def toy_moco() -> nn.Module:
-    from moco.model import MoCo
+    from moco.core.model import MoCo
 
     return MoCo(toy_encoder(), dim=8, k=32, m=0.9, t=0.2, generator=torch.Generator().manual_seed(1))
 
@@ -155,7 +152,7 @@ def test_shuffle_bn_modes_resolve_per_process_count() -> None:
 
 
 def test_global_batch_must_split_evenly(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("moco.distributed.check_same_settings", lambda ctx, settings: None)
+    monkeypatch.setattr("moco.engine.distributed.check_same_settings", lambda ctx, settings: None)
     assert per_rank_batch(256, 8) == 32
     with pytest.raises(DistributedError, match="global batch and must be divisible by the 3"):
         per_rank_batch(256, 3)
@@ -231,8 +228,8 @@ def test_ddp_without_forward_sync_buffers_falls_back_to_broadcast_buffers(
                      dim: int = 0, broadcast_buffers: bool = True) -> None:
             made.append({"broadcast_buffers": broadcast_buffers})
 
-    monkeypatch.setattr("moco.distributed.DistributedDataParallel", OldDDP)
-    monkeypatch.setattr("moco.distributed.dist.broadcast", lambda t, src: sent.append(t))
+    monkeypatch.setattr("moco.engine.distributed.DistributedDataParallel", OldDDP)
+    monkeypatch.setattr("moco.engine.distributed.dist.broadcast", lambda t, src: sent.append(t))
     model = nn.BatchNorm2d(3)
     wrap_ddp(model, DistContext(world_size=2), torch.device("cpu"))
     assert made == [{"broadcast_buffers": False}]
@@ -240,7 +237,7 @@ def test_ddp_without_forward_sync_buffers_falls_back_to_broadcast_buffers(
 
 
 def _shards_worker(ctx: DistContext, n: int) -> dict[str, Any]:
-    from moco.distributed import gather_shards, shard
+    from moco.core.collectives import gather_shards, shard
 
     rows = torch.tensor(shard(n, ctx.rank, ctx.world_size), dtype=torch.float32)
     feats = torch.stack([rows, -rows], dim=1)  # row i of the whole set is [i, -i]
@@ -322,7 +319,7 @@ def test_two_process_collectives(tmp_path: Path) -> None:
 
 
 def _train_worker(ctx: DistContext, steps: int, global_batch: int) -> dict[str, Any]:
-    from moco.train import train_step
+    from moco.engine.training_step import train_step
 
     model = toy_moco()
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-4)
@@ -339,7 +336,7 @@ def _train_worker(ctx: DistContext, steps: int, global_batch: int) -> dict[str, 
 
 
 def _single_process(steps: int, global_batch: int) -> dict[str, Any]:
-    from moco.train import train_step
+    from moco.engine.training_step import train_step
 
     model = toy_moco()
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-4)

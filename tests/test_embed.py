@@ -13,10 +13,10 @@ from original_layout import save_original_checkpoint
 from PIL import Image
 from safetensors import safe_open
 
-from moco.augment import eval_transform
 from moco.cli import main
-from moco.data import open_rgb
-from moco.pretrained import load_backbone
+from moco.data.augment import eval_transform
+from moco.data.source import open_rgb
+from moco.eval.encoders import load_backbone
 
 FLAGS = ["-j", "0", "--device", "cpu", "--no-progress", "--image-size", "32", "-b", "2"]
 

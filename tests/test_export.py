@@ -22,11 +22,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from moco.backbones import build_backbone
-from moco.checkpoint import load_checkpoint
 from moco.cli import main
-from moco.export import detectron2_checkpoint, export_checkpoint
-from moco.pretrained import load_backbone
+from moco.core.backbones import build_backbone
+from moco.engine.checkpoint import load_checkpoint
+from moco.eval.encoders import load_backbone
+from moco.eval.export import detectron2_checkpoint, export_checkpoint
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -191,8 +191,8 @@ def test_our_checkpoint_exports_like_the_original_script(tiny_data: Path, tmp_pa
 
     from conftest import TINY_FLAGS
 
-    from moco.commands.pretrain import add_parser, config_from_args
-    from moco.train import Pretrainer
+    from moco.cli.pretrain import add_parser, config_from_args
+    from moco.engine.loop import Pretrainer
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
@@ -238,7 +238,7 @@ def test_torchvision_and_timm_formats_in_timm(v2: tuple[Path, nn.Module], tmp_pa
 
 
 def test_wide_resnet_export_names_its_builder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from moco.heads import linear_head
+    from moco.core.heads import linear_head
 
     net = build_backbone("resnet18w2").model
     net.fc = linear_head(1024, 8)
@@ -246,6 +246,6 @@ def test_wide_resnet_export_names_its_builder(tmp_path: Path, capsys: pytest.Cap
     torch.save({"arch": "resnet18w2", "state_dict": {f"module.encoder_q.{k}": v for k, v in
                                                      net.state_dict().items()}}, ckpt)
     assert main(["export", str(ckpt), "-f", "torchvision", "-o", str(tmp_path / "w2.pth")]) == 0
-    assert "moco.wide_resnet.resnet18w2()" in capsys.readouterr().out
+    assert "moco.core.wide_resnet.resnet18w2()" in capsys.readouterr().out
     assert main(["export", str(ckpt), "-f", "timm", "-o", str(tmp_path / "t.pth")]) == 2
     assert "timm has no model named resnet18w2" in capsys.readouterr().err

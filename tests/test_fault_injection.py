@@ -22,8 +22,8 @@ import pytest
 from conftest import TINY_FLAGS
 from test_resume import assert_same_final_state, metrics
 
-from moco.checkpoint import load_checkpoint
-from moco.train import _checkpoint_age, list_checkpoints, newest_checkpoint
+from moco.engine.checkpoint import load_checkpoint
+from moco.engine.rundir import checkpoint_age, list_checkpoints, newest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 4  # tiny_data: 32 images, batch 8
@@ -41,7 +41,7 @@ def _position(run_dir: Path) -> int:
     ckpts = list_checkpoints(run_dir)
     if not ckpts:
         return 0
-    _, epoch, step = _checkpoint_age(ckpts[-1])
+    _, epoch, step = checkpoint_age(ckpts[-1])
     return epoch * STEPS_PER_EPOCH + step
 
 

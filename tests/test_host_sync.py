@@ -15,14 +15,14 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moco.batch_augment import BatchAugment
-from moco.config import CIFAR_MEAN, CIFAR_STD
-from moco.loader import Batch
-from moco.mechanisms import EndToEnd, MemoryBank
-from moco.model import MoCo, build_encoder
-from moco.queue import KeyQueue
-from moco.shuffle_bn import LocalShuffle
-from moco.training_step import EpochMeter, StepResult, train_step
+from moco.core.mechanisms import EndToEnd, MemoryBank
+from moco.core.model import MoCo, build_encoder
+from moco.core.queue import KeyQueue
+from moco.core.shuffle_bn import LocalShuffle
+from moco.data.batch_augment import BatchAugment
+from moco.data.batches import Batch
+from moco.engine.config import CIFAR_MEAN, CIFAR_STD
+from moco.engine.training_step import EpochMeter, StepResult, train_step
 
 READ = torch.ops.aten._local_scalar_dense.default
 

@@ -1,4 +1,4 @@
-"""moco.index: the file list, labels and sizes of a split folder, listed once and reloaded
+"""moco.data.index: the file list, labels and sizes of a split folder, listed once and reloaded
 without reading any file; changes of the tree are seen."""
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import moco.data
-import moco.index as index_mod
-from moco.cache import cached_images
-from moco.data import find_dataset, image_folder
-from moco.decode import KIND_BAD, KIND_JPEG, KIND_OTHER
-from moco.index import IndexedSource, folder_index, listed_folder, read_headers
-from moco.input_plan import cache_bytes
+import moco.data.index as index_mod
+import moco.data.splits
+from moco.data.cache import cached_images
+from moco.data.decode import KIND_BAD, KIND_JPEG, KIND_OTHER
+from moco.data.folders import image_folder
+from moco.data.index import IndexedSource, folder_index, listed_folder, read_headers
+from moco.data.input_plan import cache_bytes
+from moco.data.splits import find_dataset
 
 
 def tree(root: Path) -> Path:
@@ -159,7 +160,7 @@ def test_find_dataset_uses_the_index(tmp_path: Path) -> None:
     splits = find_dataset(root, cache_dir=tmp_path / "cache")
     assert isinstance(splits.train, IndexedSource) and isinstance(splits.test, IndexedSource)
     assert list((tmp_path / "cache" / "index").glob("*.npz"))
-    assert moco.data.find_dataset is find_dataset
+    assert moco.data.splits.find_dataset is find_dataset
 
 
 def test_parallel_header_reads_equal_serial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

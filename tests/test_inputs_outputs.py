@@ -15,9 +15,9 @@ import yaml
 from conftest import TINY_FLAGS, make_image_folder, run_cli
 from original_layout import save_original_checkpoint
 
-from moco.checkpoint import atomic_save
-from moco.errors import OutputError
-from moco.paths import check_output, is_inside, same_file
+from moco.core.errors import OutputError
+from moco.engine.checkpoint import atomic_save
+from moco.engine.paths import check_output, is_inside, same_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EVAL = ["-j", "0", "--device", "cpu", "--no-progress", "--image-size", "32"]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moco.knn import extract_features, knn_accuracy, knn_scores
+from moco.eval.knn import extract_features, knn_accuracy, knn_scores
 
 # Bank of 2-D unit vectors; the query is [1, 0], so similarity = first coordinate.
 BANK = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-1.0, 0.0]])
@@ -147,7 +147,7 @@ def test_extract_features_normalised_and_restores_mode() -> None:
 # ----- the training monitor (issue 15, fault 8) ------------------------------------------------
 
 def test_the_imagenet_presets_monitor_on_class_balanced_subsets() -> None:
-    from moco.config import build_config
+    from moco.engine.config_sources import build_config
 
     for preset in ("mocov1", "mocov2"):
         cfg = build_config(preset=preset)
@@ -161,18 +161,19 @@ def test_the_monitor_uses_the_subsets_and_says_so(tiny_data, tmp_path, monkeypat
     subsets (both classes kept), kept on the training device, and the log says it."""
     from conftest import TINY_FLAGS
 
-    import moco.train as train_mod
+    import moco.engine.evaluation as evaluation
+    import moco.engine.loop as train_mod
     from moco.cli import build_parser
-    from moco.commands.pretrain import config_from_args
+    from moco.cli.pretrain import config_from_args
 
     seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    real = train_mod.knn_accuracy
+    real = evaluation.knn_accuracy
 
     def spy(q, ql, b, bl, **kw):  # type: ignore[no-untyped-def]
         seen.append((q, ql, b, bl))
         return real(q, ql, b, bl, **kw)
 
-    monkeypatch.setattr(train_mod, "knn_accuracy", spy)
+    monkeypatch.setattr(evaluation, "knn_accuracy", spy)
     cfg = config_from_args(build_parser().parse_args(
         ["pretrain", str(tiny_data), *TINY_FLAGS, "--output", str(tmp_path / "r"), "--epochs", "1",
          "--knn-bank-images", "6", "--knn-query-images", "4"]))

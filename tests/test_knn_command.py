@@ -12,10 +12,10 @@ import torch
 from conftest import make_image_folder
 from original_layout import save_original_checkpoint
 
-import moco.pretrained
+import moco.eval.encoders
 from moco.cli import main
-from moco.knn import extract_features, knn_accuracy
-from moco.pretrained import image_batches, load_backbone
+from moco.eval.encoders import image_batches, load_backbone
+from moco.eval.knn import extract_features, knn_accuracy
 
 
 def _unit(deg: float) -> list[float]:
@@ -59,7 +59,7 @@ def test_hand_computed_example(ckpt: Path, tmp_path: Path, monkeypatch: pytest.M
         assert kw.get("normalize") is True and labels.tolist() == [0, 0, 1, 1]
         return feats.to(kw.get("dtype", torch.float32)), labels
 
-    monkeypatch.setattr(moco.pretrained, "extract_into", fake_extract)
+    monkeypatch.setattr(moco.eval.encoders, "extract_into", fake_extract)
     out = tmp_path / "knn.json"
     rc = main(["knn", str(data), "--pretrained", str(ckpt), "--k", str(k), "--t", str(t),
                "-j", "0", "--device", "cpu", "--no-progress", "--image-size", "32",
@@ -80,8 +80,8 @@ def test_command_matches_library(ckpt: Path, tmp_path: Path) -> None:
     a = json.loads((tmp_path / "a.json").read_text())
     b = json.loads((tmp_path / "b.json").read_text())
     # by hand: the library's own extraction and kNN
-    from moco.augment import eval_transform
-    from moco.data import find_dataset
+    from moco.data.augment import eval_transform
+    from moco.data.splits import find_dataset
 
     model, info = load_backbone(ckpt)
     splits = find_dataset(data)

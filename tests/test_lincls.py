@@ -11,19 +11,19 @@ import torchvision
 from conftest import make_image_folder
 from original_layout import save_original_checkpoint
 
-import moco.lincls_protocol as lincls_protocol
-from moco.checkpoint import load_checkpoint
+import moco.eval.lincls_protocol as lincls_protocol
 from moco.cli import main
-from moco.lincls import (
-    LinclsConfig,
+from moco.engine.checkpoint import load_checkpoint
+from moco.engine.schedule import learning_rate
+from moco.eval.encoders import load_backbone
+from moco.eval.lincls import LinclsConfig, linear_classification
+from moco.eval.lincls_protocol import (
     SanityCheckError,
     build_linear_model,
-    linear_classification,
     linear_optimizer,
     sanity_check,
 )
-from moco.pretrained import describe_encoder, load_backbone, read_encoder
-from moco.schedule import learning_rate
+from moco.eval.pretrained import describe_encoder, read_encoder
 
 QUIET = {"log": lambda _m: None, "progress": False}
 

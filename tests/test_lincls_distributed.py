@@ -18,13 +18,13 @@ from conftest import make_image_folder, run_cli
 from original_layout import save_original_checkpoint
 from test_distributed import spawn
 
-from moco import lincls_data
-from moco.checkpoint import load_checkpoint
-from moco.distributed import DistContext
-from moco.errors import MocoError
-from moco.lincls import LinclsConfig, LinearClassification
-from moco.lincls_engine import LinearEngine
-from moco.lincls_state import atomic_copy
+from moco.core.errors import MocoError
+from moco.engine.checkpoint import load_checkpoint
+from moco.engine.distributed import DistContext
+from moco.eval import lincls_data
+from moco.eval.lincls import LinclsConfig, LinearClassification
+from moco.eval.lincls_engine import LinearEngine
+from moco.eval.lincls_state import atomic_copy
 
 QUIET: dict[str, Any] = {"log": lambda _m: None, "progress": False}
 
@@ -219,7 +219,7 @@ def test_best_copy_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         Path(b).write_bytes(b"ne")  # half written, then the disk fills up
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("moco.lincls_state.shutil.copyfile", broken)
+    monkeypatch.setattr("moco.eval.lincls_state.shutil.copyfile", broken)
     with pytest.raises(OSError):
         atomic_copy(src, dst)
     assert dst.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["best", "last"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moco.loss import info_nce, moco_logits, top1_accuracy
+from moco.core.loss import info_nce, moco_logits, top1_accuracy
 
 
 def _naive_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t: float) -> float:
@@ -122,8 +122,8 @@ def test_logits_and_loss_are_float32_under_bf16_autocast() -> None:
 
 
 def test_a_moco_step_under_bf16_autocast_has_float32_logits() -> None:
-    from moco.mechanisms import EndToEnd, MemoryBank, end_to_end_logits
-    from moco.model import MoCo, build_encoder
+    from moco.core.mechanisms import EndToEnd, MemoryBank, end_to_end_logits
+    from moco.core.model import MoCo, build_encoder
 
     torch.manual_seed(0)
     enc = build_encoder("resnet18", 16, mlp=False, cifar_stem=True, bn_splits=1)

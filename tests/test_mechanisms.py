@@ -15,21 +15,24 @@ import torch.nn.functional as F
 from conftest import TINY_FLAGS
 from torch import nn
 
-import moco.train as train_mod
-from moco.checkpoint import from_original_layout, load_checkpoint, to_original_layout
+import moco.engine.loop as train_mod
 from moco.cli import build_parser
-from moco.commands.pretrain import config_from_args
-from moco.config import MocoConfig
-from moco.loss import top1_accuracy
-from moco.mechanisms import (
+from moco.cli.pretrain import config_from_args
+from moco.core.loss import top1_accuracy
+from moco.core.mechanisms import (
     EndToEnd,
     FeatureBank,
     MemoryBank,
     build_mechanism,
     end_to_end_logits,
 )
-from moco.shuffle_bn import LocalShuffle, NoShuffle, SplitBatchNorm
-from moco.train import Pretrainer, build_model, newest_checkpoint
+from moco.core.shuffle_bn import LocalShuffle, NoShuffle, SplitBatchNorm
+from moco.engine.build import build_model
+from moco.engine.checkpoint import from_original_layout, load_checkpoint, to_original_layout
+from moco.engine.config import MocoConfig
+from moco.engine.loop import Pretrainer
+from moco.engine.rundir import newest_checkpoint
+from moco.engine.training_step import StepResult
 
 DIM = 8
 
@@ -289,7 +292,7 @@ def test_mechanism_trains_checkpoints_and_resumes_exactly(
     real = train_mod.train_step
     count = {"n": 0}
 
-    def step(*a: Any, **k: Any) -> train_mod.StepResult:
+    def step(*a: Any, **k: Any) -> StepResult:
         r = real(*a, **k)
         count["n"] += 1
         if count["n"] == 3:  # mid-epoch 1 (4 steps per epoch)

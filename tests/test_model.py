@@ -10,12 +10,12 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from moco.config import MocoConfig
-from moco.loss import info_nce, moco_logits
-from moco.model import MoCo, build_encoder
-from moco.momentum import momentum_update
-from moco.shuffle_bn import LocalShuffle, NoShuffle, SplitBatchNorm
-from moco.train import build_model
+from moco.core.loss import info_nce, moco_logits
+from moco.core.model import MoCo, build_encoder
+from moco.core.momentum import momentum_update
+from moco.core.shuffle_bn import LocalShuffle, NoShuffle, SplitBatchNorm
+from moco.engine.build import build_model
+from moco.engine.config import MocoConfig
 
 DIM = 8
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from moco.config import MocoConfig
-from moco.model import MoCo
-from moco.momentum import init_key_encoder, momentum_update
-from moco.train import build_optimizer
+from moco.core.model import MoCo
+from moco.core.momentum import init_key_encoder, momentum_update
+from moco.engine.build import build_optimizer
+from moco.engine.config import MocoConfig
 
 
 def toy_encoder(dim: int = 8) -> nn.Module:

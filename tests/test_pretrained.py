@@ -18,9 +18,10 @@ from original_layout import (
 )
 from torch import nn
 
-from moco.checkpoint import CheckpointError, load_checkpoint
 from moco.cli import main
-from moco.pretrained import extract_into, infer_arch, load_backbone, load_encoder
+from moco.engine.checkpoint import CheckpointError, load_checkpoint
+from moco.eval.encoders import extract_into, load_backbone, load_encoder
+from moco.eval.pretrained import infer_arch
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -154,8 +155,8 @@ def test_extract_into_preallocates_and_matches() -> None:
 def _tiny_pretrainer(data: Path, out: Path, *extra: str):
     import argparse
 
-    from moco.commands.pretrain import add_parser, config_from_args
-    from moco.train import Pretrainer
+    from moco.cli.pretrain import add_parser, config_from_args
+    from moco.engine.loop import Pretrainer
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moco.queue import KeyQueue
+from moco.core.queue import KeyQueue
 
 
 def _keys(n: int, dim: int, start: int = 0) -> torch.Tensor:

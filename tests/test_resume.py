@@ -15,12 +15,15 @@ import pytest
 import torch
 from conftest import TINY_FLAGS
 
-import moco.train as train_mod
-from moco.checkpoint import load_checkpoint
+import moco.engine.loop as train_mod
 from moco.cli import build_parser
-from moco.commands.pretrain import config_from_args
-from moco.config import MocoConfig
-from moco.train import Pretrainer, PretrainResult, list_checkpoints, newest_checkpoint
+from moco.cli.pretrain import config_from_args
+from moco.engine.checkpoint import load_checkpoint
+from moco.engine.config import MocoConfig
+from moco.engine.loop import Pretrainer
+from moco.engine.run_state import PretrainResult
+from moco.engine.rundir import list_checkpoints, newest_checkpoint
+from moco.engine.training_step import StepResult
 
 TIMING_KEYS = {"seconds", "images_per_s"}
 _real_step = train_mod.train_step
@@ -44,7 +47,7 @@ def sigterm_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
     real = train_mod.train_step
     count = {"n": 0}
 
-    def step(*a: Any, **k: Any) -> train_mod.StepResult:
+    def step(*a: Any, **k: Any) -> StepResult:
         r = real(*a, **k)
         count["n"] += 1
         if count["n"] == steps:

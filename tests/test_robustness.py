@@ -18,19 +18,17 @@ import pytest
 import torch
 from conftest import TINY_FLAGS, fill_disk_after, run_cli
 
-import moco.checkpoint as ckpt_mod
-import moco.train as train_mod
-from moco.checkpoint import CheckpointError, atomic_save, load_checkpoint
+import moco.engine.checkpoint as ckpt_mod
+import moco.engine.loop as train_mod
 from moco.cli import build_parser
-from moco.commands.pretrain import config_from_args
-from moco.config import MocoConfig
-from moco.train import (
-    Pretrainer,
-    RunError,
-    _StopFlag,
-    list_checkpoints,
-    newest_checkpoint,
-)
+from moco.cli.pretrain import config_from_args
+from moco.core.errors import RunError
+from moco.engine.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from moco.engine.config import MocoConfig
+from moco.engine.loop import Pretrainer
+from moco.engine.rundir import list_checkpoints, newest_checkpoint
+from moco.engine.signals import StopFlag
+from moco.engine.training_step import StepResult
 
 REPO = Path(__file__).resolve().parents[1]
 _real_step = train_mod.train_step
@@ -55,7 +53,7 @@ def after_step(monkeypatch: pytest.MonkeyPatch, n: int, action: Any) -> None:
     """Call ``action(result)`` after the n-th training step (it may replace the result)."""
     count = {"n": 0}
 
-    def step(*a: Any, **k: Any) -> train_mod.StepResult:
+    def step(*a: Any, **k: Any) -> StepResult:
         r = _real_step(*a, **k)
         count["n"] += 1
         if count["n"] == n:
@@ -90,7 +88,7 @@ def test_sigint_finishes_the_step_saves_and_says_how_to_resume(
 
 
 def test_second_sigint_does_not_wait() -> None:
-    flag = _StopFlag()
+    flag = StopFlag()
     flag(signal.SIGTERM, None)
     assert flag.signal == signal.SIGTERM
     flag(signal.SIGTERM, None)  # a repeated SIGTERM still waits for the step
@@ -252,7 +250,7 @@ def test_no_silent_overwrite(tiny_data: Path, tmp_path: Path) -> None:
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
         tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "run"
-    after_step(monkeypatch, 3, lambda r: train_mod.StepResult(float("nan"), r.acc1))
+    after_step(monkeypatch, 3, lambda r: StepResult(float("nan"), r.acc1))
     with pytest.raises(RunError) as e:
         quiet(make_cfg(tiny_data, out, "--save-every-steps", "1")).run()
     msg = str(e.value)
@@ -351,9 +349,9 @@ def test_divergence_names_the_newest_checkpoint_with_finite_weights(
         tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "run"
 
-    def nan_and_poison(r: train_mod.StepResult) -> train_mod.StepResult:
+    def nan_and_poison(r: StepResult) -> StepResult:
         poison(out / "checkpoint_0000_step000002.pth.tar")  # saved after step 2, already bad
-        return train_mod.StepResult(float("nan"), r.acc1)
+        return StepResult(float("nan"), r.acc1)
 
     after_step(monkeypatch, 3, nan_and_poison)
     with pytest.raises(RunError) as e:

@@ -15,10 +15,11 @@ import pytest
 from conftest import TINY_FLAGS, make_image_folder, run_cli
 from original_layout import save_original_checkpoint
 
-from moco.cache import BUILDING, _hold, cached_images, remove_abandoned_builds
-from moco.data import image_folder
-from moco.errors import FolderInUseError
-from moco.runlock import LOCK_NAME, RunLock
+from moco.core.errors import FolderInUseError
+from moco.data.cache import cached_images
+from moco.data.cache_dir import BUILDING, hold_lock, remove_abandoned_builds
+from moco.data.folders import image_folder
+from moco.engine.runlock import LOCK_NAME, RunLock
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,7 +29,7 @@ def holder(folder: Path) -> subprocess.Popen[str]:
     """Another process that takes the lock of ``folder`` and keeps it until killed."""
     code = textwrap.dedent(f"""
         import sys, time
-        from moco.runlock import RunLock
+        from moco.engine.runlock import RunLock
         RunLock({str(folder)!r}).acquire()
         print("locked", flush=True)
         time.sleep(600)
@@ -113,10 +114,10 @@ def test_a_build_folder_left_by_a_killed_process_is_removed(tmp_path: Path) -> N
     code = textwrap.dedent(f"""
         import os, signal, tempfile
         from pathlib import Path
-        from moco.cache import BUILDING, _hold
+        from moco.data.cache_dir import BUILDING, hold_lock
         tmp = Path(tempfile.mkdtemp(prefix=".train-0123abcd-", suffix=BUILDING, dir={str(root)!r}))
         (tmp / "images.npy").write_bytes(b"half written")
-        _hold(tmp)
+        hold_lock(tmp)
         os.kill(os.getpid(), signal.SIGTERM)
     """)
     r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -126,7 +127,7 @@ def test_a_build_folder_left_by_a_killed_process_is_removed(tmp_path: Path) -> N
     # A build in progress (its process holds the folder's lock) is left alone.
     busy = root / f".other-1-x{BUILDING}"
     busy.mkdir()
-    fd = _hold(busy)
+    fd = hold_lock(busy)
     try:
         logs: list[str] = []
         assert remove_abandoned_builds(root, logs.append) == left
@@ -158,8 +159,8 @@ def test_sigterm_during_a_real_cache_build_leaves_nothing_a_later_run_keeps(
         Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(data / f"{i}.png")
     root = tmp_path / "cache"
     code = textwrap.dedent(f"""
-        from moco.cache import cached_images
-        from moco.data import image_folder
+        from moco.data.cache import cached_images
+        from moco.data.folders import image_folder
         cached_images(image_folder(__import__("pathlib").Path({str(data)!r})), {str(root)!r},
                       workers=1, log=lambda m: print(m, flush=True))
     """)

@@ -1,4 +1,4 @@
-"""moco.runtime: device names normalised to indexed devices, the precision chosen from the GPU's
+"""moco.engine.runtime: device names normalised to indexed devices, the precision chosen from the GPU's
 capability, backend flags, and small tensors sent in one copy. The hardware is an argument, so
 each CUDA decision is checked here without a GPU."""
 
@@ -11,20 +11,18 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import moco.train as train_mod
-from moco.runtime import (
+import moco.engine.loop as train_mod
+import moco.engine.run as run_mod
+from moco.core.device import normalize_device, packed_to_device, same_device, to_device
+from moco.engine.runtime import (
     DeviceError,
     configure_backends,
     default_workers,
     native_bf16_here,
     needs_grad_scaler,
-    normalize_device,
-    packed_to_device,
     precision_name,
     resolve_device,
     resolve_precision,
-    same_device,
-    to_device,
 )
 
 ONE_GPU = (True, 1, 0)  # CUDA available, 1 GPU, current index 0
@@ -113,29 +111,30 @@ def test_native_bf16_counts_no_emulation(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_the_commands_share_one_resolve_device() -> None:
-    import moco.pretrained as pretrained
+    import moco.engine.run as run
+    import moco.eval.encoders as encoders
 
-    assert train_mod.resolve_device is resolve_device
-    assert pretrained.resolve_device is resolve_device
+    assert run.resolve_device is resolve_device
+    assert encoders.resolve_device is resolve_device
 
 
 def test_pretrainer_resolves_precision_and_sets_backends(monkeypatch: pytest.MonkeyPatch,
                                                          tiny_data: Path, tmp_path: Path) -> None:
-    """The training run takes its precision and backend flags from moco.runtime."""
+    """The training run takes its precision and backend flags from moco.engine.runtime."""
     seen: list[tuple[str, torch.device]] = []
-    real = train_mod.resolve_precision
+    real = run_mod.resolve_precision
 
     def spy(precision: str, device: torch.device, native_bf16: bool | None = None) -> torch.dtype | None:
         seen.append((precision, device))
         return real(precision, device, native_bf16)
 
     configured: list[torch.device] = []
-    monkeypatch.setattr(train_mod, "resolve_precision", spy)
-    monkeypatch.setattr(train_mod, "configure_backends", configured.append)
+    monkeypatch.setattr(run_mod, "resolve_precision", spy)
+    monkeypatch.setattr(run_mod, "configure_backends", configured.append)
     from conftest import TINY_FLAGS
 
     from moco.cli import build_parser
-    from moco.commands.pretrain import config_from_args
+    from moco.cli.pretrain import config_from_args
 
     cfg = config_from_args(build_parser().parse_args(
         ["pretrain", str(tiny_data), *TINY_FLAGS, "--output", str(tmp_path / "r"), "--knn-every", "0"]))

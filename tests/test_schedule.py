@@ -6,9 +6,10 @@ import math
 
 import pytest
 
-from moco.config import MocoConfig, build_config
-from moco.schedule import learning_rate
-from moco.train import epoch_lr
+from moco.engine.build import epoch_lr
+from moco.engine.config import MocoConfig
+from moco.engine.config_sources import build_config
+from moco.engine.schedule import learning_rate
 
 
 @pytest.mark.parametrize(("epoch", "lr"), [(0, 0.03), (1, 0.03), (119, 0.03), (120, 0.003),

@@ -1,4 +1,4 @@
-"""Tar shards (moco.shards, moco.shard_loader, moco.shard_writer): writing, reading, every
+"""Tar shards (moco.data.shards, moco.data.shard_loader, moco.data.shard_writer): writing, reading, every
 sample exactly once per epoch across 2 ranks x 2 workers, exact resume, bad files as in a
 folder, and every command reading them."""
 
@@ -23,12 +23,13 @@ from test_resume import (
     train,
 )
 
-import moco.train as train_mod
-from moco.config import MocoConfig
-from moco.data import DataError, find_dataset, open_rgb
-from moco.shard_loader import ShardTrainLoader, buffer_shuffle
-from moco.shard_writer import parse_size, sample_key, unique_keys, write_shards
-from moco.shards import ShardSource, split_key
+import moco.engine.loop as train_mod
+from moco.data.shard_loader import ShardTrainLoader, buffer_shuffle
+from moco.data.shard_writer import parse_size, sample_key, unique_keys, write_shards
+from moco.data.shards import ShardSource, split_key
+from moco.data.source import DataError, open_rgb
+from moco.data.splits import find_dataset
+from moco.engine.config import MocoConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from moco.shuffle_bn import LocalShuffle, NoShuffle, SplitBatchNorm, convert_split_bn
+from moco.core.shuffle_bn import LocalShuffle, NoShuffle, SplitBatchNorm, convert_split_bn
 
 C = 3
 
@@ -149,7 +149,7 @@ def test_channels_last_stays_channels_last_and_matches_nchw() -> None:
 
 def test_channels_last_gradients_are_exact() -> None:
     """The channels_last path's hand-written backward, against finite differences."""
-    from moco.shuffle_bn import _SplitBNChannelsLast
+    from moco.core.shuffle_bn import _SplitBNChannelsLast
 
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(8, 3, 4, 5, generator=g, dtype=torch.float64) * 2 + 1).contiguous(

@@ -1,4 +1,4 @@
-"""moco.staleness: the queue's keys against fresh keys of the current key encoder, computed
+"""moco.engine.staleness: the queue's keys against fresh keys of the current key encoder, computed
 by hand; the model untouched; a run trains bit for bit the same with the measurement on."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from conftest import TINY_FLAGS
 from test_resume import assert_same_tensors, final_state
 
 from moco.cli import build_parser
-from moco.commands.pretrain import config_from_args
-from moco.loader import Batch
-from moco.model import MoCo, build_encoder
-from moco.shuffle_bn import LocalShuffle, NoShuffle
-from moco.staleness import _FRESH_EPOCH, _MEASURED_EPOCH, measure_staleness
-from moco.train import Pretrainer
+from moco.cli.pretrain import config_from_args
+from moco.core.model import MoCo, build_encoder
+from moco.core.shuffle_bn import LocalShuffle, NoShuffle
+from moco.data.batches import Batch
+from moco.engine.loop import Pretrainer
+from moco.engine.staleness import _FRESH_EPOCH, _MEASURED_EPOCH, measure_staleness
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from moco.config import MocoConfig
-from moco.step_cost import measure_isolated, measure_step_cost
+from moco.ablation.step_cost import measure_isolated, measure_step_cost
+from moco.engine.config import MocoConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

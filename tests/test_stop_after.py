@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_resume import assert_same_final_state, final_state, make_cfg, metrics, train
 
-import moco.train as train_mod
+import moco.engine.loop as train_mod
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

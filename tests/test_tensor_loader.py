@@ -1,4 +1,4 @@
-"""The tensor pipeline (moco.tensor_loader): determinism by (seed, epoch, step), resume,
+"""The tensor pipeline (moco.data.tensor_loader): determinism by (seed, epoch, step), resume,
 process-count independence, shapes, dispatch and the cached eval path."""
 
 from __future__ import annotations
@@ -10,18 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from moco.cache import DecodedImages
-from moco.config import MocoConfig, build_config
-from moco.crop_loader import CropTrainLoader
-from moco.data import EpochBatchSampler, ImageSource, find_dataset
-from moco.loader import PILTrainLoader, eval_batches, make_train_loader
-from moco.tensor_loader import (
-    DecodeTrainLoader,
-    TensorTrainLoader,
-    decoded_or_none,
-    make_tensor_loader,
-    step_generator,
-)
+from moco.data.batches import step_generator
+from moco.data.cache import DecodedImages
+from moco.data.crop_loader import CropTrainLoader
+from moco.data.datasets import EpochBatchSampler
+from moco.data.loaders import eval_batches, make_tensor_loader, make_train_loader
+from moco.data.pil_loader import PILTrainLoader
+from moco.data.source import ImageSource
+from moco.data.splits import find_dataset
+from moco.data.tensor_loader import DecodeTrainLoader, TensorTrainLoader, decoded_or_none
+from moco.engine.config import MocoConfig
+from moco.engine.config_sources import build_config
 
 CPU = torch.device("cpu")
 
@@ -164,7 +163,7 @@ def test_in_memory_array_source() -> None:
 def test_pretrain_flags() -> None:
     import argparse
 
-    from moco.commands.pretrain import add_parser, config_from_args
+    from moco.cli.pretrain import add_parser, config_from_args
 
     ap = argparse.ArgumentParser()
     add_parser(ap.add_subparsers(dest="command"))
@@ -223,7 +222,7 @@ def test_sigterm_to_the_process_group_during_worker_decoding_saves_and_exits_0(
 
     from conftest import TINY_FLAGS
 
-    from moco.checkpoint import load_checkpoint
+    from moco.engine.checkpoint import load_checkpoint
 
     out = tmp_path / "run"
     repo = Path(__file__).resolve().parents[1]

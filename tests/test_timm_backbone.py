@@ -15,11 +15,11 @@ timm = pytest.importorskip("timm")
 
 from timm.layers import BatchNormAct2d  # noqa: E402
 
-from moco.backbones import build_backbone  # noqa: E402
-from moco.errors import ConfigError  # noqa: E402
-from moco.model import build_encoder  # noqa: E402
-from moco.shuffle_bn import SplitBatchNorm, SplitBatchNormAct, convert_split_bn  # noqa: E402
-from moco.timm_backbone import TimmBackbone, convert_sync_batchnorm, timm_state_dict  # noqa: E402
+from moco.core.backbones import build_backbone  # noqa: E402
+from moco.core.errors import ConfigError  # noqa: E402
+from moco.core.model import build_encoder  # noqa: E402
+from moco.core.shuffle_bn import SplitBatchNorm, SplitBatchNormAct, convert_split_bn  # noqa: E402
+from moco.core.timm_backbone import TimmBackbone, convert_sync_batchnorm, timm_state_dict  # noqa: E402
 
 X = torch.randn(4, 3, 48, 48, generator=torch.Generator().manual_seed(0))
 # A small timm CNN whose norm layers are BatchNormAct2d (BN + activation in one module).
@@ -116,8 +116,8 @@ def test_timm_state_dict_has_the_default_head_at_a_fresh_init() -> None:
 
 
 def test_export_formats_for_timm_backbones(tmp_path: Path) -> None:
-    from moco.export import export_checkpoint
-    from moco.heads import linear_head
+    from moco.core.heads import linear_head
+    from moco.eval.export import export_checkpoint
 
     torch.manual_seed(0)
     net = build_backbone(f"timm:{BN_ACT}").model

@@ -8,9 +8,9 @@ import torch
 import torchvision
 from torch import nn
 
-from moco.backbones import build_backbone, check_arch, count_parameters
-from moco.errors import ConfigError
-from moco.wide_resnet import WIDE_RESNETS, resnet50w2, wide_resnet
+from moco.core.backbones import build_backbone, check_arch, count_parameters
+from moco.core.errors import ConfigError
+from moco.core.wide_resnet import WIDE_RESNETS, resnet50w2, wide_resnet
 
 # MoCo v1 Table 1 (parameters of the encoder; the papers count the backbone, whose pooled
 # features feed the 128-d head): R50 24M, RX50 (32x8d) 46M, R50w2x 94M, R50w4x 375M.

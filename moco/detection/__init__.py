@@ -6,5 +6,5 @@
 * :mod:`moco.detection.roi_heads`: the ``Res5ROIHeadsExtraNorm`` ROI head (imports detectron2);
 * :mod:`moco.detection.train_net`: the fine-tuning script (imports detectron2).
 
-The weights come from ``moco export --format detectron2`` (:mod:`moco.export`).
+The weights come from ``moco export --format detectron2`` (:mod:`moco.eval.export`).
 """

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from moco.backbones import build_backbone
-from moco.errors import MocoError
-from moco.timm_backbone import is_timm_arch
+from moco.core.backbones import build_backbone
+from moco.core.errors import MocoError
+from moco.core.timm_backbone import is_timm_arch
 
 #: task -> config file in configs/detectron2/
 TASKS = {

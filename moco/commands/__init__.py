@@ -1,1 +1,0 @@
-"""Subcommands of the ``moco`` CLI, one module each."""

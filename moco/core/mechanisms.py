@@ -1,0 +1,265 @@
+"""The two other contrastive mechanisms the MoCo paper compares against (MoCo v1 §3.2,
+Figure 2 and Figure 3; REFERENCE.md §11), behind the same interface as :class:`MoCo`.
+
+Every mechanism is an ``nn.Module`` whose ``forward(im_q, im_k, shuffle, index)`` returns a
+:class:`~moco.core.model.StepOutput` (loss, logits [N, 1+K] with the positive in column 0), and
+whose query encoder is ``encoder_q``: the training loop, the optimizer (SGD over
+``encoder_q`` only), the metrics, the kNN monitor and the checkpoints are shared. State dicts
+hold ``encoder_q.*`` plus each mechanism's own buffers:
+
+* ``moco``        (:class:`MoCo`): ``encoder_q.*``, ``encoder_k.*``, ``key_queue.*``.
+* ``end-to-end``  (:class:`EndToEnd`): ``encoder_q.*`` only.
+* ``memory-bank`` (:class:`MemoryBank`): ``encoder_q.*``, ``memory.bank`` [num_samples, dim]
+  and ``memory._extra_state`` (the negative sampler's RNG state, a uint8 tensor), so a
+  resumed run draws the same negatives as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moco.core.device import to_device
+from moco.core.loss import fp32, info_nce, moco_logits
+from moco.core.model import MoCo, StepOutput, embed
+from moco.core.shuffle_bn import KeyShuffle, NoShuffle
+
+BANK_INITS = ("random", "uniform")
+
+
+def end_to_end_logits(q: torch.Tensor, k: torch.Tensor, t: float) -> torch.Tensor:
+    """Logits [N, N] of the end-to-end mechanism, positive first (MoCo v1 Figure 2a).
+
+    Row n: column 0 is q_n·k_n (its own key), columns 1..N-1 are q_n·k_j for j != n in
+    increasing j (the other keys of the batch, K = N-1 negatives); all divided by ``t``.
+    Same as a cross-entropy over ``q @ k.T`` with target = the diagonal, rearranged so that
+    :func:`~moco.core.loss.info_nce` and :func:`~moco.core.loss.top1_accuracy` (target 0) apply.
+
+    Args:
+        q: queries [N, C], unit length.
+        k: keys [N, C], unit length (with gradient in end-to-end).
+        t: softmax temperature τ.
+    """
+    n = q.shape[0]
+    with fp32(q.device.type):
+        sim = q.float() @ k.float().T  # [N, N]
+        pos = sim.diagonal().unsqueeze(1)  # [N, 1]
+        off_diagonal = ~torch.eye(n, dtype=torch.bool, device=sim.device)
+        neg = sim[off_diagonal].view(n, n - 1)  # row-major: row n keeps j != n in order
+        return torch.cat([pos, neg], dim=1) / t
+
+
+class EndToEnd(nn.Module):
+    """End-to-end mechanism (MoCo v1 §3.2 / Figure 2a, REFERENCE.md §11.2).
+
+    The keys are the current mini-batch's second views, encoded by the *query* encoder with
+    gradients (one encoder, back-propagated through both views); each query's positive is
+    its own key and its negatives are the other N-1 keys of the batch, so the dictionary
+    size is tied to the batch (K = N-1). As in the paper, shuffling BN is used: with
+    ``--shuffle-bn split`` the key batch is permuted around the encoder (and SplitBatchNorm
+    normalises sub-batches), so a query and its key see BN statistics of different samples.
+
+    Args:
+        encoder_q: the encoder ([B,3,H,W] -> [B, dim]) used for both queries and keys.
+        t: softmax temperature τ.
+    """
+
+    def __init__(self, encoder_q: nn.Module, t: float = 0.07) -> None:
+        super().__init__()
+        self.t = t
+        self.encoder_q = encoder_q
+
+    def forward(
+        self,
+        im_q: torch.Tensor,
+        im_k: torch.Tensor,
+        shuffle: KeyShuffle | None = None,
+        index: torch.Tensor | None = None,
+    ) -> StepOutput:
+        """One step on two views [N,3,H,W]; ``index`` is unused. Logits are [N, N]."""
+        shuffle = shuffle if shuffle is not None else NoShuffle()
+        if im_q.shape[0] < 2:
+            raise ValueError("end-to-end needs a batch of at least 2 (the negatives are the batch)")
+        q = embed(self.encoder_q(im_q))
+        x, handle = shuffle.shuffle(im_k)
+        k = shuffle.unshuffle(embed(self.encoder_q(x)), handle)
+        if q.requires_grad and not k.requires_grad:
+            raise ValueError(
+                "end-to-end back-propagates through the keys, but this --shuffle-bn mode gathers "
+                "them across processes without gradients; use --shuffle-bn split or none")
+        logits = end_to_end_logits(q, k, self.t)
+        return StepOutput(info_nce(logits), logits.detach())
+
+
+class FeatureBank(nn.Module):
+    """One unit-length feature per training sample, and the sampler of negatives.
+
+    Buffers: ``bank`` [num_samples, dim] float32, row i = the stored feature of sample i.
+    Extra state: the CPU ``torch.Generator`` that draws the negatives (saved in the state
+    dict as ``_extra_state``, a uint8 tensor, so sampling resumes exactly).
+
+    Initialisation (``init``):
+        ``"random"`` (default): standard-normal rows normalised to unit length, the same
+        rule as MoCo's initial queue (REFERENCE.md §1.1), so every entry is on the unit
+        sphere from step 0, like the entries written later.
+        ``"uniform"``: InstDisc's ``lemniscate.pytorch`` rule, U(-a, a) with
+        a = 1/sqrt(dim/3), i.e. E‖v‖² = 1 but rows not exactly unit length.
+    Both are random directions with no information; "random" keeps the logits of
+    never-visited entries on the same scale as the updated ones.
+    """
+
+    bank: torch.Tensor
+
+    def __init__(self, num_samples: int, dim: int, init: str = "random",
+                 generator: torch.Generator | None = None, seed: int = 0) -> None:
+        super().__init__()
+        if num_samples < 1 or dim < 1:
+            raise ValueError(f"memory bank needs num_samples >= 1 and dim >= 1, got {num_samples}, {dim}")
+        if init == "random":
+            bank = F.normalize(torch.randn(num_samples, dim, generator=generator), dim=1)
+        elif init == "uniform":
+            a = 1.0 / (dim / 3.0) ** 0.5
+            bank = torch.rand(num_samples, dim, generator=generator) * (2 * a) - a
+        else:
+            raise ValueError(f"bank init must be one of {BANK_INITS}, got {init!r}")
+        self.register_buffer("bank", bank)
+        self.sampler = torch.Generator().manual_seed(seed)
+
+    @property
+    def num_samples(self) -> int:
+        return self.bank.shape[0]
+
+    def sample(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Indices of ``shape`` drawn uniformly with replacement from [0, num_samples), on the
+        bank's device. A draw may hit the query's own sample (InstDisc allows it)."""
+        idx = torch.randint(0, self.num_samples, shape, generator=self.sampler)
+        return to_device(idx, self.bank.device)
+
+    @torch.no_grad()
+    def update(self, index: torch.Tensor, features: torch.Tensor, m: float) -> None:
+        """v_i <- normalize(m·v_i + (1-m)·f) for each sample i of the batch (InstDisc Eq. 8).
+
+        Args:
+            index: sample indices [N] (long); only these rows change. With repeated indices
+                the last write wins.
+            features: the queries [N, C] of those samples (detached here).
+            m: bank momentum (``--bank-momentum``; 0 = overwrite, InstDisc uses 0.5).
+        """
+        index = index.to(self.bank.device, torch.long)
+        old = self.bank.index_select(0, index)
+        new = m * old + (1.0 - m) * features.detach().to(self.bank.dtype)
+        self.bank.index_copy_(0, index, F.normalize(new, dim=1))
+
+    def get_extra_state(self) -> torch.Tensor:
+        return self.sampler.get_state()
+
+    def set_extra_state(self, state: Any) -> None:
+        self.sampler.set_state(torch.as_tensor(state, dtype=torch.uint8).cpu())
+
+
+class MemoryBank(nn.Module):
+    """Memory-bank mechanism, InstDisc style as MoCo describes it (MoCo v1 §3.2 / Figure 2b,
+    §4.1; REFERENCE.md §11.1), with the InfoNCE loss of the MoCo paper's re-implementation.
+
+    Each step: q = normalize(f_q(im_q)) [N, C] (only the first view is used); the positive of
+    query n is its own bank entry v_{index[n]}; K negatives are drawn uniformly (with
+    replacement, no gradient) from the whole bank; logits [N, 1+K] positive first / τ;
+    InfoNCE; then, after the loss and without gradient, the batch's entries are updated
+    v <- normalize(m·v + (1-m)·q) with m = ``bank_momentum``. There is no key encoder and no
+    shuffling BN (the positives come from earlier steps, MoCo v1 §3.3 / App. A.9).
+
+    Negatives: by default the K indices are drawn once per step and shared by the batch (like
+    MoCo's queue: memory O(K·C)). ``per_query=True`` draws K per query as InstDisc's code
+    does (memory O(N·K·C)). A drawn negative can be the query's own sample (probability K/n
+    per query for n samples); InstDisc allows this and so does this module: that entry then
+    appears both as the positive and as one negative.
+
+    Args:
+        encoder_q: the query encoder ([B,3,H,W] -> [B, dim]).
+        num_samples: training-set size (the bank has one row per sample; ``index`` values
+            must lie in [0, num_samples)).
+        dim: feature width C.
+        k: negatives per query K (``--moco-k``).
+        t: softmax temperature τ.
+        bank_momentum: m of the entry update (``--bank-momentum``, 0.5 = InstDisc).
+        per_query: draw K negatives per query instead of once per step.
+        init: bank initialisation, see :class:`FeatureBank`.
+        generator: for the bank's initial values.
+        seed: seed of the negative sampler.
+    """
+
+    def __init__(self, encoder_q: nn.Module, num_samples: int, dim: int = 128, k: int = 4096,
+                 t: float = 0.07, bank_momentum: float = 0.5, per_query: bool = False,
+                 init: str = "random", generator: torch.Generator | None = None,
+                 seed: int = 0) -> None:
+        super().__init__()
+        if not 0 <= bank_momentum < 1:
+            raise ValueError(f"bank momentum must be in [0, 1), got {bank_momentum}")
+        self.k = k
+        self.t = t
+        self.bank_momentum = bank_momentum
+        self.per_query = per_query
+        self.encoder_q = encoder_q
+        self.memory = FeatureBank(num_samples, dim, init=init, generator=generator, seed=seed)
+
+    def forward(
+        self,
+        im_q: torch.Tensor,
+        im_k: torch.Tensor,
+        shuffle: KeyShuffle | None = None,
+        index: torch.Tensor | None = None,
+    ) -> StepOutput:
+        """One step. ``im_q`` [N,3,H,W] is encoded; ``im_k`` is unused; ``index`` [N] holds
+        the samples' dataset indices. ``shuffle`` is not used to reorder anything (no
+        shuffling BN); only its ``gather`` is used so that, across processes, every rank
+        writes every rank's features into its bank. Logits are [N, 1+K]."""
+        if index is None:
+            raise ValueError("the memory bank needs the samples' dataset indices (Batch.index)")
+        shuffle = shuffle if shuffle is not None else NoShuffle()
+        index = to_device(index, self.memory.bank.device).long()
+        n = im_q.shape[0]
+        q = embed(self.encoder_q(im_q))  # [N, C] float32
+        with torch.no_grad():
+            pos = self.memory.bank.index_select(0, index).to(q.dtype)  # [N, C]
+            if self.per_query:
+                neg_idx = self.memory.sample((n, self.k))  # [N, K]
+                neg = self.memory.bank[neg_idx].to(q.dtype)  # [N, K, C]
+        if self.per_query:
+            with fp32(q.device.type):
+                l_pos = torch.einsum("nc,nc->n", q, pos).unsqueeze(1)
+                l_neg = torch.einsum("nc,nkc->nk", q, neg)
+                logits = torch.cat([l_pos, l_neg], dim=1) / self.t
+        else:
+            with torch.no_grad():
+                negatives = self.memory.bank[self.memory.sample((self.k,))].T  # [C, K]
+            logits = moco_logits(q, pos, negatives, self.t)
+        loss = info_nce(logits)
+        self.memory.update(shuffle.gather(index), shuffle.gather(q.detach()), self.bank_momentum)
+        return StepOutput(loss, logits.detach())
+
+
+Mechanism = MoCo | EndToEnd | MemoryBank
+
+
+def build_mechanism(cfg: Any, encoder_q: nn.Module, num_samples: int | None = None) -> Mechanism:
+    """The non-MoCo mechanism ``cfg.mechanism`` names, around ``encoder_q``.
+
+    ``cfg`` is a :class:`~moco.engine.config.MocoConfig`: ``moco_t``, ``moco_dim``, ``moco_k``
+    (memory bank negatives), ``bank_momentum`` and ``seed`` are used. ``num_samples`` (the
+    training-set size) is required for the memory bank.
+    """
+    if cfg.symmetric:
+        raise ValueError("--symmetric is only defined for --mechanism moco")
+    if cfg.mechanism == "end-to-end":
+        return EndToEnd(encoder_q, t=cfg.moco_t)
+    if cfg.mechanism == "memory-bank":
+        if not num_samples:
+            raise ValueError("--mechanism memory-bank needs the training-set size (num_samples)")
+        return MemoryBank(encoder_q, num_samples, dim=cfg.moco_dim, k=cfg.moco_k, t=cfg.moco_t,
+                          bank_momentum=cfg.bank_momentum,
+                          generator=torch.Generator().manual_seed(cfg.seed + 1),
+                          seed=cfg.seed + 3)
+    raise ValueError(f"unknown mechanism {cfg.mechanism!r}; choose moco, end-to-end or memory-bank")

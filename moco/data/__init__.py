@@ -1,0 +1,3 @@
+"""Input: image sources (folders, CIFAR batches, tar shards, the folder index), decoding, the
+decoded-image cache, augmentations and the training / evaluation loaders.
+"""

@@ -1,0 +1,91 @@
+"""What every training loader yields, and the helpers they share.
+
+A :class:`TrainLoader` yields :class:`Batch` es of two views already on the device; the
+per-step generator, the CPU thread count of a batch's work and the CUDA side-stream prefetch
+are the same for every loader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Batch:
+    """Two views [B,3,S,S] on the device and the dataset indices [B] of their images."""
+
+    im_q: torch.Tensor
+    im_k: torch.Tensor
+    index: torch.Tensor
+
+
+class TrainLoader(Protocol):
+    def steps(self) -> int:
+        """Full batches per epoch (the last partial batch is dropped, as the original)."""
+        ...
+
+    def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """The epoch's batches from ``start_step`` on."""
+        ...
+
+
+def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
+    """The augmentation generator of one global step: a hash of (seed, epoch, step)."""
+    digest = hashlib.sha256(f"moco-aug/{seed}/{epoch}/{step}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads (None: as they are), then restore them.
+
+    The CPU augmentation runs single-threaded: its ~100 small ops per batch gain little from
+    a second OpenMP thread on a quiet machine, and lose 30x when another process takes a core
+    (every op ends at a barrier that waits for the descheduled thread; measured in
+    docs/benchmarks.md)."""
+    old = torch.get_num_threads()
+    if n is None or n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def stream_prefetch(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
+    """``batches`` with batch t+1's work queued on a side CUDA stream before batch t is handed
+    out: its copies and augmentation kernels overlap step t on the main stream. The main
+    stream waits for a batch's work before using it (``wait_stream``), and the batch's tensors
+    are marked as used there (``record_stream``) so the allocator does not hand their memory
+    back to the side stream while the step still reads them."""
+    side = torch.cuda.Stream(device)
+    main = torch.cuda.current_stream(device)
+
+    def produce() -> Batch | None:
+        side.wait_stream(main)  # what the main stream queued so far (e.g. the cache copy)
+        with torch.cuda.stream(side):
+            return next(batches, None)
+
+    cur = produce()
+    while cur is not None:
+        main.wait_stream(side)
+        for t in (cur.im_q, cur.im_k, cur.index):
+            if t.is_cuda:
+                t.record_stream(main)
+        following = produce()
+        yield cur
+        cur = following
+
+
+def images_to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """``x`` on ``device`` (a non-blocking copy), channels-last when asked."""
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

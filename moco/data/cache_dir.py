@@ -1,0 +1,117 @@
+"""The folder of the decoded-image cache and the folder index: where it is (``--cache-dir``,
+``$MOCO_CACHE``, ``~/.cache/moco``; never inside the data folder), entries built in hidden
+folders held by a lock while they are built, and the removal of stale or abandoned ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from moco.data.source import DataError
+
+Log = Callable[[str], None]
+
+
+def stderr_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+STALE_DAYS = 7.0  # an entry of the same folder unused this long is removed
+
+
+def default_cache_dir() -> Path:
+    """``$MOCO_CACHE``, else ``~/.cache/moco``."""
+    env = os.environ.get("MOCO_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "moco"
+
+
+def resolve_cache_dir(cache_dir: str | Path | None) -> Path:
+    """``cache_dir`` when given (``--cache-dir``), else :func:`default_cache_dir`."""
+    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+
+
+def check_outside(cache_dir: Path, data_root: Path) -> None:
+    """Refuse a cache folder inside the data folder (the data stays untouched)."""
+    c, d = cache_dir.expanduser().resolve(), data_root.resolve()
+    if c == d or d in c.parents:
+        raise DataError(f"the cache folder {c} is inside the data folder {d}; the data folder is "
+                        "never written to: choose another --cache-dir (or $MOCO_CACHE)")
+
+
+def touch_entry(entry: Path) -> None:
+    with contextlib.suppress(OSError):  # a read-only cache folder still works
+        os.utime(entry / "meta.json")
+
+
+def remove_stale(root: Path, prefix: str, keep: str) -> None:
+    """Remove entries whose source folder is gone, and entries of the same folder (other file
+    lists or contents) unused for ``STALE_DAYS``; recent ones stay (a run may use a subset
+    and the full set in turn)."""
+    now = time.time()
+    for entry in root.iterdir():
+        if entry.name.startswith(".") or entry.name.startswith(keep) or not entry.is_dir():
+            continue
+        try:
+            src = json.loads((entry / "meta.json").read_text()).get("source", "")
+        except (OSError, ValueError):
+            continue
+        if src and Path(src).is_absolute() and not Path(src).exists():
+            shutil.rmtree(entry, ignore_errors=True)
+    for stale in root.glob(f"{prefix}-*"):
+        if stale.name.startswith(keep) or not stale.is_dir():
+            continue
+        try:
+            age = now - (stale / "meta.json").stat().st_mtime
+        except OSError:
+            age = float("inf")
+        if age > STALE_DAYS * 86400:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+BUILDING = ".building"  # suffix of the hidden folder an entry is built in
+
+
+def hold_lock(folder: Path) -> int:
+    """An open descriptor of ``folder`` holding an exclusive ``flock`` on it: the mark of a
+    build in progress (the kernel drops it when the process dies, SIGKILL included)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return -1
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def remove_abandoned_builds(root: Path, log: Log = stderr_log) -> list[Path]:
+    """Remove the hidden build folders (``.<entry>-XXXX.building``) that a build stopped by a
+    signal or a crash left in ``root``; a build still running (its process holds the
+    folder's lock) is left alone."""
+    removed = []
+    for p in root.glob(f".*{BUILDING}"):
+        if not p.is_dir() or p.is_symlink():
+            continue
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a build in progress
+        finally:
+            os.close(fd)
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    if removed:
+        log(f"removed {len(removed)} unfinished decoded-cache build(s) left in {root} by a "
+            "stopped run")
+    return removed

@@ -1,0 +1,321 @@
+"""The file index of a split folder: its file list, labels and each image's original size,
+listed and read once, then loaded in a fraction of a second by every later start and rank.
+
+One file per folder, ``<cache>/index/<name>-<path hash>.npz`` (beside the decoded cache,
+:func:`moco.data.cache_dir.resolve_cache_dir`), written atomically, holding:
+
+* the files (paths relative to the folder, in :func:`moco.data.folders.image_folder`'s order), their
+  labels and class names;
+* each file's byte size and mtime at indexing, and its header's (height, width, kind)
+  (:func:`moco.data.decode.header_info`), once something asked for sizes;
+* the modification time of every directory of the tree.
+
+A later start checks only the directories' mtimes (adding, removing or renaming a file
+changes its directory's): one ``stat`` per class folder instead of one per file. A changed
+tree is listed again; the header of a file whose byte size and mtime did not change is
+reused. A file rewritten in place under the same name leaves its directory unchanged: the
+loaders check each decoded image's size against the index and draw the crop for the real
+size (:mod:`moco.data.crop_loader`), and ``rm -r <cache>/index`` forces a new index.
+
+Headers are read in parallel processes (forked, in chunks of files); small folders are read
+in the calling process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import multiprocessing
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from moco.data.folders import image_folder
+from moco.data.source import ImageSource
+
+INDEX_FORMAT = 1
+PARALLEL_MIN = 4096  # fewer files: read their headers in this process
+CHUNK = 2048
+MTIME_SETTLE_NS = 2_000_000_000  # a directory changed this recently is checked again next time
+
+Log = Callable[[str], None]
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def _headers(paths: list[str]) -> np.ndarray:
+    """[n,5] int64 rows (height, width, kind, bytes, mtime_ns) of ``paths``."""
+    from moco.data.decode import KIND_BAD, header_info
+
+    out = np.zeros((len(paths), 5), dtype=np.int64)
+    for k, p in enumerate(paths):
+        try:
+            st = os.stat(p)
+            out[k, 3], out[k, 4] = st.st_size, st.st_mtime_ns
+        except OSError:
+            out[k, 2] = KIND_BAD
+            continue
+        out[k, :3] = header_info(p)
+    return out
+
+
+def read_headers(paths: list[str], workers: int) -> np.ndarray:
+    """:func:`_headers` of every path, across ``workers`` processes for large lists."""
+    if workers <= 1 or len(paths) < PARALLEL_MIN:
+        return _headers(paths)
+    chunks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)]
+    # fork, as DataLoader workers: the children only parse headers (no threads, no CUDA),
+    # and unlike spawn/forkserver they do not re-run the caller's __main__ module
+    ctx = multiprocessing.get_context("fork" if "fork" in
+                                      multiprocessing.get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        return np.concatenate(list(pool.map(_headers, chunks)))
+
+
+@contextlib.contextmanager
+def building(path: Path | None) -> Iterator[None]:
+    """An exclusive lock on ``path``'s ``.lock`` file while the block builds it: of the
+    processes starting together (torchrun's ranks on a machine), one builds, the others
+    wait and read its result. No lock where none can be taken (no path, a read-only or
+    lock-less folder)."""
+    fd = None
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path.with_suffix(".lock"), os.O_CREAT | os.O_RDWR, 0o666)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            if fd is not None:
+                os.close(fd)
+            fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _dirs(folder: Path) -> list[tuple[str, int]]:
+    """(path relative to ``folder``, mtime_ns) of the folder and every directory under it;
+    a mtime too recent to be trusted (a change within the same tick would not show) is -1."""
+    now = time.time_ns()
+    out, seen = [], set()
+    for dirpath, _, _ in os.walk(folder, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        m = st.st_mtime_ns
+        out.append((os.path.relpath(dirpath, folder), m if now - m > MTIME_SETTLE_NS else -1))
+    return out
+
+
+def _unchanged(folder: Path, dirs: list[list[object]]) -> bool:
+    for rel, mtime in dirs:
+        try:
+            if mtime == -1 or os.stat(folder / str(rel)).st_mtime_ns != mtime:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def index_path(folder: Path, cache_dir: Path) -> Path:
+    folder = folder.resolve()
+    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in
+                   f"{folder.parent.name}_{folder.name}")[:60]
+    return cache_dir / "index" / f"{slug}-{hashlib.sha256(str(folder).encode()).hexdigest()[:12]}.npz"
+
+
+def _pack(strings: list[str]) -> np.ndarray:
+    return np.frombuffer("\0".join(strings).encode("utf-8", "surrogateescape"), dtype=np.uint8)
+
+
+def _unpack(arr: np.ndarray) -> list[str]:
+    return arr.tobytes().decode("utf-8", "surrogateescape").split("\0") if arr.size else []
+
+
+class FolderIndex:
+    """A split folder's index (see the module doc). ``headers`` [N,5] int64 (height, width,
+    kind, bytes, mtime_ns) or None until :meth:`sized`."""
+
+    def __init__(self, folder: Path, rel: list[str], labels: np.ndarray | None,
+                 classes: list[str], dirs: list[list[object]], headers: np.ndarray | None,
+                 path: Path | None) -> None:
+        self.folder, self.rel, self.labels, self.classes = folder, rel, labels, classes
+        self.dirs, self.headers, self.path = dirs, headers, path
+        self.notes: dict[str, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.rel)
+
+    def source(self) -> IndexedSource:
+        files = [self.folder / r for r in self.rel]
+        labels = self.labels.tolist() if self.labels is not None else None
+        return IndexedSource(self, files, labels, None)
+
+    def save(self) -> bool:
+        """Write atomically to ``self.path``; False when not stored (no path, or the cache
+        folder cannot be written: the index is then built again next time)."""
+        if self.path is None:
+            return False
+        meta = {"format": INDEX_FORMAT, "folder": str(self.folder), "classes": self.classes,
+                "labeled": self.labels is not None, "dirs": self.dirs, "notes": self.notes}
+        arrays = {"files": _pack(self.rel), "meta": _pack([json.dumps(meta)]),
+                  "labels": self.labels if self.labels is not None else np.zeros(0, np.int64),
+                  "headers": self.headers if self.headers is not None else np.zeros((0, 5), np.int64)}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".", suffix=".npz", dir=self.path.parent)
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)  # type: ignore[arg-type]
+            os.replace(tmp, self.path)
+            return True
+        except OSError:
+            with contextlib.suppress(OSError, UnboundLocalError):
+                os.unlink(tmp)
+            return False
+
+    @staticmethod
+    def load(path: Path, folder: Path) -> FolderIndex | None:
+        """The stored index of ``folder`` if it is readable and its tree unchanged, else None."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(_unpack(z["meta"])[0])
+                if meta.get("format") != INDEX_FORMAT or meta.get("folder") != str(folder):
+                    return None
+                rel = _unpack(z["files"])
+                labels = z["labels"] if meta["labeled"] else None
+                headers = z["headers"] if len(z["headers"]) == len(rel) and rel else None
+        except (OSError, ValueError, KeyError, IndexError, json.JSONDecodeError):
+            return None
+        if not _unchanged(folder, meta["dirs"]):
+            return None
+        idx = FolderIndex(folder, rel, labels, meta["classes"], meta["dirs"], headers, path)
+        idx.notes = meta.get("notes", {})
+        return idx
+
+    def sized(self, workers: int, log: Log = _quiet) -> np.ndarray:
+        """``headers``, reading the files' headers (once, stored) when missing."""
+        if self.headers is None:
+            with building(self.path):  # one process reads; the others take its result
+                stored = FolderIndex.load(self.path, self.folder) if self.path else None
+                if stored is not None and stored.headers is not None and stored.rel == self.rel:
+                    self.headers = stored.headers
+                    return self.headers
+                t = time.perf_counter()
+                paths = [str(self.folder / r) for r in self.rel]
+                self.headers = read_headers(paths, workers)
+                where = (f"later starts read them from {self.path}" if self.save() else
+                         "not stored (no writable cache folder): read again next time")
+                log(f"indexed the sizes of {len(paths)} images of {self.folder} in "
+                    f"{time.perf_counter() - t:.1f} s ({workers} process(es)); {where}")
+        return self.headers
+
+
+def folder_index(folder: Path, cache_dir: Path | None, on_bad_image: str = "stop",
+                 log: Log = _quiet) -> FolderIndex:
+    """The index of ``folder`` (ImageFolder or flat), loaded when stored and unchanged, else
+    listed (:func:`moco.data.folders.image_folder`, which applies ``on_bad_image`` to unreadable
+    folders) and stored, reusing the headers of files whose byte size and mtime did not
+    change. Not stored when ``cache_dir`` is None or a folder could not be listed."""
+    folder = folder.resolve()
+    path = index_path(folder, cache_dir) if cache_dir is not None else None
+    if path is not None and path.is_file():
+        found = FolderIndex.load(path, folder)
+        if found is not None:
+            return found
+    with building(path):  # one process (rank) lists; the others then load its index
+        found = FolderIndex.load(path, folder) if path is not None and path.is_file() else None
+        return found or _list(folder, path, on_bad_image)
+
+
+def _list(folder: Path, path: Path | None, on_bad_image: str) -> FolderIndex:
+    old = _stale(path) if path is not None and path.is_file() else None
+    dirs = _dirs(folder)  # before the listing: a change during it shows next time
+    src = image_folder(folder, on_bad_image)
+    assert src.files is not None
+    if getattr(src, "unreadable_folders", None):
+        path = None  # listed again next time: the folder may have become readable
+    rel = [os.path.relpath(f, folder) for f in src.files]
+    labels = np.asarray(src.labels, dtype=np.int64) if src.labels is not None else None
+    idx = FolderIndex(folder, rel, labels, src.classes, [list(d) for d in dirs], None, path)
+    if old is not None:
+        idx.headers = _reuse(idx, *old)
+    idx.save()
+    return idx
+
+
+def _stale(path: Path) -> tuple[list[str], np.ndarray] | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            rel, headers = _unpack(z["files"]), z["headers"]
+            return (rel, headers) if len(headers) == len(rel) and rel else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _reuse(idx: FolderIndex, old_rel: list[str], old: np.ndarray) -> np.ndarray | None:
+    """Headers for the new file list: a file's old row when its byte size and mtime are the
+    same (one stat per file), else read again."""
+    where = {r: k for k, r in enumerate(old_rel)}
+    out = np.zeros((len(idx.rel), 5), dtype=np.int64)
+    again = []
+    for k, r in enumerate(idx.rel):
+        j = where.get(r)
+        try:
+            st = os.stat(idx.folder / r)
+        except OSError:
+            again.append(k)
+            continue
+        if j is not None and old[j, 3] == st.st_size and old[j, 4] == st.st_mtime_ns:
+            out[k] = old[j]
+        else:
+            again.append(k)
+    if again:
+        out[again] = read_headers([str(idx.folder / idx.rel[k]) for k in again], os.cpu_count() or 1)
+    return out
+
+
+class IndexedSource(ImageSource):
+    """An :class:`ImageSource` listed from a :class:`FolderIndex` (``rows``: the index rows of
+    a subset, None for all), whose images' original sizes come from the index."""
+
+    def __init__(self, index: FolderIndex, files: list[Path], labels: list[int] | None,
+                 rows: np.ndarray | None) -> None:
+        super().__init__(files=files, labels=labels, classes=index.classes, name=str(index.folder))
+        self.index, self.rows = index, rows
+
+    def headers(self, workers: int, log: Log = _quiet) -> np.ndarray:
+        """[N,5] int64 (height, width, kind, bytes, mtime_ns) of this source's images."""
+        h = self.index.sized(workers, log)
+        return h if self.rows is None else h[self.rows]
+
+    def subset(self, indices: list[int]) -> IndexedSource:
+        assert self.files is not None
+        rows = np.asarray(indices, dtype=np.int64)
+        return IndexedSource(self.index, [self.files[i] for i in indices],
+                             [self.labels[i] for i in indices] if self.labels is not None else None,
+                             rows if self.rows is None else self.rows[rows])
+
+
+def listed_folder(folder: Path, on_bad_image: str = "stop", cache_dir: str | Path | None = None,
+                  data_root: Path | None = None, log: Log = _quiet) -> IndexedSource:
+    """``image_folder(folder)`` through its index in the cache folder (``cache_dir``, default
+    ``$MOCO_CACHE`` or ``~/.cache/moco``); never stored inside ``data_root`` (default: the
+    folder's parent), where it is listed afresh each time."""
+    from moco.data.cache_dir import resolve_cache_dir
+
+    root = resolve_cache_dir(cache_dir).resolve()
+    data = (data_root or folder.parent).resolve()
+    inside = root == data or data in root.parents
+    return folder_index(folder, None if inside else root, on_bad_image, log).source()

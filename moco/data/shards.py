@@ -1,0 +1,321 @@
+"""Tar shards in WebDataset's layout: a dataset as a folder of ``.tar`` files, each holding
+samples as consecutive members ``KEY.jpg`` (or another image extension) and ``KEY.cls``
+(the class index as decimal text; absent for unlabeled data). ``DATA`` may be such a folder
+(training only), or hold ``train/`` and ``val/`` or ``test/`` folders of shards, as
+``moco shard`` writes them (:mod:`moco.data.shard_writer`).
+
+The stdlib ``tarfile`` reads them, not the ``webdataset`` package: exact resumption needs
+this project's own sample order (:mod:`moco.data.shard_loader`), random access needs each
+member's byte offset, and the GPU machines run without extra packages. The layout is
+WebDataset's, so its tools read shards written here and the other way round.
+
+The first start indexes the shards (one process per shard, in parallel): every sample's
+shard, byte offset and size, label and image header (height, width, kind). The index is
+stored beside the decoded cache, keyed by each shard's name, size and mtime, and read by
+every later start and rank in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import tarfile
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from moco.data.index import building
+from moco.data.source import IMAGE_EXTENSIONS, DataError, DatasetSplits, ImageSource, open_rgb
+
+SHARD_INDEX_FORMAT = 1
+SEQUENTIAL_BUFFER = 1 << 20
+CLASSES_FILE = "classes.txt"  # one class name per line, line i = label i (written by moco shard)
+_IMAGE_EXTS = {e.lstrip(".") for e in IMAGE_EXTENSIONS}
+# columns of the per-sample table
+SHARD, OFFSET, SIZE, LABEL, HEIGHT, WIDTH, KIND = range(7)
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """WebDataset's rule: the extension starts at the first dot of the member's basename."""
+    head, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), (ext.lower() if dot else "")
+
+
+def shard_files(folder: Path) -> list[Path]:
+    """The ``*.tar`` files directly in ``folder``, sorted; hidden files left out."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix == ".tar" and p.is_file()
+                  and not p.name.startswith("."))
+
+
+def index_shard(path: str) -> tuple[np.ndarray, list[str]]:
+    """One shard's samples: int64 rows (0, offset, size, label or -1, height, width, kind)
+    of each sample's image member, and the samples' member names, in member order."""
+    from moco.data.decode import KIND_BAD, header_info
+
+    rows: list[list[int]] = []
+    names: list[str] = []
+    labels: dict[str, int] = {}
+    keys: dict[str, int] = {}
+    try:
+        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                key, ext = split_key(m.name)
+                if ext == "cls":
+                    f = tf.extractfile(m)
+                    text = f.read().decode("utf-8", "replace").strip() if f else ""
+                    labels[key] = int(text) if text.lstrip("-").isdigit() else -2
+                elif ext in _IMAGE_EXTS and key not in keys:
+                    raw.seek(m.offset_data)
+                    head = raw.read(min(m.size, 4096))
+                    h, w, kind = header_info(data=head)
+                    if kind == KIND_BAD and m.size > 4096:  # the SOF after a large EXIF
+                        raw.seek(m.offset_data)
+                        h, w, kind = header_info(data=raw.read(m.size))
+                    keys[key] = len(rows)
+                    rows.append([0, m.offset_data, m.size, -1, h, w, kind])
+                    names.append(m.name)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"cannot read the tar shard {path}: {e}; uncompressed .tar files "
+                        "(WebDataset layout, written by 'moco shard') are expected") from None
+    for key, k in keys.items():
+        if key in labels:
+            if labels[key] < 0:
+                raise DataError(f"{path}: {key}.cls does not hold a class index")
+            rows[k][LABEL] = labels[key]
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 7), names
+
+
+def _fingerprint(shards: list[Path]) -> str:
+    h = hashlib.sha256(f"moco-shards-{SHARD_INDEX_FORMAT}\n".encode())
+    for p in shards:
+        st = p.stat()
+        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+class ShardIndex:
+    """The samples of a folder of shards: ``table`` int64 [N,7] (shard, offset, size, label,
+    height, width, kind), ``names`` their image members, ``shards`` the tar files."""
+
+    def __init__(self, folder: Path, shards: list[Path], table: np.ndarray, names: list[str],
+                 fingerprint: str) -> None:
+        self.folder, self.shards, self.table, self.names = folder, shards, table, names
+        self.fingerprint = fingerprint
+
+    @property
+    def labeled(self) -> bool:
+        return bool(len(self.table)) and bool((self.table[:, LABEL] >= 0).all())
+
+    def classes(self) -> list[str]:
+        f = self.folder / CLASSES_FILE
+        if f.is_file():
+            return f.read_text().splitlines()
+        top = int(self.table[:, LABEL].max()) + 1 if len(self.table) else 0
+        return [str(c) for c in range(top)]
+
+
+def shard_index(folder: Path, cache_dir: Path | None, workers: int = 0,
+                shards: list[Path] | None = None) -> ShardIndex:
+    """The index of the shards in ``folder`` (or of ``shards``, files in it): read from the
+    cache when the shards are the same (names, sizes, mtimes), else built (one process per
+    shard) and stored."""
+    folder = folder.resolve()
+    shards = shard_files(folder) if shards is None else [p.resolve() for p in shards]
+    if not shards:
+        raise DataError(f"no .tar shards in {folder}")
+    fp = _fingerprint(shards)
+    path = None
+    if cache_dir is not None:
+        slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in
+                       f"{folder.parent.name}_{folder.name}")[:60]
+        path = cache_dir / "index" / f"shards-{slug}-{fp[:16]}.npz"
+        found = _load(path, folder, shards, fp)
+        if found is not None:
+            return found
+    with building(path):  # one process (rank) indexes; the others then read its index
+        found = _load(path, folder, shards, fp) if path is not None else None
+        return found or _build(folder, shards, fp, path, workers)
+
+
+def _build(folder: Path, shards: list[Path], fp: str, path: Path | None,
+           workers: int) -> ShardIndex:
+    workers = workers or min(len(shards), os.cpu_count() or 1)
+    if workers > 1 and len(shards) > 1:
+        ctx = multiprocessing.get_context("fork" if "fork" in
+                                          multiprocessing.get_all_start_methods() else "spawn")
+        with ProcessPoolExecutor(min(workers, len(shards)), mp_context=ctx) as pool:
+            parts = list(pool.map(index_shard, [str(p) for p in shards]))
+    else:
+        parts = [index_shard(str(p)) for p in shards]
+    tables = []
+    names: list[str] = []
+    for s, (t, n) in enumerate(parts):
+        t[:, SHARD] = s
+        tables.append(t)
+        names += n
+    table = np.concatenate(tables) if tables else np.zeros((0, 7), np.int64)
+    if not len(table):
+        raise DataError(f"the shards in {folder} hold no images (expected members KEY.jpg "
+                        "and KEY.cls, WebDataset's layout)")
+    has = table[:, LABEL] >= 0
+    if has.any() and not has.all():
+        raise DataError(f"{int((~has).sum())} samples of the shards in {folder} have no "
+                        ".cls member while the others have one: label all samples or none")
+    idx = ShardIndex(folder, shards, table, names, fp)
+    if path is not None:
+        _save(path, idx)
+    return idx
+
+
+def _load(path: Path, folder: Path, shards: list[Path], fp: str) -> ShardIndex | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes().decode())
+            if meta.get("fingerprint") != fp or meta.get("folder") != str(folder):
+                return None
+            names = z["names"].tobytes().decode("utf-8", "surrogateescape").split("\0")
+            return ShardIndex(folder, shards, z["table"], names, fp)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        return None
+
+
+def _save(path: Path, idx: ShardIndex) -> None:
+    meta = json.dumps({"format": SHARD_INDEX_FORMAT, "folder": str(idx.folder),
+                       "fingerprint": idx.fingerprint})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".npz", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, table=idx.table, meta=np.frombuffer(meta.encode(), np.uint8),
+                     names=np.frombuffer("\0".join(idx.names).encode("utf-8", "surrogateescape"),
+                                         np.uint8))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache folder: indexed again next time
+
+
+class ShardSource(ImageSource):
+    """The samples of a folder of shards as an :class:`ImageSource` (random access by byte
+    offset: evaluation, kNN, ``--loader pil``); training streams them (:mod:`moco.data.shard_loader`).
+    ``rows``: the index rows of this source (a subset), in order."""
+
+    def __init__(self, index: ShardIndex, rows: np.ndarray | None = None) -> None:
+        # files/array stay None: the samples are members of tar files (see read / name)
+        self.files, self.array = None, None
+        self.index = index
+        self.rows = np.arange(len(index.table)) if rows is None else rows
+        self.table = index.table[self.rows]
+        self.labels = self.table[:, LABEL].tolist() if index.labeled else None
+        self.classes = index.classes()
+        self.name = str(index.folder)
+        self._files: dict[int, object] = {}
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getstate__(self) -> dict[str, object]:  # open files stay in their process
+        state = dict(self.__dict__)
+        state["_files"], state["_pid"] = {}, -1
+        return state
+
+    def read(self, i: int, sequential: bool = False) -> bytes:
+        """The encoded bytes of sample i. ``sequential``: through a 1 MiB read buffer with the
+        kernel told to read ahead (a reader going through a shard in order: ~4x the MB/s of
+        one read per sample from a cold disk, docs/benchmarks.md)."""
+        if self._pid != os.getpid():  # a forked worker opens its own files
+            self._files, self._pid = {}, os.getpid()
+        s, off, size = (int(v) for v in self.table[i, :3])
+        key = 2 * s + sequential
+        f = self._files.get(key)
+        try:
+            if f is None:
+                f = self._files[key] = open(self.index.shards[s], "rb",  # noqa: SIM115
+                                            buffering=SEQUENTIAL_BUFFER if sequential else -1)
+                if sequential and hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            f.seek(off)  # type: ignore[attr-defined]
+            data = f.read(size)  # type: ignore[attr-defined]
+        except OSError as e:
+            raise DataError(f"cannot read image {self.sample_name(i)}: {e.strerror or e}") from None
+        if len(data) != size:
+            raise DataError(f"cannot read image {self.sample_name(i)}: the shard is truncated")
+        return bytes(data)
+
+    def sample_name(self, i: int) -> str:
+        return f"{self.index.shards[int(self.table[i, SHARD])]}:{self.index.names[int(self.rows[i])]}"
+
+    def short_name(self, i: int) -> str:
+        """``shard-000000.tar:KEY.jpg``: the sample's name within its folder of shards."""
+        return f"{self.index.shards[int(self.table[i, SHARD])].name}:{self.index.names[int(self.rows[i])]}"
+
+    def load(self, i: int) -> Image.Image:
+        import io
+
+        try:
+            return open_rgb(io.BytesIO(self.read(i)))  # type: ignore[arg-type]
+        except DataError as e:
+            msg = str(e).split(">: ", 1)[-1]
+            raise DataError(f"cannot read image {self.sample_name(i)}: {msg}") from None
+
+    def subset(self, indices: list[int]) -> ShardSource:
+        return ShardSource(self.index, self.rows[np.asarray(indices, dtype=np.int64)])
+
+
+class ShardReader:
+    """A :class:`moco.data.crop_loader.SampleReader` over a :class:`ShardSource`."""
+
+    def __init__(self, source: ShardSource) -> None:
+        self.source = source
+
+    def read(self, i: int) -> bytes:
+        return self.source.read(i)
+
+    def name(self, i: int) -> str:
+        return self.source.sample_name(i)
+
+
+def find_shards(root: Path, cache_dir: str | Path | None = None) -> DatasetSplits | None:
+    """``root`` as tar shards: a folder of ``.tar`` files (training split only), or
+    ``train/`` (and ``val/`` or ``test/``) folders of them; None when it holds no shards.
+    The index goes to ``cache_dir`` (default ``$MOCO_CACHE``), never inside ``root``."""
+    from moco.data.cache_dir import resolve_cache_dir
+
+    if not shard_files(root) and not shard_files(root / "train"):
+        return None
+    c, d = resolve_cache_dir(cache_dir).resolve(), root.resolve()
+    cache_dir = None if c == d or d in c.parents else c
+    if shard_files(root):
+        return DatasetSplits(ShardSource(shard_index(root, cache_dir)), None)
+    train = ShardSource(shard_index(root / "train", cache_dir))
+    test = None
+    for name in ("val", "test"):
+        if shard_files(root / name):
+            test = ShardSource(shard_index(root / name, cache_dir))
+            break
+    return DatasetSplits(train, test)
+
+
+def shard_source(path: Path, cache_dir: str | Path | None = None) -> ShardSource | None:
+    """Every sample of a ``.tar`` shard, or of the shards directly in a folder; None when
+    ``path`` is neither (``moco embed`` reads images or shards)."""
+    from moco.data.cache_dir import resolve_cache_dir
+
+    if path.is_file() and path.suffix == ".tar":
+        folder, files = path.parent, [path]
+    elif shard_files(path):
+        folder, files = path, shard_files(path)
+    else:
+        return None
+    c, d = resolve_cache_dir(cache_dir).resolve(), folder.resolve()
+    return ShardSource(shard_index(folder, None if c == d or d in c.parents else c, shards=files))

@@ -1,0 +1,78 @@
+"""What a run is built from its configuration: the model (MoCo or another mechanism), the
+optimizer and the learning rate of each epoch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moco.core.mechanisms import Mechanism, build_mechanism
+from moco.core.model import MoCo, build_encoder
+from moco.engine.config import SPLIT_BN_MODES, MocoConfig
+from moco.engine.runtime import precision_name
+from moco.engine.schedule import learning_rate
+
+
+def build_model(cfg: MocoConfig, device: torch.device, num_samples: int | None = None) -> Mechanism:
+    """Query encoder (+head, SplitBN if asked), key encoder copy and queue, seeded by ``cfg.seed``;
+    or the ``cfg.mechanism`` end-to-end / memory-bank module (``moco/core/mechanisms.py``; the memory
+    bank needs ``num_samples``, the training-set size)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        encoder = build_encoder(cfg.arch, cfg.moco_dim, mlp=cfg.mlp, cifar_stem=cfg.cifar_stem,
+                                bn_splits=cfg.bn_splits if cfg.shuffle_bn in (*SPLIT_BN_MODES, "auto") else 1)
+    model: Mechanism
+    if cfg.mechanism == "moco":
+        model = MoCo(encoder, dim=cfg.moco_dim, k=cfg.moco_k, m=cfg.moco_m, t=cfg.moco_t,
+                     symmetric=cfg.symmetric, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    else:
+        model = build_mechanism(cfg, encoder, num_samples)
+    model = model.to(device)
+    if cfg.compile:  # the encoders; the queue, shuffles and momentum update stay eager
+        for child in model.children():
+            child.compile()
+    if cfg.channels_last_on(device.type):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_optimizer(cfg: MocoConfig, model: Mechanism) -> torch.optim.SGD:
+    """SGD over f_q only (f_k is trained by momentum); wd on every tensor, as the original."""
+    return torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.effective_lr, momentum=cfg.momentum,
+                           weight_decay=cfg.wd)
+
+
+def epoch_lr(cfg: MocoConfig, epoch: int) -> float:
+    e = epoch + 1 if cfg.cos_one_based else epoch
+    return learning_rate(cfg.effective_lr, e, cfg.epochs, cos=cfg.cos, milestones=cfg.schedule,
+                         warmup_epochs=cfg.warmup_epochs)
+
+
+def _dictionary(cfg: MocoConfig, images: int) -> str:
+    """The negatives of each query, as the mechanism draws them (MoCo v1 Figure 2)."""
+    if cfg.mechanism == "end-to-end":
+        return f"dictionary = the batch's other {cfg.batch_size - 1} keys"
+    if cfg.mechanism == "memory-bank":
+        return (f"K {cfg.moco_k} sampled from a bank of {images}, bank "
+                f"momentum {cfg.bank_momentum}")
+    return f"K {cfg.moco_k}, m {cfg.moco_m}"
+
+
+def describe_run(cfg: MocoConfig, *, images: int, shuffle_bn: str, device: torch.device,
+                 autocast_dtype: torch.dtype | None, workers: int, run_dir: Path,
+                 world_size: int = 1, backend: str = "") -> str:
+    """One line: the mechanism, network, data, batch (and its split over ``world_size``
+    processes), learning rate, dictionary, head, augmentation, shuffle-BN, device, precision."""
+    prec = precision_name(autocast_dtype)
+    w = world_size
+    procs = f" = {w} processes x {cfg.batch_size // w} ({backend})" if w > 1 else ""
+    lr = (f"lr {cfg.effective_lr:.6g} (--lr {cfg.lr:g} x {cfg.batch_size}/256, --lr-scale linear)"
+          if cfg.lr_scale == "linear" else f"lr {cfg.lr:g}")
+    return (f"{'MoCo' if cfg.mechanism == 'moco' else cfg.mechanism} pretraining: {cfg.arch}{' (CIFAR stem)' if cfg.cifar_stem else ''}, "
+            f"{images} images from {cfg.data}, {cfg.image_size} px, batch "
+            f"{cfg.batch_size}{procs}, {lr}, {_dictionary(cfg, images)}, T {cfg.moco_t}, "
+            f"{'MLP' if cfg.mlp else 'linear'} head, aug {cfg.aug}, shuffle-BN {shuffle_bn}"
+            f"{f' ({cfg.bn_splits} splits)' if shuffle_bn == 'split' else ''}, device "
+            f"{device}, {prec}, {workers} workers -> {run_dir}")

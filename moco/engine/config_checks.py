@@ -1,0 +1,108 @@
+"""Checks of a run's settings that need more than the config, before anything is built or
+written.
+
+The checks of the config alone (settings that contradict each other, the queue and one batch
+in memory) are :func:`moco.engine.config.check_combination`, which ``MocoConfig.validate``
+calls. :func:`check_buildable` needs the process layout and the dataset size: it builds the
+encoder on PyTorch's ``meta`` device (no memory, no time) to check the architecture, the
+memory of the weights and of a memory bank, and that every BatchNorm gets more than one value
+per channel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moco.core.errors import ConfigError
+from moco.engine.config import SPLIT_BN_MODES, MocoConfig
+from moco.engine.memory import FLOAT_BYTES, refuse_if_too_big
+
+
+def images_per_bn_group(cfg: MocoConfig, mode: str, world_size: int) -> tuple[int, str]:
+    """How many images one BatchNorm normalises together in training under ``--shuffle-bn
+    mode`` (``auto`` resolved), and how that number comes about (for messages)."""
+    local = max(1, cfg.batch_size // world_size)
+    per = f"-b {cfg.batch_size} / {world_size} processes" if world_size > 1 else f"-b {cfg.batch_size}"
+    if mode in SPLIT_BN_MODES:
+        return max(1, local // cfg.bn_splits), f"{per} / --bn-splits {cfg.bn_splits}"
+    if mode == "syncbn":
+        return cfg.batch_size, f"-b {cfg.batch_size} (SyncBatchNorm)"
+    return local, per
+
+
+def check_staleness_images(cfg: MocoConfig, images_per_epoch: int) -> None:
+    """``--staleness-every`` encodes K fresh keys from one epoch's images: K must not be more."""
+    if cfg.staleness_every and cfg.mechanism == "moco" and images_per_epoch < cfg.moco_k:
+        raise ConfigError(f"--staleness-every compares the queue with K = {cfg.moco_k} fresh "
+                          f"keys, but an epoch has only {images_per_epoch} images; lower --moco-k, "
+                          "use more images, or drop --staleness-every")
+
+
+def check_buildable(cfg: MocoConfig, mode: str, world_size: int = 1,
+                    num_samples: int | None = None) -> None:
+    """Build ``cfg``'s encoder on the meta device and raise :class:`ConfigError` when the
+    architecture is refused, the weights or a memory bank cannot fit in memory, or a
+    BatchNorm would see one value per channel ("Expected more than 1 value per channel")."""
+    import torch
+
+    from moco.core.model import build_encoder
+
+    try:
+        with torch.device("meta"):
+            encoder = build_encoder(cfg.arch, cfg.moco_dim, mlp=cfg.mlp, cifar_stem=cfg.cifar_stem,
+                                    bn_splits=1)
+    except (ValueError, KeyError) as e:  # the backbone refuses the settings given to it
+        text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        raise ConfigError(f"-a/--arch {cfg.arch}: {text}") from None
+    n_params = sum(p.numel() for p in encoder.parameters())
+    # f_q, f_k, the gradient and the SGD momentum buffer, each as big as the weights.
+    refuse_if_too_big(f"the weights of {cfg.arch} with a --moco-dim {cfg.moco_dim} head "
+                      f"({n_params} parameters, 4 copies)", n_params * 4 * FLOAT_BYTES,
+                      "choose a smaller --arch or --moco-dim")
+    if cfg.mechanism == "memory-bank" and num_samples:
+        refuse_if_too_big(f"the memory bank ({num_samples} images x --moco-dim {cfg.moco_dim})",
+                          num_samples * cfg.moco_dim * FLOAT_BYTES, "lower --moco-dim")
+    smallest = _smallest_bn_map(encoder, cfg.image_size)
+    if smallest == (0, ""):
+        raise ConfigError(f"--image-size {cfg.image_size} is too small for {cfg.arch}: a layer's "
+                          "output would be empty; raise --image-size")
+    if smallest is None:
+        return
+    values, name = smallest
+    group, how = images_per_bn_group(cfg, mode, world_size)
+    if group * values <= 1:
+        raise ConfigError(
+            f"BatchNorm would normalise 1 value per channel ({group} image per group: {how}; "
+            f"{name} of {cfg.arch} is 1x1 at --image-size {cfg.image_size}), which it cannot "
+            "do; lower --bn-splits, raise --batch-size or --image-size"
+            + (" (or add --cifar-stem for 32 px images)" if not cfg.cifar_stem else ""))
+
+
+def _smallest_bn_map(encoder: Any, image_size: int) -> tuple[int, str] | None:
+    """(H x W, module name) of the smallest input any BatchNorm of ``encoder`` gets for one
+    image of ``image_size`` px (a forward pass on the meta device), or None when the meta
+    forward is not possible for this network."""
+    import torch
+    from torch import nn
+
+    seen: list[tuple[int, str]] = []
+    hooks = []
+    for name, module in encoder.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            def hook(_m: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+                x = args[0]
+                seen.append((int(torch.Size(x.shape[2:]).numel()), name))
+            hooks.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            encoder.eval()(torch.empty(1, 3, image_size, image_size, device="meta"))
+    except RuntimeError as e:
+        if "too small" in str(e):
+            return 0, ""
+        return None  # a network whose forward cannot run on meta: checked when training
+    except Exception:
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+    return min(seen) if seen else None

@@ -1,0 +1,62 @@
+"""The training monitor: weighted kNN of the encoder being trained (MoCo v1 §4.1's kNN
+protocol as in the authors' CIFAR demo), computed on the training device.
+
+Under torchrun every rank extracts the features of its share of the images with rank 0's BN
+statistics (rank 0's f_q is the one saved) and all get the same result: no rank waits for
+another's evaluation (which, at ImageNet scale, could pass ``--dist-timeout``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from moco.core.backbones import strip_head
+from moco.core.collectives import gather_shards, shard
+from moco.data.datasets import class_balanced_subset
+from moco.data.source import ImageSource
+from moco.engine.config import MocoConfig
+from moco.engine.distributed import DistContext
+from moco.eval.knn import extract_features, knn_accuracy
+
+Log = Callable[[str], None]
+#: (this rank's bank images, this rank's queries, the bank's size, the queries' size)
+MonitorSources = tuple[ImageSource, ImageSource, int, int]
+
+
+def monitor_sources(cfg: MocoConfig, bank: ImageSource, query: ImageSource, dist: DistContext,
+                    log: Log) -> MonitorSources:
+    """The monitor's bank and queries (class-balanced subsets when --knn-bank-images /
+    --knn-query-images ask: the ImageNet presets' cheap monitor), this rank's shard of each,
+    and their full sizes."""
+    world, rank = dist.world_size, dist.rank
+    parts, sizes = [], []
+    for src, n in ((bank, cfg.knn_bank_images), (query, cfg.knn_query_images)):
+        if 0 < n < len(src):
+            src = src.subset(class_balanced_subset(src.labels or [], n, cfg.seed))
+        sizes.append(len(src))
+        # Every rank extracts every world-th image; gathered in order afterwards.
+        parts.append(src.subset(shard(len(src), rank, world)) if len(src) >= world else src)
+    if sizes != [len(bank), len(query)]:
+        log(f"kNN monitor: class-balanced subsets, {sizes[0]} of the {len(bank)} train images "
+            f"as the bank, {sizes[1]} of the {len(query)} val/test images as queries")
+    return parts[0], parts[1], sizes[0], sizes[1]
+
+
+def monitor_knn(encoder: nn.Module, sources: MonitorSources, cfg: MocoConfig, dist: DistContext,
+                batches: Callable[[ImageSource], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+                device: torch.device, autocast_dtype: torch.dtype | None) -> tuple[float, float]:
+    """Weighted kNN top-1/top-5 of the queries against the bank, through ``encoder`` (f_q;
+    its backbone with ``--knn-features backbone``) with rank 0's BN statistics."""
+    bank_src, query_src, n_bank, n_query = sources
+    dist.broadcast_buffers(encoder)
+    net = strip_head(encoder) if cfg.knn_features == "backbone" else encoder
+    feats = []
+    for src, n in ((bank_src, n_bank), (query_src, n_query)):
+        f, y = extract_features(net, batches(src), device, autocast_dtype=autocast_dtype,
+                                out_device=device)
+        feats.append((gather_shards(f, n), gather_shards(y, n)) if len(src) < n else (f, y))
+    (bank, bank_labels), (query, query_labels) = feats
+    return knn_accuracy(query, query_labels, bank, bank_labels, k=cfg.knn_k, t=cfg.knn_t)

@@ -1,0 +1,202 @@
+"""Where a run is, what it returns, and the typed schema of the ``moco`` entry of a
+pretraining checkpoint.
+
+A checkpoint written by ``moco pretrain`` holds the original ``main_moco.py`` keys (``epoch``,
+``arch``, ``state_dict``, ``optimizer``) and one more, ``moco``: :class:`MocoEntry`. Its keys
+on disk are the same as before the schema was typed (:meth:`MocoEntry.to_dict`), and
+:meth:`MocoEntry.from_dict` reads a missing key with the default a resume always used, so
+older checkpoints and the original's (which have no ``moco`` entry) resume as before.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moco.engine.checkpoint import CheckpointError, check_finite, describe_contents, model_state
+from moco.engine.config import RESUME_FREE, MocoConfig
+
+Log = Callable[[str], None]
+CHECKPOINT_FORMAT = 1  # version of the "moco" entry; a newer one is refused on resume
+
+
+@dataclass
+class TrainState:
+    """Where the run is: epoch (finished epochs), step inside the current epoch, global step,
+    the current epoch's running sums and the per-epoch history."""
+
+    epoch: int = 0
+    epoch_step: int = 0
+    global_step: int = 0
+    loss_sum: float = 0.0
+    acc_sum: float = 0.0
+    seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    knn_random_init: float | None = None
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    checkpoint: Path
+    history: list[dict[str, Any]]
+    knn_random_init: float | None
+    stopped_early: bool = False
+
+
+@dataclass
+class MocoEntry:
+    """The ``"moco"`` entry of a pretraining checkpoint (format :data:`CHECKPOINT_FORMAT`).
+
+    On disk::
+
+        {"format": 1, "config": {MocoConfig fields}, "epoch_step": int, "global_step": int,
+         "partial": {"loss_sum": float, "acc_sum": float, "seconds": float},
+         "knn_random_init": float | None, "shuffle_rng": uint8 tensor (the key shuffle's
+         generator), "scaler": GradScaler state | None, "rng": global RNG states,
+         "bad_images": [int], "loader": {a streaming loader's position}}
+
+    The finished epochs are the checkpoint's top-level ``epoch``, as in the original.
+    ``partial`` holds the sums of the epoch in progress (a save mid-epoch).
+    """
+
+    config: dict[str, Any] | None = None
+    epoch_step: int = 0
+    global_step: int = 0
+    loss_sum: float = 0.0
+    acc_sum: float = 0.0
+    seconds: float = 0.0
+    knn_random_init: float | None = None
+    shuffle_rng: torch.Tensor | None = None
+    scaler: dict[str, Any] | None = None
+    rng: dict[str, Any] | None = None
+    bad_images: list[int] = field(default_factory=list)
+    loader: dict[str, Any] = field(default_factory=dict)
+    format: int = CHECKPOINT_FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        """The entry as stored (the key order of every checkpoint written so far)."""
+        return {
+            "format": self.format,
+            "config": self.config,
+            "epoch_step": self.epoch_step,
+            "global_step": self.global_step,
+            "partial": {"loss_sum": self.loss_sum, "acc_sum": self.acc_sum,
+                        "seconds": self.seconds},
+            "knn_random_init": self.knn_random_init,
+            "shuffle_rng": self.shuffle_rng,
+            "scaler": self.scaler,
+            "rng": self.rng,
+            "bad_images": self.bad_images,
+            # where a streaming loader is in its epoch (tar shards' layout), if it keeps it
+            "loader": self.loader,
+        }
+
+    @classmethod
+    def from_dict(cls, entry: Any) -> MocoEntry:
+        """An entry as stored; each missing key (an older checkpoint, or the original's, which
+        has no entry: ``{}``) has its default."""
+        d: dict[str, Any] = entry if isinstance(entry, dict) else {}
+        partial = d.get("partial", {})
+        return cls(config=d.get("config"), epoch_step=int(d.get("epoch_step", 0)),
+                   global_step=int(d.get("global_step", 0)),
+                   loss_sum=partial.get("loss_sum", 0.0), acc_sum=partial.get("acc_sum", 0.0),
+                   seconds=partial.get("seconds", 0.0), knn_random_init=d.get("knn_random_init"),
+                   shuffle_rng=d.get("shuffle_rng"), scaler=d.get("scaler"), rng=d.get("rng"),
+                   bad_images=list(d.get("bad_images", [])), loader=d.get("loader", {}),
+                   format=int(d.get("format", 1)))
+
+    @classmethod
+    def of(cls, state: TrainState, **kept: Any) -> MocoEntry:
+        """The entry of a run at ``state`` (``kept``: config, shuffle_rng, scaler, rng,
+        bad_images, loader)."""
+        return cls(epoch_step=state.epoch_step, global_step=state.global_step,
+                   loss_sum=state.loss_sum, acc_sum=state.acc_sum, seconds=state.seconds,
+                   knn_random_init=state.knn_random_init, **kept)
+
+    def restore(self, state: TrainState, epoch: int) -> None:
+        """Put the position and sums of the checkpoint (``epoch`` finished) into ``state``."""
+        state.epoch, state.epoch_step, state.global_step = epoch, self.epoch_step, self.global_step
+        state.loss_sum, state.acc_sum, state.seconds = self.loss_sum, self.acc_sum, self.seconds
+        state.knn_random_init = self.knn_random_init
+
+
+def check_resumable(ckpt: dict[str, Any], path: Path, arch: str) -> None:
+    """:class:`CheckpointError` unless ``ckpt`` is a pretraining checkpoint of ``arch`` with
+    finite weights, written by this moco or an older one (or by ``main_moco.py``)."""
+    ours = ckpt.get("moco", {})
+    if not isinstance(ours, dict) or int(ours.get("format", 1)) > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} was written by a newer moco (checkpoint format "
+                              f"{ours.get('format') if isinstance(ours, dict) else '?'}); "
+                              "upgrade moco to resume it")
+    saved_arch = ckpt.get("arch")
+    if saved_arch is not None and saved_arch != arch:
+        raise CheckpointError(f"{path} is a {saved_arch} checkpoint but --arch is {arch}")
+    kind = describe_contents(ckpt)
+    if ours.get("kind") == "lincls" or kind != "a MoCo pretraining checkpoint":
+        raise CheckpointError(f"{path} is {kind}, not a pretraining checkpoint: --resume "
+                              "takes a checkpoint_NNNN.pth.tar written by moco pretrain (or "
+                              "main_moco.py); to start from a backbone, train from scratch")
+    check_finite(model_state(ckpt, path), path, "model")
+
+
+def global_rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and Python global RNG states, as tensors and plain data (so
+    ``weights_only`` loading accepts them). Training draws nothing from them (augmentations are
+    seeded per sample, the key shuffle has its own generator); they are kept so that code
+    added around the loop resumes the same too."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+
+
+def set_global_rng_state(state: dict[str, Any]) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                             n["has_gauss"], n["gauss"]))
+    if "python" in state:
+        version, internal, gauss_next = state["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+
+
+_RESUME_FREE = RESUME_FREE  # settings a resumed run may change (declared in MocoConfig)
+
+
+def warn_config_changes(saved: Any, cfg: MocoConfig, path: Path, log: Log) -> None:
+    """Log the settings that differ from the ones the checkpoint was trained with."""
+    if not isinstance(saved, dict):
+        return
+    now = cfg.to_dict()
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in sorted(now)
+               if k in saved and k not in _RESUME_FREE and saved[k] != now[k]]
+    if changed:
+        log(f"warning: resuming {path} with changed settings ({'; '.join(changed)}); the run "
+            "continues, but not as the uninterrupted run would have")
+
+
+def query_only_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Accept the original's optimizer state, whose one group lists f_q's then f_k's parameters
+    (f_k never has state): keep the first len(f_q) entries so it loads into our f_q-only SGD."""
+    n = sum(len(g["params"]) for g in optimizer.param_groups)
+    groups = state.get("param_groups", [])
+    if len(groups) == 1 and len(groups[0]["params"]) == 2 * n:
+        kept = groups[0]["params"][:n]
+        state = {"state": {k: v for k, v in state["state"].items() if k in set(kept)},
+                 "param_groups": [{**groups[0], "params": kept}]}
+    return state

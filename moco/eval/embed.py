@@ -1,0 +1,185 @@
+"""One feature vector per image of a folder (``moco embed``).
+
+Every image under ``IMAGES`` (recursively, sorted by path) goes through the pretrained
+encoder with the evaluation preprocessing (resize + center crop, the pretraining run's
+normalisation) and yields one row of an [N, D] float32 matrix. Output:
+
+* ``FILE.npy``: the matrix (``np.load``) plus ``FILE.npy.json`` with ``files`` (paths
+  relative to ``IMAGES``, row order) and what produced them;
+* ``FILE.safetensors``: tensor ``embeddings`` [N, D]; the file list (JSON) and the same
+  description in the metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from moco.core.errors import ConfigError
+from moco.data.folders import images_under
+from moco.data.shards import ShardSource, shard_source
+from moco.data.source import IMAGE_EXTENSIONS, DataError, open_rgb
+from moco.engine.paths import check_output, check_writable_parent
+
+OUTPUT_SUFFIXES = (".npy", ".safetensors")
+
+
+@dataclass
+class EmbedResult:
+    path: Path
+    files: list[str]
+    embeddings_shape: tuple[int, int]
+    skipped: list[str] = field(default_factory=list)
+    sidecar: Path | None = None
+
+
+def list_images(root: str | Path, skip_bad: bool = False) -> list[Path]:
+    """Image files under ``root`` (any depth, hidden files and folders skipped), sorted; or
+    ``root`` itself when it is an image file. A folder that cannot be listed is an error, or
+    with ``skip_bad`` a warning naming how many were left out."""
+    r = Path(root)
+    if r.is_file():
+        if r.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise DataError(f"{r} is not an image ({', '.join(IMAGE_EXTENSIONS)})")
+        return [r]
+    if not r.is_dir():
+        raise DataError(f"{r} does not exist")
+    unreadable: list[tuple[Path, str]] = []
+    files = images_under(r, unreadable)
+    if unreadable:
+        where, why = unreadable[0]
+        if not skip_bad:
+            raise DataError(f"cannot list the folder {where}: {why} ({len(unreadable)} "
+                            f"unreadable folder(s) under {r}); fix its permissions, or pass "
+                            "--skip-bad to leave it out")
+        import sys
+
+        print(f"moco embed: warning: left out {len(unreadable)} unreadable folder(s), e.g. "
+              f"{where} ({why})", file=sys.stderr)
+    if not files:
+        raise DataError(f"no images found under {r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+class _Files(Dataset[tuple[torch.Tensor, int]]):
+    """Item i -> (image [3,S,S], i), or (zeros, -1 - i) for an unreadable file (the error is
+    raised in the main process, so the message is not wrapped in a worker traceback)."""
+
+    def __init__(self, files: list[Path], transform: Any, size: int) -> None:
+        self.files, self.transform, self.size = files, transform, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        try:
+            return self.transform(open_rgb(self.files[i])), i
+        except DataError:
+            return torch.zeros(3, self.size, self.size), -1 - i
+
+
+class _Samples(_Files):
+    """:class:`_Files` over the samples of tar shards (:mod:`moco.data.shards`)."""
+
+    def __init__(self, source: ShardSource, transform: Any, size: int) -> None:
+        super().__init__([], transform, size)
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        try:
+            return self.transform(self.source.load(i)), i
+        except DataError:
+            return torch.zeros(3, self.size, self.size), -1 - i
+
+
+def _checked(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], files: list[Path],
+             skip_bad: bool, shards: ShardSource | None = None
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for x, idx in batches:
+        bad = idx[idx < 0]
+        if len(bad) and not skip_bad and shards is not None:
+            shards.load(-1 - int(bad[0]))  # raises its DataError, naming the sample
+        if len(bad) and not skip_bad:
+            f = files[-1 - int(bad[0])]
+            try:
+                open_rgb(f)
+            except DataError as e:
+                raise DataError(f"{e} (pass --skip-bad to leave unreadable images out)") from None
+            raise DataError(f"cannot read image {f} (pass --skip-bad to leave it out)")
+        yield x, idx
+
+
+def embed_images(images: str | Path, pretrained: str | Path, out: str | Path, *,
+                 arch: str | None = None, features: str = "backbone",
+                 image_size: int | None = None, batch_size: int = 64, workers: int = -1,
+                 device: str = "auto", normalize: bool = False, skip_bad: bool = False,
+                 progress: bool = True) -> EmbedResult:
+    """Write the features [N, D] of every image under ``images`` to ``out`` (.npy or
+    .safetensors) with the file list; see the module docstring."""
+    from tqdm import tqdm
+
+    from moco.data.augment import eval_transform
+    from moco.engine.runtime import default_workers, resolve_device
+    from moco.eval.encoders import extract_into, load_encoder
+    from moco.eval.export import atomic_write, write_safetensors
+
+    out_p = Path(out)
+    if out_p.suffix not in OUTPUT_SUFFIXES:
+        raise ConfigError(f"--out {out_p}: the file must end in .npy or .safetensors")
+    if batch_size < 1:
+        raise ConfigError(f"expected --batch-size >= 1, got {batch_size}")
+    root = Path(images)
+    shards = shard_source(root)  # a .tar shard or a folder of them: their samples
+    files = list_images(root, skip_bad) if shards is None else []
+    outputs = [out_p] + ([out_p.with_name(out_p.name + ".json")] if out_p.suffix == ".npy" else [])
+    for o in outputs:  # never over the checkpoint or an image, never inside IMAGES
+        check_output(o, "--out", files={"the input checkpoint (--pretrained)": pretrained,
+                                        "an input image": files},
+                     folders={"the image folder": root if root.is_dir() else None})
+    check_writable_parent(out_p, "--out")
+    dev = resolve_device(device)
+    model, info = load_encoder(pretrained, arch, dev, features=features)
+    size = image_size or info.image_size
+    tf = eval_transform(size, info.mean, info.std)
+    nw = workers if workers >= 0 else default_workers(dev)
+    data = _Files(files, tf, size) if shards is None else _Samples(shards, tf, size)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False,
+                        num_workers=nw, pin_memory=dev.type == "cuda")
+    with tqdm(total=len(data), desc="embed", unit="img", disable=not progress,
+              dynamic_ncols=True) as bar:
+        emb, index = extract_into(model, _checked(loader, files, skip_bad, shards), len(data), dev, normalize=normalize, progress=bar)
+    ok = index >= 0
+    base = root if root.is_dir() else root.parent
+    names = ([p.relative_to(base).as_posix() for p in files] if shards is None else
+             [shards.short_name(i) for i in range(len(shards))])
+    skipped = [n for n, good in zip(names, ok.tolist(), strict=True) if not good]
+    if skipped:
+        emb = emb[ok]
+        names = [n for n, good in zip(names, ok.tolist(), strict=True) if good]
+    meta = {"root": str(root), "checkpoint": str(pretrained), "arch": info.arch,
+            "cifar_stem": info.cifar_stem, "features": info.features,
+            "feature_dim": int(emb.shape[1]), "image_size": size, "normalized": normalize,
+            "count": len(names)}
+    sidecar = None
+    if out_p.suffix == ".npy":
+        array = emb.numpy()
+        atomic_write(out_p, lambda f: np.save(f, array))
+        sidecar = out_p.with_name(out_p.name + ".json")
+        text = json.dumps({**meta, "files": names, "skipped": skipped}, indent=1) + "\n"
+        atomic_write(sidecar, lambda f: f.write(text.encode()))
+    else:
+        metadata = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()}
+        metadata["files"] = json.dumps(names)
+        metadata["skipped"] = json.dumps(skipped)
+        write_safetensors(out_p, {"embeddings": emb.contiguous()}, metadata)
+    return EmbedResult(out_p, names, (int(emb.shape[0]), int(emb.shape[1])), skipped, sidecar)

@@ -1,0 +1,369 @@
+"""Linear classification on frozen features: the protocol of ``main_lincls.py`` (REFERENCE.md §8).
+
+Set-up, in the original's order (§8.2): the torchvision network with a new ``fc``
+(D -> classes), every parameter but ``fc.weight``/``fc.bias`` frozen, ``fc`` initialised
+N(0, 0.01) with zero bias, the pretrained query encoder loaded (its head dropped; exactly
+``fc.weight`` and ``fc.bias`` missing), SGD over the 2 ``fc`` tensors (lr 30, momentum 0.9,
+wd 0). Training (§8.3): the whole model in ``eval()`` mode (BN keeps the pretrained
+statistics), batch 256, 100 epochs, lr x0.1 at epochs 60 and 80 (or cosine with ``cos``),
+RandomResizedCrop (scale 0.08-1) + flip; validation with resize + center crop; top-1/top-5
+after every epoch; ``checkpoint.pth.tar`` (last) and ``model_best.pth.tar`` in the original
+layout (``epoch``, ``arch``, ``state_dict`` with ``module.`` keys, ``best_acc1``,
+``optimizer``). After the first trained epoch :func:`sanity_check` verifies that no backbone
+tensor changed (§8.4).
+
+Many processes (``torchrun``, as the original's DDP): ``-b`` is the global batch, each process
+computes part of every batch (:mod:`moco.eval.lincls_data`), the frozen backbone runs without
+gradients (optionally under bf16 autocast, ``precision``) and only ``fc`` is wrapped in
+DistributedDataParallel, whose gradient averaging gives every process the same update; the
+result equals a single process's up to float rounding. Rank 0 writes the files.
+
+Resumable like pretraining: atomic saves; SIGTERM/SIGINT finish the step, save a mid-epoch
+checkpoint and return (exit 0); ``resume="auto"`` continues from the run folder exactly (data
+order and augmentation depend only on (seed, epoch, position)).
+
+``fast`` mode (for CPUs): the frozen backbone's features of every train and val image are
+computed once, without augmentation (resize + center crop), and the same ``fc``, optimizer,
+batch and schedule are trained on them. The price is no crop/flip augmentation of the train
+set, which usually lowers the accuracy a little.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from moco.core.errors import ConfigError, RunError
+from moco.data.source import DataError, ImageSource, class_mismatch
+from moco.data.splits import find_dataset
+from moco.engine.checkpoint import CheckpointError, atomic_save, model_state, state_mismatch
+from moco.engine.distributed import (
+    DistContext,
+    check_same_settings,
+    init_distributed,
+    shutdown_distributed,
+)
+from moco.engine.paths import check_output
+from moco.engine.runlock import RunLock
+from moco.engine.runtime import default_workers
+from moco.engine.runtime import resolve_device as _resolve_device
+from moco.engine.schedule import learning_rate
+from moco.eval import lincls_data as batches
+from moco.eval.lincls_engine import LinearEngine
+from moco.eval.lincls_protocol import (
+    SanityCheckError,
+    accuracy,
+    autocast_dtype,
+    build_linear_model,
+    linear_optimizer,
+    sanity_check,
+    set_frozen_mode,
+    train_transform,
+)
+from moco.eval.lincls_state import (
+    BEST,
+    LAST,
+    StopFlag,
+    atomic_copy,
+    prepare_run_dir,
+    read_linear_checkpoint,
+    resume_path,
+    stop_on_signals,
+)
+from moco.eval.pretrained import describe_encoder, read_encoder
+
+Log = Callable[[str], None]
+PRECISIONS = ("auto", "fp32", "bf16")
+__all__ = ["LinclsConfig", "LinclsResult", "LinearClassification", "SanityCheckError",
+           "accuracy", "build_linear_model", "linear_classification", "linear_optimizer",
+           "sanity_check", "set_frozen_mode", "train_transform"]
+
+
+@dataclass
+class LinclsConfig:
+    """Settings of a linear-classification run; defaults are ``main_lincls.py``'s (§8.1)."""
+
+    data: str
+    pretrained: str = ""
+    arch: str | None = None
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 30.0
+    schedule: list[int] = field(default_factory=lambda: [60, 80])
+    cos: bool = False
+    momentum: float = 0.9
+    wd: float = 0.0
+    workers: int = -1
+    seed: int = 0
+    device: str = "auto"
+    output: str = "runs/lincls"
+    resume: str = ""
+    evaluate: bool = False
+    fast: bool = False
+    image_size: int | None = None
+    overwrite: bool = False
+    precision: str = "auto"
+    dist_timeout: float = 30.0
+
+    def validate(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.lr >= 0 and self.wd >= 0, "--lr and --wd must be >= 0"),
+            (self.image_size is None or self.image_size >= 8, "--image-size must be >= 8"),
+            (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}"),
+            (self.dist_timeout > 0, "--dist-timeout must be > 0 minutes"),
+            (bool(self.pretrained or self.resume),
+             "give --pretrained CKPT (a MoCo checkpoint) or --resume a linear checkpoint"),
+            (not self.evaluate or bool(self.resume),
+             "-e/--evaluate needs --resume with a checkpoint written by moco lincls"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+
+
+@dataclass
+class LinclsResult:
+    run_dir: Path
+    best_acc1: float
+    last: dict[str, Any] | None
+    history: list[dict[str, Any]]
+    stopped_by: int | None = None  # the signal that stopped the run (a checkpoint was saved)
+
+
+class LinearClassification:
+    """One ``moco lincls`` run (one process of it under torchrun). ``run()`` trains (or
+    evaluates) and returns the result."""
+
+    def __init__(self, cfg: LinclsConfig, *, log: Log = print, progress: bool = True,
+                 ctx: DistContext | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        device = _resolve_device(cfg.device)
+        self.dist = ctx if ctx is not None else init_distributed(device, cfg.dist_timeout)
+        check_same_settings(self.dist, asdict(cfg))
+        self.device = self.dist.local_device(device)
+        self.log = log if self.dist.is_main else (lambda _m: None)
+        self.progress = progress and self.dist.is_main
+        self.dtype = autocast_dtype(cfg.precision, self.device)
+        self.workers = cfg.workers if cfg.workers >= 0 else default_workers(self.device)
+        self.run_dir = Path(cfg.output)
+        check_output(self.run_dir, "--output", folders={"the data folder": cfg.data})
+        for name in (LAST, BEST, "metrics.jsonl", "lincls.json"):  # never over the input
+            check_output(self.run_dir / name, "--output",
+                         files={"the input checkpoint (--pretrained)": cfg.pretrained})
+        self.lock: RunLock | None = None
+        splits = find_dataset(cfg.data)
+        if not splits.train.labeled:
+            raise DataError(f"{cfg.data}/train is unlabeled: linear classification needs one "
+                            "sub-folder per class")
+        if splits.test is None or not splits.test.labeled:
+            raise DataError(f"{cfg.data} has no labeled val/ or test/ split to evaluate on")
+        if splits.train.classes != splits.test.classes:
+            raise DataError(class_mismatch(splits.train, splits.test))
+        self.train_source: ImageSource = splits.train
+        self.val_source: ImageSource = splits.test
+        self.classes = splits.train.classes
+        self.start_epoch, self.start_step, self.best_acc1 = 0, 0, 0.0
+        self.partial = [0.0, 0.0, 0.0]  # loss sum, correct, images of an interrupted epoch
+        self.resume_from = resume_path(cfg.resume, self.run_dir)
+        if cfg.resume and cfg.resume != "auto" and self.resume_from is not None \
+                and not self.resume_from.exists():
+            raise CheckpointError(f"--resume {cfg.resume} does not exist")
+        resume_ckpt = read_linear_checkpoint(self.resume_from) if self.resume_from else None
+        source = cfg.pretrained or (str(self.resume_from) if self.resume_from else "")
+        if not source:
+            raise CheckpointError(f"--resume auto: no {LAST} in {self.run_dir} and no "
+                                  "--pretrained to start from")
+        w = read_encoder(source)
+        self.info = describe_encoder(w, cfg.arch, source)
+        if resume_ckpt is not None:
+            ours = resume_ckpt.get("moco", {})
+            for key in ("image_size", "mean", "std"):
+                if key in ours:
+                    setattr(self.info, key, tuple(ours[key]) if key != "image_size" else ours[key])
+        self.image_size = cfg.image_size or self.info.image_size
+        self.model = build_linear_model(self.info, w.backbone, len(self.classes), cfg.seed)
+        self.optimizer = linear_optimizer(self.model, cfg.lr, cfg.momentum, cfg.wd)
+        if resume_ckpt is not None:
+            self._load_resume(resume_ckpt)
+        self.model.to(self.device)
+        for st in self.optimizer.state.values():
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    st[k] = v.to(self.device)
+        self.engine = LinearEngine(
+            self.model, self.optimizer, self.dist, self.device, self.dtype, self.info.backbone_dim,
+            self.image_size, self.info.mean, self.info.std, cfg.batch_size, cfg.seed,
+            self.workers, self.progress, self.train_source, self.val_source)
+        self.history: list[dict[str, Any]] = []
+
+    # ----- checkpoints --------------------------------------------------------------------
+    def _load_resume(self, ckpt: dict[str, Any]) -> None:
+        path = self.resume_from
+        state = {(k[len("module."):] if k.startswith("module.") else k): v
+                 for k, v in model_state(ckpt, path or "checkpoint").items()}
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError:
+            raise CheckpointError(f"{path} does not fit this model ({self.info.arch}, "
+                                  f"{len(self.classes)} classes): "
+                                  f"{state_mismatch(self.model, state)}") from None
+        if "optimizer" in ckpt and not self.cfg.evaluate:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        ours = ckpt.get("moco", {})
+        self.start_epoch = int(ckpt.get("epoch", 0))
+        self.start_step = int(ours.get("step", 0)) if not self.cfg.evaluate else 0
+        if self.start_step and self.dist.is_main:  # the interrupted epoch's sums, counted once
+            self.partial = [float(x) for x in ours.get("partial", [0.0, 0.0, 0.0])]
+        self.best_acc1 = float(ckpt["best_acc1"])
+        where = f", step {self.start_step} of epoch {self.start_epoch + 1}" if self.start_step else ""
+        self.log(f"resumed from {path}: epoch {self.start_epoch}{where}, best acc@1 "
+                 f"{self.best_acc1:.2f}")
+
+    def checkpoint_dict(self, epoch: int, step: int = 0,
+                        partial: list[float] | None = None) -> dict[str, Any]:
+        """The original lincls layout (§8.3) plus our ``moco`` entry; ``epoch`` = finished
+        epochs, ``step`` = steps done in the next one (a mid-epoch stop)."""
+        return {
+            "epoch": epoch,
+            "arch": self.info.arch,
+            "state_dict": {f"module.{k}": v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "best_acc1": self.best_acc1,
+            "optimizer": self.optimizer.state_dict(),
+            "moco": {"format": 1, "kind": "lincls", "config": asdict(self.cfg),
+                     "classes": list(self.classes), "cifar_stem": self.info.cifar_stem,
+                     "image_size": self.image_size, "mean": list(self.info.mean),
+                     "std": list(self.info.std), "pretrained": self.cfg.pretrained,
+                     "step": step, "partial": partial or [0.0, 0.0, 0.0]},
+        }
+
+    # ----- run ----------------------------------------------------------------------------
+    def run(self) -> LinclsResult:
+        cfg = self.cfg
+        if cfg.evaluate:
+            acc1, acc5 = self.engine.validate()
+            self.log(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}")
+            rec = {"epoch": self.start_epoch, "acc1": acc1, "acc5": acc5}
+            return LinclsResult(self.run_dir, self.best_acc1, rec, [rec])
+        resuming = self.resume_from is not None
+        self.lock = self.dist.on_main(self._lock_run_dir)  # a second process refuses
+        try:
+            kept = self.dist.on_main(lambda: prepare_run_dir(
+                self.run_dir, resuming=resuming, start_epoch=self.start_epoch,
+                overwrite=cfg.overwrite, settings=asdict(cfg)))
+            self.history = list(kept or [])
+            self.log(self.describe())
+            stop = StopFlag()
+            with stop_on_signals(stop):
+                return self._loop(stop)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _lock_run_dir(self) -> RunLock:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        return RunLock(self.run_dir, what="lincls run folder", log=self.log).acquire()
+
+    def _loop(self, stop: StopFlag) -> LinclsResult:
+        cfg = self.cfg
+        train_feats = val_feats = None
+        if cfg.fast and self.start_epoch < cfg.epochs:
+            t0 = time.perf_counter()
+            train_feats = self.engine.features(self.train_source, "train features")
+            val_feats = self.engine.features(self.val_source, "val features")
+            self.log(f"features of {len(self.train_source) + len(self.val_source)} images in "
+                     f"{time.perf_counter() - t0:.1f} s")
+        last: dict[str, Any] | None = None
+        bar = tqdm(total=cfg.epochs, initial=self.start_epoch, desc="lincls", unit="epoch",
+                   disable=not self.progress, dynamic_ncols=True)
+        try:
+            for epoch in range(self.start_epoch, cfg.epochs):
+                lr = learning_rate(cfg.lr, epoch, cfg.epochs, cos=cfg.cos, milestones=cfg.schedule)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                t0 = time.perf_counter()
+                start = self.start_step if epoch == self.start_epoch else 0
+                sums, step = self.engine.train_epoch(epoch, start, self.partial, stop, train_feats)
+                if stop.signal is not None and step < batches.num_steps(len(self.train_source),
+                                                                        cfg.batch_size):
+                    total = self.engine.all_sum(sums)
+                    path = self.run_dir / LAST
+                    self.dist.on_main(lambda: atomic_save(
+                        self.checkpoint_dict(epoch, step, total), path))  # noqa: B023
+                    self.log(f"stopped by signal {stop.signal} at epoch {epoch + 1} step {step}; "
+                             f"saved {path}\nresume with: moco lincls ... --output {self.run_dir} "
+                             "--resume auto")
+                    return LinclsResult(self.run_dir, self.best_acc1, last, self.history, stop.signal)
+                loss_sum, correct, n = self.engine.all_sum(sums)
+                loss, train_acc1 = loss_sum / n, 100.0 * correct / n
+                if not math.isfinite(loss):
+                    raise RunError(f"the linear classifier's cross-entropy loss became {loss} at "
+                                   f"epoch {epoch + 1} (the frozen backbone's weights are "
+                                   f"finite): lower --lr (now {cfg.lr:g}) and run again")
+                acc1, acc5 = self.engine.validate(val_feats)
+                is_best = acc1 > self.best_acc1
+                self.best_acc1 = max(acc1, self.best_acc1)
+                last = {"epoch": epoch + 1, "lr": lr, "loss": loss, "train_acc1": train_acc1,
+                        "acc1": acc1, "acc5": acc5, "best_acc1": self.best_acc1,
+                        "seconds": time.perf_counter() - t0, "fast": cfg.fast,
+                        "processes": self.dist.world_size}
+                self.history.append(last)
+                self.dist.on_main(lambda: self._save_epoch(epoch, last, is_best))  # noqa: B023
+                if epoch == self.start_epoch and cfg.pretrained:
+                    self.dist.on_main(lambda: sanity_check(self.model.state_dict(), cfg.pretrained))
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", acc1=f"{acc1:.2f}", acc5=f"{acc5:.2f}",
+                                best=f"{self.best_acc1:.2f}", lr=f"{lr:.3g}")
+                if not self.progress:
+                    self.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}, lr {lr:.4g}, "
+                             f"Acc@1 {acc1:.2f} Acc@5 {acc5:.2f} (best {self.best_acc1:.2f})")
+                if stop.signal is not None:  # the signal came with the epoch's last step
+                    self.log(f"stopped by signal {stop.signal} after epoch {epoch + 1}; saved "
+                             f"{self.run_dir / LAST}; continue with --resume auto")
+                    return LinclsResult(self.run_dir, self.best_acc1, last, self.history, stop.signal)
+        finally:
+            bar.close()
+        if last is not None:
+            self.log(f" * Acc@1 {last['acc1']:.3f} Acc@5 {last['acc5']:.3f}; best Acc@1 "
+                     f"{self.best_acc1:.3f} -> {self.run_dir / BEST}")
+        return LinclsResult(self.run_dir, self.best_acc1, last, self.history)
+
+    def _save_epoch(self, epoch: int, record: dict[str, Any], is_best: bool) -> None:
+        import json
+
+        with (self.run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        atomic_save(self.checkpoint_dict(epoch + 1), self.run_dir / LAST)
+        if is_best:
+            atomic_copy(self.run_dir / LAST, self.run_dir / BEST)
+
+    def describe(self) -> str:
+        c, i = self.cfg, self.info
+        prec = "bf16 backbone" if self.dtype == torch.bfloat16 else "fp32"
+        procs = f", {self.dist.world_size} processes" if self.dist.enabled else ""
+        return (f"linear classification{' (fast: cached features)' if c.fast else ''}: "
+                f"{i.arch}{' (CIFAR stem)' if i.cifar_stem else ''} from "
+                f"{c.pretrained or self.resume_from} ({i.layout}), {len(self.classes)} classes, "
+                f"{len(self.train_source)} train / {len(self.val_source)} val images at "
+                f"{self.image_size} px, lr {c.lr}, batch {c.batch_size}, {c.epochs} epochs, "
+                f"device {self.device}, {prec}{procs} -> {self.run_dir}")
+
+
+def linear_classification(cfg: LinclsConfig, *, log: Log = print, progress: bool = True,
+                          ctx: DistContext | None = None) -> LinclsResult:
+    """Run the linear protocol as ``cfg`` says (see the module docstring). Under torchrun
+    without ``ctx``, the process group is joined here and left at the end."""
+    try:
+        return LinearClassification(cfg, log=log, progress=progress, ctx=ctx).run()
+    finally:
+        if ctx is None:
+            shutdown_distributed()

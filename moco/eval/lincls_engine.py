@@ -1,0 +1,183 @@
+"""One process's part of ``moco lincls``: the frozen backbone's features, the SGD steps of
+``fc`` (data-parallel under torchrun) and the evaluation.
+
+The frozen backbone runs in eval mode without gradients, under bf16 autocast when ``dtype`` is
+set; its features enter ``fc`` in float32. Only ``fc`` is wrapped in DistributedDataParallel:
+each process's loss is its summed cross-entropy x ``world_size / m`` (m: the global batch,
+:func:`moco.eval.lincls_data.loss_scale`), so DDP's averaged gradient is the single-process mean
+over the global batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torchvision import transforms as T
+from tqdm import tqdm
+
+from moco.data.augment import eval_transform
+from moco.data.datasets import epoch_order
+from moco.data.source import ImageSource
+from moco.engine.distributed import DistContext, wrap_ddp
+from moco.eval import lincls_data as batches
+from moco.eval import lincls_protocol as protocol
+from moco.eval.encoders import extract_into
+from moco.eval.lincls_state import StopFlag
+
+
+@dataclass
+class LinearEngine:
+    """Steps and evaluation of the frozen ``model`` (its ``fc`` trained by ``optimizer``)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    dist: DistContext
+    device: torch.device
+    dtype: torch.dtype | None
+    feature_dim: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    batch_size: int
+    seed: int
+    workers: int
+    progress: bool
+    train_source: ImageSource
+    val_source: ImageSource
+    fc_ddp: nn.Module = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Only fc learns: it alone is data-parallel (the frozen backbone needs no gradients).
+        self.fc_ddp = wrap_ddp(self.fc, self.dist, self.device)
+
+    @property
+    def fc(self) -> nn.Module:
+        """The linear layer: features [B, D] -> logits [B, classes]."""
+        fc = self.model.fc
+        assert isinstance(fc, nn.Module)
+        return fc
+
+    def eval_tf(self) -> T.Compose:
+        return eval_transform(self.image_size, self.mean, self.std)
+
+    def owned(self, source: ImageSource) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        return batches.owned_batches(source, self.eval_tf(), self.dist.rank, self.dist.world_size,
+                                     self.batch_size, self.workers, self.device.type == "cuda")
+
+    def backbone(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features [b, D] (float32) of the frozen backbone, no gradient."""
+        if x.shape[0] == 0:  # this process's part of a last batch smaller than the processes
+            return torch.zeros(0, self.feature_dim, device=self.device)
+        fc = self.model.fc
+        self.model.fc = nn.Identity()
+        try:
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
+                                                 enabled=self.dtype is not None):
+                return self.model(x.to(self.device, non_blocking=True)).float()
+        finally:
+            self.model.fc = fc
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        if not self.dist.enabled:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.dist.comm_device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def step(self, feats: torch.Tensor, y: torch.Tensor, m: int) -> tuple[float, int]:
+        """One SGD step on this process's part of a global batch of ``m`` images."""
+        logits = self.fc_ddp(feats)
+        ce = F.cross_entropy(logits, y, reduction="sum")
+        loss = ce * batches.loss_scale(m, self.dist.world_size)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(ce.detach()), protocol.accuracy(logits.detach(), y, (1,))[0]
+
+    def train_epoch(self, epoch: int, start: int, partial: list[float], stop: StopFlag,
+                    feats: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[list[float], int]:
+        """Sums (loss, correct, images) over the epoch's steps from ``start`` on (``partial``:
+        the sums of the steps before), and the steps done (fewer when a signal stopped it)."""
+        protocol.set_frozen_mode(self.model)
+        n, b = len(self.train_source), self.batch_size
+        sampler = batches.StepBatches(n, b, self.seed, epoch, start, self.dist.rank,
+                                      self.dist.world_size)
+        sums = list(partial) if start else [0.0, 0.0, 0.0]
+        if feats is None:
+            it: Iterable[tuple[torch.Tensor, torch.Tensor]] = batches.train_batches(
+                self.train_source, protocol.train_transform(self.image_size, self.mean, self.std),
+                sampler, self.image_size, self.workers, self.device.type == "cuda")
+        else:
+            it = self.feature_batches(epoch, start, *feats)
+        step = start
+        with tqdm(total=n, initial=min(n, start * b), desc=f"train {epoch + 1}", unit="img",
+                  leave=False, disable=not self.progress, dynamic_ncols=True) as bar:
+            for (x, y), m in zip(it, sampler.global_sizes(), strict=True):
+                f = x.to(self.device) if feats is not None else self.backbone(x)
+                ls, c = self.step(f, y.to(self.device), m)
+                sums = [sums[0] + ls, sums[1] + c, sums[2] + len(y)]
+                step += 1
+                bar.update(m)
+                agreed = self.dist.agree_signal(stop.signal)
+                if agreed is not None:  # every process stops after the same step
+                    stop.signal = agreed
+                    break
+        return sums, step
+
+    def feature_batches(self, epoch: int, start: int, feats: torch.Tensor, labels: torch.Tensor
+                         ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """This process's cached features of each step: the owned members of the batch."""
+        order, _ = epoch_order(len(self.train_source), self.seed, epoch)
+        r, w, b = self.dist.rank, self.dist.world_size, self.batch_size
+        for step in range(start, batches.num_steps(len(order), b)):
+            idx = order[step * b:(step + 1) * b]
+            rows = idx[batches.owned_part(idx, r, w)] // w
+            yield feats[rows], labels[rows]
+
+    @torch.no_grad()
+    def validate(self, feats: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[float, float]:
+        """Top-1 and top-5 accuracy (%) on the val split (on cached features when given), each
+        process on the images it owns, the counts summed over processes."""
+        protocol.set_frozen_mode(self.model)
+        c1 = c5 = 0
+        if feats is not None:
+            x_all, y_all = feats
+            for start in range(0, len(y_all), 4096):
+                logits = self.fc(x_all[start:start + 4096].to(self.device))
+                a1, a5 = protocol.accuracy(logits, y_all[start:start + 4096].to(self.device))
+                c1, c5 = c1 + a1, c5 + a5
+        else:
+            with tqdm(total=len(self.val_source), desc="val", unit="img", leave=False,
+                      disable=not self.progress, dynamic_ncols=True) as bar:
+                for x, y in self.owned(self.val_source):
+                    a1, a5 = protocol.accuracy(self.fc(self.backbone(x)), y.to(self.device))
+                    c1, c5 = c1 + a1, c5 + a5
+                    bar.update(len(y) * self.dist.world_size)
+        t1, t5 = self.all_sum([float(c1), float(c5)])
+        n = len(self.val_source)
+        return 100.0 * t1 / n, 100.0 * t5 / n
+
+    def features(self, source: ImageSource, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen pooled features [n_own, D] and labels of the images this process owns."""
+        n_own = len(batches.owned(len(source), self.dist.rank, self.dist.world_size))
+        protocol.set_frozen_mode(self.model)
+        with tqdm(total=n_own, desc=desc, unit="img", leave=False, disable=not self.progress,
+                  dynamic_ncols=True) as bar:
+            return extract_into(_Features(self), self.owned(source), n_own, self.device,
+                                progress=bar)
+
+
+class _Features(nn.Module):
+    """The engine's frozen backbone as a module for :func:`extract_into`: images -> features."""
+
+    def __init__(self, engine: LinearEngine) -> None:
+        super().__init__()
+        self.engine = [engine]  # a list: not registered as a sub-module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.engine[0].backbone(x)

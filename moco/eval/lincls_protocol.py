@@ -1,0 +1,106 @@
+"""The pieces of ``main_lincls.py``'s protocol (REFERENCE.md §8): the frozen model and its
+``fc``, the optimizer, the train augmentation, the sanity check and top-k accuracy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import transforms as T
+
+from moco.core.backbones import build_backbone
+from moco.engine.checkpoint import CheckpointError
+from moco.eval.pretrained import PretrainedInfo, read_encoder
+
+
+class SanityCheckError(RuntimeError):
+    """The frozen backbone changed during linear training (it must not, REFERENCE.md §8.4)."""
+
+
+def train_transform(image_size: int, mean: Iterable[float], std: Iterable[float]) -> T.Compose:
+    """``main_lincls.py``'s train augmentation: RandomResizedCrop (default scale 0.08-1) and a
+    horizontal flip (REFERENCE.md §8.3)."""
+    return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(mean=list(mean), std=list(std))])
+
+
+def build_linear_model(info: PretrainedInfo, backbone: dict[str, torch.Tensor], num_classes: int,
+                       seed: int = 0) -> nn.Module:
+    """The frozen network with a fresh ``fc`` (REFERENCE.md §8.2, steps 1-4).
+
+    Returns a torchvision-style model ([B,3,H,W] -> logits [B, num_classes]) whose only
+    trainable tensors are ``fc.weight`` ~ N(0, 0.01) and ``fc.bias`` = 0.
+    """
+    model = build_backbone(info.arch, cifar_stem=info.cifar_stem).model
+    model.fc = nn.Linear(info.backbone_dim, num_classes)
+    for name, p in model.named_parameters():
+        if name not in ("fc.weight", "fc.bias"):
+            p.requires_grad = False
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.randn(model.fc.weight.shape, generator=g) * 0.01)
+        model.fc.bias.zero_()
+    msg = model.load_state_dict(backbone, strict=False)
+    if set(msg.missing_keys) != {"fc.weight", "fc.bias"} or msg.unexpected_keys:
+        raise CheckpointError(f"the pretrained weights do not fit {info.arch}: missing "
+                              f"{msg.missing_keys[:4]}, unexpected {msg.unexpected_keys[:4]}")
+    return model
+
+
+def linear_optimizer(model: nn.Module, lr: float, momentum: float, wd: float) -> torch.optim.SGD:
+    """SGD over the parameters that require grad: exactly ``fc.weight`` and ``fc.bias``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if len(params) != 2:
+        raise RuntimeError(f"expected 2 trainable tensors (fc weight and bias), found {len(params)}")
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd)
+
+
+def set_frozen_mode(model: nn.Module) -> None:
+    """The whole model in ``eval()``: BN uses and keeps the pretrained statistics (§8.3)."""
+    model.eval()
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The frozen backbone's autocast dtype, None for fp32. ``auto``: bf16 on a CUDA GPU that
+    supports it, fp32 otherwise (and always fp32 for ``fc``, its loss and its update)."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def sanity_check(state_dict: dict[str, torch.Tensor], pretrained: str | Path) -> None:
+    """``main_lincls.py``'s ``sanity_check`` (REFERENCE.md §8.4).
+
+    Reloads ``pretrained`` and checks that every tensor of ``state_dict`` except the ones
+    named ``fc.weight``/``fc.bias`` equals the pretrained query encoder's tensor of the same
+    name, exactly (BN running statistics and ``num_batches_tracked`` included). Raises
+    :class:`SanityCheckError` naming the tensors that changed.
+    """
+    pre = read_encoder(pretrained).state
+    changed: list[str] = []
+    for k, v in state_dict.items():
+        if "fc.weight" in k or "fc.bias" in k:
+            continue
+        name = k[len("module."):] if k.startswith("module.") else k
+        ref = pre.get(name)
+        if ref is None or ref.shape != v.shape or not torch.equal(v.detach().cpu(), ref):
+            changed.append(name)
+    if changed:
+        raise SanityCheckError(
+            f"{len(changed)} backbone tensor(s) differ from the pretrained checkpoint {pretrained}"
+            f" (e.g. {', '.join(changed[:5])}): the backbone must stay frozen and in eval mode "
+            "during linear classification")
+
+
+def accuracy(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
+    """Number of rows whose target is among the top-k logits, for each k (k capped at the
+    number of classes). logits [B, C], target [B]."""
+    if logits.shape[0] == 0:
+        return [0 for _ in ks]
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hit = top == target[:, None]
+    return [int(hit[:, : min(k, logits.shape[1])].any(dim=1).sum()) for k in ks]

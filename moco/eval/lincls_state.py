@@ -1,0 +1,104 @@
+"""What makes a ``moco lincls`` run impossible to lose: its run folder, atomic copies, the
+stop-on-signal flag and the choice of the checkpoint to resume (``--resume auto``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from moco.core.errors import ConfigError
+from moco.engine.checkpoint import CheckpointError, load_checkpoint
+
+LAST = "checkpoint.pth.tar"
+BEST = "model_best.pth.tar"
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT: the loop finishes the current step, saves and returns. A second
+    SIGINT (Ctrl-C twice) interrupts at once."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+
+@contextmanager
+def stop_on_signals(flag: StopFlag) -> Iterator[None]:
+    """SIGTERM and SIGINT set ``flag`` while the block runs (main thread only; elsewhere, e.g.
+    a worker thread, the handlers are left alone)."""
+    try:
+        old = {s: signal.signal(s, flag) for s in (signal.SIGTERM, signal.SIGINT)}
+    except ValueError:  # not the main thread
+        old = {}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` through a temporary file and a rename: ``dst`` is never half
+    written (``model_best.pth.tar`` survives a kill during the copy)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def resume_path(resume: str, run_dir: Path) -> Path | None:
+    """The checkpoint ``--resume`` names: ``auto`` -> ``RUN/checkpoint.pth.tar`` when it exists
+    (None otherwise: start from --pretrained), else the path itself."""
+    if resume == "auto":
+        p = run_dir / LAST
+        return p if p.exists() else None
+    return Path(resume) if resume else None
+
+
+def read_linear_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by ``moco lincls`` (refuses a MoCo pretraining checkpoint)."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt.get("state_dict"), dict) or "best_acc1" not in ckpt:
+        raise CheckpointError(f"{path} is not a linear-classification checkpoint (no best_acc1); "
+                              "pass a MoCo checkpoint as --pretrained instead")
+    return ckpt
+
+
+def prepare_run_dir(run_dir: Path, *, resuming: bool, start_epoch: int, overwrite: bool,
+                    settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Create ``run_dir``; when resuming keep the metrics of the finished epochs (returned),
+    else refuse a folder holding a run unless ``overwrite``. Writes ``lincls.json``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = run_dir / "metrics.jsonl"
+    kept: list[dict[str, Any]] = []
+    if resuming:
+        if metrics.exists():
+            kept = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        kept = [h for h in kept if h.get("epoch", 0) <= start_epoch]
+        metrics.write_text("".join(json.dumps(h) + "\n" for h in kept))
+    elif ((run_dir / LAST).exists() or metrics.exists()) and not overwrite:
+        raise ConfigError(f"{run_dir} already holds a linear-classification run; pass --resume "
+                         "auto to continue it, --overwrite to replace it, or choose another "
+                         "--output")
+    else:
+        metrics.unlink(missing_ok=True)
+        (run_dir / BEST).unlink(missing_ok=True)
+    (run_dir / "lincls.json").write_text(json.dumps(settings, indent=1) + "\n")
+    return kept
