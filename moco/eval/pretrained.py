@@ -1,7 +1,9 @@
-"""Load a pretrained encoder in one call, whoever wrote the checkpoint.
+"""Read a pretrained encoder, whoever wrote the checkpoint: its weights
+(:func:`read_encoder`), architecture (given, recorded or inferred) and a
+:class:`PretrainedInfo` describing it (:func:`describe_encoder`).
 
-:func:`load_backbone` returns a network ``[B,3,H,W] -> [B, D]`` (``fc`` = identity, eval mode)
-and a :class:`PretrainedInfo` describing it. Accepted files:
+:func:`moco.eval.encoders.load_backbone` builds the network ``[B,3,H,W] -> [B, D]`` (``fc`` =
+identity, eval mode) from them in one call. Accepted files:
 
 * checkpoints written by ``moco pretrain`` (the original layout plus our ``moco`` entry);
 * checkpoints written by the original ``main_moco.py`` (REFERENCE.md §7): ``state_dict`` with
@@ -59,7 +61,7 @@ _HEAD = re.compile(r"^fc(\.\d+)?\.(weight|bias)$")
 
 @dataclass
 class PretrainedInfo:
-    """What :func:`load_backbone` found in a checkpoint.
+    """What :func:`~moco.eval.encoders.load_backbone` found in a checkpoint.
 
     ``feature_dim`` is the width D of what the returned model outputs (the pooled backbone
     features, or the projection head's output with ``keep_head``); ``backbone_dim`` is always
