@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,19 +79,18 @@ def fill_disk_after(f: Any, nbytes: int, monkeypatch: pytest.MonkeyPatch) -> Any
 
 
 def full_disk_for_exports(monkeypatch: pytest.MonkeyPatch, after_bytes: int) -> None:
-    """A full disk for ``moco.eval.export``'s writers: its files fail after ``after_bytes``
-    (``fill_disk_after``), and ``safetensors.torch.save_file``, which writes from Rust, fails as
-    it does on a full disk (measured on a 1 MB tmpfs: SafetensorError, no file left)."""
-    import builtins
-
+    """A full disk for the files that the exports and embeddings write: the one atomic write's
+    files (``moco.engine.atomic``) fail after ``after_bytes`` (``fill_disk_after``), and
+    ``safetensors.torch.save_file``, which writes from Rust, fails as it does on a full disk
+    (measured on a 1 MB tmpfs: SafetensorError, no file left)."""
     import safetensors.torch
     from safetensors import SafetensorError
 
-    import moco.eval.export as export_mod
+    import moco.engine.atomic as atomic_mod
 
-    real_open = builtins.open
-    monkeypatch.setattr(export_mod, "open", lambda *a, **k: fill_disk_after(
-        real_open(*a, **k), after_bytes, monkeypatch), raising=False)
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(atomic_mod.os, "fdopen", lambda *a, **k: fill_disk_after(
+        real_fdopen(*a, **k), after_bytes, monkeypatch))
 
     def save_file(tensors: Any, filename: str, metadata: Any = None) -> None:
         Path(filename).write_bytes(b"")

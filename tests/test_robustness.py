@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import TINY_FLAGS, fill_disk_after, run_cli
 
+import moco.engine.atomic as atomic_mod
 import moco.engine.checkpoint as ckpt_mod
 import moco.engine.loop as train_mod
 from moco.cli import build_parser
@@ -158,7 +159,7 @@ def test_a_full_disk_mid_save_is_an_oserror_naming_it(
     def filling_fdopen(fd: int, mode: str) -> Any:
         return fill_disk_after(real_fdopen(fd, mode), 4096, monkeypatch)
 
-    monkeypatch.setattr(ckpt_mod.os, "fdopen", filling_fdopen)
+    monkeypatch.setattr(atomic_mod.os, "fdopen", filling_fdopen)
     with pytest.raises(OSError, match="No space left on device") as info:
         atomic_save({"w": torch.ones(100_000)}, path)
     assert info.value.errno == errno.ENOSPC

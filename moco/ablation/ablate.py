@@ -32,6 +32,7 @@ from moco.ablation.grid import (
 )
 from moco.ablation.report import write_report
 from moco.ablation.step_cost import measure_isolated, measure_step_cost
+from moco.engine.atomic import atomic_write_text
 from moco.engine.config import MocoConfig
 
 Log = Callable[[str], None]
@@ -136,7 +137,7 @@ def run_grid(
             result = pretrain(cfg, log=run_log, progress=progress, overwrite=fresh)
         except RunError as e:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / FAILED_MARKER).write_text(str(e) + "\n")
+            atomic_write_text(run_dir / FAILED_MARKER, str(e) + "\n")
             log(f"{head} FAILED: {e}")
             outcomes.append(RunOutcome(r.name, "failed", str(e)))
             continue
@@ -313,9 +314,9 @@ def run_cost(spec: AblationSpec, output: Path, *, overrides: dict[str, Any] | No
                 log(f"[{spec.name} cost] {mech}, batch {b}: {r['error']}")
             points.append(r)
             output.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"points": points}, indent=1) + "\n")
+            atomic_write_text(path, json.dumps({"points": points}, indent=1) + "\n")
     output.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"points": points}, indent=1) + "\n")
+    atomic_write_text(path, json.dumps({"points": points}, indent=1) + "\n")
     return points
 
 

@@ -22,7 +22,8 @@ from moco.ablation.grid import (
     run_config,
     run_status,
 )
-from moco.engine.runlog import read_metrics
+from moco.engine.atomic import atomic_write_text
+from moco.engine.runlog import new_figure, read_metrics, save_figure
 
 
 @dataclass
@@ -147,20 +148,11 @@ def cost_table(points: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_curves(summaries: list[RunSummary], key: str, ylabel: str, title: str, path: Path,
                 baseline: bool = False) -> bool:
     """One line per run of ``key`` per epoch (kNN curves start at epoch 0 = random init)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = new_figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     drawn = False
     for s in summaries:
         pts = [(h["epoch"], h[key]) for h in s.history if h.get(key) is not None]
@@ -179,8 +171,7 @@ def plot_curves(summaries: list[RunSummary], key: str, ylabel: str, title: str, 
     if drawn:
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return drawn
 
 
@@ -191,8 +182,8 @@ def plot_step_loss(summaries: list[RunSummary], output: Path, path: Path) -> boo
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     except ImportError:
         return False
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = new_figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     drawn = False
     for s in summaries:
         tb = output / s.name / "tb"
@@ -213,8 +204,7 @@ def plot_step_loss(summaries: list[RunSummary], output: Path, path: Path) -> boo
     if drawn:
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
-    plt.close(fig)
+        save_figure(fig, path)
     return drawn
 
 
@@ -225,8 +215,8 @@ def plot_sweep(summaries: list[RunSummary], sweep: list[str], path: Path) -> boo
     done = [s for s in summaries if s.history]
     if not done:
         return False
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig = new_figure(figsize=(11, 4.5))
+    axes = fig.subplots(1, 2)
     x_key = sweep[0] if sweep else None
     group_key = sweep[1] if len(sweep) > 1 else None
 
@@ -269,8 +259,7 @@ def plot_sweep(summaries: list[RunSummary], sweep: list[str], path: Path) -> boo
             ax.legend(fontsize=7)
     fig.suptitle("final values against the swept setting")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -280,8 +269,8 @@ def plot_cost(points: list[dict[str, Any]], path: Path) -> bool:
     ok = [p for p in points if "error" not in p]
     if not ok:
         return False
-    plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig = new_figure(figsize=(11, 4.5))
+    a1, a2 = fig.subplots(1, 2)
     cuda = any(str(p.get("device", "")).startswith("cuda") for p in ok)
     for mech in dict.fromkeys(p["mechanism"] for p in ok):
         pts = sorted((p["batch_size"], p) for p in ok if p["mechanism"] == mech)
@@ -301,8 +290,7 @@ def plot_cost(points: list[dict[str, Any]], path: Path) -> bool:
     a2.set_ylabel("time per step (ms, fastest of the timed steps)")
     fig.suptitle("cost per training step by mechanism (cf. MoCo v2 Table 3)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -378,8 +366,8 @@ def write_report(spec: AblationSpec, output: Path, *,
     if plots:
         lines += ["## Plots", ""] + [f"![{t}]({p})" for t, p in plots] + [""]
     path = output / "results.md"
-    path.write_text("\n".join(lines))
-    (output / "results.json").write_text(json.dumps(
+    atomic_write_text(path, "\n".join(lines))
+    atomic_write_text(output / "results.json", json.dumps(
         {"name": spec.name, "runs": [s.to_dict() for s in summaries], "cost": cost_points},
         indent=1) + "\n")
     return path

@@ -121,8 +121,7 @@ def run(args: argparse.Namespace) -> int:
           f"queries {r.num_queries}): top-1 {r.top1:.2f}%  top-5 {r.top5:.2f}%  "
           f"(features {r.extract_seconds:.1f} s, kNN {r.knn_seconds:.1f} s)")
     if args.json:
-        from moco.eval.export import atomic_write
+        from moco.engine.atomic import atomic_write_text
 
-        text = json.dumps(asdict(r), indent=2) + "\n"
-        atomic_write(Path(args.json), lambda f: f.write(text.encode()))
+        atomic_write_text(args.json, json.dumps(asdict(r), indent=2) + "\n")
     return 0

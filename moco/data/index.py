@@ -29,7 +29,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -39,6 +38,7 @@ import numpy as np
 
 from moco.data.folders import image_folder
 from moco.data.source import ImageSource
+from moco.engine.atomic import atomic_write
 
 INDEX_FORMAT = 1
 PARALLEL_MIN = 4096  # fewer files: read their headers in this process
@@ -175,14 +175,9 @@ class FolderIndex:
                   "headers": self.headers if self.headers is not None else np.zeros((0, 5), np.int64)}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".", suffix=".npz", dir=self.path.parent)
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)  # type: ignore[arg-type]
-            os.replace(tmp, self.path)
+            atomic_write(self.path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
             return True
         except OSError:
-            with contextlib.suppress(OSError, UnboundLocalError):
-                os.unlink(tmp)
             return False
 
     @staticmethod

@@ -20,12 +20,12 @@ that looks whole.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import re
 import shutil
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from moco.data.folders import image_folder
 from moco.data.shards import CLASSES_FILE, shard_files
-from moco.data.source import DataError
+from moco.data.source import DataError, ImageSource
+from moco.engine.atomic import atomic_path, atomic_write_text, fsync_dir
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -97,11 +98,30 @@ def _padded(nbytes: int) -> int:
     return -(-nbytes // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
+def _samples(src: ImageSource, keys: list[str],
+             order: list[int]) -> Iterator[tuple[list[tuple[tarfile.TarInfo, io.BytesIO]], int, int]]:
+    """(tar members, bytes they take in the archive, image bytes) of each sample, in ``order``."""
+    assert src.files is not None
+    for k in order:
+        path = Path(src.files[k])
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+        members = [_member(f"{keys[k]}.{path.suffix.lstrip('.').lower()}", data)]
+        if src.labels is not None:
+            members.append(_member(f"{keys[k]}.cls", str(src.labels[k]).encode()))
+        need = sum(512 + -(-len(d.getvalue()) // 512) * 512 + 1024 for _, d in members)
+        yield members, need, len(data)
+
+
 def write_split(folder: Path, final_out: Path, shard_size: int, seed: int,
                 progress: bool) -> SplitWritten:
     """Write the images of one split folder as shards in ``final_out``: into a hidden
     ``.<split>.partial`` folder beside it, moved into place once complete, so an interrupted
-    run never leaves a split that looks whole (its partial folder is removed next time)."""
+    run never leaves a split that looks whole (its partial folder is removed next time). Each
+    shard goes through the one atomic write (:mod:`moco.engine.atomic`): a failure (a full
+    disk, a signal) leaves no partial shard behind."""
     src = image_folder(folder)
     assert src.files is not None
     n = len(src.files)
@@ -112,59 +132,34 @@ def write_split(folder: Path, final_out: Path, shard_size: int, seed: int,
     out.mkdir(parents=True)
     shards: list[Path] = []
     total = 0
-    tf: tarfile.TarFile | None = None
-    tmp = Path()
-    size = 0
-
-    def close() -> None:
-        nonlocal tf
-        if tf is not None:
-            tf.close()
-            final = out / f"shard-{len(shards):06d}.tar"
-            os.replace(tmp, final)
-            shards.append(final)
-            tf = None
-
-    bar = tqdm(total=n, desc=f"shard {folder.name}", unit="img", disable=not progress,
-               dynamic_ncols=True)
-    try:
-        for k in order:
-            path = Path(src.files[k])
-            try:
-                data = path.read_bytes()
-            except OSError as e:
-                raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-            key = keys[k]
-            members = [_member(f"{key}.{path.suffix.lstrip('.').lower()}", data)]
-            if src.labels is not None:
-                members.append(_member(f"{key}.cls", str(src.labels[k]).encode()))
-            need = sum(512 + -(-len(d.getvalue()) // 512) * 512 + 1024 for _, d in members)
-            if tf is not None and _padded(size + need) > shard_size:
-                close()
-            if tf is None:
-                tmp = out / f".shard-{len(shards):06d}.tar.tmp"
-                tf = tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+    samples = _samples(src, keys, order)
+    nxt = next(samples, None)
+    with tqdm(total=n, desc=f"shard {folder.name}", unit="img", disable=not progress,
+              dynamic_ncols=True) as bar:
+        while nxt is not None:
+            shard = out / f"shard-{len(shards):06d}.tar"
+            with atomic_path(shard) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
                 size = 1024  # the end-of-archive blocks
-            for info, data_io in members:
-                tf.addfile(info, data_io)
-            size += need
-            total += len(data)
-            bar.update(1)
-        close()
-    finally:  # a failure (a full disk, a signal) leaves no partial shard behind
-        bar.close()
-        if tf is not None:
-            with contextlib.suppress(OSError):
-                tf.close()
-            Path(tmp).unlink(missing_ok=True)
+                while nxt is not None:
+                    members, need, nbytes = nxt
+                    if size > 1024 and _padded(size + need) > shard_size:
+                        break  # the shard holds a sample and this one would overflow it
+                    for info, data_io in members:
+                        tf.addfile(info, data_io)
+                    size += need
+                    total += nbytes
+                    bar.update(1)
+                    nxt = next(samples, None)
+            shards.append(shard)
     if src.labels is not None:
-        (out / CLASSES_FILE).write_text("".join(f"{c}\n" for c in src.classes))
+        atomic_write_text(out / CLASSES_FILE, "".join(f"{c}\n" for c in src.classes))
     if not final_out.exists():
         os.replace(out, final_out)  # atomic: the split appears whole
     else:  # --overwrite into an existing folder: its old shards were removed before
         for p in sorted(out.iterdir()):
             os.replace(p, final_out / p.name)
         out.rmdir()
+    fsync_dir(final_out.parent)
     return SplitWritten(folder.name, n, [final_out / p.name for p in shards], total)
 
 

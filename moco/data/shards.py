@@ -22,7 +22,6 @@ import json
 import multiprocessing
 import os
 import tarfile
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from PIL import Image
 
 from moco.data.index import building
 from moco.data.source import IMAGE_EXTENSIONS, DataError, DatasetSplits, ImageSource, open_rgb
+from moco.engine.atomic import atomic_write
 
 SHARD_INDEX_FORMAT = 1
 SEQUENTIAL_BUFFER = 1 << 20
@@ -192,14 +192,11 @@ def _load(path: Path, folder: Path, shards: list[Path], fp: str) -> ShardIndex |
 def _save(path: Path, idx: ShardIndex) -> None:
     meta = json.dumps({"format": SHARD_INDEX_FORMAT, "folder": str(idx.folder),
                        "fingerprint": idx.fingerprint})
+    names = np.frombuffer("\0".join(idx.names).encode("utf-8", "surrogateescape"), np.uint8)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".npz", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, table=idx.table, meta=np.frombuffer(meta.encode(), np.uint8),
-                     names=np.frombuffer("\0".join(idx.names).encode("utf-8", "surrogateescape"),
-                                         np.uint8))
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.savez(f, table=idx.table, names=names,
+                                              meta=np.frombuffer(meta.encode(), np.uint8)))
     except OSError:
         pass  # a read-only cache folder: indexed again next time
 

@@ -9,9 +9,7 @@ own ``moco`` entry with what an exact resume needs (step, config, RNG states, hi
 from __future__ import annotations
 
 import io
-import os
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -19,6 +17,7 @@ from typing import Any, BinaryIO, cast
 import torch
 
 from moco.core.errors import MocoError
+from moco.engine.atomic import atomic_write
 
 PREFIX = "module."
 _OURS_TO_ORIGINAL = {"key_queue.queue": "queue", "key_queue.queue_ptr": "queue_ptr"}
@@ -45,44 +44,11 @@ def from_original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-TMP_SUFFIX = ".tmp"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def remove_stale_temporaries(folder: str | Path, name_glob: str = "*") -> list[Path]:
-    """Delete the ``.<name>.XXXX.tmp`` files that an :func:`atomic_save` killed mid-write left
-    in ``folder``, for final names matching ``name_glob`` (never a file under a final name).
-    Call only while no save into ``folder`` is running."""
-    removed = []
-    for p in Path(folder).glob(f".{name_glob}.*{TMP_SUFFIX}"):
-        if p.is_file():
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
-
-
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``
-    (and fsync the folder): a crash or a kill mid-save never leaves a broken file under the
-    final name, and the previous file of that name stays intact until the rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 -> a normal file's mode
-            torch_save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    """``torch.save`` through the one atomic write (:mod:`moco.engine.atomic`): a crash, a
+    kill or a full disk mid-save never leaves a broken file under the final name, and the
+    previous file of that name stays intact until the rename."""
+    atomic_write(path, lambda f: torch_save(obj, f))
 
 
 def torch_save(obj: Any, f: BinaryIO) -> None:
@@ -115,20 +81,6 @@ class _FailedWriteKeeper(io.RawIOBase):
         except OSError as e:
             self.error = self.error or e
             raise
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (best effort: not every OS/filesystem allows it)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def check_is_file(p: Path) -> None:

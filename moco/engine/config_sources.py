@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from moco.core.errors import ConfigError
+from moco.engine.atomic import atomic_write_text
 from moco.engine.config import PRESETS, SETTINGS, MocoConfig
 from moco.engine.settings import (
     Source,
@@ -107,4 +108,5 @@ def default_data_dir() -> str:
 
 
 def save_yaml(cfg: MocoConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """``cfg`` as YAML at ``path`` (the run folder's ``config.yaml``), written atomically."""
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

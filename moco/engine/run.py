@@ -7,7 +7,6 @@ and its description. The loop that trains it is :class:`moco.engine.loop.Pretrai
 from __future__ import annotations
 
 import dataclasses
-import json
 import shlex
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -60,10 +59,9 @@ from moco.engine.rundir import (
     find_resume,
     prepare_run_dir,
     prune_checkpoints,
-    replace_file,
 )
 from moco.engine.runlock import RunLock
-from moco.engine.runlog import RunLog, read_metrics
+from moco.engine.runlog import RunLog, read_metrics, write_metrics
 from moco.engine.runtime import (
     configure_backends,
     default_workers,
@@ -147,7 +145,7 @@ class TrainingRun:
             if cfg.resume:
                 self._resume(resume_from)
             if self.dist.is_main:
-                replace_file(self.run_dir / "config.yaml", lambda tmp: save_yaml(cfg, tmp))
+                save_yaml(cfg, self.run_dir / "config.yaml")
         except BaseException:
             self.close()  # no TensorBoard writer thread, no lock left behind
             raise
@@ -234,8 +232,7 @@ class TrainingRun:
         self.last_checkpoint = path
         if self.dist.is_main:  # the other ranks keep no history: they log nothing
             s.history = [h for h in read_metrics(self.run_dir / "metrics.jsonl") if h["epoch"] <= s.epoch]
-            text = "".join(json.dumps(h) + "\n" for h in s.history)
-            replace_file(self.run_dir / "metrics.jsonl", lambda tmp: tmp.write_text(text))
+            write_metrics(self.run_dir / "metrics.jsonl", s.history)
         self.log(f"resumed from {path}: epoch {s.epoch}, step {s.epoch_step} of the next epoch")
 
     def _prune(self) -> None:

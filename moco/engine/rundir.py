@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from moco.core.errors import RunError
+from moco.engine.atomic import remove_stale_temporaries
 from moco.engine.checkpoint import (
     CheckpointError,
     first_nonfinite,
     load_checkpoint,
     model_state,
-    remove_stale_temporaries,
 )
 from moco.engine.distributed import DistContext
 from moco.engine.runlock import RunLock
@@ -123,17 +123,6 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def replace_file(path: Path, write: Callable[[Path], object]) -> None:
-    """``write`` a temporary file next to ``path``, then rename it over ``path``: a kill never
-    leaves ``path`` half-written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, log: Log) -> RunLock:
     """Create ``run_dir`` (or check it is writable), take its lock (a second process is
     refused), refuse to write over a run unless resuming or ``overwrite``, remove temporaries
@@ -152,7 +141,8 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, log: Log) -
         raise RunError(
             f"{run_dir} already holds a run; pass --resume auto to continue it, "
             "--overwrite to replace it, or choose another --output")
-    remove_stale_temporaries(run_dir, CHECKPOINT_GLOB)  # left by a kill mid-save
+    for name in (CHECKPOINT_GLOB, "config.yaml", "metrics.jsonl", "plot.png"):
+        remove_stale_temporaries(run_dir, name)  # left by a kill mid-write
     if existing_run(run_dir) and not resume:
         for p in (list(run_dir.glob(CHECKPOINT_GLOB)) + [run_dir / "metrics.jsonl"]
                   + list(run_dir.glob("tb/events.out.tfevents.*"))):

@@ -129,9 +129,10 @@ def embed_images(images: str | Path, pretrained: str | Path, out: str | Path, *,
     from tqdm import tqdm
 
     from moco.data.augment import eval_transform
+    from moco.engine.atomic import atomic_write, atomic_write_text
     from moco.engine.runtime import default_workers, resolve_device
     from moco.eval.encoders import extract_into, load_encoder
-    from moco.eval.export import atomic_write, write_safetensors
+    from moco.eval.export import write_safetensors
 
     out_p = Path(out)
     if out_p.suffix not in OUTPUT_SUFFIXES:
@@ -176,7 +177,7 @@ def embed_images(images: str | Path, pretrained: str | Path, out: str | Path, *,
         atomic_write(out_p, lambda f: np.save(f, array))
         sidecar = out_p.with_name(out_p.name + ".json")
         text = json.dumps({**meta, "files": names, "skipped": skipped}, indent=1) + "\n"
-        atomic_write(sidecar, lambda f: f.write(text.encode()))
+        atomic_write_text(sidecar, text)
     else:
         metadata = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()}
         metadata["files"] = json.dumps(names)

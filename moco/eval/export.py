@@ -24,15 +24,11 @@ A torchvision-format file has no ``fc``: ``timm.create_model`` loads it only wit
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import pickle
-import tempfile
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +36,7 @@ import torch
 from moco.core.errors import ConfigError, OutputError
 from moco.core.timm_backbone import is_timm_arch, timm_name, timm_state_dict
 from moco.detection.settings import c4_problem
+from moco.engine.atomic import atomic_path, atomic_write
 from moco.engine.checkpoint import CheckpointError, torch_save
 from moco.eval.encoders import build_features_model
 from moco.eval.pretrained import EncoderWeights, PretrainedInfo, describe_encoder, read_encoder
@@ -60,35 +57,9 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)  # how to load it (wide ResNets, timm)
 
 
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[str]:
-    """A temporary file name in ``path``'s folder; on success it is renamed over ``path`` (a
-    crash never leaves a half-written file under the final name)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 -> a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """``write(f)`` into a temporary file, fsync, then rename over ``path``."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
                       metadata: dict[str, str]) -> None:
-    """``safetensors.torch.save_file`` through :func:`atomic_path` (it streams: no second copy
+    """``safetensors.torch.save_file`` through the one atomic write (it streams: no second copy
     of the tensors in memory). Its write errors (a full disk: "I/O error: No space left on
     device (os error 28)") come as ``SafetensorError``; they are raised as ``OSError``."""
     from safetensors import SafetensorError
@@ -96,7 +67,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
 
     with atomic_path(path) as tmp:
         try:
-            save_file(tensors, tmp, metadata=metadata)
+            save_file(tensors, str(tmp), metadata=metadata)
         except SafetensorError as e:
             raise OSError(f"cannot write {path}: {e}") from None
 
@@ -182,6 +153,7 @@ def export_checkpoint(ckpt_path: str | Path, fmt: str, out: str | Path,
         raise OutputError(f"--out {dst} is the input checkpoint; choose another file")
     w = read_encoder(src)
     info = describe_encoder(w, arch, src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
     is_timm = is_timm_arch(info.arch)
     if is_timm and fmt in ("torchvision", "detectron2"):
         raise ConfigError(f"{info.arch} is a timm model, not a torchvision ResNet: export it with "

@@ -52,6 +52,7 @@ from moco.engine.distributed import (
 )
 from moco.engine.paths import check_output
 from moco.engine.runlock import RunLock
+from moco.engine.runlog import write_metrics
 from moco.engine.runtime import default_workers
 from moco.engine.runtime import resolve_device as _resolve_device
 from moco.engine.schedule import learning_rate
@@ -338,10 +339,7 @@ class LinearClassification:
         return LinclsResult(self.run_dir, self.best_acc1, last, self.history)
 
     def _save_epoch(self, epoch: int, record: dict[str, Any], is_best: bool) -> None:
-        import json
-
-        with (self.run_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        write_metrics(self.run_dir / "metrics.jsonl", self.history)
         atomic_save(self.checkpoint_dict(epoch + 1), self.run_dir / LAST)
         if is_best:
             atomic_copy(self.run_dir / LAST, self.run_dir / BEST)

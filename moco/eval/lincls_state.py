@@ -4,17 +4,17 @@ stop-on-signal flag and the choice of the checkpoint to resume (``--resume auto`
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from moco.core.errors import ConfigError
+from moco.engine.atomic import atomic_path, atomic_write_text
 from moco.engine.checkpoint import CheckpointError, load_checkpoint
+from moco.engine.runlog import write_metrics
 
 LAST = "checkpoint.pth.tar"
 BEST = "model_best.pth.tar"
@@ -49,18 +49,10 @@ def stop_on_signals(flag: StopFlag) -> Iterator[None]:
 
 
 def atomic_copy(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` through a temporary file and a rename: ``dst`` is never half
-    written (``model_best.pth.tar`` survives a kill during the copy)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
+    """Copy ``src`` to ``dst`` through the one atomic write: ``dst`` is never half written
+    (``model_best.pth.tar`` survives a kill or a full disk during the copy)."""
+    with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def resume_path(resume: str, run_dir: Path) -> Path | None:
@@ -92,7 +84,7 @@ def prepare_run_dir(run_dir: Path, *, resuming: bool, start_epoch: int, overwrit
         if metrics.exists():
             kept = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         kept = [h for h in kept if h.get("epoch", 0) <= start_epoch]
-        metrics.write_text("".join(json.dumps(h) + "\n" for h in kept))
+        write_metrics(metrics, kept)
     elif ((run_dir / LAST).exists() or metrics.exists()) and not overwrite:
         raise ConfigError(f"{run_dir} already holds a linear-classification run; pass --resume "
                          "auto to continue it, --overwrite to replace it, or choose another "
@@ -100,5 +92,5 @@ def prepare_run_dir(run_dir: Path, *, resuming: bool, start_epoch: int, overwrit
     else:
         metrics.unlink(missing_ok=True)
         (run_dir / BEST).unlink(missing_ok=True)
-    (run_dir / "lincls.json").write_text(json.dumps(settings, indent=1) + "\n")
+    atomic_write_text(run_dir / "lincls.json", json.dumps(settings, indent=1) + "\n")
     return kept
