@@ -12,10 +12,19 @@ import torch
 from conftest import make_image_folder
 from original_layout import save_original_checkpoint
 
-import moco.eval.encoders
+import moco.eval.features
 from moco.cli import main
-from moco.eval.encoders import image_batches, load_backbone
+from moco.data.datasets import EvalDataset
+from moco.eval.encoders import load_backbone
 from moco.eval.knn import extract_features, knn_accuracy
+
+
+def image_batches(source: Any, transform: Any, batch_size: int) -> Any:
+    """The per-image PIL evaluation transform in plain DataLoader batches: a reference for
+    the monitor's pipeline (the decoded cache, resized and cropped by tensor ops)."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(EvalDataset(source, transform), batch_size=batch_size)
 
 
 def _unit(deg: float) -> list[float]:
@@ -52,14 +61,14 @@ def test_hand_computed_example(ckpt: Path, tmp_path: Path, monkeypatch: pytest.M
     data = make_image_folder(tmp_path / "data", classes=2, per_class=2, size=8)
     calls: list[int] = []
 
-    def fake_extract(model: Any, batches: Any, n: int, device: Any, **kw: Any):
+    def fake_extract(model: Any, batches: Any, device: Any, **kw: Any):
         labels = torch.cat([torch.as_tensor(y) for _, y in batches])
         feats = torch.tensor(BANK if not calls else QUERIES)
-        calls.append(n)
-        assert kw.get("normalize") is True and labels.tolist() == [0, 0, 1, 1]
+        calls.append(kw["n"])
+        assert kw.get("normalize", True) is True and labels.tolist() == [0, 0, 1, 1]
         return feats.to(kw.get("dtype", torch.float32)), labels
 
-    monkeypatch.setattr(moco.eval.encoders, "extract_into", fake_extract)
+    monkeypatch.setattr(moco.eval.features, "extract_features", fake_extract)
     out = tmp_path / "knn.json"
     rc = main(["knn", str(data), "--pretrained", str(ckpt), "--k", str(k), "--t", str(t),
                "-j", "0", "--device", "cpu", "--no-progress", "--image-size", "32",
@@ -88,8 +97,8 @@ def test_command_matches_library(ckpt: Path, tmp_path: Path) -> None:
     tf = eval_transform(32, info.mean, info.std)
     dev = torch.device("cpu")
     assert splits.test is not None
-    bank, bl = extract_features(model, image_batches(splits.train, tf, 4, 0, dev), dev)
-    q, ql = extract_features(model, image_batches(splits.test, tf, 4, 0, dev), dev)
+    bank, bl = extract_features(model, image_batches(splits.train, tf, 4), dev)
+    q, ql = extract_features(model, image_batches(splits.test, tf, 4), dev)
     top1, top5 = knn_accuracy(q, ql, bank, bl, k=4, t=0.07)
     assert (a["top1"], a["top5"]) == pytest.approx((top1, top5))
     assert (b["top1"], b["top5"]) == pytest.approx((top1, top5))
@@ -105,3 +114,63 @@ def test_knn_needs_labels(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["knn", str(data), "--pretrained", str(ckpt)]) == 2
     assert "unlabeled" in capsys.readouterr().err
     assert main(["knn", str(data), "--pretrained", str(ckpt), "--k", "0"]) == 2
+
+
+def _noise_folder(root: Path, classes: int, per_class: int, split: str, seed: int) -> None:
+    """Random-noise images of 36 x 40 px in class folders: the kNN figure is near chance and
+    depends on every feature value, and the eval transform resizes and crops them."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = root / split / f"class_{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(d / f"{i}.png")
+
+
+@pytest.mark.parametrize("extra", [[], ["--loader", "pil", "--mlp", "--knn-features", "head"]],
+                         ids=["decoded-cache", "pil-head"])
+def test_the_monitor_and_moco_knn_give_the_same_figure(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       extra: list[str]) -> None:
+    """The training monitor's kNN at the last epoch and `moco knn` on the checkpoint saved
+    then: the same bank and query features to the bit (one extractor, one evaluation
+    pipeline with the run's recorded transform), the same split check, the same figure."""
+    from conftest import TINY_FLAGS, run_cli
+
+    import moco.engine.evaluation
+    import moco.eval.knn
+    from moco.engine.rundir import newest_checkpoint
+
+    data = tmp_path / "data"
+    _noise_folder(data, 6, 6, "train", 1)
+    _noise_folder(data, 6, 4, "test", 2)
+    seen: dict[str, list[tuple[torch.Tensor, ...]]] = {"monitor": [], "knn": []}
+    real = moco.eval.knn.knn_accuracy
+
+    def spy(name: str) -> Any:
+        def knn_accuracy(q: torch.Tensor, ql: torch.Tensor, b: torch.Tensor, bl: torch.Tensor,
+                         **kw: Any) -> tuple[float, float]:
+            seen[name].append((q.clone(), ql.clone(), b.clone(), bl.clone()))
+            return real(q, ql, b, bl, **kw)
+        return knn_accuracy
+
+    monkeypatch.setattr(moco.engine.evaluation, "knn_accuracy", spy("monitor"))
+    monkeypatch.setattr(moco.eval.knn, "knn_accuracy", spy("knn"))
+    out = tmp_path / "run"
+    rc, _, err = run_cli(["pretrain", str(data), *TINY_FLAGS, "--epochs", "1", "--knn-t", "0.07",
+                          *extra, "--output", str(out)])
+    assert rc == 0, err
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    rc, _, err = run_cli(["knn", str(data), "--pretrained", str(newest_checkpoint(out)), "--k",
+                          "5", "--t", "0.07", "-j", "0", "--no-progress",
+                          "--json", str(tmp_path / "knn.json")])
+    assert rc == 0, err
+    r = json.loads((tmp_path / "knn.json").read_text())
+    monitor, knn = seen["monitor"][-1], seen["knn"][-1]
+    for a, b in zip(monitor, knn, strict=True):
+        assert torch.equal(a.cpu(), b.cpu())
+    assert r["top1"] == last["knn_top1"] and 0 < r["top1"] < 100
+    assert r["features"] == ("head" if "head" in extra else "backbone")

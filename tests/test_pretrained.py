@@ -20,7 +20,8 @@ from torch import nn
 
 from moco.cli import main
 from moco.engine.checkpoint import CheckpointError, load_checkpoint
-from moco.eval.encoders import extract_into, load_backbone, load_encoder
+from moco.eval.encoders import load_backbone, load_encoder
+from moco.eval.features import extract_features
 from moco.eval.pretrained import infer_arch
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -137,18 +138,25 @@ def test_bad_file_through_cli(tiny_data: Path, tmp_path: Path, capsys: pytest.Ca
     assert "not a readable checkpoint" in err and "Traceback" not in err
 
 
-def test_extract_into_preallocates_and_matches() -> None:
+def test_extract_features_preallocates_and_matches() -> None:
     net = torchvision.models.resnet18()
     net.fc = nn.Identity()
     xs = torch.randn(5, 3, 32, 32)
     batches = [(xs[:2], torch.tensor([0, 1])), (xs[2:], torch.tensor([1, 1, 0]))]
-    feats, labels = extract_into(net, batches, 5, torch.device("cpu"), normalize=True)
+    feats, labels = extract_features(net, batches, torch.device("cpu"), n=5)
     with torch.no_grad():
         ref = torch.nn.functional.normalize(net.eval()(xs), dim=1)
     torch.testing.assert_close(feats, ref, rtol=1e-5, atol=1e-5)
     assert labels.tolist() == [0, 1, 1, 1, 0]
     with pytest.raises(ValueError, match="expected 6 images"):
-        extract_into(net, batches, 6, torch.device("cpu"))
+        extract_features(net, batches, torch.device("cpu"), n=6)
+    raw, _ = extract_features(net, batches, torch.device("cpu"), n=5, normalize=False,
+                              dtype=torch.float16)
+    assert raw.dtype == torch.float16
+    torch.testing.assert_close(raw.float(), net(xs).detach(), rtol=2e-3, atol=2e-3)
+    # Without n: the same features, gathered batch by batch.
+    grown, same = extract_features(net, batches, torch.device("cpu"))
+    assert torch.equal(grown, feats) and torch.equal(same, labels)
 
 
 # ----- our checkpoints under the original code's logic --------------------------------------

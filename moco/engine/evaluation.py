@@ -8,7 +8,7 @@ another's evaluation (which, at ImageNet scale, could pass ``--dist-timeout``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -19,7 +19,8 @@ from moco.data.datasets import class_balanced_subset
 from moco.data.source import ImageSource
 from moco.engine.config import MocoConfig
 from moco.engine.distributed import DistContext
-from moco.eval.knn import extract_features, knn_accuracy
+from moco.eval.features import source_features
+from moco.eval.knn import knn_accuracy
 
 Log = Callable[[str], None]
 #: (this rank's bank images, this rank's queries, the bank's size, the queries' size)
@@ -46,17 +47,19 @@ def monitor_sources(cfg: MocoConfig, bank: ImageSource, query: ImageSource, dist
 
 
 def monitor_knn(encoder: nn.Module, sources: MonitorSources, cfg: MocoConfig, dist: DistContext,
-                batches: Callable[[ImageSource], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-                device: torch.device, autocast_dtype: torch.dtype | None) -> tuple[float, float]:
+                workers: int, device: torch.device,
+                autocast_dtype: torch.dtype | None) -> tuple[float, float]:
     """Weighted kNN top-1/top-5 of the queries against the bank, through ``encoder`` (f_q;
-    its backbone with ``--knn-features backbone``) with rank 0's BN statistics."""
+    its backbone with ``--knn-features backbone``) with rank 0's BN statistics: the features
+    of the one evaluation pipeline (:func:`moco.eval.features.source_features`), as
+    ``moco knn`` computes them from a checkpoint."""
     bank_src, query_src, n_bank, n_query = sources
     dist.broadcast_buffers(encoder)
     net = strip_head(encoder) if cfg.knn_features == "backbone" else encoder
     feats = []
     for src, n in ((bank_src, n_bank), (query_src, n_query)):
-        f, y = extract_features(net, batches(src), device, autocast_dtype=autocast_dtype,
-                                out_device=device)
+        f, y = source_features(net, src, cfg, device, workers, autocast_dtype=autocast_dtype,
+                               out_device=device)
         feats.append((gather_shards(f, n), gather_shards(y, n)) if len(src) < n else (f, y))
     (bank, bank_labels), (query, query_labels) = feats
     return knn_accuracy(query, query_labels, bank, bank_labels, k=cfg.knn_k, t=cfg.knn_t)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from moco.core.model import MoCo
 from moco.core.shuffle_bn import KeyShuffle, make_key_shuffle
 from moco.data.batches import TrainLoader
 from moco.data.datasets import class_balanced_subset
-from moco.data.loaders import eval_batches, make_train_loader
+from moco.data.loaders import make_train_loader
 from moco.data.source import DataError, ImageSource
 from moco.data.splits import find_dataset, knn_splits
 from moco.engine.build import build_model, build_optimizer, describe_run
@@ -240,9 +240,6 @@ class TrainingRun:
         if self.dist.is_main:
             prune_checkpoints(self.run_dir, self.cfg.keep_last, self.last_checkpoint)
 
-    def _eval_batches(self, source: ImageSource) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        return eval_batches(self.cfg, source, self.device, self.workers)
-
     def _knn_monitor(self) -> MonitorSources | None:
         """The monitor's bank and queries (:func:`~moco.engine.evaluation.monitor_sources`),
         built once (the decoded-image cache is per source object)."""
@@ -257,7 +254,7 @@ class TrainingRun:
         sources = self._knn_monitor()
         if sources is None:
             return None
-        return monitor_knn(self.model.encoder_q, sources, self.cfg, self.dist, self._eval_batches,
+        return monitor_knn(self.model.encoder_q, sources, self.cfg, self.dist, self.workers,
                            self.device, self.autocast_dtype)
 
     def staleness(self, epoch: int) -> Staleness:

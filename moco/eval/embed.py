@@ -131,8 +131,9 @@ def embed_images(images: str | Path, pretrained: str | Path, out: str | Path, *,
     from moco.data.augment import eval_transform
     from moco.engine.atomic import atomic_write, atomic_write_text
     from moco.engine.runtime import default_workers, resolve_device
-    from moco.eval.encoders import extract_into, load_encoder
+    from moco.eval.encoders import load_encoder
     from moco.eval.export import write_safetensors
+    from moco.eval.features import extract_features
 
     out_p = Path(out)
     if out_p.suffix not in OUTPUT_SUFFIXES:
@@ -158,7 +159,8 @@ def embed_images(images: str | Path, pretrained: str | Path, out: str | Path, *,
                         num_workers=nw, pin_memory=dev.type == "cuda")
     with tqdm(total=len(data), desc="embed", unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
-        emb, index = extract_into(model, _checked(loader, files, skip_bad, shards), len(data), dev, normalize=normalize, progress=bar)
+        emb, index = extract_features(model, _checked(loader, files, skip_bad, shards), dev,
+                                      n=len(data), normalize=normalize, progress=bar)
     ok = index >= 0
     base = root if root.is_dir() else root.parent
     names = ([p.relative_to(base).as_posix() for p in files] if shards is None else

@@ -1,15 +1,12 @@
 """A pretrained encoder as a network: the backbone (``fc`` = identity) or the whole encoder
-with its head, in eval mode, and the features of a source of images through it.
+with its head, in eval mode (its features: :mod:`moco.eval.features`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moco.core.backbones import (
@@ -88,61 +85,3 @@ def load_encoder(ckpt_path: str | Path, arch: str | None = None, device: str | t
         assert info.head_dim is not None
         info.feature_dim = info.head_dim
     return model.to(resolve_device(device)), info
-
-
-@torch.no_grad()
-def extract_into(
-    model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, Any]],
-    n: int,
-    device: torch.device,
-    *,
-    normalize: bool = False,
-    dtype: torch.dtype = torch.float32,
-    progress: Any = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of ``n`` images into one preallocated CPU tensor [n, D] (no list + cat, so the
-    peak memory is the bank itself, not twice it) and their labels [n] (-1 when unlabeled).
-
-    ``model`` runs in eval mode; ``normalize`` L2-normalises each row (the kNN features).
-    ``progress`` is an optional tqdm bar advanced by the batch size.
-    """
-    was_training = model.training
-    model.eval()
-    out: torch.Tensor | None = None
-    labels = torch.full((n,), -1, dtype=torch.long)
-    pos = 0
-    try:
-        for x, y in batches:
-            f = model(x.to(device, non_blocking=True)).float()
-            if normalize:
-                f = F.normalize(f, dim=1)
-            if out is None:
-                out = torch.empty((n, f.shape[1]), dtype=dtype)
-            b = f.shape[0]
-            if pos + b > n:
-                raise ValueError(f"more images than expected ({n})")
-            out[pos:pos + b] = f.to("cpu", dtype)
-            labels[pos:pos + b] = torch.as_tensor(y)
-            pos += b
-            if progress is not None:
-                progress.update(b)
-    finally:
-        model.train(was_training)
-    if out is None:
-        raise ValueError("no images to extract features from")
-    if pos != n:
-        raise ValueError(f"expected {n} images, got {pos}")
-    return out, labels
-
-
-def image_batches(source: Any, transform: Any, batch_size: int, workers: int,
-                  device: torch.device) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches ``(images [B,3,S,S], labels [B])`` of an :class:`moco.data.source.ImageSource`, in
-    order, through ``transform`` (labels are -1 for unlabeled sources)."""
-    from torch.utils.data import DataLoader
-
-    from moco.data.datasets import EvalDataset
-
-    return DataLoader(EvalDataset(source, transform), batch_size=batch_size, shuffle=False,
-                      num_workers=workers, pin_memory=device.type == "cuda")

@@ -1,43 +1,14 @@
-"""Weighted kNN classifier on frozen features (InstDisc / the MoCo CIFAR demo's monitor, §6.4)."""
+"""Weighted kNN classifier on frozen features: the protocol of instance discrimination (Wu et
+al., CVPR 2018) that the authors' CIFAR-10 demo of MoCo runs as its monitor. The features come
+from :func:`moco.eval.features.extract_features` (re-exported here)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from moco.eval.features import extract_features
 
-@torch.no_grad()
-def extract_features(
-    model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    device: torch.device,
-    *,
-    channels_last: bool = False,
-    autocast_dtype: torch.dtype | None = None,
-    out_device: torch.device | str = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``model`` in eval mode: L2-normalised features [N, D] (float32) and labels [N], on
-    ``out_device`` (the training monitor keeps them on the GPU: the bank is then read in place
-    by every query chunk instead of being copied to the GPU again for each)."""
-    was_training = model.training
-    model.eval()
-    feats, labels = [], []
-    try:
-        for x, y in batches:
-            x = x.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                enabled=autocast_dtype is not None):
-                f = model(x)
-            feats.append(F.normalize(f.float(), dim=1).to(out_device))
-            labels.append(torch.as_tensor(y).cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(feats), torch.cat(labels).to(out_device)
+__all__ = ["extract_features", "knn_accuracy", "knn_scores"]
 
 
 @torch.no_grad()

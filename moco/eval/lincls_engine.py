@@ -26,7 +26,7 @@ from moco.data.source import ImageSource
 from moco.engine.distributed import DistContext, wrap_ddp
 from moco.eval import lincls_data as batches
 from moco.eval import lincls_protocol as protocol
-from moco.eval.encoders import extract_into
+from moco.eval.features import extract_features
 from moco.eval.lincls_state import StopFlag
 
 
@@ -168,12 +168,13 @@ class LinearEngine:
         protocol.set_frozen_mode(self.model)
         with tqdm(total=n_own, desc=desc, unit="img", leave=False, disable=not self.progress,
                   dynamic_ncols=True) as bar:
-            return extract_into(_Features(self), self.owned(source), n_own, self.device,
-                                progress=bar)
+            return extract_features(_Features(self), self.owned(source), self.device, n=n_own,
+                                    normalize=False, progress=bar)
 
 
 class _Features(nn.Module):
-    """The engine's frozen backbone as a module for :func:`extract_into`: images -> features."""
+    """The engine's frozen backbone as a module for :func:`extract_features`: images ->
+    features."""
 
     def __init__(self, engine: LinearEngine) -> None:
         super().__init__()
