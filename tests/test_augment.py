@@ -200,3 +200,31 @@ def test_eval_transform_is_deterministic() -> None:
     a = tf(img)
     torch.manual_seed(1)
     assert torch.equal(a, tf(img))
+
+
+def test_both_augmentation_paths_are_built_from_the_one_recipe_table(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A change in moco.data.recipes.RECIPES reaches the PIL transform and the batched
+    parameters alike: neither path keeps a table of its own."""
+    import dataclasses
+
+    from moco.data import recipes
+    from moco.data.aug_params import sample_params
+    from moco.data.batch_augment import BatchAugment
+
+    changed = dataclasses.replace(recipes.RECIPES["v2"], blur_p=1.0, gray_p=0.0,
+                                  jitter=(0.1, 0.2, 0.3, 0.05), order=("gray", "blur", "flip"))
+    monkeypatch.setitem(recipes.RECIPES, "v2", changed)
+    ops = pretrain_transform("v2", 32, 0.3, CIFAR_MEAN, CIFAR_STD).transforms
+    names = [type(o).__name__ for o in ops]
+    assert names == ["RandomResizedCrop", "RandomGrayscale", "RandomApply",
+                     "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    assert ops[0].scale == (0.3, 1.0) and ops[1].p == 0.0 and ops[2].p == 1.0
+    assert isinstance(ops[2].transforms[0], PILGaussianBlur)
+    aug = BatchAugment("v2", 32, 0.3, CIFAR_MEAN, CIFAR_STD)
+    assert aug.recipe == dataclasses.replace(changed, scale=(0.3, 1.0))
+    assert aug.recipe.colour_steps == ("gray", "blur")
+    p = sample_params(aug.recipe, torch.full((64,), 40), torch.full((64,), 40),
+                      torch.Generator().manual_seed(0))
+    assert bool(p.blur.all()) and not bool(p.gray.any())
+    assert float(p.hue.abs().max()) <= 0.05 and float((p.brightness - 1).abs().max()) <= 0.1

@@ -1,5 +1,6 @@
-"""Random parameters of the batched augmentation (:mod:`moco.data.batch_augment`): the recipes of
-:mod:`moco.data.augment` (REFERENCE.md §5.1-5.5, §6.1) and their per-sample parameters.
+"""Random parameters of the batched augmentation (:mod:`moco.data.batch_augment`): per-sample
+parameters of the recipes of :mod:`moco.data.recipes` (the table the PIL path is built from
+too).
 
 Every sample gets its own random parameters, drawn on the CPU from a ``torch.Generator`` with
 the same distributions as torchvision's transforms (:func:`sample_params`), so they are
@@ -20,41 +21,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
-BLUR_SIGMA = (0.1, 2.0)
+from moco.data.recipes import BLUR_SIGMA, Recipe, make_recipe
 
-
-@dataclass(frozen=True)
-class Recipe:
-    """One view's augmentation. ``order`` lists the colour steps after crop+flip."""
-
-    name: str
-    scale: tuple[float, float]
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
-    jitter_p: float = 0.8
-    gray_p: float = 0.2
-    blur_p: float = 0.0
-    flip_p: float = 0.5
-    order: tuple[str, ...] = ("jitter", "gray", "blur")
-
-
-def make_recipe(aug: str, crop_min_scale: float) -> Recipe:
-    """The recipe of ``moco.data.augment.pretrain_transform(aug, ...)`` (REFERENCE.md §5.1/5.2, §6.1).
-
-    v1: crop, grayscale p0.2, ColorJitter(0.4,0.4,0.4,0.4) always, flip.
-    v2: crop, jitter(0.4,0.4,0.4,0.1) p0.8, grayscale p0.2, blur p0.5, flip.
-    cifar-demo: crop, flip, jitter(0.4,0.4,0.4,0.1) p0.8, grayscale p0.2.
-    """
-    scale = (crop_min_scale, 1.0)
-    if aug == "v1":
-        return Recipe("v1", scale, jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0,
-                      order=("gray", "jitter"))
-    if aug == "v2":
-        return Recipe("v2", scale, blur_p=0.5, order=("jitter", "gray", "blur"))
-    if aug == "cifar-demo":
-        return Recipe("cifar-demo", scale, order=("jitter", "gray"))
-    raise ValueError(f"unknown augmentation {aug!r}; choose v1, v2 or cifar-demo")
-
+__all__ = ["BLUR_SIGMA", "AugParams", "Recipe", "make_recipe", "sample_crops", "sample_params"]
 
 @dataclass
 class AugParams:
@@ -146,5 +115,5 @@ def sample_params(recipe: Recipe, heights: torch.Tensor, widths: torch.Tensor,
         order=torch.argsort(torch.rand((n, 4), generator=g), dim=1),
         gray=u[:, 2] < recipe.gray_p,
         blur=u[:, 3] < recipe.blur_p,
-        sigma=_uniform(n, BLUR_SIGMA[0], BLUR_SIGMA[1], g),
+        sigma=_uniform(n, recipe.blur_sigma[0], recipe.blur_sigma[1], g),
     )

@@ -1,4 +1,5 @@
-"""Per-image augmentation recipes (REFERENCE.md §5, §6.1), as torchvision transforms on PIL.
+"""The augmentation recipes of :mod:`moco.data.recipes` as torchvision transforms on PIL
+images (the per-image path, ``--loader pil``), and the evaluation transform.
 
 All randomness comes from torch's generator (torchvision's transforms draw from it), so one
 ``torch.manual_seed`` per sample fixes both views (see :class:`TwoViews`).
@@ -12,6 +13,8 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
+from moco.data.recipes import BLUR_SIGMA, Recipe, eval_resize_size, make_recipe
+
 Transform = Callable[[Image.Image], torch.Tensor]
 
 
@@ -23,7 +26,7 @@ class PILGaussianBlur:
     224 px crops): it is not rescaled for small images.
     """
 
-    def __init__(self, sigma: Sequence[float] = (0.1, 2.0)) -> None:
+    def __init__(self, sigma: Sequence[float] = BLUR_SIGMA) -> None:
         self.sigma = (float(sigma[0]), float(sigma[1]))
 
     def __call__(self, img: Image.Image) -> Image.Image:
@@ -34,6 +37,18 @@ class PILGaussianBlur:
         return f"PILGaussianBlur(sigma={self.sigma})"
 
 
+def _pil_step(step: str, r: Recipe) -> object:
+    """One step of a recipe as a torchvision transform on PIL images."""
+    if step == "flip":
+        return T.RandomHorizontalFlip(p=r.flip_p)
+    if step == "gray":
+        return T.RandomGrayscale(p=r.gray_p)
+    if step == "blur":
+        return T.RandomApply([PILGaussianBlur(r.blur_sigma)], p=r.blur_p)
+    jitter = T.ColorJitter(*r.jitter)
+    return jitter if r.jitter_p >= 1 else T.RandomApply([jitter], p=r.jitter_p)
+
+
 def pretrain_transform(
     aug: str,
     image_size: int,
@@ -41,38 +56,21 @@ def pretrain_transform(
     mean: Sequence[float],
     std: Sequence[float],
 ) -> T.Compose:
-    """One view's pipeline.
-
-    v1 (InstDisc): crop, grayscale p0.2, ColorJitter(0.4,0.4,0.4,0.4) always, flip.
-    v2 (aug+):     crop, jitter(0.4,0.4,0.4,0.1) p0.8, grayscale p0.2, blur p0.5, flip.
-    cifar-demo:    crop, flip, jitter(0.4,0.4,0.4,0.1) p0.8, grayscale p0.2 (no blur).
-    """
-    crop = T.RandomResizedCrop(image_size, scale=(crop_min_scale, 1.0))
-    tail = [T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))]
-    if aug == "v1":
-        ops: list[object] = [crop, T.RandomGrayscale(p=0.2), T.ColorJitter(0.4, 0.4, 0.4, 0.4),
-                             T.RandomHorizontalFlip()]
-    elif aug == "v2":
-        ops = [crop, T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-               T.RandomGrayscale(p=0.2), T.RandomApply([PILGaussianBlur((0.1, 2.0))], p=0.5),
-               T.RandomHorizontalFlip()]
-    elif aug == "cifar-demo":
-        ops = [crop, T.RandomHorizontalFlip(p=0.5),
-               T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)]
-    else:
-        raise ValueError(f"unknown augmentation {aug!r}; choose v1, v2 or cifar-demo")
-    return T.Compose(ops + tail)
+    """One view's pipeline: the recipe ``aug`` of :data:`moco.data.recipes.RECIPES` (v1,
+    v2, cifar-demo) after ``RandomResizedCrop(image_size, scale=(crop_min_scale, 1))``, then
+    ToTensor and Normalize(mean, std)."""
+    r = make_recipe(aug, crop_min_scale)
+    ops = [T.RandomResizedCrop(image_size, scale=r.scale, ratio=r.ratio)]
+    ops += [_pil_step(step, r) for step in r.order]
+    return T.Compose(ops + [T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))])
 
 
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
-    """No augmentation: resize the short side and center-crop.
-
-    224 px: Resize(256) + CenterCrop(224) as ``main_lincls.py``; small inputs (<= 64 px, e.g.
-    CIFAR) are only resized to ``image_size`` and center-cropped, as the demo's test transform.
-    """
-    resize = image_size if image_size <= 64 else round(image_size * 256 / 224)
-    return T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(),
-                      T.Normalize(mean=list(mean), std=list(std))])
+    """No augmentation: resize the short side to :func:`moco.data.recipes.eval_resize_size`
+    (256 for 224 px, as ``main_lincls.py``; small inputs such as CIFAR's 32 px only to
+    ``image_size``, as the CIFAR-10 notebook's test transform) and center-crop."""
+    return T.Compose([T.Resize(eval_resize_size(image_size)), T.CenterCrop(image_size),
+                      T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))])
 
 
 class TwoViews:

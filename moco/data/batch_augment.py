@@ -1,6 +1,6 @@
-"""Batched augmentation on the training device: the recipes of :mod:`moco.data.augment`
-(REFERENCE.md §5.1-5.5, §6.1) applied to a whole uint8 batch at once, with per-sample
-parameters drawn on the CPU (:mod:`moco.data.aug_params`).
+"""Batched augmentation on the training device: the recipes of :mod:`moco.data.recipes` (the
+table the per-image PIL path is built from too) applied to a whole uint8 batch at once, with
+per-sample parameters drawn on the CPU (:mod:`moco.data.aug_params`).
 
 Applying them (:func:`apply_params`) matches torchvision's functional ops on float tensors:
 
@@ -296,7 +296,7 @@ def apply_params(images: torch.Tensor, p: AugParams, recipe: Recipe, size: int,
     (normalised with ``mean``/``std`` unless they are None). Every parameter reaches the
     device in one copy (:func:`plan_to_device`)."""
     plan = _crop_plan(p, source)
-    for step in recipe.order:
+    for step in recipe.colour_steps:
         plan.update({"jitter": _jitter_plan(p), "gray": _gray_plan(p.gray),
                      "blur": _blur_plan(p.blur, p.sigma)}[step])
     if mean is not None and std is not None:
@@ -304,7 +304,7 @@ def apply_params(images: torch.Tensor, p: AugParams, recipe: Recipe, size: int,
         plan["std"] = torch.tensor(std, dtype=torch.float64)
     plan = plan_to_device(plan, images.device)
     x = _crop_resize(images, plan, size)
-    for step in recipe.order:
+    for step in recipe.colour_steps:
         if step == "jitter":
             x = _jitter(x, plan)
         elif step == "gray":

@@ -191,7 +191,7 @@ def finish_views(x: torch.Tensor, p: AugParams, recipe: Recipe, mean: Sequence[f
     order, normalisation: what :func:`moco.data.batch_augment.apply_params` does after its crop."""
     flip = p.flip.to(x.device).view(-1, 1, 1, 1)
     x = torch.where(flip, x.flip(3), x)
-    for step in recipe.order:
+    for step in recipe.colour_steps:
         if step == "jitter":
             x = color_jitter(x, p)
         elif step == "gray":

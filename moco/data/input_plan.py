@@ -29,6 +29,7 @@ import torch
 
 from moco.data.batches import TrainLoader
 from moco.data.decode import KIND_BAD
+from moco.data.recipes import resized_short_side
 from moco.data.source import BAD_IMAGE_HINT, DataError, ImageSource
 from moco.engine.config import MocoConfig
 
@@ -192,4 +193,4 @@ def _check_headers(cfg: MocoConfig, kinds: np.ndarray, name: Callable[[int], str
 def cache_short_side(image_size: int) -> int:
     """Short side of the mixed-size layout: the eval resize (256 for 224 px crops), at least
     the crop size."""
-    return max(image_size, round(image_size * 256 / 224))
+    return max(image_size, resized_short_side(image_size))

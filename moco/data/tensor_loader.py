@@ -40,6 +40,7 @@ from moco.data.batches import Batch, step_generator, stream_prefetch, torch_thre
 from moco.data.cache import DecodedImages, cached_images, decode_resized
 from moco.data.datasets import EpochBatchSampler, epoch_order
 from moco.data.input_plan import cache_short_side
+from moco.data.recipes import eval_resize_size
 from moco.data.source import DataError, ImageSource, ignore_stop_signals
 from moco.engine.config import MocoConfig
 
@@ -286,7 +287,7 @@ def eval_batches_decoded(cfg: MocoConfig, decoded: DecodedImages, device: torch.
     from moco.data.batch_augment import normalize
 
     size = cfg.image_size
-    resize = size if size <= 64 else round(size * 256 / 224)
+    resize = eval_resize_size(size)
     arr = _as_tensor(decoded.images)
     sizes = torch.from_numpy(np.asarray(decoded.sizes)) if decoded.sizes is not None else None
     labels = torch.tensor(decoded.labels if decoded.labels is not None else [-1] * len(decoded))

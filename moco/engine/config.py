@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moco.core.errors import ConfigError
+from moco.data.recipes import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, RECIPES
 from moco.engine.memory import FLOAT_BYTES, refuse_if_too_big
 from moco.engine.settings import (
     Setting,
@@ -32,12 +33,7 @@ from moco.engine.settings import (
     setting,
 )
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the demo's constants (the authors' CIFAR-10 notebook)
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
-
-AUGMENTATIONS = ("v1", "v2", "cifar-demo")
+AUGMENTATIONS = tuple(RECIPES)  # v1, v2, cifar-demo
 SHUFFLE_BN = ("auto", "split", "none", "ddp", "syncbn")
 # Modes that normalise with SplitBatchNorm over --bn-splits sub-batches (with / without the shuffle).
 SPLIT_BN_MODES = ("split", "none")

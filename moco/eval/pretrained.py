@@ -39,6 +39,7 @@ from moco.core.backbones import (
 )
 from moco.core.errors import ConfigError
 from moco.core.timm_backbone import is_timm_arch
+from moco.data.recipes import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
 from moco.engine.checkpoint import (
     PREFIX,
     CheckpointError,
@@ -47,11 +48,6 @@ from moco.engine.checkpoint import (
     load_checkpoint,
     model_state,
 )
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the demo's constants (REFERENCE.md §6.1)
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 # The demo's ``nn.Sequential`` indices (REFERENCE.md §6.2) -> torchvision names.
 _DEMO_NET = {"0": "conv1", "1": "bn1", "3": "layer1", "4": "layer2", "5": "layer3", "6": "layer4",
