@@ -78,6 +78,7 @@ def measure_step_cost(cfg: MocoConfig, num_samples: int, steps: int = 3,
     Time: median wall time of the timed steps (CUDA synchronised). Errors (out of memory, a
     batch SplitBatchNorm cannot split) are returned in ``error`` instead of raised.
     """
+    from moco.core.seeding import stream_generator
     from moco.core.shuffle_bn import KeyShuffle, LocalShuffle, NoShuffle
     from moco.data.batches import Batch
     from moco.engine.build import build_model, build_optimizer
@@ -99,8 +100,8 @@ def measure_step_cost(cfg: MocoConfig, num_samples: int, steps: int = 3,
     try:
         model = build_model(cfg, device, num_samples=num_samples).train()
         optimizer = build_optimizer(cfg, model)
-        shuffle: KeyShuffle = LocalShuffle(torch.Generator().manual_seed(0)) if split else NoShuffle()
-        g = torch.Generator().manual_seed(0)
+        shuffle: KeyShuffle = LocalShuffle(stream_generator(0)) if split else NoShuffle()
+        g = stream_generator(0)
         s = cfg.image_size
         ims = [torch.randn(b, 3, s, s, generator=g).to(device) for _ in range(2)]
         if cfg.channels_last_on(device.type):

@@ -25,6 +25,7 @@ from torch import nn
 from moco.core.device import to_device
 from moco.core.loss import fp32, info_nce, moco_logits
 from moco.core.model import MoCo, StepOutput, embed
+from moco.core.seeding import BANK_SAMPLING, QUEUE, stream_generator
 from moco.core.shuffle_bn import KeyShuffle, NoShuffle
 
 BANK_INITS = ("random", "uniform")
@@ -126,7 +127,7 @@ class FeatureBank(nn.Module):
         else:
             raise ValueError(f"bank init must be one of {BANK_INITS}, got {init!r}")
         self.register_buffer("bank", bank)
-        self.sampler = torch.Generator().manual_seed(seed)
+        self.sampler = stream_generator(seed)
 
     @property
     def num_samples(self) -> int:
@@ -260,6 +261,6 @@ def build_mechanism(cfg: Any, encoder_q: nn.Module, num_samples: int | None = No
             raise ValueError("--mechanism memory-bank needs the training-set size (num_samples)")
         return MemoryBank(encoder_q, num_samples, dim=cfg.moco_dim, k=cfg.moco_k, t=cfg.moco_t,
                           bank_momentum=cfg.bank_momentum,
-                          generator=torch.Generator().manual_seed(cfg.seed + 1),
-                          seed=cfg.seed + 3)
+                          generator=stream_generator(cfg.seed, QUEUE),
+                          seed=cfg.seed + BANK_SAMPLING)
     raise ValueError(f"unknown mechanism {cfg.mechanism!r}; choose moco, end-to-end or memory-bank")

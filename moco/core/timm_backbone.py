@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from moco.core.errors import ConfigError
+from moco.core.seeding import seeded
 
 PREFIX = "timm:"
 INSTALL_HINT = "pip install 'momentum-contrast[timm]' (the timm extra; or pip install timm)"
@@ -140,8 +141,7 @@ def timm_state_dict(arch: str, backbone: dict[str, torch.Tensor], *, seed: int =
         if not has_timm() or not _timm().is_model(name):
             raise ConfigError(f"--format timm: timm has no model named {name}; export this "
                               f"{arch} as torchvision or safetensors instead")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = create_timm_model(name)  # the default head, timm's init
     ref = model.state_dict()
     heads = [k for k in ref if k.rsplit(".", 1)[0] in _classifier_names(name)]

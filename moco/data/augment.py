@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
+from moco.core.seeding import seeded
 from moco.data.recipes import BLUR_SIGMA, Recipe, eval_resize_size, make_recipe
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -86,6 +87,5 @@ class TwoViews:
     def __call__(self, img: Image.Image, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if seed is None:
             return self.base(img), self.base(img)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             return self.base(img), self.base(img)

@@ -7,13 +7,14 @@ are the same for every loader.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from moco.core.seeding import keyed_generator
 
 
 @dataclass
@@ -37,8 +38,7 @@ class TrainLoader(Protocol):
 
 def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
     """The augmentation generator of one global step: a hash of (seed, epoch, step)."""
-    digest = hashlib.sha256(f"moco-aug/{seed}/{epoch}/{step}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return keyed_generator("moco-aug", seed, epoch, step)
 
 
 @contextmanager

@@ -26,7 +26,6 @@ bit-identical batches on the CPU, whatever the worker count.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple, Protocol
 
@@ -35,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from moco.core.device import normalize_device
+from moco.core.seeding import keyed_generator
 from moco.data.aug_params import AugParams, Recipe, sample_crops
 from moco.data.batch_augment import BatchAugment, color_jitter, gaussian_blur, grayscale, normalize
 from moco.data.batches import Batch, step_generator, stream_prefetch, torch_threads
@@ -71,8 +71,7 @@ class FileReader:
 
 def position_generator(seed: int, epoch: int, step: int, position: int) -> torch.Generator:
     """The generator of one position's redrawn crops (a replaced or resized image)."""
-    digest = hashlib.sha256(f"moco-crop/{seed}/{epoch}/{step}/{position}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return keyed_generator("moco-crop", seed, epoch, step, position)
 
 
 class Work(NamedTuple):

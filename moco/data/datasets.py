@@ -11,12 +11,13 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from moco.core.seeding import epoch_generator, stream_generator
 from moco.data.source import DataError, ImageSource, check_policy, load_checked
 
 
 def class_balanced_subset(labels: list[int], n: int, seed: int) -> list[int]:
     """``n`` indices with (as nearly as possible) equal counts per class, drawn with ``seed``."""
-    g = torch.Generator().manual_seed(seed)
+    g = stream_generator(seed)
     by_class: dict[int, list[int]] = {}
     for i, y in enumerate(labels):
         by_class.setdefault(y, []).append(i)
@@ -94,7 +95,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tens
     Both depend only on (seed, epoch), so a run resumes mid-epoch exactly and the order does
     not depend on the number of workers or processes.
     """
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = epoch_generator(seed, epoch)
     order = torch.randperm(n, generator=g)
     seeds = torch.randint(0, 2**62, (n,), generator=g)
     return order, seeds

@@ -26,7 +26,6 @@ process count is refused (the parts would differ); at an epoch's end any count g
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from moco.core.seeding import keyed_generator
 from moco.data.batches import Batch
 from moco.data.crop_loader import CropTrainLoader, CropWork, Meta, Work
 from moco.data.shards import HEIGHT, KIND, SHARD, WIDTH, ShardSource
@@ -43,8 +43,7 @@ from moco.engine.config import MocoConfig
 
 
 def _generator(*key: object) -> torch.Generator:
-    digest = hashlib.sha256("/".join(str(k) for k in ("moco-shards", *key)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return keyed_generator("moco-shards", *key)
 
 
 def buffer_shuffle(n: int, k: int, g: torch.Generator) -> np.ndarray:

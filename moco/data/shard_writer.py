@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from moco.core.seeding import stream_generator
 from moco.data.folders import image_folder
 from moco.data.shards import CLASSES_FILE, shard_files
 from moco.data.source import DataError, ImageSource
@@ -126,7 +127,7 @@ def write_split(folder: Path, final_out: Path, shard_size: int, seed: int,
     assert src.files is not None
     n = len(src.files)
     keys = unique_keys([os.path.relpath(f, folder) for f in src.files])  # in listing order
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    order = torch.randperm(n, generator=stream_generator(seed)).tolist()
     out = final_out.parent / f".{final_out.name}.partial"
     shutil.rmtree(out, ignore_errors=True)  # left by an interrupted run
     out.mkdir(parents=True)

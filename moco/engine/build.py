@@ -10,6 +10,7 @@ import torch
 
 from moco.core.mechanisms import Mechanism, build_mechanism
 from moco.core.model import MoCo, build_encoder
+from moco.core.seeding import QUEUE, seeded, stream_generator
 from moco.engine.config import SPLIT_BN_MODES, MocoConfig
 from moco.engine.runtime import precision_name
 from moco.engine.schedule import learning_rate
@@ -19,14 +20,13 @@ def build_model(cfg: MocoConfig, device: torch.device, num_samples: int | None =
     """Query encoder (+head, SplitBN if asked), key encoder copy and queue, seeded by ``cfg.seed``;
     or the ``cfg.mechanism`` end-to-end / memory-bank module (``moco/core/mechanisms.py``; the memory
     bank needs ``num_samples``, the training-set size)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+    with seeded(cfg.seed):
         encoder = build_encoder(cfg.arch, cfg.moco_dim, mlp=cfg.mlp, cifar_stem=cfg.cifar_stem,
                                 bn_splits=cfg.bn_splits if cfg.shuffle_bn in (*SPLIT_BN_MODES, "auto") else 1)
     model: Mechanism
     if cfg.mechanism == "moco":
         model = MoCo(encoder, dim=cfg.moco_dim, k=cfg.moco_k, m=cfg.moco_m, t=cfg.moco_t,
-                     symmetric=cfg.symmetric, generator=torch.Generator().manual_seed(cfg.seed + 1))
+                     symmetric=cfg.symmetric, generator=stream_generator(cfg.seed, QUEUE))
     else:
         model = build_mechanism(cfg, encoder, num_samples)
     model = model.to(device)

@@ -17,6 +17,7 @@ from torch import nn
 
 from moco.core.errors import ConfigError, RunError
 from moco.core.model import MoCo
+from moco.core.seeding import KEY_SHUFFLE, STALENESS, epoch_generator, stream_generator
 from moco.core.shuffle_bn import KeyShuffle, make_key_shuffle
 from moco.data.batches import TrainLoader
 from moco.data.datasets import class_balanced_subset
@@ -126,7 +127,7 @@ class TrainingRun:
                        if needs_grad_scaler(self.autocast_dtype) else None)
         self._meter: EpochMeter | None = None  # the current epoch's sums, on the device
         self._knn_sources: MonitorSources | None = None
-        self.shuffle_rng = torch.Generator().manual_seed(cfg.seed + 2)
+        self.shuffle_rng = stream_generator(cfg.seed, KEY_SHUFFLE)
         self.shuffle: KeyShuffle = make_key_shuffle(self.shuffle_bn, self.dist, self.shuffle_rng)
         self.state = TrainState()
         self.workers = cfg.workers if cfg.workers >= 0 else default_workers(self.device, self.dist.local_world_size)
@@ -260,10 +261,10 @@ class TrainingRun:
     def staleness(self, epoch: int) -> Staleness:
         """The queue's keys against fresh ones on the model as it is (moco.engine.staleness)."""
         assert isinstance(self.model, MoCo), "validated: --staleness-every needs --mechanism moco"
-        seed = self.cfg.seed * 1_000_003 + epoch + 3  # a generator no training shuffle uses
         return measure_staleness(
             self.model, self.train_loader,
-            lambda: make_key_shuffle(self.shuffle_bn, self.dist, torch.Generator().manual_seed(seed)),
+            lambda: make_key_shuffle(self.shuffle_bn, self.dist,
+                                     epoch_generator(self.cfg.seed, epoch, STALENESS)),
             batches=self.cfg.staleness_batches, epoch=epoch, autocast_dtype=self.autocast_dtype)
 
     def _source_name(self, index: int) -> str:

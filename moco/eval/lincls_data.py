@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from moco.core.seeding import seeded
 from moco.data.datasets import EvalDataset, epoch_order
 from moco.data.source import ImageSource, ignore_stop_signals
 
@@ -75,8 +76,7 @@ class SeededImages(Dataset[tuple[torch.Tensor, int]]):
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = item
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             return self.inner[index]
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from moco.core.backbones import build_backbone
+from moco.core.seeding import stream_generator
 from moco.engine.checkpoint import CheckpointError
 from moco.eval.pretrained import PretrainedInfo, read_encoder
 
@@ -38,7 +39,7 @@ def build_linear_model(info: PretrainedInfo, backbone: dict[str, torch.Tensor], 
     for name, p in model.named_parameters():
         if name not in ("fc.weight", "fc.bias"):
             p.requires_grad = False
-    g = torch.Generator().manual_seed(seed)
+    g = stream_generator(seed)
     with torch.no_grad():
         model.fc.weight.copy_(torch.randn(model.fc.weight.shape, generator=g) * 0.01)
         model.fc.bias.zero_()
