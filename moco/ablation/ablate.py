@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,9 @@ from moco.ablation.report import write_report
 from moco.ablation.step_cost import measure_isolated, measure_step_cost
 from moco.engine.atomic import atomic_write_text
 from moco.engine.config import MocoConfig
+from moco.engine.logs import Log, show_on_stderr
 
-Log = Callable[[str], None]
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -92,7 +94,7 @@ def run_grid(
     overwrite: bool = False,
     retry_failed: bool = False,
     progress: bool = True,
-    log: Log = print,
+    log: Log = _log.info,
 ) -> list[RunOutcome]:
     """Train every run of ``spec`` that is not finished yet, one after the other.
 
@@ -162,7 +164,7 @@ def run_grid_jobs(
     only: Sequence[str] | None = None,
     overwrite: bool = False,
     retry_failed: bool = False,
-    log: Log = print,
+    log: Log = _log.info,
 ) -> list[RunOutcome]:
     """:func:`run_grid` with up to ``jobs`` runs training at once, each in a process of its
     own. On a CPU each gets ``cpu_count // jobs`` torch threads (unless ``OMP_NUM_THREADS``
@@ -255,6 +257,7 @@ def job_main() -> None:
     """Entry of one job of :func:`run_grid_jobs`: JSON on stdin, log lines and one outcome
     line on stdout."""
     p = json.loads(sys.stdin.read())
+    show_on_stderr()  # the library's records reach the grid's log (stderr joins stdout)
     try:
         spec = load_spec(p["grid"])
         outcome = run_grid(spec, Path(p["output"]), overrides=p["overrides"], only=[p["run"]],
@@ -279,7 +282,7 @@ def _train_size(cfg: MocoConfig) -> int:
 
 
 def run_cost(spec: AblationSpec, output: Path, *, overrides: dict[str, Any] | None = None,
-             log: Log = print) -> list[dict[str, Any]]:
+             log: Log = _log.info) -> list[dict[str, Any]]:
     """Measure every (mechanism, batch size) of ``spec.cost``; results cached in cost.json
     (a point is measured again only if its settings changed or it failed)."""
     assert spec.cost is not None
@@ -335,7 +338,7 @@ def ablate(
     report_only: bool = False,
     jobs: int = 1,
     progress: bool = True,
-    log: Log = print,
+    log: Log = _log.info,
 ) -> tuple[Path, list[RunOutcome]]:
     """Train the grid (skipping finished runs; ``jobs`` > 1: that many at once, see
     :func:`run_grid_jobs`), measure the cost points, write the report. ``cost_only``:

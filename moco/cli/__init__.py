@@ -1,10 +1,11 @@
 """``moco`` command line: a thin layer over the library. Each subcommand lives in
-``moco/cli/<name>.py`` with ``add_parser(subparsers)`` and ``run(args) -> int``; the flags the
-evaluation commands share are in :mod:`moco.cli.common`.
+``moco/cli/<name>.py`` with ``add_parser(subparsers)`` and ``run(args) -> int``; the numeric
+flags of the evaluation commands are checked by :mod:`moco.eval.arguments`.
 
 A :class:`~moco.core.errors.MocoError` (a problem the user can fix) and an ``OSError`` (a disk,
 a permission) are printed as one line, exit status 2; any other exception is a bug and keeps
-its traceback.
+its traceback. The library's log records (:mod:`moco.engine.logs`) go to stderr as bare lines;
+the commands' own narrative (one line per epoch, results) to stdout.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from moco.engine.logs import show_on_stderr
+
+    show_on_stderr()  # the library's log records, as bare lines
     args, extra = build_parser().parse_known_args(argv)
     if extra:  # named by the command they were given to
         print(f"moco {args.command}: error: unrecognized arguments: {' '.join(extra)}; see "

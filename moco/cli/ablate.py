@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         spec, output, overrides=overrides, only=args.only, overwrite=args.overwrite,
         retry_failed=args.retry_failed, cost=not args.no_cost, cost_only=args.cost_only,
         report_only=args.report_only, jobs=args.jobs,
-        progress=not args.no_progress)
+        progress=not args.no_progress, log=print)
     print(f"results: {report}")
     if any(o.status == "stopped" for o in outcomes):
         print(f"stopped: re-run 'moco ablate {args.grid}' (same options) to continue")

@@ -38,7 +38,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moco.cli.common import check_numbers
+    from moco.eval.arguments import check_numbers
     from moco.eval.embed import embed_images
 
     check_numbers(batch_size=args.batch_size, workers=args.workers, image_size=args.image_size)

@@ -14,24 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 
-@dataclass
-class KnnResult:
-    top1: float
-    top5: float
-    k: int
-    t: float
-    features: str
-    bank_size: int
-    num_queries: int
-    feature_dim: int
-    extract_seconds: float
-    knn_seconds: float
+def __getattr__(name: str) -> Any:
+    """``knn_evaluate`` and ``KnnResult``, the library's (:mod:`moco.eval.knn`), for code that
+    imported them from here; imported on first use (``moco --help`` does not load torch)."""
+    if name in ("knn_evaluate", "KnnResult"):
+        from moco.eval import knn
+
+        return getattr(knn, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def add_parser(sub: Any) -> None:
@@ -67,54 +61,6 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-def knn_evaluate(data: str | Path, pretrained: str | Path, *, arch: str | None = None,
-                 k: int = 200, t: float = 0.1, features: str | None = None,
-                 image_size: int | None = None, batch_size: int = 256, workers: int = -1,
-                 device: str = "auto", bank_chunk: int = 65536, half_bank: bool = False,
-                 precision: str | None = None, progress: bool = True) -> KnnResult:
-    """kNN top-1/top-5 (%) of ``pretrained`` on ``data`` (train = bank, val/test = queries).
-
-    The images go through the training monitor's pipeline with the settings the pretraining
-    run recorded (:func:`moco.eval.features.eval_config`: image size, mean/std, loader,
-    precision, channels_last), so a checkpoint gets the figure its run's monitor logged."""
-    import torch
-    from tqdm import tqdm
-
-    from moco.cli.common import check_numbers
-    from moco.data.splits import find_dataset, knn_splits
-    from moco.engine.runtime import default_workers, resolve_device, resolve_precision
-    from moco.eval import features as feats
-    from moco.eval.encoders import load_encoder
-    from moco.eval.knn import knn_accuracy
-
-    check_numbers(k=k, t=t, batch_size=batch_size, bank_chunk=bank_chunk, workers=workers,
-                  image_size=image_size)
-    # The same check of the splits as the training monitor's (moco.data.splits.knn_splits).
-    bank_source, query_source = knn_splits(find_dataset(data), data, required=True)  # type: ignore[misc]
-    dev = resolve_device(device)
-    model, info = load_encoder(pretrained, arch, dev, features=features)
-    nw = workers if workers >= 0 else default_workers(dev)
-    cfg = feats.eval_config(info.config, image_size=image_size or info.image_size,
-                            mean=info.mean, std=info.std, workers=nw, precision=precision)
-    autocast = resolve_precision(cfg.precision, dev)
-    t0 = time.perf_counter()
-    total = len(bank_source) + len(query_source)
-    with tqdm(total=total, desc="features", unit="img", disable=not progress,
-              dynamic_ncols=True) as bar:
-        bank, bank_labels = feats.source_features(
-            model, bank_source, cfg, dev, nw, autocast_dtype=autocast, batch_size=batch_size,
-            dtype=torch.float16 if half_bank else torch.float32, progress=bar)
-        query, query_labels = feats.source_features(
-            model, query_source, cfg, dev, nw, autocast_dtype=autocast, batch_size=batch_size,
-            progress=bar)
-    t1 = time.perf_counter()
-    top1, top5 = knn_accuracy(query.to(dev), query_labels, bank, bank_labels, k=k, t=t,
-                              bank_chunk=bank_chunk)
-    t2 = time.perf_counter()
-    return KnnResult(top1, top5, k, t, info.features, len(bank_source), len(query_source),
-                     int(bank.shape[1]), t1 - t0, t2 - t1)
-
-
 def run(args: argparse.Namespace) -> int:
     from moco.engine.paths import check_output, check_writable_parent
 
@@ -123,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
                                                  args.pretrained},
                      folders={"the data folder": args.data})
         check_writable_parent(args.json, "--json")
+    from moco.eval.knn import knn_evaluate
+
     r = knn_evaluate(args.data, args.pretrained, arch=args.arch, k=args.k, t=args.t,
                      features=args.features, image_size=args.image_size,
                      batch_size=args.batch_size, workers=args.workers, device=args.device,

@@ -62,7 +62,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moco.cli.common import check_numbers
+    from moco.eval.arguments import check_numbers
     from moco.eval.lincls import LinclsConfig, linear_classification
     from moco.eval.lincls_protocol import SanityCheckError
 
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision, dist_timeout=args.dist_timeout,
     )
     try:
-        linear_classification(cfg, progress=not args.no_progress)
+        linear_classification(cfg, log=print, progress=not args.no_progress)
     except SanityCheckError as e:
         print(f"moco lincls: sanity check FAILED: {e}", file=sys.stderr)
         return 1

@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     if config_file and not cfg.resume:  # the run rewrites its config.yaml
         check_output(Path(cfg.output) / "config.yaml", "--output",
                      files={"the --config file": config_file})
-    result = pretrain(cfg, progress=not getattr(args, "no_progress", False),
+    result = pretrain(cfg, log=print, progress=not getattr(args, "no_progress", False),
                       overwrite=getattr(args, "overwrite", False))
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -44,17 +45,18 @@ from PIL import Image
 
 from moco.data.cache_dir import (
     BUILDING,
-    Log,
     check_outside,
     hold_lock,
     remove_abandoned_builds,
     remove_stale,
     resolve_cache_dir,
-    stderr_log,
     touch_entry,
 )
 from moco.data.source import DataError, ImageSource, open_rgb
+from moco.engine.logs import Log
 from moco.engine.memory import available_memory
+
+_log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 MEMORY_FRACTION = 0.5  # of the memory available when the cache is built
@@ -188,7 +190,7 @@ def _parallel(fn: Callable[[int], None], n: int, workers: int) -> None:
 def cached_images(source: ImageSource, cache_dir: str | Path | None = None, *,
                   short_side: int = 256, budget: int | None = None, workers: int | None = None,
                   data_root: Path | None = None, on_bad_image: str = "stop",
-                  log: Log = stderr_log) -> DecodedImages | None:
+                  log: Log = _log.info) -> DecodedImages | None:
     """The decoded images of ``source``, from the cache (built on first use), or None when
     they do not fit ``budget`` bytes (default :func:`memory_budget`) or the cache folder
     cannot be written (the caller then decodes on the fly).

@@ -8,20 +8,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from moco.data.source import DataError
+from moco.engine.logs import Log
 
-Log = Callable[[str], None]
-
-
-def stderr_log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+_log = logging.getLogger(__name__)
 
 
 STALE_DAYS = 7.0  # an entry of the same folder unused this long is removed
@@ -91,7 +87,7 @@ def hold_lock(folder: Path) -> int:
     return fd
 
 
-def remove_abandoned_builds(root: Path, log: Log = stderr_log) -> list[Path]:
+def remove_abandoned_builds(root: Path, log: Log = _log.info) -> list[Path]:
     """Remove the hidden build folders (``.<entry>-XXXX.building``) that a build stopped by a
     signal or a crash left in ``root``; a build still running (its process holds the
     folder's lock) is left alone."""

@@ -30,7 +30,7 @@ import json
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -39,17 +39,13 @@ import numpy as np
 from moco.data.folders import image_folder
 from moco.data.source import ImageSource
 from moco.engine.atomic import atomic_write
+from moco.engine.logs import Log, quiet
 
 INDEX_FORMAT = 1
 PARALLEL_MIN = 4096  # fewer files: read their headers in this process
 CHUNK = 2048
 MTIME_SETTLE_NS = 2_000_000_000  # a directory changed this recently is checked again next time
 
-Log = Callable[[str], None]
-
-
-def _quiet(_msg: str) -> None:
-    pass
 
 
 def _headers(paths: list[str]) -> np.ndarray:
@@ -199,7 +195,7 @@ class FolderIndex:
         idx.notes = meta.get("notes", {})
         return idx
 
-    def sized(self, workers: int, log: Log = _quiet) -> np.ndarray:
+    def sized(self, workers: int, log: Log = quiet) -> np.ndarray:
         """``headers``, reading the files' headers (once, stored) when missing."""
         if self.headers is None:
             with building(self.path):  # one process reads; the others take its result
@@ -218,7 +214,7 @@ class FolderIndex:
 
 
 def folder_index(folder: Path, cache_dir: Path | None, on_bad_image: str = "stop",
-                 log: Log = _quiet) -> FolderIndex:
+                 log: Log = quiet) -> FolderIndex:
     """The index of ``folder`` (ImageFolder or flat), loaded when stored and unchanged, else
     listed (:func:`moco.data.folders.image_folder`, which applies ``on_bad_image`` to unreadable
     folders) and stored, reusing the headers of files whose byte size and mtime did not
@@ -290,7 +286,7 @@ class IndexedSource(ImageSource):
         super().__init__(files=files, labels=labels, classes=index.classes, name=str(index.folder))
         self.index, self.rows = index, rows
 
-    def headers(self, workers: int, log: Log = _quiet) -> np.ndarray:
+    def headers(self, workers: int, log: Log = quiet) -> np.ndarray:
         """[N,5] int64 (height, width, kind, bytes, mtime_ns) of this source's images."""
         h = self.index.sized(workers, log)
         return h if self.rows is None else h[self.rows]
@@ -304,7 +300,7 @@ class IndexedSource(ImageSource):
 
 
 def listed_folder(folder: Path, on_bad_image: str = "stop", cache_dir: str | Path | None = None,
-                  data_root: Path | None = None, log: Log = _quiet) -> IndexedSource:
+                  data_root: Path | None = None, log: Log = quiet) -> IndexedSource:
     """``image_folder(folder)`` through its index in the cache folder (``cache_dir``, default
     ``$MOCO_CACHE`` or ``~/.cache/moco``); never stored inside ``data_root`` (default: the
     folder's parent), where it is listed afresh each time."""

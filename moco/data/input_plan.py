@@ -21,7 +21,7 @@ size estimate (:func:`cache_declined`), cost no file reads after the first start
 from __future__ import annotations
 
 import io
-import sys
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -32,12 +32,9 @@ from moco.data.decode import KIND_BAD
 from moco.data.recipes import resized_short_side
 from moco.data.source import BAD_IMAGE_HINT, DataError, ImageSource
 from moco.engine.config import MocoConfig
+from moco.engine.logs import Log
 
-Log = Callable[[str], None]
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+_log = logging.getLogger(__name__)
 
 
 def source_headers(source: ImageSource, workers: int) -> np.ndarray:
@@ -46,7 +43,7 @@ def source_headers(source: ImageSource, workers: int) -> np.ndarray:
     from moco.data.index import IndexedSource, read_headers
 
     if isinstance(source, IndexedSource):
-        return source.headers(max(1, workers), _stderr)
+        return source.headers(max(1, workers), _log.info)
     assert source.files is not None
     return read_headers([str(f) for f in source.files], max(1, workers))
 
@@ -69,7 +66,7 @@ def cache_bytes(heights: np.ndarray, widths: np.ndarray, short_side: int) -> int
     return int(len(heights) * int(kept[:, 0].max()) * int(kept[:, 1].max()) * 3)
 
 
-def cache_declined(cfg: MocoConfig, source: ImageSource, log: Log = _stderr) -> bool:
+def cache_declined(cfg: MocoConfig, source: ImageSource, log: Log = _log.info) -> bool:
     """Whether the decoded cache is known not to fit (tar shards never use it): from the
     index's sizes, so no start probes every file again to learn it. The verdict is noted in
     the index."""
@@ -106,7 +103,7 @@ def decode_device(cfg: MocoConfig, device: torch.device) -> torch.device | None:
         raise DataError(f"--decode gpu decodes on the training GPU, but this run trains on "
                         f"{device}; use --decode auto or cpu")
     if not _device_decodes(device):
-        _stderr(f"torchvision cannot decode JPEGs on {device} (no nvJPEG in this build): "
+        _log.warning(f"torchvision cannot decode JPEGs on {device} (no nvJPEG in this build): "
                 "decoding in the CPU workers instead")
         return None
     return device
@@ -125,7 +122,7 @@ def _device_decodes(device: torch.device) -> bool:
 
 def original_crops_loader(cfg: MocoConfig, source: ImageSource, device: torch.device,
                           workers: int, rank: int = 0, world_size: int = 1,
-                          log: Log = _stderr) -> TrainLoader | None:
+                          log: Log = _log.info) -> TrainLoader | None:
     """The training loader of original-size crops when this run takes that path (see the
     module doc), else None (the decoded-cache path). Logs the choice and its reason on
     rank 0. Under ``--on-bad-image stop`` a file without a readable header stops here,

@@ -12,7 +12,7 @@ resumes mid-epoch exactly and the global order does not depend on the process co
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Iterable
 
 import torch
@@ -31,6 +31,8 @@ from moco.data.tensor_loader import (
     eval_batches_decoded,
 )
 from moco.engine.config import MocoConfig
+
+_log = logging.getLogger(__name__)
 
 
 def make_train_loader(cfg: MocoConfig, source: ImageSource, device: torch.device, workers: int,
@@ -74,6 +76,5 @@ def make_tensor_loader(cfg: MocoConfig, source: ImageSource, device: torch.devic
     decoded = decoded_or_none(cfg, source, workers)
     if decoded is not None:
         return TensorTrainLoader(cfg, decoded, device, rank, world_size)
-    print("the decoded images do not fit in memory: decoding in workers each epoch",
-          file=sys.stderr)
+    _log.info("the decoded images do not fit in memory: decoding in workers each epoch")
     return DecodeTrainLoader(cfg, source, device, workers, rank, world_size)

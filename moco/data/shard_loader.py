@@ -26,7 +26,7 @@ process count is refused (the parts would differ); at an epoch's end any count g
 from __future__ import annotations
 
 import contextlib
-import sys
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,6 +40,8 @@ from moco.data.crop_loader import CropTrainLoader, CropWork, Meta, Work
 from moco.data.shards import HEIGHT, KIND, SHARD, WIDTH, ShardSource
 from moco.data.source import DataError, ignore_stop_signals
 from moco.engine.config import MocoConfig
+
+_log = logging.getLogger(__name__)
 
 
 def _generator(*key: object) -> torch.Generator:
@@ -186,10 +188,10 @@ class ShardTrainLoader(CropTrainLoader):
                     "on it. Resume with the same data and process count, or from a checkpoint "
                     "saved at the end of an epoch")
         if (state["readers"], state["buffer"]) != (self.readers, self.buffer):
-            print(f"shards: this run reads with {state['readers']} reader(s) per process and a "
-                  f"shuffle buffer of {state['buffer']}, as it started (not -j {self.workers} / "
-                  f"--shuffle-buffer {self.buffer}): its batches stay those of an uninterrupted "
-                  "run", file=sys.stderr)
+            _log.info(f"shards: this run reads with {state['readers']} reader(s) per process "
+                      f"and a shuffle buffer of {state['buffer']}, as it started (not -j "
+                      f"{self.workers} / --shuffle-buffer {self.buffer}): its batches stay "
+                      "those of an uninterrupted run")
         self.readers, self.buffer = int(state["readers"]), int(state["buffer"])
 
     def _batches(self, epoch: int, start_step: int) -> Iterator[Batch]:

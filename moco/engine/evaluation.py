@@ -8,8 +8,6 @@ another's evaluation (which, at ImageNet scale, could pass ``--dist-timeout``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
@@ -19,10 +17,10 @@ from moco.data.datasets import class_balanced_subset
 from moco.data.source import ImageSource
 from moco.engine.config import MocoConfig
 from moco.engine.distributed import DistContext
+from moco.engine.logs import Log
 from moco.eval.features import source_features
 from moco.eval.knn import knn_accuracy
 
-Log = Callable[[str], None]
 #: (this rank's bank images, this rank's queries, the bank's size, the queries' size)
 MonitorSources = tuple[ImageSource, ImageSource, int, int]
 

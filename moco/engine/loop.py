@@ -12,9 +12,10 @@ autocast dtype, an optional grad scaler and a :class:`~moco.core.shuffle_bn.KeyS
 
 from __future__ import annotations
 
+import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tqdm import tqdm
@@ -31,6 +32,7 @@ from moco.engine.distributed import (
     is_communication_error,
     shutdown_distributed,
 )
+from moco.engine.logs import Log
 from moco.engine.run import TrainingRun
 from moco.engine.run_state import (
     PretrainResult,
@@ -42,7 +44,7 @@ from moco.engine.rundir import (
 from moco.engine.signals import StopFlag, stop_on_signals
 from moco.engine.training_step import EpochMeter, train_step
 
-Log = Callable[[str], None]
+_log = logging.getLogger(__name__)
 
 
 class Pretrainer(TrainingRun):
@@ -246,7 +248,7 @@ def _first_line(e: BaseException) -> str:
     return re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0] if str(e) else type(e).__name__)[:300]
 
 
-def pretrain(cfg: MocoConfig, *, log: Log = print, progress: bool = True,
+def pretrain(cfg: MocoConfig, *, log: Log = _log.info, progress: bool = True,
              overwrite: bool = False) -> PretrainResult:
     """Train MoCo as ``cfg`` says and return where the checkpoint and metrics are.
 

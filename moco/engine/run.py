@@ -7,8 +7,8 @@ and its description. The loop that trains it is :class:`moco.engine.loop.Pretrai
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shlex
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from moco.engine.distributed import (
     wrap_ddp,
 )
 from moco.engine.evaluation import MonitorSources, monitor_knn, monitor_sources
+from moco.engine.logs import Log
 from moco.engine.machine import describe_machine
 from moco.engine.paths import check_output
 from moco.engine.run_state import (
@@ -73,14 +74,14 @@ from moco.engine.runtime import (
 from moco.engine.staleness import Staleness, measure_staleness
 from moco.engine.training_step import EpochMeter
 
-Log = Callable[[str], None]
+_log = logging.getLogger(__name__)
 
 
 class TrainingRun:
     """One pretraining run, built and checked before its folder is touched; resumed from a
     checkpoint when ``cfg.resume`` says. :class:`~moco.engine.loop.Pretrainer` trains it."""
 
-    def __init__(self, cfg: MocoConfig, *, log: Log = print, progress: bool = True,
+    def __init__(self, cfg: MocoConfig, *, log: Log = _log.info, progress: bool = True,
                  overwrite: bool = False, dist: DistContext | None = None) -> None:
         cfg.validate()
         check_output(cfg.output, "--output", folders={"the data folder": cfg.data})

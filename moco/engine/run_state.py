@@ -11,7 +11,6 @@ older checkpoints and the original's (which have no ``moco`` entry) resume as be
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,8 @@ import torch
 
 from moco.engine.checkpoint import CheckpointError, check_finite, describe_contents, model_state
 from moco.engine.config import RESUME_FREE, MocoConfig
+from moco.engine.logs import Log
 
-Log = Callable[[str], None]
 CHECKPOINT_FORMAT = 1  # version of the "moco" entry; a newer one is refused on resume
 
 

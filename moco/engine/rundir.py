@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,9 @@ from moco.engine.checkpoint import (
     model_state,
 )
 from moco.engine.distributed import DistContext
+from moco.engine.logs import Log
 from moco.engine.runlock import RunLock
 
-Log = Callable[[str], None]
 CHECKPOINT_GLOB = "checkpoint_*.pth.tar"
 
 

@@ -21,10 +21,10 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from moco.core.errors import FolderInUseError
+from moco.engine.logs import Log
 
 LOCK_NAME = ".lock"
 _log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class RunLock:
     """``with RunLock(folder):`` or ``lock = RunLock(folder).acquire()`` ... ``lock.release()``."""
 
     def __init__(self, folder: str | Path, *, what: str = "run folder",
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Log | None = None) -> None:
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self.what = what

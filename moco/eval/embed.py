@@ -13,6 +13,7 @@ normalisation) and yields one row of an [N, D] float32 matrix. Output:
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,10 +60,9 @@ def list_images(root: str | Path, skip_bad: bool = False) -> list[Path]:
             raise DataError(f"cannot list the folder {where}: {why} ({len(unreadable)} "
                             f"unreadable folder(s) under {r}); fix its permissions, or pass "
                             "--skip-bad to leave it out")
-        import sys
-
-        print(f"moco embed: warning: left out {len(unreadable)} unreadable folder(s), e.g. "
-              f"{where} ({why})", file=sys.stderr)
+        logging.getLogger(__name__).warning(
+            f"moco embed: warning: left out {len(unreadable)} unreadable folder(s), e.g. "
+            f"{where} ({why})")
     if not files:
         raise DataError(f"no images found under {r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return files

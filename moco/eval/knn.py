@@ -4,11 +4,33 @@ from :func:`moco.eval.features.extract_features` (re-exported here)."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 
 from moco.eval.features import extract_features
 
-__all__ = ["extract_features", "knn_accuracy", "knn_scores"]
+__all__ = ["KnnResult", "extract_features", "knn_accuracy", "knn_evaluate", "knn_scores"]
+
+
+@dataclass
+class KnnResult:
+    """What :func:`knn_evaluate` measured: accuracies in %, the settings, sizes and times."""
+
+    top1: float
+    top5: float
+    k: int
+    t: float
+    features: str
+    bank_size: int
+    num_queries: int
+    feature_dim: int
+    extract_seconds: float
+    knn_seconds: float
+
+
 
 
 @torch.no_grad()
@@ -64,3 +86,51 @@ def knn_accuracy(
         correct5 += int((ranked[:, : min(5, num_classes)] == y[:, None]).any(dim=1).sum())
     n = query.shape[0]
     return 100.0 * correct1 / n, 100.0 * correct5 / n
+
+
+def knn_evaluate(data: str | Path, pretrained: str | Path, *, arch: str | None = None,
+                 k: int = 200, t: float = 0.1, features: str | None = None,
+                 image_size: int | None = None, batch_size: int = 256, workers: int = -1,
+                 device: str = "auto", bank_chunk: int = 65536, half_bank: bool = False,
+                 precision: str | None = None, progress: bool = True) -> KnnResult:
+    """kNN top-1/top-5 (%) of ``pretrained`` on ``data`` (train = bank, val/test = queries):
+    what ``moco knn`` prints. Each query's class scores are the sums of exp(similarity / t)
+    over its ``k`` nearest bank rows of each class (:func:`knn_scores`).
+
+    The images go through the training monitor's pipeline with the settings the pretraining
+    run recorded (:func:`moco.eval.features.eval_config`: image size, mean/std, loader,
+    precision, channels_last), so a checkpoint gets the figure its run's monitor logged."""
+    from tqdm import tqdm
+
+    from moco.data.splits import find_dataset, knn_splits
+    from moco.engine.runtime import default_workers, resolve_device, resolve_precision
+    from moco.eval import features as feats
+    from moco.eval.arguments import check_numbers
+    from moco.eval.encoders import load_encoder
+
+    check_numbers(k=k, t=t, batch_size=batch_size, bank_chunk=bank_chunk, workers=workers,
+                  image_size=image_size)
+    # The same check of the splits as the training monitor's (moco.data.splits.knn_splits).
+    bank_source, query_source = knn_splits(find_dataset(data), data, required=True)  # type: ignore[misc]
+    dev = resolve_device(device)
+    model, info = load_encoder(pretrained, arch, dev, features=features)
+    nw = workers if workers >= 0 else default_workers(dev)
+    cfg = feats.eval_config(info.config, image_size=image_size or info.image_size,
+                            mean=info.mean, std=info.std, workers=nw, precision=precision)
+    autocast = resolve_precision(cfg.precision, dev)
+    t0 = time.perf_counter()
+    total = len(bank_source) + len(query_source)
+    with tqdm(total=total, desc="features", unit="img", disable=not progress,
+              dynamic_ncols=True) as bar:
+        bank, bank_labels = feats.source_features(
+            model, bank_source, cfg, dev, nw, autocast_dtype=autocast, batch_size=batch_size,
+            dtype=torch.float16 if half_bank else torch.float32, progress=bar)
+        query, query_labels = feats.source_features(
+            model, query_source, cfg, dev, nw, autocast_dtype=autocast, batch_size=batch_size,
+            progress=bar)
+    t1 = time.perf_counter()
+    top1, top5 = knn_accuracy(query.to(dev), query_labels, bank, bank_labels, k=k, t=t,
+                              bank_chunk=bank_chunk)
+    t2 = time.perf_counter()
+    return KnnResult(top1, top5, k, t, info.features, len(bank_source), len(query_source),
+                     int(bank.shape[1]), t1 - t0, t2 - t1)

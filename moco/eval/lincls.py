@@ -30,9 +30,9 @@ set, which usually lowers the accuracy a little.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from moco.engine.distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from moco.engine.logs import Log
 from moco.engine.paths import check_output
 from moco.engine.runlock import RunLock
 from moco.engine.runlog import write_metrics
@@ -80,7 +81,7 @@ from moco.eval.lincls_state import (
 )
 from moco.eval.pretrained import describe_encoder, read_encoder
 
-Log = Callable[[str], None]
+_log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32", "bf16")
 __all__ = ["LinclsConfig", "LinclsResult", "LinearClassification", "SanityCheckError",
            "accuracy", "build_linear_model", "linear_classification", "linear_optimizer",
@@ -144,7 +145,7 @@ class LinearClassification:
     """One ``moco lincls`` run (one process of it under torchrun). ``run()`` trains (or
     evaluates) and returns the result."""
 
-    def __init__(self, cfg: LinclsConfig, *, log: Log = print, progress: bool = True,
+    def __init__(self, cfg: LinclsConfig, *, log: Log = _log.info, progress: bool = True,
                  ctx: DistContext | None = None) -> None:
         cfg.validate()
         self.cfg = cfg
@@ -356,7 +357,7 @@ class LinearClassification:
                 f"device {self.device}, {prec}{procs} -> {self.run_dir}")
 
 
-def linear_classification(cfg: LinclsConfig, *, log: Log = print, progress: bool = True,
+def linear_classification(cfg: LinclsConfig, *, log: Log = _log.info, progress: bool = True,
                           ctx: DistContext | None = None) -> LinclsResult:
     """Run the linear protocol as ``cfg`` says (see the module docstring). Under torchrun
     without ``ctx``, the process group is joined here and left at the end."""

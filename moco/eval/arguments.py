@@ -1,5 +1,6 @@
-"""What the evaluation commands share: their numeric flags, checked as the pretrain settings
-are (:func:`moco.engine.settings.coerce`: integers, finite numbers, ranges)."""
+"""The numeric arguments of the evaluation functions and commands (knn, embed, lincls),
+checked as the pretrain settings are (:func:`moco.engine.settings.coerce`: integers, finite
+numbers, ranges), with errors naming the flag."""
 
 from __future__ import annotations
 
