@@ -131,7 +131,14 @@ def build_backbone(name: str, *, cifar_stem: bool = False, norm_layer: NormLayer
 
 
 def strip_head(encoder: nn.Module) -> nn.Module:
-    """A copy of ``encoder`` whose ``fc`` is the identity: input [B,3,H,W] -> features [B, D]."""
+    """A copy of ``encoder`` whose ``fc`` is the identity: input [B,3,H,W] -> features [B, D].
+    An encoder without an ``fc`` layer (not built by :func:`build_backbone`) is a
+    :class:`ConfigError`: which layer is the head cannot be told."""
+    if not isinstance(getattr(encoder, "fc", None), nn.Module):
+        raise ConfigError(
+            f"strip_head: this {type(encoder).__name__} has no 'fc' layer, so its projection "
+            "head cannot be told apart; name the head 'fc' (as torchvision's ResNets and "
+            "build_encoder do) or take the features from your own backbone")
     features = copy.deepcopy(encoder)
     features.fc = nn.Identity()
     return features

@@ -113,6 +113,11 @@ class SplitBatchNorm(nn.BatchNorm2d):
                 f"SplitBatchNorm: batch {n} is not divisible by --bn-splits {s}; "
                 "choose a batch size that is a multiple of the number of splits"
             )
+        if (n // s) * h * w <= 1:
+            raise ConfigError(
+                f"SplitBatchNorm: each of the {s} splits holds {n // s} image(s) of {h}x{w} at "
+                "this layer, 1 value per channel, which BatchNorm cannot normalise; use fewer "
+                "splits (bn_splits / --bn-splits), a larger batch or larger images")
         assert self.running_mean is not None and self.running_var is not None
         momentum = self.momentum if self.momentum is not None else 0.1
         if not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last):

@@ -1,14 +1,18 @@
 """``DATA`` -> its splits: ``train/`` and ``val/`` or ``test/`` (the original's layout),
 whatever holds them (an image folder, its index, tar shards, CIFAR python batches), and the
-pair of labeled splits the kNN evaluation needs.
+pair of labeled splits the kNN evaluation needs. A folder of images without ``train/`` is a
+training set on its own (pretraining and embedding; no kNN evaluation).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from moco.data.folders import CIFAR_FOLDERS, cifar_python
 from moco.data.source import DataError, DatasetSplits, ImageSource, class_mismatch
+
+_log = logging.getLogger(__name__)
 
 
 def find_dataset(root: str | Path, on_bad_image: str = "stop",
@@ -16,7 +20,9 @@ def find_dataset(root: str | Path, on_bad_image: str = "stop",
     """Resolve ``DATA`` to its train and val/test splits, with errors that say what to fix
     (``on_bad_image``: what a folder that cannot be listed does, see :func:`image_folder`).
     Folders are listed through their index in the cache folder (``cache_dir``, default
-    ``$MOCO_CACHE``; :mod:`moco.data.index`); ``DATA`` may also be tar shards (:mod:`moco.data.shards`)."""
+    ``$MOCO_CACHE``; :mod:`moco.data.index`); ``DATA`` may also be tar shards (:mod:`moco.data.shards`),
+    or a folder of images without ``train/`` (flat or one sub-folder per class): the training
+    set, without a val/test split."""
     if not str(root):
         raise DataError("no data folder given: pass DATA, or set $MOCO_DATA")
     r = Path(root)
@@ -35,10 +41,7 @@ def find_dataset(root: str | Path, on_bad_image: str = "stop",
     if shards is not None:
         return shards
     if not (r / "train").is_dir():
-        raise DataError(
-            f"{r} has no train/ folder: expected DATA/train/ (ImageFolder layout or a flat folder "
-            "of images) and optionally DATA/val/ or DATA/test/, or a torchvision CIFAR python folder"
-        )
+        return DatasetSplits(_bare_folder(r, on_bad_image, cache_dir), None)
     train: ImageSource = listed_folder(r / "train", on_bad_image, cache_dir, r)
     test = None
     for name in ("val", "test"):
@@ -46,6 +49,29 @@ def find_dataset(root: str | Path, on_bad_image: str = "stop",
             test = listed_folder(r / name, on_bad_image, cache_dir, r)
             break
     return DatasetSplits(train, test)
+
+
+def _bare_folder(r: Path, on_bad_image: str, cache_dir: str | Path | None) -> ImageSource:
+    """A folder without train/: its images (flat, or one sub-folder per class) are the
+    training set, with no val/test split; one holding val/ or test/ but no train/, or no
+    images at all, is refused."""
+    from moco.data.index import listed_folder
+
+    expected = ("expected DATA/train/ (ImageFolder layout or a flat folder of images) and "
+                "optionally DATA/val/ or DATA/test/, a folder of images to pretrain on, or a "
+                "torchvision CIFAR python folder")
+    held = [n for n in ("val", "test") if (r / n).is_dir()]
+    if held:
+        raise DataError(f"{r} has {held[0]}/ but no train/ folder: {expected}")
+    try:
+        train = listed_folder(r, on_bad_image, cache_dir, r)
+    except DataError as e:
+        if "no images found" not in str(e):
+            raise
+        raise DataError(f"{r} has no train/ folder and no images: {expected}") from None
+    _log.info(f"{r} has no train/ folder: its {len(train)} images are the training set, "
+              "without a val/ or test/ split")
+    return train
 
 
 def knn_splits(splits: DatasetSplits, data: str | Path, *, required: bool,
@@ -61,7 +87,8 @@ def knn_splits(splits: DatasetSplits, data: str | Path, *, required: bool,
     train, test = splits.train, splits.test
     if not train.labeled:
         if required:
-            raise DataError(f"{data}/train is unlabeled: kNN needs one sub-folder per class")
+            raise DataError(f"the training images ({train.name}) are unlabeled: kNN needs "
+                            f"{data}/train with one sub-folder of images per class")
         return None
     if test is None or not test.labeled:
         if required:

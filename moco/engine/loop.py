@@ -70,7 +70,8 @@ class Pretrainer(TrainingRun):
                 s.knn_random_init = r[0]
                 self.log(f"kNN top-1 of the randomly initialised network: {r[0]:.2f}%")
             elif self.knn_bank is None:
-                self.log("train/ is unlabeled: kNN evaluation is skipped")
+                self.log("the training images are unlabeled (no class folders): kNN evaluation "
+                         "is skipped")
             else:
                 self.log("no labeled val/ or test/ split: kNN evaluation is skipped")
         first_epoch, t_start = s.epoch, time.perf_counter()
