@@ -1,11 +1,132 @@
-"""moco: Momentum Contrast (MoCo v1/v2) self-supervised pretraining.
+"""moco: Momentum Contrast (MoCo v1/v2) self-supervised pretraining, as a library and a CLI.
 
 He et al., "Momentum Contrast for Unsupervised Visual Representation Learning", CVPR 2020;
 Chen et al., "Improved Baselines with Momentum Contrastive Learning", arXiv 2003.04297.
+
+The public API is the names in ``__all__`` (see the README's "Use it as a library"):
+
+* the paper's parts: :class:`MoCo` (Algorithm 1 around any encoder ``nn.Module``),
+  :func:`build_encoder`, :class:`KeyQueue`, :func:`info_nce` / :func:`moco_logits`,
+  :func:`momentum_update`, :class:`SplitBatchNorm` and the key shuffles (Shuffling BN);
+* configuration and training: :class:`MocoConfig`, :func:`build_config`, :func:`pretrain`,
+  :class:`PretrainResult`, the augmentations (:func:`pretrain_transform`, :class:`TwoViews`);
+* pretrained encoders: :func:`load_backbone`, :func:`extract_features`, :func:`knn_evaluate`,
+  :func:`linear_classification`, :func:`embed_images`, :func:`export_checkpoint`;
+* :class:`MocoError`, the base of every error a user can fix (one line: what, where, the fix).
+
+Names are imported on first use: ``import moco`` alone loads neither torch nor anything else.
 """
 
-from moco.core.model import MoCo
-from moco.engine.config import MocoConfig
+from __future__ import annotations
 
-__all__ = ["MoCo", "MocoConfig"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+# name -> the module that defines it
+_API: dict[str, str] = {
+    # the paper's parts (moco.core)
+    "MoCo": "moco.core.model",
+    "StepOutput": "moco.core.model",
+    "build_encoder": "moco.core.model",
+    "build_backbone": "moco.core.backbones",
+    "register_backbone": "moco.core.backbones",
+    "strip_head": "moco.core.backbones",
+    "linear_head": "moco.core.heads",
+    "mlp_head": "moco.core.heads",
+    "KeyQueue": "moco.core.queue",
+    "info_nce": "moco.core.loss",
+    "moco_logits": "moco.core.loss",
+    "momentum_update": "moco.core.momentum",
+    "SplitBatchNorm": "moco.core.shuffle_bn",
+    "convert_split_bn": "moco.core.shuffle_bn",
+    "KeyShuffle": "moco.core.shuffle_bn",
+    "NoShuffle": "moco.core.shuffle_bn",
+    "LocalShuffle": "moco.core.shuffle_bn",
+    "DDPShuffle": "moco.core.shuffle_bn",
+    "make_key_shuffle": "moco.core.shuffle_bn",
+    # configuration, data and pretraining
+    "MocoConfig": "moco.engine.config",
+    "build_config": "moco.engine.config_sources",
+    "pretrain": "moco.engine.loop",
+    "PretrainResult": "moco.engine.run_state",
+    "pretrain_transform": "moco.data.augment",
+    "eval_transform": "moco.data.augment",
+    "TwoViews": "moco.data.augment",
+    # pretrained encoders: loading, features, evaluation, export
+    "load_backbone": "moco.eval.encoders",
+    "load_encoder": "moco.eval.encoders",
+    "PretrainedInfo": "moco.eval.pretrained",
+    "extract_features": "moco.eval.features",
+    "knn_evaluate": "moco.eval.knn",
+    "knn_accuracy": "moco.eval.knn",
+    "KnnResult": "moco.eval.knn",
+    "linear_classification": "moco.eval.lincls",
+    "LinclsConfig": "moco.eval.lincls",
+    "embed_images": "moco.eval.embed",
+    "export_checkpoint": "moco.eval.export",
+    "EXPORT_FORMATS": "moco.eval.export",
+    # errors
+    "MocoError": "moco.core.errors",
+    "ConfigError": "moco.core.errors",
+    "RunError": "moco.core.errors",
+    "CheckpointError": "moco.engine.checkpoint",
+    "DataError": "moco.data.source",
+}
+
+__all__ = [  # a literal list for static tools; tests/test_api.py checks it against _API
+    "CheckpointError", "ConfigError", "DDPShuffle", "DataError", "EXPORT_FORMATS", "KeyQueue",
+    "KeyShuffle", "KnnResult", "LinclsConfig", "LocalShuffle", "MoCo", "MocoConfig", "MocoError",
+    "NoShuffle", "PretrainResult", "PretrainedInfo", "RunError", "SplitBatchNorm", "StepOutput",
+    "TwoViews", "build_backbone", "build_config", "build_encoder", "convert_split_bn",
+    "embed_images", "eval_transform", "export_checkpoint", "extract_features", "info_nce",
+    "knn_accuracy", "knn_evaluate", "linear_classification", "linear_head", "load_backbone",
+    "load_encoder", "make_key_shuffle", "mlp_head", "moco_logits", "momentum_update", "pretrain",
+    "pretrain_transform", "register_backbone", "strip_head",
+]
+
+if TYPE_CHECKING:  # the names for type checkers and editors; at run time see __getattr__
+    from moco.core.backbones import build_backbone, register_backbone, strip_head
+    from moco.core.errors import ConfigError, MocoError, RunError
+    from moco.core.heads import linear_head, mlp_head
+    from moco.core.loss import info_nce, moco_logits
+    from moco.core.model import MoCo, StepOutput, build_encoder
+    from moco.core.momentum import momentum_update
+    from moco.core.queue import KeyQueue
+    from moco.core.shuffle_bn import (
+        DDPShuffle,
+        KeyShuffle,
+        LocalShuffle,
+        NoShuffle,
+        SplitBatchNorm,
+        convert_split_bn,
+        make_key_shuffle,
+    )
+    from moco.data.augment import TwoViews, eval_transform, pretrain_transform
+    from moco.data.source import DataError
+    from moco.engine.checkpoint import CheckpointError
+    from moco.engine.config import MocoConfig
+    from moco.engine.config_sources import build_config
+    from moco.engine.loop import pretrain
+    from moco.engine.run_state import PretrainResult
+    from moco.eval.embed import embed_images
+    from moco.eval.encoders import load_backbone, load_encoder
+    from moco.eval.export import EXPORT_FORMATS, export_checkpoint
+    from moco.eval.features import extract_features
+    from moco.eval.knn import KnnResult, knn_accuracy, knn_evaluate
+    from moco.eval.lincls import LinclsConfig, linear_classification
+    from moco.eval.pretrained import PretrainedInfo
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moco' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

@@ -42,6 +42,10 @@ class TrainState:
 
 @dataclass
 class PretrainResult:
+    """What :func:`moco.engine.loop.pretrain` returns: the run folder, the newest checkpoint,
+    one record per epoch (the lines of ``metrics.jsonl``: loss, acc1, lr, knn_top1, ...), the
+    untrained network's kNN top-1, and whether a budget or a signal stopped it early."""
+
     run_dir: Path
     checkpoint: Path
     history: list[dict[str, Any]]
