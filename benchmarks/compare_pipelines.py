@@ -23,7 +23,7 @@ within the seed-to-seed spread; ``--seeds 0,1`` runs each pipeline twice to show
 A pipeline "learns as well" when its loss and pretext-accuracy curves lie within the spread
 of the other's seeds and its final kNN top-1 is equal within that spread, after a run long
 enough to pass the untrained network's kNN (about 35-37 % for a ResNet-18 on this CIFAR-10
-copy, ../shared/data/README.md).
+copy, by the notes that come with the data set).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``moco ablate``: train the runs of a grid one after the other (resumable run by run),
 measure the mechanisms' cost per step, then write the report (MoCo v1 §4.1 / App. A.9,
-MoCo v2 Tables 1-3; REFERENCE.md §3.1, §10). The grid file format is in
+MoCo v2 Tables 1-3). The grid file format is in
 :mod:`moco.ablation.grid`, the report in :mod:`moco.ablation.report`."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Ablation grid files (the comparisons of MoCo v1 §4.1 / App. A.9 and MoCo v2 Tables 1-3;
-REFERENCE.md §3.1, §10): the runs of a grid, their settings and the state of their folders.
+MoCo v1 §3.3): the runs of a grid, their settings and the state of their folders.
 
 A grid is a YAML file::
 

@@ -1,5 +1,5 @@
 """Peak memory and time per training step of a mechanism at a batch size, on synthetic
-batches (the analogue of MoCo v2 Table 3; REFERENCE.md §10.3)."""
+batches (the analogue of MoCo v2 Table 3)."""
 
 from __future__ import annotations
 

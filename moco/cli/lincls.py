@@ -1,4 +1,4 @@
-"""``moco lincls DATA --pretrained CKPT``: the linear classification protocol (REFERENCE.md §8),
+"""``moco lincls DATA --pretrained CKPT``: the linear classification protocol (MoCo v1 §4.1),
 flags named as the original ``main_lincls.py``."""
 
 from __future__ import annotations

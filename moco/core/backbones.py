@@ -1,4 +1,5 @@
-"""Backbones by name (``-a/--arch``), optionally with the CIFAR stem (REFERENCE.md §6.2).
+"""Backbones by name (``-a/--arch``), optionally with the CIFAR stem (the CIFAR-10 notebook's
+``ModelBase``: 3x3 stride-1 conv1, no max-pool).
 
 * torchvision ResNets: ``resnet18`` ... ``resnet152``, ``resnext50_32x4d``,
   ``resnext101_32x8d``, torchvision's ``wide_resnet50_2``/``wide_resnet101_2`` (bottleneck

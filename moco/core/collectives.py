@@ -21,7 +21,8 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 @torch.no_grad()
 def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     """Every rank's ``tensor`` (same shape on all ranks) concatenated along dim 0 in rank
-    order. No gradient flows back through it (REFERENCE.md §1.3). Identity without a group."""
+    order. No gradient flows back through it (as ``moco/builder.py``'s
+    ``concat_all_gather``). Identity without a group."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
     fmt = _memory_format(tensor)

@@ -1,4 +1,4 @@
-"""Projection heads: v1 linear fc and v2 MLP (REFERENCE.md §2)."""
+"""Projection heads: v1 linear fc and v2 MLP (MoCo v2 §2; ``moco/builder.py``)."""
 
 from __future__ import annotations
 

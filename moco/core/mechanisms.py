@@ -1,5 +1,5 @@
 """The two other contrastive mechanisms the MoCo paper compares against (MoCo v1 §3.2,
-Figure 2 and Figure 3; REFERENCE.md §11), behind the same interface as :class:`MoCo`.
+Figure 2 and Figure 3), behind the same interface as :class:`MoCo`.
 
 Every mechanism is an ``nn.Module`` whose ``forward(im_q, im_k, shuffle, index)`` returns a
 :class:`~moco.core.model.StepOutput` (loss, logits [N, 1+K] with the positive in column 0), and
@@ -54,7 +54,7 @@ def end_to_end_logits(q: torch.Tensor, k: torch.Tensor, t: float) -> torch.Tenso
 
 
 class EndToEnd(nn.Module):
-    """End-to-end mechanism (MoCo v1 §3.2 / Figure 2a, REFERENCE.md §11.2).
+    """End-to-end mechanism (MoCo v1 §3.2 / Figure 2a).
 
     The keys are the current mini-batch's second views, encoded by the *query* encoder with
     gradients (one encoder, back-propagated through both views); each query's positive is
@@ -104,7 +104,7 @@ class FeatureBank(nn.Module):
 
     Initialisation (``init``):
         ``"random"`` (default): standard-normal rows normalised to unit length, the same
-        rule as MoCo's initial queue (REFERENCE.md §1.1), so every entry is on the unit
+        rule as MoCo's initial queue (``moco/builder.py``), so every entry is on the unit
         sphere from step 0, like the entries written later.
         ``"uniform"``: InstDisc's ``lemniscate.pytorch`` rule, U(-a, a) with
         a = 1/sqrt(dim/3), i.e. E‖v‖² = 1 but rows not exactly unit length.
@@ -163,7 +163,7 @@ class FeatureBank(nn.Module):
 
 class MemoryBank(nn.Module):
     """Memory-bank mechanism, InstDisc style as MoCo describes it (MoCo v1 §3.2 / Figure 2b,
-    §4.1; REFERENCE.md §11.1), with the InfoNCE loss of the MoCo paper's re-implementation.
+    §4.1), with the InfoNCE loss of the MoCo paper's re-implementation.
 
     Each step: q = normalize(f_q(im_q)) [N, C] (only the first view is used); the positive of
     query n is its own bank entry v_{index[n]}; K negatives are drawn uniformly (with

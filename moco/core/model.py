@@ -127,7 +127,8 @@ class MoCo(nn.Module):
         shuffle: KeyShuffle | None = None,
         index: torch.Tensor | None = None,
     ) -> StepOutput:
-        """One MoCo step on two views [B,3,H,W] (REFERENCE.md §1.5). ``index`` (the samples'
+        """One MoCo step on two views [B,3,H,W] (MoCo v1 Algorithm 1; ``moco/builder.py``'s
+        ``forward``). ``index`` (the samples'
         dataset indices) is unused by MoCo; other mechanisms share this signature.
 
         Order: EMA update of f_k, keys, logits against the current queue, then enqueue.

@@ -1,4 +1,4 @@
-"""Momentum (EMA) update of the key encoder (MoCo v1 Eq. 2, REFERENCE.md §1.4)."""
+"""Momentum (EMA) update of the key encoder (MoCo v1 Eq. 2; ``moco/builder.py``)."""
 
 from __future__ import annotations
 

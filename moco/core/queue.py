@@ -1,4 +1,5 @@
-"""The dictionary as a FIFO queue of keys (MoCo v1 §3.2, REFERENCE.md §1.3)."""
+"""The dictionary as a FIFO queue of keys (MoCo v1 §3.2; ``moco/builder.py``'s
+``_dequeue_and_enqueue``)."""
 
 from __future__ import annotations
 

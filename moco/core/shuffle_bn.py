@@ -92,7 +92,8 @@ class SplitBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d that, in training, normalises S interleaved sub-batches separately.
 
     Input [B, C, H, W] with B divisible by S. Split s holds samples s, s+S, s+2S, ...
-    Running statistics become the average over the S per-split updates (REFERENCE.md §3.3).
+    Running statistics become the average over the S per-split updates (the CIFAR-10 notebook's
+    SplitBatchNorm).
     In eval mode it is plain BN with the running statistics. A channels_last input stays
     channels_last (:class:`_SplitBNChannelsLast`), an NCHW one folds the splits into channels.
     """

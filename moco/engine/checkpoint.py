@@ -1,4 +1,4 @@
-"""Checkpoints in the original ``main_moco.py`` layout (REFERENCE.md §7), saved atomically and
+"""Checkpoints in the original ``main_moco.py`` layout, saved atomically and
 loaded without executing code (``torch.load(weights_only=True)``).
 
 Top level: ``epoch`` (finished epochs), ``arch``, ``state_dict`` (``module.queue``,

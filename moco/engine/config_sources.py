@@ -97,11 +97,15 @@ def build_config(
 
 
 def default_data_dir() -> str:
-    """``$MOCO_DATA``, else ``../shared/data/cifar10`` when present, else empty."""
+    """The data folder when none is given: ``$MOCO_DATA``; else, as a convenience of the
+    machines this project is developed on, ``../shared/data/cifar10`` beside the checkout
+    (relative to the working folder, then to the repository) when it exists; else empty (a
+    run then asks for DATA)."""
     env = os.environ.get("MOCO_DATA")
     if env:
         return env
-    for candidate in (Path("../shared/data/cifar10"), Path(__file__).resolve().parents[2] / "shared/data/cifar10"):
+    repo = Path(__file__).resolve().parents[2]  # moco/engine/config_sources.py -> the checkout
+    for candidate in (Path("../shared/data/cifar10"), repo.parent / "shared/data/cifar10"):
         if candidate.is_dir():
             return str(candidate)
     return ""

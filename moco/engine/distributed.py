@@ -304,7 +304,8 @@ def wrap_ddp(model: nn.Module, ctx: DistContext, device: torch.device,
     gradient all-reduce. Buffers are synced from rank 0 once, at construction, but not before
     every forward (``forward_sync_buffers=False``, the successor of ``broadcast_buffers=False``,
     whichever this torch has):
-    unlike the original, whose DDP kept the default (REFERENCE.md §12.18). The queue ([C, K], 32 MiB at K=65536) is identical on every rank by
+    unlike the original, whose DDP kept the default (``broadcast_buffers=True`` in
+    ``main_moco.py``). The queue ([C, K], 32 MiB at K=65536) is identical on every rank by
     construction, and BN running statistics are never used during pretraining; rank 0's own
     buffers, which are what checkpoints and kNN use, are the same either way. With
     ``sync_bn`` every BatchNorm becomes a SyncBatchNorm first (parameters are kept).

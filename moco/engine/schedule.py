@@ -1,4 +1,5 @@
-"""Learning-rate schedules, set once per epoch as the original (REFERENCE.md §4.3)."""
+"""Learning-rate schedules, set once per epoch as the original (``main_moco.py``'s
+``adjust_learning_rate``; the CIFAR-10 notebook's cosine is 1-based)."""
 
 from __future__ import annotations
 

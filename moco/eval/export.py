@@ -5,7 +5,7 @@ Formats:
 * ``torchvision``: a state dict (``torch.save``) of the backbone under torchvision names, no
   ``fc``: ``torchvision.models.<arch>().load_state_dict(sd, strict=False)`` reports exactly
   ``fc.weight`` and ``fc.bias`` missing and nothing unexpected.
-* ``detectron2``: exactly ``detection/convert-pretrain-to-detectron2.py`` (REFERENCE.md §9.1):
+* ``detectron2``: exactly ``detection/convert-pretrain-to-detectron2.py`` of the original code:
   a pickle of ``{"model": {name: ndarray}, "__author__": "MOCO", "matching_heuristics": True}``
   with the renaming rules applied to ``module.encoder_q.*`` (the head kept as ``stem.fc*``).
 * ``safetensors``: the backbone tensors plus string metadata (``arch``, ``cifar_stem``,
@@ -75,7 +75,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
 def detectron2_name(key: str) -> str | None:
     """One key of the checkpoint -> its detectron2 name, or None when it is dropped.
 
-    The rules of ``convert-pretrain-to-detectron2.py`` in order (REFERENCE.md §9.1): keep
+    The rules of ``convert-pretrain-to-detectron2.py`` in order: keep
     only ``module.encoder_q.*`` and remove that prefix; prepend ``stem.`` unless the name
     contains ``layer``; ``layer{t}`` -> ``res{t+1}``; ``bn{t}`` -> ``conv{t}.norm``;
     ``downsample.0`` -> ``shortcut``; ``downsample.1`` -> ``shortcut.norm``.

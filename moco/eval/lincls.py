@@ -1,4 +1,4 @@
-"""Linear classification on frozen features: the protocol of ``main_lincls.py`` (REFERENCE.md §8).
+"""Linear classification on frozen features: the protocol of ``main_lincls.py`` (MoCo v1 §4.1).
 
 Set-up, in the original's order (§8.2): the torchvision network with a new ``fc``
 (D -> classes), every parameter but ``fc.weight``/``fc.bias`` frozen, ``fc`` initialised

@@ -1,4 +1,4 @@
-"""The pieces of ``main_lincls.py``'s protocol (REFERENCE.md §8): the frozen model and its
+"""The pieces of ``main_lincls.py``'s protocol (MoCo v1 §4.1): the frozen model and its
 ``fc``, the optimizer, the train augmentation, the sanity check and top-k accuracy."""
 
 from __future__ import annotations
@@ -17,19 +17,20 @@ from moco.eval.pretrained import PretrainedInfo, read_encoder
 
 
 class SanityCheckError(RuntimeError):
-    """The frozen backbone changed during linear training (it must not, REFERENCE.md §8.4)."""
+    """The frozen backbone changed during linear training (it must not: ``main_lincls.py``'s
+    ``sanity_check``)."""
 
 
 def train_transform(image_size: int, mean: Iterable[float], std: Iterable[float]) -> T.Compose:
     """``main_lincls.py``'s train augmentation: RandomResizedCrop (default scale 0.08-1) and a
-    horizontal flip (REFERENCE.md §8.3)."""
+    horizontal flip."""
     return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(),
                       T.Normalize(mean=list(mean), std=list(std))])
 
 
 def build_linear_model(info: PretrainedInfo, backbone: dict[str, torch.Tensor], num_classes: int,
                        seed: int = 0) -> nn.Module:
-    """The frozen network with a fresh ``fc`` (REFERENCE.md §8.2, steps 1-4).
+    """The frozen network with a fresh ``fc``, set up as ``main_lincls.py`` does.
 
     Returns a torchvision-style model ([B,3,H,W] -> logits [B, num_classes]) whose only
     trainable tensors are ``fc.weight`` ~ N(0, 0.01) and ``fc.bias`` = 0.
@@ -74,7 +75,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def sanity_check(state_dict: dict[str, torch.Tensor], pretrained: str | Path) -> None:
-    """``main_lincls.py``'s ``sanity_check`` (REFERENCE.md §8.4).
+    """``main_lincls.py``'s ``sanity_check``.
 
     Reloads ``pretrained`` and checks that every tensor of ``state_dict`` except the ones
     named ``fc.weight``/``fc.bias`` equals the pretrained query encoder's tensor of the same

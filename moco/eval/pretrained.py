@@ -6,10 +6,11 @@
 identity, eval mode) from them in one call. Accepted files:
 
 * checkpoints written by ``moco pretrain`` (the original layout plus our ``moco`` entry);
-* checkpoints written by the original ``main_moco.py`` (REFERENCE.md §7): ``state_dict`` with
+* checkpoints written by the original ``main_moco.py``: ``state_dict`` with
   ``module.encoder_q.*`` (v1 ``fc`` or v2 ``fc.0``/``fc.2`` head), ``module.encoder_k.*``,
   ``module.queue``, ``module.queue_ptr``;
-* the CIFAR demo's checkpoints (REFERENCE.md §6.2): ``encoder_q.net.N`` keys, no ``module.``;
+* the CIFAR-10 notebook's checkpoints: ``encoder_q.net.N`` keys (its ``ModelBase``), no
+  ``module.``;
 * bare torchvision state dicts (``conv1.weight``, ..., optionally ``fc.*`` and ``module.``),
   which covers ``moco export --format torchvision`` and ``moco lincls`` checkpoints;
 * ``.safetensors`` files written by ``moco export --format safetensors``.
@@ -49,7 +50,7 @@ from moco.engine.checkpoint import (
     model_state,
 )
 
-# The demo's ``nn.Sequential`` indices (REFERENCE.md §6.2) -> torchvision names.
+# The notebook's ``ModelBase.net`` (an ``nn.Sequential``) indices -> torchvision names.
 _DEMO_NET = {"0": "conv1", "1": "bn1", "3": "layer1", "4": "layer2", "5": "layer3", "6": "layer4",
              "9": "fc"}
 _HEAD = re.compile(r"^fc(\.\d+)?\.(weight|bias)$")
@@ -119,7 +120,7 @@ def _strip(key: str, prefix: str) -> str:
 
 
 def _demo_key(rest: str) -> str:
-    """``net.3.0.conv1.weight`` -> ``layer1.0.conv1.weight`` (REFERENCE.md §6.2)."""
+    """``net.3.0.conv1.weight`` -> ``layer1.0.conv1.weight`` (the notebook's ``ModelBase``)."""
     parts = rest.split(".", 2)
     if len(parts) < 3 or parts[0] != "net" or parts[1] not in _DEMO_NET:
         raise CheckpointError(f"unexpected key encoder_q.{rest} in a CIFAR-demo checkpoint")
