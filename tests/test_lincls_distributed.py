@@ -233,7 +233,9 @@ def test_cuda_bf16_run(setup: tuple[Path, Path], tmp_path: Path) -> None:
     data, ckpt = setup
     run = LinearClassification(LinclsConfig(**_cfg(data, ckpt, tmp_path / "gpu", device="cuda",
                                                     fast=True)), **QUIET)
-    want = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    from moco.engine.runtime import native_bf16_here
+
+    want = torch.bfloat16 if native_bf16_here(run.device) else None
     assert run.device.type == "cuda" and run.dtype == want
     res = run.run()
     assert len(res.history) == 2 and run.engine.fc.weight.device.type == "cuda"

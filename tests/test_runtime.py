@@ -197,3 +197,19 @@ def test_packed_to_device_is_one_copy_and_exact() -> None:
     assert packed_to_device(tensors, torch.device("cpu")) is tensors
     x = torch.ones(2)
     assert to_device(x, torch.device("cpu")) is x
+
+
+def test_lincls_precision_follows_the_runtime_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The linear protocol's frozen backbone: bf16 where pretraining's auto would pick bf16
+    (native units), fp32 on other GPUs (never fp16) and on the CPU; explicit values as given."""
+    import moco.eval.lincls_protocol as protocol
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(protocol, "native_bf16_here", lambda d: True)
+    monkeypatch.setattr("moco.engine.runtime.native_bf16_here", lambda d: True)
+    assert protocol.autocast_dtype("auto", gpu) == torch.bfloat16
+    monkeypatch.setattr(protocol, "native_bf16_here", lambda d: False)
+    assert protocol.autocast_dtype("auto", gpu) is None
+    assert protocol.autocast_dtype("auto", torch.device("cpu")) is None
+    assert protocol.autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert protocol.autocast_dtype("fp32", gpu) is None

@@ -73,13 +73,8 @@ class EndToEnd(nn.Module):
         self.t = t
         self.encoder_q = encoder_q
 
-    def forward(
-        self,
-        im_q: torch.Tensor,
-        im_k: torch.Tensor,
-        shuffle: KeyShuffle | None = None,
-        index: torch.Tensor | None = None,
-    ) -> StepOutput:
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, shuffle: KeyShuffle | None = None,
+                index: torch.Tensor | None = None) -> StepOutput:
         """One step on two views [N,3,H,W]; ``index`` is unused. Logits are [N, N]."""
         shuffle = shuffle if shuffle is not None else NoShuffle()
         if im_q.shape[0] < 2:
@@ -206,13 +201,8 @@ class MemoryBank(nn.Module):
         self.encoder_q = encoder_q
         self.memory = FeatureBank(num_samples, dim, init=init, generator=generator, seed=seed)
 
-    def forward(
-        self,
-        im_q: torch.Tensor,
-        im_k: torch.Tensor,
-        shuffle: KeyShuffle | None = None,
-        index: torch.Tensor | None = None,
-    ) -> StepOutput:
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, shuffle: KeyShuffle | None = None,
+                index: torch.Tensor | None = None) -> StepOutput:
         """One step. ``im_q`` [N,3,H,W] is encoded; ``im_k`` is unused; ``index`` [N] holds
         the samples' dataset indices. ``shuffle`` is not used to reorder anything (no
         shuffling BN); only its ``gather`` is used so that, across processes, every rank

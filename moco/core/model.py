@@ -120,13 +120,8 @@ class MoCo(nn.Module):
         x, handle = shuffle.shuffle(im)
         return shuffle.unshuffle(embed(self.encoder_k(x)), handle)
 
-    def forward(
-        self,
-        im_q: torch.Tensor,
-        im_k: torch.Tensor,
-        shuffle: KeyShuffle | None = None,
-        index: torch.Tensor | None = None,
-    ) -> StepOutput:
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, shuffle: KeyShuffle | None = None,
+                index: torch.Tensor | None = None) -> StepOutput:
         """One MoCo step on two views [B,3,H,W] (MoCo v1 Algorithm 1; ``moco/builder.py``'s
         ``forward``). ``index`` (the samples'
         dataset indices) is unused by MoCo; other mechanisms share this signature.

@@ -295,15 +295,28 @@ def apply_params(images: torch.Tensor, p: AugParams, recipe: Recipe, size: int,
     """The recipe with parameters ``p`` on uint8 [M,H,W,3] images -> float32 [N,3,size,size]
     (normalised with ``mean``/``std`` unless they are None). Every parameter reaches the
     device in one copy (:func:`plan_to_device`)."""
-    plan = _crop_plan(p, source)
+    plan = {**_crop_plan(p, source), **colour_plan(p, recipe, mean, std)}
+    plan = plan_to_device(plan, images.device)
+    return apply_colour(_crop_resize(images, plan, size), plan, recipe)
+
+
+def colour_plan(p: AugParams, recipe: Recipe, mean: Sequence[float] | None = None,
+                std: Sequence[float] | None = None) -> Plan:
+    """What the recipe's colour steps and the normalisation need, as CPU tensors (see
+    :data:`Plan`)."""
+    plan: Plan = {}
     for step in recipe.colour_steps:
         plan.update({"jitter": _jitter_plan(p), "gray": _gray_plan(p.gray),
                      "blur": _blur_plan(p.blur, p.sigma)}[step])
     if mean is not None and std is not None:
         plan["mean"] = torch.tensor(mean, dtype=torch.float64)
         plan["std"] = torch.tensor(std, dtype=torch.float64)
-    plan = plan_to_device(plan, images.device)
-    x = _crop_resize(images, plan, size)
+    return plan
+
+
+def apply_colour(x: torch.Tensor, plan: Plan, recipe: Recipe) -> torch.Tensor:
+    """The recipe's colour steps in its order on views float [N,3,S,S] in [0, 1], then the
+    normalisation when the plan (on ``x``'s device) holds mean and std."""
     for step in recipe.colour_steps:
         if step == "jitter":
             x = _jitter(x, plan)

@@ -34,9 +34,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from moco.core.device import normalize_device
+from moco.core.device import packed_to_device as plan_to_device
 from moco.core.seeding import keyed_generator
 from moco.data.aug_params import AugParams, Recipe, sample_crops
-from moco.data.batch_augment import BatchAugment, color_jitter, gaussian_blur, grayscale, normalize
+from moco.data.batch_augment import BatchAugment, apply_colour, colour_plan
 from moco.data.batches import Batch, step_generator, stream_prefetch, torch_threads
 from moco.data.datasets import EpochBatchSampler
 from moco.data.decode import crop_on_device, decode_on_device, decode_views
@@ -188,16 +189,9 @@ def finish_views(x: torch.Tensor, p: AugParams, recipe: Recipe, mean: Sequence[f
                  std: Sequence[float]) -> torch.Tensor:
     """Cropped views float [V,3,S,S] in [0, 1] -> flip, the recipe's colour steps in its
     order, normalisation: what :func:`moco.data.batch_augment.apply_params` does after its crop."""
-    flip = p.flip.to(x.device).view(-1, 1, 1, 1)
-    x = torch.where(flip, x.flip(3), x)
-    for step in recipe.colour_steps:
-        if step == "jitter":
-            x = color_jitter(x, p)
-        elif step == "gray":
-            x = grayscale(x, p.gray)
-        elif step == "blur":
-            x = gaussian_blur(x, p.blur, p.sigma)
-    return normalize(x, mean, std)
+    plan = plan_to_device({"flip": p.flip, **colour_plan(p, recipe, mean, std)}, x.device)
+    x = torch.where(plan["flip"].view(-1, 1, 1, 1), x.flip(3), x)
+    return apply_colour(x, plan, recipe)
 
 
 class _FolderSteps(Dataset[Work]):

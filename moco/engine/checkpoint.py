@@ -110,18 +110,24 @@ def _refusal(e: BaseException) -> str:
     return "it holds Python objects beyond tensors and plain data"
 
 
+def read_head(p: Path, n: int) -> bytes:
+    """The first ``n`` bytes of the checkpoint file ``p`` (:func:`check_is_file` first); a file
+    that cannot be read is a :class:`CheckpointError` naming its permissions."""
+    check_is_file(p)
+    try:
+        with p.open("rb") as f:
+            return f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"cannot read the checkpoint {p}: {e.strerror or e}; fix its "
+                              "permissions") from None
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint on the CPU, tensors and plain data only. Raises :class:`CheckpointError`
     for a missing, truncated or foreign file."""
     p = Path(path)
-    check_is_file(p)
     unreadable = f"{p} is not a readable checkpoint (truncated, corrupt, or not saved by torch.save)"
-    try:
-        with p.open("rb") as f:
-            head = f.read(4)
-    except OSError as e:
-        raise CheckpointError(f"cannot read the checkpoint {p}: {e.strerror or e}; fix its "
-                              "permissions") from None
+    head = read_head(p, 4)
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # zip, or a legacy pickle
         raise CheckpointError(f"{unreadable}: it is neither a torch.save zip file nor a pickle"
                               f"{' (it is empty)' if not head else ''}")

@@ -57,6 +57,7 @@ from moco.engine.runlog import write_metrics
 from moco.engine.runtime import default_workers
 from moco.engine.runtime import resolve_device as _resolve_device
 from moco.engine.schedule import learning_rate
+from moco.engine.signals import StopFlag, stop_on_signals
 from moco.eval import lincls_data as batches
 from moco.eval.lincls_engine import LinearEngine
 from moco.eval.lincls_protocol import (
@@ -72,12 +73,10 @@ from moco.eval.lincls_protocol import (
 from moco.eval.lincls_state import (
     BEST,
     LAST,
-    StopFlag,
     atomic_copy,
     prepare_run_dir,
     read_linear_checkpoint,
     resume_path,
-    stop_on_signals,
 )
 from moco.eval.pretrained import describe_encoder, read_encoder
 

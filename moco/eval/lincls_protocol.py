@@ -13,6 +13,7 @@ from torchvision import transforms as T
 from moco.core.backbones import build_backbone
 from moco.core.seeding import stream_generator
 from moco.engine.checkpoint import CheckpointError
+from moco.engine.runtime import native_bf16_here, resolve_precision
 from moco.eval.pretrained import PretrainedInfo, read_encoder
 
 
@@ -65,13 +66,12 @@ def set_frozen_mode(model: nn.Module) -> None:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The frozen backbone's autocast dtype, None for fp32. ``auto``: bf16 on a CUDA GPU that
-    supports it, fp32 otherwise (and always fp32 for ``fc``, its loss and its update)."""
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
+    """The frozen backbone's autocast dtype, None for fp32 (``fc``, its loss and its update
+    are always fp32). ``auto``: bf16 on a GPU with bf16 units, as pretraining decides it
+    (:mod:`moco.engine.runtime`), else fp32: never fp16 for the frozen features."""
+    if precision == "auto":
+        return resolve_precision("auto", device) if native_bf16_here(device) else None
+    return resolve_precision(precision, device)
 
 
 def sanity_check(state_dict: dict[str, torch.Tensor], pretrained: str | Path) -> None:

@@ -1,13 +1,11 @@
-"""What makes a ``moco lincls`` run impossible to lose: its run folder, atomic copies, the
-stop-on-signal flag and the choice of the checkpoint to resume (``--resume auto``)."""
+"""What makes a ``moco lincls`` run impossible to lose: its run folder, atomic copies and the
+choice of the checkpoint to resume (``--resume auto``); it stops on signals as pretraining
+does (:mod:`moco.engine.signals`)."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,34 +16,6 @@ from moco.engine.runlog import write_metrics
 
 LAST = "checkpoint.pth.tar"
 BEST = "model_best.pth.tar"
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGINT: the loop finishes the current step, saves and returns. A second
-    SIGINT (Ctrl-C twice) interrupts at once."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-
-    def __call__(self, signum: int, frame: object) -> None:
-        if signum == signal.SIGINT and self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
-
-
-@contextmanager
-def stop_on_signals(flag: StopFlag) -> Iterator[None]:
-    """SIGTERM and SIGINT set ``flag`` while the block runs (main thread only; elsewhere, e.g.
-    a worker thread, the handlers are left alone)."""
-    try:
-        old = {s: signal.signal(s, flag) for s in (signal.SIGTERM, signal.SIGINT)}
-    except ValueError:  # not the main thread
-        old = {}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def atomic_copy(src: Path, dst: Path) -> None:

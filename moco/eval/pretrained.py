@@ -48,6 +48,7 @@ from moco.engine.checkpoint import (
     check_is_file,
     load_checkpoint,
     model_state,
+    read_head,
 )
 
 # The notebook's ``ModelBase.net`` (an ``nn.Sequential``) indices -> torchvision names.
@@ -145,13 +146,7 @@ def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
 def _check_torch_file(p: Path) -> None:
     """A clear error for a file that ``torch.save`` did not write (text, an image, ...): the
     zip format starts with ``PK``, the legacy format with a pickle protocol byte."""
-    check_is_file(p)
-    try:
-        with p.open("rb") as f:
-            head = f.read(6)
-    except OSError as e:
-        raise CheckpointError(f"cannot read the checkpoint {p}: {e.strerror or e}; fix its "
-                              "permissions") from None
+    head = read_head(p, 6)
     if not head:
         raise CheckpointError(f"{p} is empty: not a checkpoint")
     if head.startswith(b"\x93NUMPY"):
