@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moco.core.device import to_device
+from moco.core.errors import ConfigError
 from moco.core.loss import fp32, info_nce, moco_logits
 from moco.core.model import MoCo, StepOutput, embed
 from moco.core.seeding import BANK_SAMPLING, QUEUE, stream_generator
@@ -78,12 +79,12 @@ class EndToEnd(nn.Module):
         """One step on two views [N,3,H,W]; ``index`` is unused. Logits are [N, N]."""
         shuffle = shuffle if shuffle is not None else NoShuffle()
         if im_q.shape[0] < 2:
-            raise ValueError("end-to-end needs a batch of at least 2 (the negatives are the batch)")
+            raise ConfigError("end-to-end needs a batch of at least 2 (the negatives are the batch)")
         q = embed(self.encoder_q(im_q))
         x, handle = shuffle.shuffle(im_k)
         k = shuffle.unshuffle(embed(self.encoder_q(x)), handle)
         if q.requires_grad and not k.requires_grad:
-            raise ValueError(
+            raise ConfigError(
                 "end-to-end back-propagates through the keys, but this --shuffle-bn mode gathers "
                 "them across processes without gradients; use --shuffle-bn split or none")
         logits = end_to_end_logits(q, k, self.t)
@@ -113,14 +114,14 @@ class FeatureBank(nn.Module):
                  generator: torch.Generator | None = None, seed: int = 0) -> None:
         super().__init__()
         if num_samples < 1 or dim < 1:
-            raise ValueError(f"memory bank needs num_samples >= 1 and dim >= 1, got {num_samples}, {dim}")
+            raise ConfigError(f"memory bank needs num_samples >= 1 and dim >= 1, got {num_samples}, {dim}")
         if init == "random":
             bank = F.normalize(torch.randn(num_samples, dim, generator=generator), dim=1)
         elif init == "uniform":
             a = 1.0 / (dim / 3.0) ** 0.5
             bank = torch.rand(num_samples, dim, generator=generator) * (2 * a) - a
         else:
-            raise ValueError(f"bank init must be one of {BANK_INITS}, got {init!r}")
+            raise ConfigError(f"bank init must be one of {BANK_INITS}, got {init!r}")
         self.register_buffer("bank", bank)
         self.sampler = stream_generator(seed)
 
@@ -193,7 +194,7 @@ class MemoryBank(nn.Module):
                  seed: int = 0) -> None:
         super().__init__()
         if not 0 <= bank_momentum < 1:
-            raise ValueError(f"bank momentum must be in [0, 1), got {bank_momentum}")
+            raise ConfigError(f"bank momentum must be in [0, 1), got {bank_momentum}")
         self.k = k
         self.t = t
         self.bank_momentum = bank_momentum
@@ -208,7 +209,7 @@ class MemoryBank(nn.Module):
         shuffling BN); only its ``gather`` is used so that, across processes, every rank
         writes every rank's features into its bank. Logits are [N, 1+K]."""
         if index is None:
-            raise ValueError("the memory bank needs the samples' dataset indices (Batch.index)")
+            raise ConfigError("the memory bank needs the samples' dataset indices (Batch.index)")
         shuffle = shuffle if shuffle is not None else NoShuffle()
         index = to_device(index, self.memory.bank.device).long()
         n = im_q.shape[0]
@@ -243,14 +244,14 @@ def build_mechanism(cfg: Any, encoder_q: nn.Module, num_samples: int | None = No
     training-set size) is required for the memory bank.
     """
     if cfg.symmetric:
-        raise ValueError("--symmetric is only defined for --mechanism moco")
+        raise ConfigError("--symmetric is only defined for --mechanism moco")
     if cfg.mechanism == "end-to-end":
         return EndToEnd(encoder_q, t=cfg.moco_t)
     if cfg.mechanism == "memory-bank":
         if not num_samples:
-            raise ValueError("--mechanism memory-bank needs the training-set size (num_samples)")
+            raise ConfigError("--mechanism memory-bank needs the training-set size (num_samples)")
         return MemoryBank(encoder_q, num_samples, dim=cfg.moco_dim, k=cfg.moco_k, t=cfg.moco_t,
                           bank_momentum=cfg.bank_momentum,
                           generator=stream_generator(cfg.seed, QUEUE),
                           seed=cfg.seed + BANK_SAMPLING)
-    raise ValueError(f"unknown mechanism {cfg.mechanism!r}; choose moco, end-to-end or memory-bank")
+    raise ConfigError(f"unknown mechanism {cfg.mechanism!r}; choose moco, end-to-end or memory-bank")

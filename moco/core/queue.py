@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moco.core.errors import ConfigError
+
 
 class KeyQueue(nn.Module):
     """A ring buffer of K unit-length keys of dimension ``dim``.
@@ -26,7 +28,7 @@ class KeyQueue(nn.Module):
     def __init__(self, dim: int, size: int, generator: torch.Generator | None = None) -> None:
         super().__init__()
         if dim < 1 or size < 1:
-            raise ValueError(f"queue needs dim >= 1 and K >= 1, got dim={dim}, K={size}")
+            raise ConfigError(f"queue needs dim >= 1 and K >= 1, got dim={dim}, K={size}")
         init = torch.randn(dim, size, generator=generator)
         self.register_buffer("queue", F.normalize(init, dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
@@ -44,7 +46,7 @@ class KeyQueue(nn.Module):
         """Write ``keys`` ([N, dim], N <= K) over the N oldest columns and advance the pointer."""
         n = keys.shape[0]
         if n > self.size:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot enqueue {n} keys into a queue of K={self.size}: choose --moco-k >= the "
                 "number of keys enqueued per step (global batch, x2 with --symmetric)"
             )

@@ -101,7 +101,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
     def __init__(self, num_features: int, num_splits: int, **kw: object) -> None:
         super().__init__(num_features, **kw)  # type: ignore[arg-type]
         if num_splits < 1:
-            raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+            raise ConfigError(f"num_splits must be >= 1, got {num_splits}")
         self.num_splits = num_splits
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -110,7 +110,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
             return super().forward(input)
         n, c, h, w = input.shape
         if n % s:
-            raise ValueError(
+            raise ConfigError(
                 f"SplitBatchNorm: batch {n} is not divisible by --bn-splits {s}; "
                 "choose a batch size that is a multiple of the number of splits"
             )

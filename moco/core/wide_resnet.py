@@ -30,6 +30,8 @@ from typing import Any
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from moco.core.errors import ConfigError
+
 # name -> (block, blocks per stage, width multiplier k)
 WIDE_RESNETS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], list[int], int]] = {
     "resnet18w2": (BasicBlock, [2, 2, 2, 2], 2),
@@ -50,7 +52,7 @@ class WideResNet(ResNet):  # type: ignore[misc]  # torchvision's classes are unt
                  num_classes: int = 1000, norm_layer: Callable[..., nn.Module] | None = None,
                  **kwargs: Any) -> None:
         if width < 1:
-            raise ValueError(f"width must be >= 1, got {width}")
+            raise ConfigError(f"width must be >= 1, got {width}")
         self.width = width
         super().__init__(block, layers, num_classes=num_classes, norm_layer=norm_layer, **kwargs)
         # torchvision's __init__ builds a 64-channel stem and a 512*expansion fc; widen both and
@@ -76,7 +78,7 @@ class WideResNet(ResNet):  # type: ignore[misc]  # torchvision's classes are unt
 def wide_resnet(name: str, **kwargs: Any) -> WideResNet:
     """The wide ResNet ``name`` (a key of :data:`WIDE_RESNETS`) with random weights."""
     if name not in WIDE_RESNETS:
-        raise ValueError(f"unknown wide ResNet {name!r}; choose one of {', '.join(WIDE_RESNETS)}")
+        raise ConfigError(f"unknown wide ResNet {name!r}; choose one of {', '.join(WIDE_RESNETS)}")
     block, layers, width = WIDE_RESNETS[name]
     return WideResNet(block, layers, width, **kwargs)
 

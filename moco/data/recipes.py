@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from moco.core.errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the authors' CIFAR-10 notebook's constants
@@ -66,7 +68,7 @@ RECIPES: dict[str, Recipe] = {
 def make_recipe(aug: str, crop_min_scale: float) -> Recipe:
     """The recipe ``aug`` of :data:`RECIPES` with crops of area ``crop_min_scale`` to 1."""
     if aug not in RECIPES:
-        raise ValueError(f"unknown augmentation {aug!r}; choose v1, v2 or cifar-demo")
+        raise ConfigError(f"unknown augmentation {aug!r}; choose v1, v2 or cifar-demo")
     return replace(RECIPES[aug], scale=(crop_min_scale, 1.0))
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moco.core.errors import ConfigError
 from moco.core.loss import fp32, info_nce, moco_logits, top1_accuracy
 from moco.core.model import MoCo
 from moco.core.shuffle_bn import KeyShuffle
@@ -80,7 +81,7 @@ def measure_staleness(model: MoCo, loader: TrainLoader, make_shuffle: Callable[[
         autocast_dtype: the run's autocast dtype (None: fp32).
     """
     if batches < 1:
-        raise ValueError(f"staleness needs >= 1 measured batch, got {batches}")
+        raise ConfigError(f"staleness needs >= 1 measured batch, got {batches}")
     # BN in training mode, as in training (batch statistics: no forward here depends on another);
     # the running statistics it updates are the copy's.
     net = copy.deepcopy(model).train()
@@ -99,7 +100,7 @@ def measure_staleness(model: MoCo, loader: TrainLoader, make_shuffle: Callable[[
             if n_fresh >= k_size:
                 break
         if n_fresh < k_size:
-            raise ValueError(f"staleness needs K = {k_size} fresh keys, but an epoch has only "
+            raise ConfigError(f"staleness needs K = {k_size} fresh keys, but an epoch has only "
                              f"{n_fresh} images; lower --moco-k or use more images")
         fresh_keys = torch.cat(fresh)[:k_size].T.contiguous()
         queue = net.key_queue.negatives().float()
