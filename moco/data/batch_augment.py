@@ -192,11 +192,6 @@ def _jitter(x: torch.Tensor, plan: Plan) -> torch.Tensor:
     return x
 
 
-def color_jitter(x: torch.Tensor, p: AugParams) -> torch.Tensor:
-    """ColorJitter on the samples with ``p.jitter``, each with its own factors and op order."""
-    return _jitter(x, plan_to_device(_jitter_plan(p), x.device))
-
-
 def _gray_plan(on: torch.Tensor) -> Plan:
     return {"gray": on} if bool(on.any()) else {}
 
@@ -205,11 +200,6 @@ def _grayscale(x: torch.Tensor, plan: Plan) -> torch.Tensor:
     if "gray" not in plan:
         return x
     return torch.where(plan["gray"].view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
-
-
-def grayscale(x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
-    """3-channel grayscale where ``on`` [N] is true."""
-    return _grayscale(x, plan_to_device(_gray_plan(on), x.device))
 
 
 def _blur_plan(on: torch.Tensor, sigma: torch.Tensor) -> Plan:
