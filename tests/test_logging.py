@@ -38,6 +38,9 @@ def test_importing_any_module_sets_no_environment_variable() -> None:
     code = """
 import importlib, json, os, pkgutil
 import moco
+# The dependencies first: importing torchvision sets TORCHINDUCTOR_CACHE_DIR (torch's own
+# inductor cache folder), which is not moco's doing.
+import numpy, PIL.Image, safetensors, torch, torchvision, tqdm, yaml
 before = dict(os.environ)
 failed = []
 for m in pkgutil.walk_packages(moco.__path__, "moco."):
