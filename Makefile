@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine with only Python:
-#   make demo   - create .venv, install, pretrain MoCo v2 on CIFAR-10 (~5 min on 2 CPU cores)
+#   make demo   - create .venv, install, show a ResNet-18 learning on CIFAR-10 (scripts/demo.py:
+#                 ~5 min on 2 CPU cores; the authors' CIFAR-10 MoCo recipe on a GPU)
 #   make test   - create .venv, install, run lint, type checks and the whole test suite
 # On a GPU machine (no venv needed: its python3 with PYTHONPATH=.):
 #   make gpu-check            - CUDA tests, throughput table, learning check (<= 8 min, one GPU)
