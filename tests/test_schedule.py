@@ -1,15 +1,24 @@
-"""Learning-rate schedules, set once per epoch (REFERENCE.md §4.3, §6.1, pitfall 10)."""
+"""Learning-rate schedules, set once per epoch as the original (main_moco.py; the CIFAR-10
+notebook: 1-based cosine); the optional warmup, per step."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
+from conftest import TINY_FLAGS
 
-from moco.engine.build import epoch_lr
+import moco.engine.loop as loop
+from moco.cli import build_parser
+from moco.cli.pretrain import config_from_args
+from moco.engine.build import epoch_lr, step_lr
 from moco.engine.config import MocoConfig
 from moco.engine.config_sources import build_config
-from moco.engine.schedule import learning_rate
+from moco.engine.loop import Pretrainer
+from moco.engine.schedule import learning_rate, warmup_factor
 
 
 @pytest.mark.parametrize(("epoch", "lr"), [(0, 0.03), (1, 0.03), (119, 0.03), (120, 0.003),
@@ -63,14 +72,44 @@ def test_epoch_lr_zero_based_by_default() -> None:
     assert [epoch_lr(cfg, e) for e in (119, 120, 160)] == pytest.approx([0.03, 0.003, 0.0003])
 
 
-def test_warmup() -> None:
-    lrs = [learning_rate(0.4, e, 10, cos=True, warmup_epochs=4) for e in range(10)]
-    assert lrs[:4] == pytest.approx([0.1, 0.2, 0.3, 0.4])
-    # After the warmup the main schedule takes over.
-    for e in range(4, 10):
-        assert lrs[e] == pytest.approx(learning_rate(0.4, e, 10, cos=True))
-    steps = [learning_rate(0.4, e, 10, cos=False, milestones=[6], warmup_epochs=2) for e in range(10)]
-    assert steps == pytest.approx([0.2, 0.4, 0.4, 0.4, 0.4, 0.4, 0.04, 0.04, 0.04, 0.04])
+def test_warmup_ramps_per_step() -> None:
+    # 2 warmup epochs of 5 steps: (done + 1) / 10 of the schedule's lr, then the schedule.
+    f = [warmup_factor(e, t, 5, 2) for e in range(3) for t in range(5)]
+    assert f == pytest.approx([(i + 1) / 10 for i in range(10)] + [1.0] * 5)
+    # One warmup epoch ramps (a per-epoch ramp of one epoch would leave the lr unchanged).
+    assert [warmup_factor(0, t, 4, 1) for t in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert warmup_factor(0, 0, 4, 0) == 1.0
+
+
+def test_step_lr_is_the_schedule_times_the_ramp() -> None:
+    cfg = MocoConfig(lr=0.4, epochs=10, cos=True, schedule=[], warmup_epochs=2)
+    for e in range(10):
+        for t in range(3):
+            want = learning_rate(0.4, e, 10, cos=True) * min(1.0, (e * 3 + t + 1) / 6)
+            assert step_lr(cfg, e, t, 3) == pytest.approx(want, rel=1e-12)
+    # The demo's 1-based cosine: the ramp still counts 0-based epochs.
+    one = MocoConfig(lr=0.06, epochs=200, cos=True, cos_one_based=True, schedule=[], warmup_epochs=1)
+    assert step_lr(one, 0, 0, 2) == pytest.approx(epoch_lr(one, 0) / 2)
+    assert step_lr(one, 1, 0, 2) == epoch_lr(one, 1)
+
+
+def test_pretrain_sets_the_warmup_lr_every_step(tiny_data: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the loop: the optimizer's lr at every step of a run with one warmup epoch."""
+    seen: list[float] = []
+    real = loop.train_step
+
+    def step(model: Any, optimizer: torch.optim.Optimizer, *a: Any, **k: Any) -> Any:
+        seen.append(optimizer.param_groups[0]["lr"])
+        return real(model, optimizer, *a, **k)
+
+    monkeypatch.setattr(loop, "train_step", step)
+    args = build_parser().parse_args(["pretrain", str(tiny_data), *TINY_FLAGS, "--output",
+                                      str(tmp_path / "run"), "--warmup-epochs", "1", "--lr", "0.4",
+                                      "--knn-every", "0"])
+    Pretrainer(config_from_args(args), log=lambda _m: None, progress=False).run()
+    # 32 images, batch 8: 4 steps per epoch; epoch 1 ramps, epoch 2 has the schedule's lr.
+    assert seen == pytest.approx([0.1, 0.2, 0.3, 0.4] + [0.4] * 4)
 
 
 def test_no_warmup_by_default() -> None:

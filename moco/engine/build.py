@@ -13,7 +13,7 @@ from moco.core.model import MoCo, build_encoder
 from moco.core.seeding import QUEUE, seeded, stream_generator
 from moco.engine.config import SPLIT_BN_MODES, MocoConfig
 from moco.engine.runtime import precision_name
-from moco.engine.schedule import learning_rate
+from moco.engine.schedule import learning_rate, warmup_factor
 
 
 def build_model(cfg: MocoConfig, device: torch.device, num_samples: int | None = None) -> Mechanism:
@@ -45,9 +45,15 @@ def build_optimizer(cfg: MocoConfig, model: Mechanism) -> torch.optim.SGD:
 
 
 def epoch_lr(cfg: MocoConfig, epoch: int) -> float:
+    """The schedule's lr for the 0-based ``epoch``, before the warmup (``step_lr``)."""
     e = epoch + 1 if cfg.cos_one_based else epoch
-    return learning_rate(cfg.effective_lr, e, cfg.epochs, cos=cfg.cos, milestones=cfg.schedule,
-                         warmup_epochs=cfg.warmup_epochs)
+    return learning_rate(cfg.effective_lr, e, cfg.epochs, cos=cfg.cos, milestones=cfg.schedule)
+
+
+def step_lr(cfg: MocoConfig, epoch: int, step: int, steps: int) -> float:
+    """The lr of ``step`` (0-based, of ``steps``) in ``epoch``: the epoch's lr, ramped per step
+    over the first ``--warmup-epochs`` epochs."""
+    return epoch_lr(cfg, epoch) * warmup_factor(epoch, step, steps, cfg.warmup_epochs)
 
 
 def _dictionary(cfg: MocoConfig, images: int) -> str:

@@ -113,7 +113,7 @@ class MocoConfig:
     cos_one_based: bool = setting(False, "--cos-one-based", group=_O,
                                   help="cosine lr at epoch + 1 (the CIFAR demo's schedule)")
     warmup_epochs: int = setting(0, "--warmup-epochs", group=_O, min=0,
-                                 help="linear lr warmup epochs")
+                                 help="linear lr warmup over the first N epochs, set per step (not in the papers)")
     momentum: float = setting(0.9, "--momentum", group=_O, min=0, max=1, max_open=True,
                               help="SGD momentum")
     wd: float = setting(1e-4, "--wd", "--weight-decay", group=_O, min=0, help="weight decay")

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from moco.core.errors import RunError
 from moco.data.batches import Batch
 from moco.data.source import DataError
-from moco.engine.build import epoch_lr
+from moco.engine.build import step_lr
 from moco.engine.checkpoint import (
     first_nonfinite,
 )
@@ -117,11 +117,10 @@ class Pretrainer(TrainingRun):
 
     def _train_epoch(self, stop: StopFlag) -> None:
         cfg, s = self.cfg, self.state
-        lr = epoch_lr(cfg, s.epoch)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
         self.model.train()
         steps = self.train_loader.steps()
+        lr = self._set_lr(s.epoch_step, steps)
+        ramp = s.epoch < cfg.warmup_epochs  # the warmup sets the lr per step, the schedule per epoch
         batches = self._stop_on_bad_data(self.train_loader.batches(s.epoch, s.epoch_step))
         bar = tqdm(total=steps, initial=s.epoch_step, desc=f"epoch {s.epoch + 1}/{cfg.epochs}",
                    disable=not self.progress, dynamic_ncols=True, leave=False)
@@ -131,6 +130,8 @@ class Pretrainer(TrainingRun):
         # Nothing is read back from the device between log points (moco.engine.training_step); under
         # torchrun the ranks agree on a stop request at log points only (an all-reduce).
         for batch in batches:
+            if ramp and s.epoch_step > 0:
+                lr = self._set_lr(s.epoch_step, steps)
             r = train_step(self.train_model, self.optimizer, batch, self.shuffle,
                            self.autocast_dtype, self.scaler)
             meter.add(r, s.global_step + 1)
@@ -196,6 +197,12 @@ class Pretrainer(TrainingRun):
         s.epoch += 1
         s.epoch_step = 0
         s.loss_sum = s.acc_sum = s.seconds = 0.0
+
+    def _set_lr(self, step: int, steps: int) -> float:
+        lr = step_lr(self.cfg, self.state.epoch, step, steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
 
     def _read_meter(self) -> None:
         """Bring the epoch's sums from the device into ``self.state`` (a log point: the host
