@@ -34,7 +34,6 @@ import yaml
 from moco.core.backbones import strip_head
 from moco.core.errors import MocoError
 from moco.data.datasets import class_balanced_subset
-from moco.data.loaders import eval_batches
 from moco.data.source import ImageSource
 from moco.engine.config import MocoConfig
 from moco.engine.config_sources import build_config
@@ -44,7 +43,8 @@ from moco.engine.loop import Pretrainer
 from moco.engine.run_state import PretrainResult
 from moco.engine.runtime import resolve_device, resolve_precision
 from moco.eval.authors_log import authors_knn_at
-from moco.eval.knn import extract_features, knn_accuracy
+from moco.eval.features import source_features
+from moco.eval.knn import knn_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CONFIG = ROOT / "configs/demo.yaml"
@@ -126,15 +126,13 @@ class DemoPretrainer(Pretrainer):
         return (len(sets[0]), len(sets[1])) if sets is not None else (0, 0)
 
     def _features(self, source: ImageSource) -> Features:
-        cfg = self.cfg
         encoder = self.model.encoder_q
-        net = strip_head(encoder) if cfg.knn_features == "backbone" else encoder
-        return extract_features(net, eval_batches(cfg, source, self.device, self.workers),
-                                self.device, autocast_dtype=self.autocast_dtype)
+        net = strip_head(encoder) if self.cfg.knn_features == "backbone" else encoder
+        return source_features(net, source, self.cfg, self.device, self.workers,
+                               autocast_dtype=self.autocast_dtype, out_device=self.device)
 
     def _knn(self, bank: Features, query: Features) -> tuple[float, float]:
-        return knn_accuracy(query[0].to(self.device), query[1], bank[0], bank[1],
-                            k=self.cfg.knn_k, t=self.cfg.knn_t)
+        return knn_accuracy(query[0], query[1], bank[0], bank[1], k=self.cfg.knn_k, t=self.cfg.knn_t)
 
     def knn(self) -> tuple[float, float] | None:
         s = self.state

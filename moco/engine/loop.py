@@ -130,7 +130,7 @@ class Pretrainer(TrainingRun):
         # Nothing is read back from the device between log points (moco.engine.training_step); under
         # torchrun the ranks agree on a stop request at log points only (an all-reduce).
         for batch in batches:
-            if ramp and s.epoch_step > 0:
+            if ramp:
                 lr = self._set_lr(s.epoch_step, steps)
             r = train_step(self.train_model, self.optimizer, batch, self.shuffle,
                            self.autocast_dtype, self.scaler)
