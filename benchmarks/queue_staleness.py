@@ -27,10 +27,10 @@ from moco.core.shuffle_bn import LocalShuffle, NoShuffle
 from moco.data.loaders import make_train_loader
 from moco.data.splits import find_dataset
 from moco.engine.build import build_model
-from moco.engine.checkpoint import from_original_layout, load_checkpoint
 from moco.engine.config_sources import build_config
-from moco.engine.runtime import resolve_precision
 from moco.engine.staleness import measure_staleness
+from moco.utils.checkpoint import from_original_layout, load_checkpoint
+from moco.utils.runtime import resolve_precision
 
 
 def main(argv: list[str] | None = None) -> int:

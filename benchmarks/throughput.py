@@ -79,7 +79,7 @@ def _setup(args: argparse.Namespace) -> dict[str, Any]:
     from moco.data.splits import find_dataset
     from moco.engine.build import build_model, build_optimizer
     from moco.engine.config_sources import build_config
-    from moco.engine.runtime import default_workers, resolve_device, resolve_precision
+    from moco.utils.runtime import default_workers, resolve_device, resolve_precision
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -237,8 +237,8 @@ def pairs_per_second(cfg: Any, source: Any, *, steps: int, warmup: int, workers:
     from moco.core.shuffle_bn import LocalShuffle, NoShuffle
     from moco.data.loaders import make_train_loader
     from moco.engine.build import build_model, build_optimizer
-    from moco.engine.runtime import configure_backends, resolve_device, resolve_precision
     from moco.engine.training_step import train_step
+    from moco.utils.runtime import configure_backends, resolve_device, resolve_precision
 
     device = resolve_device(cfg.device)
     configure_backends(device)
@@ -284,7 +284,7 @@ def pairs_per_second(cfg: Any, source: Any, *, steps: int, warmup: int, workers:
 def machine() -> str:
     import torch
 
-    from moco.engine.machine import describe_machine
+    from moco.utils.machine import describe_machine
 
     load = f", load {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     return f"{describe_machine('cuda' if torch.cuda.is_available() else 'cpu')}{load}; torch {torch.__version__}"

@@ -71,11 +71,11 @@ _API: dict[str, str] = {
     "MocoError": "moco.core.errors",
     "ConfigError": "moco.core.errors",
     "RunError": "moco.core.errors",
-    "CheckpointError": "moco.engine.checkpoint",
+    "CheckpointError": "moco.utils.checkpoint",
     "DataError": "moco.data.source",
 }
 
-__all__ = [  # a literal list for static tools; tests/test_api.py checks it against _API
+__all__ = [  # a literal list for static tools; tests/package/test_api.py checks it against _API
     "CheckpointError", "ConfigError", "DDPShuffle", "DataError", "EXPORT_FORMATS", "KeyQueue",
     "KeyShuffle", "KnnResult", "LinclsConfig", "LocalShuffle", "MoCo", "MocoConfig", "MocoError",
     "NoShuffle", "PretrainResult", "PretrainedInfo", "RunError", "SplitBatchNorm", "StepOutput",
@@ -105,7 +105,6 @@ if TYPE_CHECKING:  # the names for type checkers and editors; at run time see __
     )
     from moco.data.augment import TwoViews, eval_transform, pretrain_transform
     from moco.data.source import DataError
-    from moco.engine.checkpoint import CheckpointError
     from moco.engine.config import MocoConfig
     from moco.engine.config_sources import build_config
     from moco.engine.loop import pretrain
@@ -117,6 +116,7 @@ if TYPE_CHECKING:  # the names for type checkers and editors; at run time see __
     from moco.eval.knn import KnnResult, knn_accuracy, knn_evaluate
     from moco.eval.lincls import LinclsConfig, linear_classification
     from moco.eval.pretrained import PretrainedInfo
+    from moco.utils.checkpoint import CheckpointError
 
 
 def __getattr__(name: str) -> Any:

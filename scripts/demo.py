@@ -37,14 +37,14 @@ from moco.data.datasets import class_balanced_subset
 from moco.data.source import ImageSource
 from moco.engine.config import MocoConfig
 from moco.engine.config_sources import build_config
-from moco.engine.distributed import shutdown_distributed
-from moco.engine.logs import show_on_stderr
 from moco.engine.loop import Pretrainer
 from moco.engine.run_state import PretrainResult
-from moco.engine.runtime import resolve_device, resolve_precision
 from moco.eval.authors_log import authors_knn_at
 from moco.eval.features import source_features
 from moco.eval.knn import knn_accuracy
+from moco.utils.distributed import shutdown_distributed
+from moco.utils.logs import show_on_stderr
+from moco.utils.runtime import resolve_device, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CONFIG = ROOT / "configs/demo.yaml"
@@ -232,7 +232,7 @@ def epoch_table(run: DemoRun, gpu: bool) -> list[str]:
 
 def plot(run: DemoRun, path: Path, gpu: bool) -> Path:
     """kNN per epoch against the untrained network's line (and, on the GPU path, the authors')."""
-    from moco.engine.runlog import plt  # matplotlib set up as the library does (Agg, cache folder)
+    from moco.utils.runlog import plt  # matplotlib set up as the library does (Agg, cache folder)
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     untrained = run.full.get(0)

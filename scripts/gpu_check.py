@@ -146,7 +146,7 @@ def throughput(report: Report, out: Path, work: Path, cifar: Path, dry: bool) ->
     from benchmarks.throughput import pairs_per_second
     from moco.data.splits import find_dataset
     from moco.engine.config_sources import build_config
-    from moco.engine.runtime import default_workers, resolve_device
+    from moco.utils.runtime import default_workers, resolve_device
 
     device = "cpu" if dry else "cuda"
     workers = default_workers(resolve_device(device))
@@ -227,7 +227,7 @@ def learning(report: Report, out: Path, work: Path, cifar: Path, minutes: float,
         return {"returncode": rc}
     import shutil
 
-    from moco.engine.runlog import read_metrics
+    from moco.utils.runlog import read_metrics
 
     (out / "learn").mkdir(exist_ok=True)
     for name in ("metrics.jsonl", "config.yaml"):
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torchvision
 
-    from moco.engine.machine import describe_machine
+    from moco.utils.machine import describe_machine
 
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("gpu-check: no CUDA GPU here; run it on the GPU machine, or pass --dry-run")

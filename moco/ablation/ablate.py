@@ -33,9 +33,9 @@ from moco.ablation.grid import (
 )
 from moco.ablation.report import write_report
 from moco.ablation.step_cost import measure_isolated, measure_step_cost
-from moco.engine.atomic import atomic_write_text
 from moco.engine.config import MocoConfig
-from moco.engine.logs import Log, show_on_stderr
+from moco.utils.atomic import atomic_write_text
+from moco.utils.logs import Log, show_on_stderr
 
 _log = logging.getLogger(__name__)
 

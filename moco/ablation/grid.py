@@ -40,11 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moco.core.errors import ConfigError
+from moco.core.errors import AblationError, ConfigError
 from moco.engine.config import RUNTIME_SETTINGS, SETTINGS, MocoConfig
 from moco.engine.config_sources import build_config, setting_key
-from moco.engine.runlog import read_metrics
-from moco.engine.settings import coerce, read_yaml_mapping, show_value
+from moco.utils.runlog import read_metrics
+from moco.utils.settings import coerce, read_yaml_mapping, show_value
 
 #: Settings a re-run may change without invalidating a finished run (declared in MocoConfig).
 IGNORED_WHEN_COMPARING = RUNTIME_SETTINGS
@@ -52,9 +52,6 @@ FAILED_MARKER = "FAILED.txt"
 MAX_RUNS = 10_000
 RUNNER_KEYS = frozenset({"output", "resume"})
 
-
-class AblationError(ConfigError):
-    """A grid file or run folder that cannot be used, with what to change."""
 
 
 

@@ -22,8 +22,8 @@ from moco.ablation.grid import (
     run_config,
     run_status,
 )
-from moco.engine.atomic import atomic_write_text
-from moco.engine.runlog import new_figure, read_metrics, save_figure
+from moco.utils.atomic import atomic_write_text
+from moco.utils.runlog import new_figure, read_metrics, save_figure
 
 
 @dataclass

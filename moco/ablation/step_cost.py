@@ -82,7 +82,7 @@ def measure_step_cost(cfg: MocoConfig, num_samples: int, steps: int = 3,
     from moco.core.shuffle_bn import KeyShuffle, LocalShuffle, NoShuffle
     from moco.data.batches import Batch
     from moco.engine.build import build_model, build_optimizer
-    from moco.engine.runtime import resolve_device, resolve_precision
+    from moco.utils.runtime import resolve_device, resolve_precision
 
     device = resolve_device(cfg.device)
     split = cfg.shuffle_bn in ("split", "auto", "ddp")

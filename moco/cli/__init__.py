@@ -4,7 +4,7 @@ flags of the evaluation commands are checked by :mod:`moco.eval.arguments`.
 
 A :class:`~moco.core.errors.MocoError` (a problem the user can fix) and an ``OSError`` (a disk,
 a permission) are printed as one line, exit status 2; any other exception is a bug and keeps
-its traceback. The library's log records (:mod:`moco.engine.logs`) go to stderr as bare lines;
+its traceback. The library's log records (:mod:`moco.utils.logs`) go to stderr as bare lines;
 the commands' own narrative (one line per epoch, results) to stdout.
 """
 
@@ -19,9 +19,6 @@ from typing import NoReturn
 from moco.core.errors import MocoError
 
 COMMANDS = ("pretrain", "lincls", "knn", "export", "embed", "ablate", "detectron2_config", "shard")
-
-#: Kept for code that raised it: a user error of the command line.
-UserError = MocoError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -45,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from moco.engine.logs import show_on_stderr
+    from moco.utils.logs import show_on_stderr
 
     show_on_stderr()  # the library's log records, as bare lines
     args, extra = build_parser().parse_known_args(argv)

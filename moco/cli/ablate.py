@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from moco.engine.settings import NoAliasLoader
+from moco.utils.settings import NoAliasLoader
 
 
 def _setting(text: str) -> tuple[str, Any]:
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{spec.cost.steps} steps each")
         return 0
     if not args.report_only:  # every run's settings are checked before any run starts
-        from moco.engine.paths import check_output
+        from moco.utils.paths import check_output
 
         for r in spec.runs:
             cfg = run_config(spec, r, output / r.name, overrides)

@@ -37,8 +37,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moco.engine.paths import check_output, check_writable_parent
     from moco.eval.export import export_checkpoint
+    from moco.utils.paths import check_output, check_writable_parent
 
     check_output(args.out, "--out", files={"the input checkpoint": args.checkpoint})
     check_writable_parent(args.out, "--out")

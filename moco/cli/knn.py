@@ -62,7 +62,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moco.engine.paths import check_output, check_writable_parent
+    from moco.utils.paths import check_output, check_writable_parent
 
     if args.json:  # checked before the features are computed, never over an input
         check_output(args.json, "--json", files={"the input checkpoint (--pretrained)":
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
           f"queries {r.num_queries}): top-1 {r.top1:.2f}%  top-5 {r.top5:.2f}%  "
           f"(features {r.extract_seconds:.1f} s, kNN {r.knn_seconds:.1f} s)")
     if args.json:
-        from moco.engine.atomic import atomic_write_text
+        from moco.utils.atomic import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(asdict(r), indent=2) + "\n")
     return 0

@@ -16,8 +16,8 @@ from typing import Any
 from moco.core.errors import ConfigError
 from moco.engine.config import DEFAULTS, GROUPS, PER_INVOCATION, SETTINGS, MocoConfig
 from moco.engine.config_sources import build_config, check_settings, load_yaml
-from moco.engine.paths import check_output
-from moco.engine.settings import Setting, from_command_line
+from moco.utils.paths import check_output
+from moco.utils.settings import Setting, from_command_line
 
 # Command-line switches that are not settings of the run.
 _NOT_CONFIG = {"command", "run", "config_file", "no_progress", "overwrite"}

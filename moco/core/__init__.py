@@ -3,5 +3,5 @@ heads, shuffling BN (SplitBatchNorm, one device and across processes), the backb
 other mechanisms of MoCo v1 Figure 2 (end-to-end, memory bank).
 
 No configuration, files or I/O in here, and no import from the rest of the package (a test
-keeps it so: tests/test_layout.py); devices, dtypes and generators come in as arguments.
+keeps it so: tests/package/test_layout.py); devices, dtypes and generators come in as arguments.
 """

@@ -131,17 +131,50 @@ def build_backbone(name: str, *, cifar_stem: bool = False, norm_layer: NormLayer
     return Backbone(model=model, feature_dim=fc.in_features)
 
 
+#: Where networks keep their classification (or, in MoCo, projection) head, in the order
+#: looked for: torchvision ResNets ``fc``, timm ViTs and ConvNeXts ``head``, timm
+#: EfficientNets/MobileNets ``classifier``. A network may name its own with a ``moco_head``
+#: attribute (a dotted path, e.g. ``"head.fc"``).
+HEAD_NAMES = ("fc", "head", "classifier")
+
+
+def head_name(model: nn.Module) -> str:
+    """The attribute path of ``model``'s head: its ``moco_head`` if it has one, else the first
+    of :data:`HEAD_NAMES` it holds as a module. :class:`ConfigError` when none is found: which
+    layer is the head cannot be told."""
+    declared = getattr(model, "moco_head", None)
+    if isinstance(declared, str):
+        return declared
+    for name in HEAD_NAMES:
+        if isinstance(getattr(model, name, None), nn.Module):
+            return name
+    raise ConfigError(
+        f"this {type(model).__name__} has no head layer ({', '.join(HEAD_NAMES)}), so its "
+        "projection head cannot be told apart; name the head 'fc' (as torchvision's ResNets "
+        "and build_encoder do), set model.moco_head = 'path.to.head', or take the features "
+        "from your own backbone")
+
+
+def get_head(model: nn.Module) -> nn.Module:
+    """The head module of ``model`` (see :func:`head_name`)."""
+    head: nn.Module = model.get_submodule(head_name(model))
+    return head
+
+
+def set_head(model: nn.Module, head: nn.Module) -> None:
+    """Replace ``model``'s head (see :func:`head_name`) by ``head``, in place."""
+    parent_name, _, attr = head_name(model).rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, head)
+
+
 def strip_head(encoder: nn.Module) -> nn.Module:
-    """A copy of ``encoder`` whose ``fc`` is the identity: input [B,3,H,W] -> features [B, D].
-    An encoder without an ``fc`` layer (not built by :func:`build_backbone`) is a
-    :class:`ConfigError`: which layer is the head cannot be told."""
-    if not isinstance(getattr(encoder, "fc", None), nn.Module):
-        raise ConfigError(
-            f"strip_head: this {type(encoder).__name__} has no 'fc' layer, so its projection "
-            "head cannot be told apart; name the head 'fc' (as torchvision's ResNets and "
-            "build_encoder do) or take the features from your own backbone")
+    """A copy of ``encoder`` whose head is the identity: input [B,3,H,W] -> features [B, D]
+    (pooled features for ResNets, the [CLS] token after the final norm for ViTs).
+    An encoder without a recognisable head is a :class:`ConfigError` (see :func:`head_name`)."""
+    head_name(encoder)  # the error before the copy
     features = copy.deepcopy(encoder)
-    features.fc = nn.Identity()
+    set_head(features, nn.Identity())
     return features
 
 
@@ -150,12 +183,13 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def feature_dim_of(encoder: nn.Module) -> int:
-    """Width D of the pooled features of an encoder built by :func:`build_backbone`."""
-    with torch.no_grad():
-        fc = encoder.fc
-        if isinstance(fc, nn.Linear):
-            return fc.in_features
-        first = fc[0] if isinstance(fc, nn.Sequential) else None
-        if isinstance(first, nn.Linear):
-            return first.in_features
-    raise ConfigError("cannot infer the feature width of this encoder")
+    """Width D of the features that enter ``encoder``'s head: the head's first Linear's input
+    width (a Linear head, or a Sequential MLP that starts with one)."""
+    head = get_head(encoder)
+    first = head
+    while isinstance(first, nn.Sequential) and len(first) > 0:
+        first = first[0]
+    if isinstance(first, nn.Linear):
+        return first.in_features
+    raise ConfigError(f"cannot infer the feature width of this encoder: its head "
+                      f"{head_name(encoder)!r} does not start with a Linear layer")

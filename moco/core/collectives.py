@@ -3,7 +3,7 @@ sharded evaluation put back in order.
 
 The shuffle across processes built on them (the original's ``_batch_shuffle_ddp``) is
 :class:`moco.core.shuffle_bn.DDPShuffle`. Everything here is the identity without a process
-group (:mod:`moco.engine.distributed` joins it).
+group (:mod:`moco.utils.distributed` joins it).
 """
 
 from __future__ import annotations

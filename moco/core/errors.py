@@ -1,4 +1,4 @@
-"""The one base class of the errors a user can fix.
+"""Every error a user can fix, declared here, under one base class.
 
 Every problem caused by what the user gave (a setting, a file, a folder, a checkpoint) is a
 :class:`MocoError` whose message is one line: what is wrong, where it came from (the flag,
@@ -30,3 +30,42 @@ class FolderInUseError(MocoError, RuntimeError):
 
 class OutputError(MocoError, ValueError):
     """An output path that would overwrite an input or write into a data folder."""
+
+
+class DataError(MocoError, ValueError):
+    """A problem with the user's data (a folder, an image, a shard), with how to fix it.
+
+    Raised in a DataLoader worker, it reaches the main process re-created by torch with the
+    worker's whole traceback as its message; ``str()`` gives back the original message only.
+    """
+
+    def __str__(self) -> str:
+        msg = super().__str__()
+        if "Original Traceback" in msg and "DataError: " in msg:
+            return msg.rsplit("DataError: ", 1)[1].strip()
+        return msg
+
+
+class CheckpointError(MocoError, ValueError):
+    """A checkpoint file that cannot be used, with the reason and the fix."""
+
+
+class DeviceError(ConfigError):
+    """A ``--device`` or ``--precision`` this machine cannot run, with what to pass instead."""
+
+
+class DistributedError(ConfigError):
+    """A multi-process run that cannot start, with what to change."""
+
+
+class SanityCheckError(MocoError, RuntimeError):
+    """The frozen backbone changed during linear training (it must not: ``main_lincls.py``'s
+    ``sanity_check``)."""
+
+
+class AblationError(ConfigError):
+    """A grid file or run folder that cannot be used, with what to change."""
+
+
+class Detectron2Error(MocoError, ValueError):
+    """A backbone or setting that detectron2 (or its C4 configs) cannot use, with the fix."""

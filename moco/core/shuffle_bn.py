@@ -297,7 +297,7 @@ class GatherKeys:
 
 
 class ProcessGroup(Protocol):
-    """Who this process is (``moco.engine.distributed.DistContext`` is one)."""
+    """Who this process is (``moco.utils.distributed.DistContext`` is one)."""
 
     @property
     def rank(self) -> int: ...

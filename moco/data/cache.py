@@ -53,8 +53,8 @@ from moco.data.cache_dir import (
     touch_entry,
 )
 from moco.data.source import DataError, ImageSource, open_rgb
-from moco.engine.logs import Log
-from moco.engine.memory import available_memory
+from moco.utils.logs import Log
+from moco.utils.memory import available_memory
 
 _log = logging.getLogger(__name__)
 

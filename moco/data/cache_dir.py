@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from moco.data.source import DataError
-from moco.engine.logs import Log
+from moco.utils.logs import Log
 
 _log = logging.getLogger(__name__)
 

@@ -38,8 +38,8 @@ import numpy as np
 
 from moco.data.folders import image_folder
 from moco.data.source import ImageSource
-from moco.engine.atomic import atomic_write
-from moco.engine.logs import Log, quiet
+from moco.utils.atomic import atomic_write
+from moco.utils.logs import Log, quiet
 
 INDEX_FORMAT = 1
 PARALLEL_MIN = 4096  # fewer files: read their headers in this process

@@ -32,7 +32,7 @@ from moco.data.decode import KIND_BAD
 from moco.data.recipes import resized_short_side
 from moco.data.source import BAD_IMAGE_HINT, DataError, ImageSource
 from moco.engine.config import MocoConfig
-from moco.engine.logs import Log
+from moco.utils.logs import Log
 
 _log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from moco.core.seeding import stream_generator
 from moco.data.folders import image_folder
 from moco.data.shards import CLASSES_FILE, shard_files
 from moco.data.source import DataError, ImageSource
-from moco.engine.atomic import atomic_path, atomic_write_text, fsync_dir
+from moco.utils.atomic import atomic_path, atomic_write_text, fsync_dir
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -121,7 +121,7 @@ def write_split(folder: Path, final_out: Path, shard_size: int, seed: int,
     """Write the images of one split folder as shards in ``final_out``: into a hidden
     ``.<split>.partial`` folder beside it, moved into place once complete, so an interrupted
     run never leaves a split that looks whole (its partial folder is removed next time). Each
-    shard goes through the one atomic write (:mod:`moco.engine.atomic`): a failure (a full
+    shard goes through the one atomic write (:mod:`moco.utils.atomic`): a failure (a full
     disk, a signal) leaves no partial shard behind."""
     src = image_folder(folder)
     assert src.files is not None

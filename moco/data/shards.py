@@ -30,7 +30,7 @@ from PIL import Image
 
 from moco.data.index import building
 from moco.data.source import IMAGE_EXTENSIONS, DataError, DatasetSplits, ImageSource, open_rgb
-from moco.engine.atomic import atomic_write
+from moco.utils.atomic import atomic_write
 
 SHARD_INDEX_FORMAT = 1
 SEQUENTIAL_BUFFER = 1 << 20

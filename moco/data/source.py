@@ -18,25 +18,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from moco.core.errors import ConfigError, MocoError
+from moco.core.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 BAD_IMAGE_HINT = ("remove or replace the file, or pass --on-bad-image skip to replace each "
                   "unreadable image by the next readable one (they are counted and reported)")
 
-
-class DataError(MocoError, ValueError):
-    """A problem with the user's data, with a message that says how to fix it.
-
-    Raised in a DataLoader worker, it reaches the main process re-created by torch with the
-    worker's whole traceback as its message; ``str()`` gives back the original message only.
-    """
-
-    def __str__(self) -> str:
-        msg = super().__str__()
-        if "Original Traceback" in msg and "DataError: " in msg:
-            return msg.rsplit("DataError: ", 1)[1].strip()
-        return msg
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -24,7 +24,7 @@ import torch
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from moco.core.backbones import build_backbone
-from moco.core.errors import MocoError
+from moco.core.errors import Detectron2Error
 from moco.core.timm_backbone import is_timm_arch
 
 #: task -> config file in configs/detectron2/
@@ -55,9 +55,6 @@ _DEPTHS: dict[tuple[str, tuple[int, ...]], int] = {
     ("basic", (3, 4, 6, 3)): 34,
 }
 
-
-class Detectron2Error(MocoError, ValueError):
-    """A backbone or setting that detectron2 (or its C4 configs) cannot use, with the fix."""
 
 
 def resnet_settings(arch: str) -> dict[str, int]:

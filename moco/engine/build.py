@@ -12,8 +12,8 @@ from moco.core.mechanisms import Mechanism, build_mechanism
 from moco.core.model import MoCo, build_encoder
 from moco.core.seeding import QUEUE, seeded, stream_generator
 from moco.engine.config import SPLIT_BN_MODES, MocoConfig
-from moco.engine.runtime import precision_name
-from moco.engine.schedule import learning_rate, warmup_factor
+from moco.utils.runtime import precision_name
+from moco.utils.schedule import learning_rate, warmup_factor
 
 
 def build_model(cfg: MocoConfig, device: torch.device, num_samples: int | None = None) -> Mechanism:

@@ -1,7 +1,7 @@
 """Pretraining configuration: :class:`MocoConfig`, each setting declared once.
 
 Every field carries its flags, help, type, choices, range, role and scope in its metadata
-(:mod:`moco.engine.settings`). From this one declaration come the ``moco pretrain`` flags and their
+(:mod:`moco.utils.settings`). From this one declaration come the ``moco pretrain`` flags and their
 help, the check of every value from every source, and the lists of settings that do not change
 training (:data:`RESUME_FREE`, :data:`RUNTIME_SETTINGS`) or may differ between ranks
 (:data:`PER_RANK_SETTINGS`).
@@ -23,8 +23,8 @@ from typing import Any
 
 from moco.core.errors import ConfigError
 from moco.data.recipes import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, RECIPES
-from moco.engine.memory import FLOAT_BYTES, refuse_if_too_big
-from moco.engine.settings import (
+from moco.utils.memory import FLOAT_BYTES, refuse_if_too_big
+from moco.utils.settings import (
     Setting,
     Source,
     coerce,

@@ -15,7 +15,7 @@ from typing import Any
 
 from moco.core.errors import ConfigError
 from moco.engine.config import SPLIT_BN_MODES, MocoConfig
-from moco.engine.memory import FLOAT_BYTES, refuse_if_too_big
+from moco.utils.memory import FLOAT_BYTES, refuse_if_too_big
 
 
 def images_per_bn_group(cfg: MocoConfig, mode: str, world_size: int) -> tuple[int, str]:

@@ -14,9 +14,9 @@ from typing import Any
 import yaml
 
 from moco.core.errors import ConfigError
-from moco.engine.atomic import atomic_write_text
 from moco.engine.config import PRESETS, SETTINGS, MocoConfig
-from moco.engine.settings import (
+from moco.utils.atomic import atomic_write_text
+from moco.utils.settings import (
     Source,
     coerce,
     from_caller,

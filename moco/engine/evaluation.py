@@ -16,10 +16,10 @@ from moco.core.collectives import gather_shards, shard
 from moco.data.datasets import class_balanced_subset
 from moco.data.source import ImageSource
 from moco.engine.config import MocoConfig
-from moco.engine.distributed import DistContext
-from moco.engine.logs import Log
 from moco.eval.features import source_features
 from moco.eval.knn import knn_accuracy
+from moco.utils.distributed import DistContext
+from moco.utils.logs import Log
 
 #: (this rank's bank images, this rank's queries, the bank's size, the queries' size)
 MonitorSources = tuple[ImageSource, ImageSource, int, int]

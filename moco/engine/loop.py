@@ -24,15 +24,7 @@ from moco.core.errors import RunError
 from moco.data.batches import Batch
 from moco.data.source import DataError
 from moco.engine.build import step_lr
-from moco.engine.checkpoint import (
-    first_nonfinite,
-)
 from moco.engine.config import MocoConfig
-from moco.engine.distributed import (
-    is_communication_error,
-    shutdown_distributed,
-)
-from moco.engine.logs import Log
 from moco.engine.run import TrainingRun
 from moco.engine.run_state import (
     PretrainResult,
@@ -41,8 +33,16 @@ from moco.engine.rundir import (
     finite_checkpoint_advice,
     newest_checkpoint,
 )
-from moco.engine.signals import StopFlag, stop_on_signals
 from moco.engine.training_step import EpochMeter, train_step
+from moco.utils.checkpoint import (
+    first_nonfinite,
+)
+from moco.utils.distributed import (
+    is_communication_error,
+    shutdown_distributed,
+)
+from moco.utils.logs import Log
+from moco.utils.signals import StopFlag, stop_on_signals
 
 _log = logging.getLogger(__name__)
 

@@ -25,28 +25,10 @@ from moco.data.loaders import make_train_loader
 from moco.data.source import DataError, ImageSource
 from moco.data.splits import find_dataset, knn_splits
 from moco.engine.build import build_model, build_optimizer, describe_run
-from moco.engine.checkpoint import (
-    CheckpointError,
-    atomic_save,
-    from_original_layout,
-    model_state,
-    state_mismatch,
-    to_original_layout,
-)
 from moco.engine.config import MocoConfig
 from moco.engine.config_checks import check_buildable, check_staleness_images
 from moco.engine.config_sources import save_yaml
-from moco.engine.distributed import (
-    DistContext,
-    init_distributed,
-    per_rank_batch,
-    resolve_for_world,
-    wrap_ddp,
-)
 from moco.engine.evaluation import MonitorSources, monitor_knn, monitor_sources
-from moco.engine.logs import Log
-from moco.engine.machine import describe_machine
-from moco.engine.paths import check_output
 from moco.engine.run_state import (
     MocoEntry,
     TrainState,
@@ -62,17 +44,35 @@ from moco.engine.rundir import (
     prepare_run_dir,
     prune_checkpoints,
 )
-from moco.engine.runlock import RunLock
-from moco.engine.runlog import RunLog, read_metrics, write_metrics
-from moco.engine.runtime import (
+from moco.engine.staleness import Staleness, measure_staleness
+from moco.engine.training_step import EpochMeter
+from moco.engine.world import resolve_for_world
+from moco.utils.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    from_original_layout,
+    model_state,
+    state_mismatch,
+    to_original_layout,
+)
+from moco.utils.distributed import (
+    DistContext,
+    init_distributed,
+    per_rank_batch,
+    wrap_ddp,
+)
+from moco.utils.logs import Log
+from moco.utils.machine import describe_machine
+from moco.utils.paths import check_output
+from moco.utils.runlock import RunLock
+from moco.utils.runlog import RunLog, read_metrics, write_metrics
+from moco.utils.runtime import (
     configure_backends,
     default_workers,
     needs_grad_scaler,
     resolve_device,
     resolve_precision,
 )
-from moco.engine.staleness import Staleness, measure_staleness
-from moco.engine.training_step import EpochMeter
 
 _log = logging.getLogger(__name__)
 

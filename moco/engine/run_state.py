@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from moco.engine.checkpoint import CheckpointError, check_finite, describe_contents, model_state
 from moco.engine.config import RESUME_FREE, MocoConfig
-from moco.engine.logs import Log
+from moco.utils.checkpoint import CheckpointError, check_finite, describe_contents, model_state
+from moco.utils.logs import Log
 
 CHECKPOINT_FORMAT = 1  # version of the "moco" entry; a newer one is refused on resume
 

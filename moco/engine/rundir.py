@@ -10,16 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from moco.core.errors import RunError
-from moco.engine.atomic import remove_stale_temporaries
-from moco.engine.checkpoint import (
+from moco.utils.atomic import remove_stale_temporaries
+from moco.utils.checkpoint import (
     CheckpointError,
     first_nonfinite,
     load_checkpoint,
     model_state,
 )
-from moco.engine.distributed import DistContext
-from moco.engine.logs import Log
-from moco.engine.runlock import RunLock
+from moco.utils.distributed import DistContext
+from moco.utils.logs import Log
+from moco.utils.runlock import RunLock
 
 CHECKPOINT_GLOB = "checkpoint_*.pth.tar"
 

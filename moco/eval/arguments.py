@@ -1,12 +1,12 @@
 """The numeric arguments of the evaluation functions and commands (knn, embed, lincls),
-checked as the pretrain settings are (:func:`moco.engine.settings.coerce`: integers, finite
+checked as the pretrain settings are (:func:`moco.utils.settings.coerce`: integers, finite
 numbers, ranges), with errors naming the flag."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from moco.engine.settings import Setting, coerce, from_command_line
+from moco.utils.settings import Setting, coerce, from_command_line
 
 # Flags of knn / embed / lincls (the pretrain flags are declared in MocoConfig).
 FLAGS: dict[str, Setting] = {
@@ -34,7 +34,7 @@ def check_numbers(**values: Any) -> None:
             coerce(name, FLAGS[name], value, from_command_line)
     size, batch = values.get("image_size"), values.get("batch_size")
     if size and batch:
-        from moco.engine.memory import refuse_if_too_big
+        from moco.utils.memory import refuse_if_too_big
 
         refuse_if_too_big(f"one batch (-b {batch} images of --image-size {size} px, float32)",
                           batch * 3 * size * size * 4, "lower --batch-size or --image-size")

@@ -27,7 +27,7 @@ from moco.core.errors import ConfigError
 from moco.data.folders import images_under
 from moco.data.shards import ShardSource, shard_source
 from moco.data.source import IMAGE_EXTENSIONS, DataError, open_rgb
-from moco.engine.paths import check_output, check_writable_parent
+from moco.utils.paths import check_output, check_writable_parent
 
 OUTPUT_SUFFIXES = (".npy", ".safetensors")
 
@@ -129,11 +129,11 @@ def embed_images(images: str | Path, pretrained: str | Path, out: str | Path, *,
     from tqdm import tqdm
 
     from moco.data.augment import eval_transform
-    from moco.engine.atomic import atomic_write, atomic_write_text
-    from moco.engine.runtime import default_workers, resolve_device
     from moco.eval.encoders import load_encoder
     from moco.eval.export import write_safetensors
     from moco.eval.features import extract_features
+    from moco.utils.atomic import atomic_write, atomic_write_text
+    from moco.utils.runtime import default_workers, resolve_device
 
     out_p = Path(out)
     if out_p.suffix not in OUTPUT_SUFFIXES:

@@ -13,12 +13,12 @@ from moco.core.backbones import (
     build_backbone,
 )
 from moco.core.errors import ConfigError
-from moco.engine.checkpoint import (
+from moco.eval.pretrained import EncoderWeights, PretrainedInfo, describe_encoder, read_encoder
+from moco.utils.checkpoint import (
     CheckpointError,
     state_mismatch,
 )
-from moco.engine.runtime import resolve_device
-from moco.eval.pretrained import EncoderWeights, PretrainedInfo, describe_encoder, read_encoder
+from moco.utils.runtime import resolve_device
 
 
 def build_features_model(w: EncoderWeights, info: PretrainedInfo, *, keep_head: bool = False,

@@ -36,10 +36,10 @@ import torch
 from moco.core.errors import ConfigError, OutputError
 from moco.core.timm_backbone import is_timm_arch, timm_name, timm_state_dict
 from moco.detection.settings import c4_problem
-from moco.engine.atomic import atomic_path, atomic_write
-from moco.engine.checkpoint import CheckpointError, torch_save
 from moco.eval.encoders import build_features_model
 from moco.eval.pretrained import EncoderWeights, PretrainedInfo, describe_encoder, read_encoder
+from moco.utils.atomic import atomic_path, atomic_write
+from moco.utils.checkpoint import CheckpointError, torch_save
 
 EXPORT_FORMATS = ("torchvision", "detectron2", "safetensors", "timm")
 SAFETENSORS_FORMAT = "moco-backbone/1"

@@ -103,10 +103,10 @@ def knn_evaluate(data: str | Path, pretrained: str | Path, *, arch: str | None =
     from tqdm import tqdm
 
     from moco.data.splits import find_dataset, knn_splits
-    from moco.engine.runtime import default_workers, resolve_device, resolve_precision
     from moco.eval import features as feats
     from moco.eval.arguments import check_numbers
     from moco.eval.encoders import load_encoder
+    from moco.utils.runtime import default_workers, resolve_device, resolve_precision
 
     check_numbers(k=k, t=t, batch_size=batch_size, bank_chunk=bank_chunk, workers=workers,
                   image_size=image_size)

@@ -43,21 +43,6 @@ from tqdm import tqdm
 from moco.core.errors import ConfigError, RunError
 from moco.data.source import DataError, ImageSource, class_mismatch
 from moco.data.splits import find_dataset
-from moco.engine.checkpoint import CheckpointError, atomic_save, model_state, state_mismatch
-from moco.engine.distributed import (
-    DistContext,
-    check_same_settings,
-    init_distributed,
-    shutdown_distributed,
-)
-from moco.engine.logs import Log
-from moco.engine.paths import check_output
-from moco.engine.runlock import RunLock
-from moco.engine.runlog import write_metrics
-from moco.engine.runtime import default_workers
-from moco.engine.runtime import resolve_device as _resolve_device
-from moco.engine.schedule import learning_rate
-from moco.engine.signals import StopFlag, stop_on_signals
 from moco.eval import lincls_data as batches
 from moco.eval.lincls_engine import LinearEngine
 from moco.eval.lincls_protocol import (
@@ -79,6 +64,21 @@ from moco.eval.lincls_state import (
     resume_path,
 )
 from moco.eval.pretrained import describe_encoder, read_encoder
+from moco.utils.checkpoint import CheckpointError, atomic_save, model_state, state_mismatch
+from moco.utils.distributed import (
+    DistContext,
+    check_same_settings,
+    init_distributed,
+    shutdown_distributed,
+)
+from moco.utils.logs import Log
+from moco.utils.paths import check_output
+from moco.utils.runlock import RunLock
+from moco.utils.runlog import write_metrics
+from moco.utils.runtime import default_workers
+from moco.utils.runtime import resolve_device as _resolve_device
+from moco.utils.schedule import learning_rate
+from moco.utils.signals import StopFlag, stop_on_signals
 
 _log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32", "bf16")

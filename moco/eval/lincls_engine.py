@@ -23,11 +23,11 @@ from tqdm import tqdm
 from moco.data.augment import eval_transform
 from moco.data.datasets import epoch_order
 from moco.data.source import ImageSource
-from moco.engine.distributed import DistContext, wrap_ddp
-from moco.engine.signals import StopFlag
 from moco.eval import lincls_data as batches
 from moco.eval import lincls_protocol as protocol
 from moco.eval.features import extract_features
+from moco.utils.distributed import DistContext, wrap_ddp
+from moco.utils.signals import StopFlag
 
 
 @dataclass

@@ -11,15 +11,11 @@ from torch import nn
 from torchvision import transforms as T
 
 from moco.core.backbones import build_backbone
+from moco.core.errors import SanityCheckError
 from moco.core.seeding import stream_generator
-from moco.engine.checkpoint import CheckpointError
-from moco.engine.runtime import native_bf16_here, resolve_precision
 from moco.eval.pretrained import PretrainedInfo, read_encoder
-
-
-class SanityCheckError(RuntimeError):
-    """The frozen backbone changed during linear training (it must not: ``main_lincls.py``'s
-    ``sanity_check``)."""
+from moco.utils.checkpoint import CheckpointError
+from moco.utils.runtime import native_bf16_here, resolve_precision
 
 
 def train_transform(image_size: int, mean: Iterable[float], std: Iterable[float]) -> T.Compose:
@@ -68,7 +64,7 @@ def set_frozen_mode(model: nn.Module) -> None:
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The frozen backbone's autocast dtype, None for fp32 (``fc``, its loss and its update
     are always fp32). ``auto``: bf16 on a GPU with bf16 units, as pretraining decides it
-    (:mod:`moco.engine.runtime`), else fp32: never fp16 for the frozen features."""
+    (:mod:`moco.utils.runtime`), else fp32: never fp16 for the frozen features."""
     if precision == "auto":
         return resolve_precision("auto", device) if native_bf16_here(device) else None
     return resolve_precision(precision, device)

@@ -1,6 +1,6 @@
 """What makes a ``moco lincls`` run impossible to lose: its run folder, atomic copies and the
 choice of the checkpoint to resume (``--resume auto``); it stops on signals as pretraining
-does (:mod:`moco.engine.signals`)."""
+does (:mod:`moco.utils.signals`)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from moco.core.errors import ConfigError
-from moco.engine.atomic import atomic_path, atomic_write_text
-from moco.engine.checkpoint import CheckpointError, load_checkpoint
-from moco.engine.runlog import write_metrics
+from moco.utils.atomic import atomic_path, atomic_write_text
+from moco.utils.checkpoint import CheckpointError, load_checkpoint
+from moco.utils.runlog import write_metrics
 
 LAST = "checkpoint.pth.tar"
 BEST = "model_best.pth.tar"

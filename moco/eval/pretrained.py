@@ -41,7 +41,7 @@ from moco.core.backbones import (
 from moco.core.errors import ConfigError
 from moco.core.timm_backbone import is_timm_arch
 from moco.data.recipes import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
-from moco.engine.checkpoint import (
+from moco.utils.checkpoint import (
     PREFIX,
     CheckpointError,
     check_finite,
