@@ -23,7 +23,6 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 import torchvision
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
