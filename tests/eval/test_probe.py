@@ -92,7 +92,7 @@ def test_probe_construction_draws_nothing_from_the_global_generator() -> None:
     w = a.net[1].weight.detach()
     assert torch.equal(w, b.net[1].weight) and 0.005 < float(w.std()) < 0.02
     assert not torch.equal(w, OnlineProbe(FEATURES, CLASSES, seed=6).net[1].weight)
-    assert float(a.net[1].bias.abs().sum()) == 0.0
+    assert float(a.net[1].bias.detach().abs().sum()) == 0.0
 
 
 def separable(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
