@@ -25,17 +25,25 @@ class HeadInputTap:
     It keeps the **first** forward after construction or after the last :meth:`take`: every
     mechanism encodes the queries (``im_q``, in batch order) first in a step; later calls of
     the same encoder in that step (end-to-end's keys, symmetric MoCo's second view) are
-    ignored. Use as a context manager or call :meth:`close` to remove the hook.
+    ignored. With ``training_only``, forwards in eval mode (the kNN monitor's, the health
+    report's) are ignored too: only training forwards are recorded. Use as a context manager
+    or call :meth:`close` to remove the hook.
+
+    Register it after any deep copy of the encoder is made (``MoCo`` copies f_q into f_k):
+    a copy carries its own copy of the hook.
 
     Raises :class:`~moco.core.errors.ConfigError` when the encoder has no recognisable head.
     """
 
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, training_only: bool = False) -> None:
         head = get_head(encoder)
+        self.training_only = training_only
         self._features: torch.Tensor | None = None
         self._handle = head.register_forward_pre_hook(self._hook)
 
     def _hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self.training_only and not module.training:
+            return
         if self._features is None and args and isinstance(args[0], torch.Tensor):
             self._features = args[0].detach()
 

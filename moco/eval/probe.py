@@ -74,7 +74,7 @@ class OnlineProbe:
         self.net = nn.Sequential(norm, linear).to(self.device)
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=lr, momentum=momentum,
                                          weight_decay=weight_decay)
-        self.num_classes = num_classes
+        self.feature_dim, self.num_classes = feature_dim, num_classes
         self.steps = 0
         self._sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct, n
 

@@ -161,3 +161,17 @@ def test_state_of_another_size_is_refused() -> None:
     state = OnlineProbe(FEATURES, CLASSES).state_dict()
     with pytest.raises(ConfigError, match="other features or classes"):
         OnlineProbe(FEATURES + 1, CLASSES).load_state_dict(state)
+
+
+def test_training_only_tap_ignores_eval_forwards() -> None:
+    torch.manual_seed(2)
+    enc = encoder()
+    x = torch.randn(4, 3, 8, 8)
+    with HeadInputTap(enc, training_only=True) as tap:
+        enc.eval()
+        enc(x)  # a kNN monitor's or health report's forward
+        assert tap.take() is None
+        enc.train()
+        enc(x)
+        f = tap.take()
+    assert f is not None and f.shape == (4, FEATURES)
