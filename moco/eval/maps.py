@@ -61,10 +61,7 @@ def resolve_method(method: str, n: int) -> str:
             return "pca"
         if _installed("umap"):
             return "umap"
-        if _installed("sklearn"):
-            return "tsne"
-        _log.info(f"embedding map: PCA (for t-SNE or UMAP: {EXTRA_HINT})")
-        return "pca"
+        return "tsne" if _installed("sklearn") else "pca"
     need = {"umap": ("umap", "umap-learn"), "tsne": ("sklearn", "scikit-learn")}.get(method)
     if need is not None and not _installed(need[0]):
         raise ConfigError(f"--plot-method {method} needs {need[1]}, which is not installed: "
@@ -78,6 +75,8 @@ def project_2d(x: np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.n
     a = np.asarray(x, dtype=np.float32)
     n = a.shape[0]
     used = resolve_method(method, n)
+    if used == "pca" and method == "auto" and n >= MIN_POINTS_NONLINEAR:
+        _log.info(f"embedding map: PCA (for t-SNE or UMAP: {EXTRA_HINT})")
     if used == "pca" or n < 3:
         return pca_2d(a), "pca"
     if used == "tsne":
@@ -109,33 +108,40 @@ def spread_points(xy: np.ndarray, count: int) -> list[int]:
 
 
 def _scatter(ax: Any, xy: np.ndarray, labels: Sequence[int] | None,
-             classes: Sequence[str] | None) -> None:
+             classes: Sequence[str] | None) -> list[Any]:
+    """The points, one colour per class (legend up to 20 classes); returns each point's
+    colour."""
     import matplotlib
 
     if labels is None:
-        ax.scatter(xy[:, 0], xy[:, 1], s=6, color="tab:blue", alpha=0.7, linewidths=0)
-        return
+        ax.scatter(xy[:, 0], xy[:, 1], s=9, color="tab:blue", alpha=0.7, linewidths=0)
+        return ["tab:blue"] * xy.shape[0]
     y = np.asarray(labels)
     found = sorted(set(y.tolist()))
     cmap = matplotlib.colormaps["tab10" if len(found) <= 10 else "tab20" if len(found) <= 20
                                 else "turbo"]
-    for j, c in enumerate(found):
+    colours = {c: cmap(j if len(found) <= 20 else j / max(1, len(found) - 1))
+               for j, c in enumerate(found)}
+    for c in found:
         name = classes[c] if classes is not None and 0 <= c < len(classes) else str(c)
-        colour = cmap(j if len(found) <= 20 else j / max(1, len(found) - 1))
-        ax.scatter(xy[y == c, 0], xy[y == c, 1], s=6, color=colour, alpha=0.8, linewidths=0,
-                   label=name)
+        ax.scatter(xy[y == c, 0], xy[y == c, 1], s=9, color=colours[c], alpha=0.8,
+                   linewidths=0, label=name)
     if len(found) <= 20:
         ax.legend(loc="best", fontsize=7, markerscale=2, frameon=False)
+    return [colours[c] for c in y.tolist()]
 
 
-def _thumbnails(ax: Any, xy: np.ndarray, load: Callable[[int], Image.Image],
-                count: int, pixels: int = 40) -> None:
+def _thumbnails(ax: Any, xy: np.ndarray, load: Callable[[int], Image.Image], count: int,
+                colours: Sequence[Any], pixels: int = 36) -> None:
+    """``count`` images spread over the map (at most a quarter of the points, so that the
+    points stay visible), each framed in its point's colour."""
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
-    for i in spread_points(xy, count):
+    for i in spread_points(xy, min(count, max(1, xy.shape[0] // 4))):
         img = load(i).convert("RGB").resize((pixels, pixels), Image.Resampling.BILINEAR)
         box = AnnotationBbox(OffsetImage(np.asarray(img), zoom=1.0), (xy[i, 0], xy[i, 1]),
-                             frameon=True, pad=0.1)
+                             frameon=True, pad=0.15,
+                             bboxprops={"edgecolor": colours[i], "linewidth": 2})
         ax.add_artist(box)
 
 
@@ -158,9 +164,9 @@ def plot_embedding_map(features: np.ndarray | Any, path: str | Path, *,
     xy, used = project_2d(x, method, seed=0)
     fig = new_figure(figsize=(8, 8))
     ax = fig.add_subplot(1, 1, 1)
-    _scatter(ax, xy, labels, classes)
+    colours = _scatter(ax, xy, labels, classes)
     if thumbnail is not None:
-        _thumbnails(ax, xy, thumbnail, thumbnails)
+        _thumbnails(ax, xy, thumbnail, thumbnails, colours)
     ax.margins(0.08)  # room for the thumbnails at the edges
     ax.set_xticks([])
     ax.set_yticks([])
