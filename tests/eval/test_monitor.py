@@ -140,3 +140,29 @@ def test_warnings_read_the_history() -> None:
     h = [{"epoch": e, "loss": 2.83, "loss_chance": math.log(K + 1)} for e in (1, 2, 3)]
     assert [w.split(" ")[0] for w in mon.warnings(h)] == ["stuck"]
     assert mon.tap is None and mon.probe is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_monitor_on_cuda_under_bf16_autocast() -> None:
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    model = MoCo(encoder(), dim=8, k=K).to(dev)
+    opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1, momentum=0.9)
+    view = pretrain_transform("cifar-demo", 8, 0.2, CIFAR_MEAN, CIFAR_STD)
+    mon = TrainingMonitor(model.encoder_q, images(), view, dev)
+    for _ in range(3):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(torch.randn(8, 3, 8, 8, device=dev), torch.randn(8, 3, 8, 8, device=dev))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        mon.after_step(out.logits, torch.randint(0, 40, (8,), device=dev))
+    with torch.no_grad():
+        query = strip_head(model.encoder_q).eval()(torch.randn(6, 3, 8, 8, device=dev))
+    rec = mon.epoch_record(1.0, query, torch.arange(6, device=dev) % 3,
+                           autocast_dtype=torch.bfloat16)
+    for key in SCALAR_KEYS:
+        assert rec[key] is not None and math.isfinite(rec[key]), key
+    assert mon.probe is not None and mon.probe.steps == 3
+    mon.close()
