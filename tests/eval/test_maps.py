@@ -88,6 +88,13 @@ def test_tsne_when_installed() -> None:
     assert (np.asarray(labels)[d.argmin(1)] == np.asarray(labels)).mean() > 0.9
 
 
+def test_umap_when_installed() -> None:
+    pytest.importorskip("umap")
+    x, _ = _points(40)
+    xy, used = project_2d(x, "umap", seed=0)
+    assert used == "umap" and xy.shape == (40, 2) and np.isfinite(xy).all()
+
+
 def test_spread_points_are_distinct_and_reach_the_edges() -> None:
     xy = np.array([[0, 0], [0.1, 0], [10, 0], [-10, 0], [0, 10], [0.05, 0.05]], float)
     chosen = spread_points(xy, 4)
