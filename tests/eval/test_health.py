@@ -19,6 +19,7 @@ from moco.data.augment import pretrain_transform
 from moco.data.recipes import CIFAR_MEAN, CIFAR_STD
 from moco.data.source import ImageSource
 from moco.eval.health import (
+    RECORD_KEYS,
     HealthReport,
     HealthSample,
     alignment,
@@ -214,6 +215,7 @@ def test_well_spread_embedding_is_healthy() -> None:
 def test_report_round_trips_through_metrics_json() -> None:
     r = report_of(_random(20, 8), _random(20, 8, 1), _random(20, 16, 2), chance=8.3)
     rec = json.loads(json.dumps({"epoch": 3, "loss": 7.0, **r.to_record()}))
+    assert set(RECORD_KEYS) | {"loss_chance"} == set(r.to_record())
     back = HealthReport.from_record(rec)
     assert back is not None and back.rank == r.rank and back.rank_features == r.rank_features
     assert back.std_ratio == pytest.approx(r.std_ratio) and back.chance == 8.3 and back.loss == 7.0

@@ -10,9 +10,11 @@ import torch
 
 from moco.eval.health.signals import alignment, effective_rank, normalized_std, uniformity
 
-#: metrics.jsonl keys of a report (TensorBoard tags: ``health/<key without health_>``).
+#: The metrics.jsonl keys of a report (:meth:`HealthReport.to_record`; plus ``loss_chance``
+#: when the chance level is known).
 RECORD_KEYS = ("health_rank", "health_rank_features", "health_std", "health_std_ratio",
-               "health_alignment", "health_uniformity", "health_images")
+               "health_alignment", "health_uniformity", "health_images", "health_dim",
+               "health_feature_dim")
 
 
 @dataclass
@@ -42,8 +44,8 @@ class HealthReport:
         return self.std * math.sqrt(self.dim)
 
     def to_record(self) -> dict[str, Any]:
-        """The values under their metrics.jsonl keys (:data:`RECORD_KEYS`, plus
-        ``health_dim`` / ``health_feature_dim`` and ``loss_chance`` when known)."""
+        """The values under their metrics.jsonl keys (:data:`RECORD_KEYS`, and
+        ``loss_chance`` when known)."""
         rec: dict[str, Any] = {
             "health_rank": self.rank, "health_rank_features": self.rank_features,
             "health_std": self.std, "health_std_ratio": self.std_ratio,
