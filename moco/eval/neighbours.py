@@ -12,10 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from moco.core.errors import ConfigError
 from moco.data.source import ImageSource
@@ -196,7 +198,7 @@ class NeighbourResult:
     queries_from: str
 
 
-def _sources(data: str | Path, o: NeighbourOptions) -> tuple[ImageSource, ImageSource, str]:
+def neighbour_sources(data: str | Path, o: NeighbourOptions) -> tuple[ImageSource, ImageSource, str]:
     """The bank (``--bank-images`` of DATA's train split, class-balanced when labeled), the
     query source and where the queries come from (``heldout``: val/ or test/; ``bank``)."""
     from moco.data.splits import find_dataset
@@ -212,18 +214,46 @@ def _sources(data: str | Path, o: NeighbourOptions) -> tuple[ImageSource, ImageS
     return bank, (splits.test if where == "heldout" else bank) or bank, where
 
 
+def retrieve(model: nn.Module, cfg: Any, bank: ImageSource, query_src: ImageSource,
+             device: torch.device, options: NeighbourOptions | None = None) -> Retrieval:
+    """The ``options.queries`` queries of ``query_src`` and their ``options.k`` nearest images
+    of ``bank`` through ``model`` (images -> features; e.g. ``strip_head(encoder_q)`` of a
+    run, trained or not), with the evaluation pipeline of ``cfg`` (a run's ``MocoConfig``, or
+    :func:`moco.eval.features.eval_config`'s: its image size, mean, std, loader and precision;
+    :func:`moco.eval.features.source_features`). ``query_src is bank``:
+    the queries are drawn from the bank and their features reused."""
+    from tqdm import tqdm
+
+    from moco.eval.features import source_features
+    from moco.utils.runtime import default_workers, resolve_precision
+
+    o = options or NeighbourOptions()
+    nw = o.workers if o.workers >= 0 else default_workers(device)
+    autocast = resolve_precision(cfg.precision, device)
+    heldout = query_src is not bank
+    queries = pick(len(query_src), o.queries, o.seed + 1, query_src.labels)
+    total = len(bank) + (len(queries) if heldout else 0)
+    with tqdm(total=total, desc="features", unit="img", disable=not o.progress,
+              dynamic_ncols=True) as bar:
+        bank_f, _ = source_features(model, bank, cfg, device, nw, autocast_dtype=autocast,
+                                    batch_size=o.batch_size, progress=bar)
+        query_f = (source_features(model, query_src.subset(queries), cfg, device, nw,
+                                   autocast_dtype=autocast, batch_size=o.batch_size,
+                                   progress=bar)[0] if heldout else bank_f[queries])
+    sims, idx = nearest_neighbours(query_f, bank_f, o.k)
+    return Retrieval(query_src, bank, queries, idx, sims)
+
+
 def neighbour_grid(pretrained: str | Path, data: str | Path, out: str | Path,
                    options: NeighbourOptions | None = None) -> NeighbourResult:
     """Write the retrieval grid of checkpoint ``pretrained`` on ``data`` (anything ``moco
     pretrain`` reads) to the PNG ``out``: ``queries`` images (from val/ or test/, else from
     the bank; seeded, class-balanced when labeled), each with its ``k`` nearest images of the
     bank (the train split, ``bank_images`` of it; 0: all)."""
-    from tqdm import tqdm
-
-    from moco.eval import features as feats
     from moco.eval.encoders import load_encoder
+    from moco.eval.features import eval_config
     from moco.utils.paths import check_output, check_writable_parent
-    from moco.utils.runtime import default_workers, resolve_device, resolve_precision
+    from moco.utils.runtime import default_workers, resolve_device
 
     o = options or NeighbourOptions()
     check_query_source(o.queries_from)
@@ -232,24 +262,12 @@ def neighbour_grid(pretrained: str | Path, data: str | Path, out: str | Path,
     check_output(out, "--output", files={"the input checkpoint": pretrained},
                  folders={"the data folder": data})
     check_writable_parent(out, "--output")
-    bank, query_src, where = _sources(data, o)
+    bank, query_src, where = neighbour_sources(data, o)
     dev = resolve_device(o.device)
     model, info = load_encoder(pretrained, None, dev, features=o.features)
-    nw = o.workers if o.workers >= 0 else default_workers(dev)
-    cfg = feats.eval_config(info.config, image_size=o.image_size or info.image_size,
-                            mean=info.mean, std=info.std, workers=nw, precision=o.precision)
-    autocast = resolve_precision(cfg.precision, dev)
-    heldout = where == "heldout"
-    queries = pick(len(query_src), o.queries, o.seed + 1, query_src.labels)
-    total = len(bank) + (len(queries) if heldout else 0)
-    with tqdm(total=total, desc="features", unit="img", disable=not o.progress,
-              dynamic_ncols=True) as bar:
-        bank_f, _ = feats.source_features(model, bank, cfg, dev, nw, autocast_dtype=autocast,
-                                          batch_size=o.batch_size, progress=bar)
-        query_f = (feats.source_features(model, query_src.subset(queries), cfg, dev, nw,
-                                         autocast_dtype=autocast, batch_size=o.batch_size,
-                                         progress=bar)[0] if heldout else bank_f[queries])
-    sims, idx = nearest_neighbours(query_f, bank_f, o.k)
-    r = Retrieval(query_src, bank, queries, idx, sims)
+    cfg = eval_config(info.config, image_size=o.image_size or info.image_size, mean=info.mean,
+                      std=info.std, workers=o.workers if o.workers >= 0 else default_workers(dev),
+                      precision=o.precision)
+    r = retrieve(model, cfg, bank, query_src, dev, o)
     plot_grid(r.cells(), out, o.title)
-    return NeighbourResult(Path(out), r, info.features, int(bank_f.shape[1]), where)
+    return NeighbourResult(Path(out), r, info.features, info.feature_dim, where)

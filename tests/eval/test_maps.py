@@ -216,3 +216,24 @@ def test_grid_refuses_what_it_cannot_write(ckpt: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no val/ or test/"):
         neighbour_grid(ckpt, data, tmp_path / "grid.png",
                        NeighbourOptions(queries_from="heldout", **FAST))
+
+
+def test_grid_of_a_model_in_memory(tmp_path: Path) -> None:
+    """The untrained network of a run (the demo's "before" grid): no checkpoint needed."""
+    import torchvision
+
+    from moco.data.recipes import CIFAR_MEAN, CIFAR_STD
+    from moco.data.splits import find_dataset
+    from moco.eval.features import eval_config
+    from moco.eval.neighbours import plot_grid, retrieve
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    model.fc = torch.nn.Identity()
+    bank = find_dataset(varied_folder(tmp_path / "photos")).train
+    cfg = eval_config(None, image_size=32, mean=CIFAR_MEAN, std=CIFAR_STD, workers=0)
+    r = retrieve(model, cfg, bank, bank, torch.device("cpu"),
+                 NeighbourOptions(queries=2, k=3, workers=0, progress=False))
+    assert r.neighbours[:, 0].tolist() == r.queries
+    plot_grid(r.cells(), tmp_path / "before.png", "untrained")
+    assert _png_size(tmp_path / "before.png")[::-1] == grid_pixels(2, 4, title=True)
