@@ -277,14 +277,21 @@ def download(url: str, dest: str | Path, *, sha256: str | None = None, md5: str 
     return dest
 
 
+def verify_file(path: str | Path, *, sha256: str | None = None, md5: str | None = None) -> Path:
+    """``path`` after checking it against the checksum given (a local copy of a download);
+    :class:`DownloadError` naming the file when it is missing or does not match."""
+    p = Path(path)
+    if not p.is_file():
+        raise DownloadError(f"{p} is not a file; pass the downloaded file itself")
+    _verify(p, make_checksum(sha256, md5), str(p), remove=False)
+    return p
+
+
 def import_file(src: str | Path, dest: str | Path, *, sha256: str | None = None,
                 md5: str | None = None) -> Path:
     """Copy a local copy ``src`` of a download to ``dest`` after checking its checksum (the
     way to fill the cache on a machine without internet). Atomic; ``src`` is never changed."""
-    src, dest = Path(src), Path(dest)
-    if not src.is_file():
-        raise DownloadError(f"{src} is not a file; pass the downloaded file itself")
-    _verify(src, make_checksum(sha256, md5), str(src), remove=False)
+    src, dest = verify_file(src, sha256=sha256, md5=md5), Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _one_writer(dest), open(src, "rb") as fin, atomic_file(dest) as fout:
         shutil.copyfileobj(fin, fout, 1 << 20)
