@@ -18,7 +18,8 @@ from typing import NoReturn
 
 from moco.core.errors import MocoError
 
-COMMANDS = ("pretrain", "lincls", "knn", "export", "embed", "ablate", "detectron2_config", "shard")
+COMMANDS = ("pretrain", "lincls", "knn", "export", "embed", "ablate", "detectron2_config", "shard",
+            "zoo", "hub")
 
 
 class OneLineParser(argparse.ArgumentParser):

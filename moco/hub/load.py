@@ -9,13 +9,14 @@ the network (a torchvision ResNet-50, or a timm ViT for MoCo v3's).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import Any
 
 import torch
 from torch import nn
 
-from moco.hub.networks import ModelInfo, build_network, finish, load_strict
+from moco.hub.networks import ModelInfo, build_network, feature_width, finish, load_strict
 from moco.hub.registry import ReleasedWeights, get_weights
 from moco.hub.v3 import read_v3_backbone
 from moco.utils.download import download, user_cache_dir, verify_file
@@ -29,9 +30,9 @@ def weights_path(entry: ReleasedWeights) -> Path:
 
 
 def offline_hint(entry: ReleasedWeights) -> str:
-    return (f"download {entry.url} on a machine with internet and pass it with: moco zoo "
-            f"download {entry.name} --from FILE (or load_pretrained({entry.name!r}, file=FILE)), "
-            f"or set MOCO_MIRROR to a folder or URL holding {entry.filename}")
+    return (f"get {entry.filename} on a machine with internet and pass it: moco zoo download "
+            f"{entry.name} --from FILE (Python: load_pretrained({entry.name!r}, file=FILE)), or "
+            "set MOCO_MIRROR to a folder or URL that holds it")
 
 
 def fetch_weights(entry: ReleasedWeights | str, *, file: str | Path | None = None,
@@ -60,19 +61,10 @@ def read_released(entry: ReleasedWeights, path: Path) -> tuple[nn.Module, ModelI
 
         model, pinfo = load_backbone(path, arch=entry.arch)
         return model, released_info(entry, pinfo.backbone_dim)
-    state, _ = read_v3_backbone(path)
+    state = read_v3_backbone(path).state
     probe = released_info(entry, 0)
     model = load_strict(build_network(probe), state, path, f"{entry.arch} ({entry.name})")
-    dim = int(cast(int, model.num_features)) if entry.family == "timm" else _pooled_width(entry.arch)
-    return model, released_info(entry, dim)
-
-
-def _pooled_width(arch: str) -> int:
-    """D of a torchvision ResNet: the width that enters its ``fc``."""
-    from moco.core.backbones import build_backbone
-
-    with torch.device("meta"):
-        return build_backbone(arch).feature_dim
+    return model, released_info(entry, feature_width(model, entry.family, entry.arch))
 
 
 def load_pretrained(name: str, num_classes: int | None = None, *,
@@ -99,3 +91,41 @@ def load_pretrained(name: str, num_classes: int | None = None, *,
     _log.info(f"{entry.name}: {entry.method} {entry.arch}, {entry.epochs} epochs, the authors' "
               f"linear top-1 {entry.top1}% (from {path})")
     return finish(model, info, num_classes, device)
+
+
+def random_init(name: str, num_classes: int | None = None, *,
+                device: str | torch.device = "cpu") -> nn.Module:
+    """The network of the release ``name`` at random initialisation (no download), with the
+    same head, preprocessing and ``moco_info`` as :func:`load_pretrained`."""
+    entry = get_weights(name)
+    model = build_network(released_info(entry, 0))
+    return finish(model, released_info(entry, feature_width(model, entry.family, entry.arch)),
+                  num_classes, device)
+
+
+def hub_entry(name: str) -> Callable[..., nn.Module]:
+    """The ``torch.hub`` entry point of the release ``name`` (``hubconf.py``): a plain
+    function ``name(pretrained=True, num_classes=None, **kwargs)``."""
+    entry = get_weights(name)
+
+    def load(pretrained: bool = True, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
+        if pretrained:
+            return load_pretrained(name, num_classes, **kwargs)
+        return random_init(name, num_classes, device=kwargs.get("device", "cpu"))
+
+    load.__name__ = load.__qualname__ = name
+    load.__doc__ = (
+        f"{entry.method} {entry.arch}, {entry.epochs} pretraining epochs on ImageNet-1k: the "
+        f"authors' released backbone (linear top-1 {entry.top1}%, {entry.top1_source}; "
+        f"{entry.note}). Returns images [B,3,224,224] -> features [B, D] (model.transform: "
+        "the preprocessing); num_classes: a fresh Linear head; pretrained=False: the same "
+        "network at random initialisation. Keyword arguments of moco.load_pretrained: device, "
+        "file (a local copy), mirror, progress.")
+    return load
+
+
+def hub_entries() -> dict[str, Callable[..., nn.Module]]:
+    """Every release's ``torch.hub`` entry point, by name."""
+    from moco.hub.registry import REGISTRY
+
+    return {name: hub_entry(name) for name in REGISTRY}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -77,6 +77,14 @@ def build_network(info: ModelInfo) -> nn.Module:
         raise ConfigError(f"unknown network family {info.family!r}; expected one of "
                           f"{', '.join(FAMILIES)}")
     return model.eval()
+
+
+def feature_width(model: nn.Module, family: str, arch: str) -> int:
+    """D, the width of what the headless ``model`` outputs."""
+    if family == "timm":
+        return int(cast(int, model.num_features))
+    with torch.device("meta"):
+        return build_backbone(arch).feature_dim
 
 
 def load_strict(model: nn.Module, state: dict[str, torch.Tensor], where: str | Path,

@@ -12,6 +12,7 @@ replaced by :mod:`moco.eval.pretrained`'s own once that reads MoCo v3 files.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,19 @@ def is_v3_state(keys: Any) -> bool:
     return any(str(k).startswith((V3_PREFIX, "base_encoder.")) for k in keys)
 
 
-def read_v3_backbone(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
-    """``(state, arch)``: ``base_encoder`` of the MoCo v3 checkpoint at ``path`` without its
-    projector, under the network's own names (torchvision's or timm's), and the file's
-    ``arch`` entry (None when absent). :class:`CheckpointError` for another layout."""
+@dataclass
+class V3Backbone:
+    """``state``: ``base_encoder`` without its projector, under the network's own names
+    (torchvision's or timm's); ``arch`` and ``epoch``: the file's entries (None when absent)."""
+
+    state: dict[str, torch.Tensor]
+    arch: str | None
+    epoch: int | None
+
+
+def read_v3_backbone(path: str | Path) -> V3Backbone:
+    """The backbone of the MoCo v3 checkpoint at ``path``; :class:`CheckpointError` for
+    another layout."""
     ckpt = load_checkpoint(path)
     state = model_state(ckpt, path)
     prefix = V3_PREFIX if any(k.startswith(V3_PREFIX) for k in state) else "base_encoder."
@@ -48,8 +58,9 @@ def read_v3_backbone(path: str | Path) -> tuple[dict[str, torch.Tensor], str | N
     projector = "head." if any(k.startswith("head.") for k in inner) else "fc."
     out = {k: v for k, v in inner.items() if not k.startswith(projector)}
     check_finite(out, path, "encoder")
-    arch = ckpt.get("arch")
-    return out, str(arch) if arch else None
+    arch, epoch = ckpt.get("arch"), ckpt.get("epoch")
+    return V3Backbone(out, str(arch) if arch else None,
+                      int(epoch) if isinstance(epoch, int) else None)
 
 
 def v3_network(arch: str | None, path: str | Path) -> tuple[str, str, dict[str, Any]]:
