@@ -1,13 +1,22 @@
 """The authors' released MoCo checkpoints, by name.
 
 Each :class:`ReleasedWeights` says where the file is, how to check it, what network it holds
-and what the authors measured with it (ImageNet-1k linear top-1, %). The URLs, the md5
-prefixes and the accuracies are copied from the authors' own pages: the MoCo repository's
-README ("Models": v1 and v2, with the first 8 hex digits of each file's md5) and the MoCo v3
-repository's ``CONFIG.md`` (v3: no checksum published). **None of the entries has been
-checked against the files themselves** (``verified=False``): the registry was written
-without internet access. A download is still verified against the published md5 prefix
-where there is one; a v3 download is logged with its sha256, to be pinned here once checked.
+and what the authors measured with it (ImageNet-1k linear top-1, %). Where each field comes
+from:
+
+* ``url``, ``md5`` (v1/v2: the first 8 hex digits, all the README publishes), ``top1``: the
+  text of the MoCo repository's README ("Models" table) and of the MoCo v3 repository's
+  ``CONFIG.md`` (v3: no checksum published), copied as they read;
+* ``paper_top1``, ``finetune_top1``: the papers (MoCo v2 Table 2: 67.5 for 200 epochs; the
+  README's mean of 5 runs is 67.5 too, its released file 67.7) and the MoCo v3 README;
+* ``recipe``, ``timm_args``: the papers and the repositories' commands (MoCo v3's ViT-S has
+  12 heads); ``licence``: the repositories' (CC BY-NC 4.0; the weights state none of their
+  own).
+
+**None of the entries has been checked against the files themselves** (``verified=False``):
+the registry was written without internet access. A download is still verified against the
+published md5 prefix where there is one; a v3 download is logged with its sha256, to be
+pinned here once checked.
 
 Names are ``mocov{1,2,3}_{arch}_{epochs}ep``; hyphens are accepted for underscores
 (``mocov2-r50-800ep``). Files are in two layouts: ``v1v2`` (``main_moco.py``: ``state_dict``
@@ -30,7 +39,7 @@ from moco.data.recipes import IMAGENET_MEAN, IMAGENET_STD
 V1V2_README = "facebookresearch/moco README, 'Models' table"
 V3_CONFIG = "facebookresearch/moco-v3 CONFIG.md (and README 'Main Results')"
 NOT_VERIFIED = ("URL and checksum copied from the authors' README, not checked against the file "
-                "(written offline)")
+                "(the registry was written offline)")
 
 
 @dataclass(frozen=True)

@@ -222,3 +222,21 @@ def test_a_local_copy_is_verified_then_copied(tmp_path: Path, dest: Path) -> Non
         import_file(bad, dest.with_name("other.bin"), sha256=SHA)
     assert str(bad) in _one_line(e) and bad.exists()
     assert not dest.with_name("other.bin").exists()
+
+
+def test_a_second_process_waits_for_the_first(server: LocalServer, dest: Path) -> None:
+    import fcntl
+    import threading
+
+    server.served.files["/w.bin"] = DATA
+    dest.parent.mkdir(parents=True)
+    lock = os.open(dest.with_name(f".{dest.name}.lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another download in progress
+    t = threading.Thread(target=download, args=(server.url("/w.bin"), dest),
+                         kwargs={"sha256": SHA, "progress": False})
+    t.start()
+    t.join(0.5)
+    assert t.is_alive() and server.served.requests == []
+    os.close(lock)
+    t.join(30)
+    assert dest.read_bytes() == DATA

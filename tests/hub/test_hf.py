@@ -307,3 +307,17 @@ def test_push_offline_or_of_a_wrong_folder_is_one_line(run: Path, tmp_path: Path
     assert rc == 2 and err.count("\n") == 1 and "cannot upload" in err
     with pytest.raises(HubError, match="lacks model.safetensors, config.json, README.md"):
         push_to_hub(tmp_path, "someone/r18")
+
+
+def test_a_timm_backbone_exports_under_timms_names(tmp_path: Path) -> None:
+    enc = build_backbone("timm:resnet10t").model  # body = the timm model, fc = MoCo's head
+    ckpt = tmp_path / "t.pth.tar"
+    torch.save({"epoch": 3, "arch": "timm:resnet10t", "state_dict": {
+        f"module.encoder_q.{k}": v for k, v in enc.state_dict().items()}}, ckpt)
+    r = save_for_hf(ckpt, tmp_path / "hf")
+    assert r.info.family == "timm" and r.info.arch == "resnet10t"
+    body = enc.body.eval()
+    t = timm.create_model(f"local-dir:{tmp_path / 'hf'}", pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(tmp_path / "hf")(_x()), body(_x()))
+        assert torch.equal(t(_x()), body(_x()))
