@@ -29,7 +29,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--format", "-f", dest="format", required=True,
                    choices=(*EXPORT_FORMATS, "hf"), help="output format (hf: a Hugging Face "
                    "Hub model folder, --out FOLDER: model.safetensors, config.json, README.md)")
-    p.add_argument("--out", "-o", required=True, metavar="FILE", help="file to write")
+    p.add_argument("--out", "-o", required=True, metavar="FILE",
+                   help="file to write (a folder for --format hf)")
     p.add_argument("-a", "--arch", default=None,
                    help="expected architecture (default: read from the checkpoint)")
     p.add_argument("--seed", type=int, default=0,

@@ -233,16 +233,16 @@ def _results(info: ModelInfo, summary: RunSummary) -> list[str]:
 
 
 def _usage(info: ModelInfo, repo_id: str | None) -> list[str]:
-    where = repo_id or "FOLDER"
+    where = repo_id or "OWNER/NAME"
     out = ["## How to use", "", "```python", "import moco", "",
-           f'model = moco.from_pretrained("{where}")  # [B, 3, {info.image_size}, '
-           f"{info.image_size}] -> [B, {info.feature_dim}]",
+           f'model = moco.from_pretrained("{where}")  # or the local folder; [B, 3, '
+           f"{info.image_size}, {info.image_size}] -> [B, {info.feature_dim}]",
            "features = model(model.transform(image).unsqueeze(0))  # image: a PIL image",
            f'classifier = moco.from_pretrained("{where}", num_classes=10)  # a fresh head', "```"]
     if info.timm_compatible:
-        src = f"hf-hub:{repo_id}" if repo_id else "local-dir:FOLDER"
         out += ["", "With timm (the same files):", "", "```python", "import timm", "",
-                f'model = timm.create_model("{src}", pretrained=True).eval()  # features',
+                f'model = timm.create_model("hf-hub:{where}", pretrained=True).eval()  # features',
+                'model = timm.create_model("local-dir:FOLDER", pretrained=True).eval()  # a folder',
                 "```"]
     return out
 
