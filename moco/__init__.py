@@ -67,6 +67,9 @@ _API: dict[str, str] = {
     "embed_images": "moco.eval.embed",
     "export_checkpoint": "moco.eval.export",
     "EXPORT_FORMATS": "moco.eval.export",
+    # released weights by name, Hugging Face Hub folders
+    "load_pretrained": "moco.hub.load",
+    "from_pretrained": "moco.hub.hf",
     # errors
     "MocoError": "moco.core.errors",
     "ConfigError": "moco.core.errors",
@@ -80,9 +83,9 @@ __all__ = [  # a literal list for static tools; tests/package/test_api.py checks
     "KeyShuffle", "KnnResult", "LinclsConfig", "LocalShuffle", "MoCo", "MocoConfig", "MocoError",
     "NoShuffle", "PretrainResult", "PretrainedInfo", "RunError", "SplitBatchNorm", "StepOutput",
     "TwoViews", "build_backbone", "build_config", "build_encoder", "convert_split_bn",
-    "embed_images", "eval_transform", "export_checkpoint", "extract_features", "info_nce",
-    "knn_accuracy", "knn_evaluate", "linear_classification", "linear_head", "load_backbone",
-    "load_encoder", "make_key_shuffle", "mlp_head", "moco_logits", "momentum_update", "pretrain",
+    "embed_images", "eval_transform", "export_checkpoint", "extract_features",
+    "from_pretrained", "info_nce", "knn_accuracy", "knn_evaluate", "linear_classification",
+    "linear_head", "load_backbone", "load_encoder", "load_pretrained", "make_key_shuffle", "mlp_head", "moco_logits", "momentum_update", "pretrain",
     "pretrain_transform", "register_backbone", "strip_head",
 ]
 
@@ -116,6 +119,8 @@ if TYPE_CHECKING:  # the names for type checkers and editors; at run time see __
     from moco.eval.knn import KnnResult, knn_accuracy, knn_evaluate
     from moco.eval.lincls import LinclsConfig, linear_classification
     from moco.eval.pretrained import PretrainedInfo
+    from moco.hub.hf import from_pretrained
+    from moco.hub.load import load_pretrained
     from moco.utils.checkpoint import CheckpointError
 
 

@@ -19,7 +19,7 @@ from typing import NoReturn
 from moco.core.errors import MocoError
 
 COMMANDS = ("pretrain", "lincls", "knn", "export", "embed", "ablate", "detectron2_config", "shard",
-            "neighbours")
+            "neighbours", "zoo", "hub")
 
 
 class OneLineParser(argparse.ArgumentParser):

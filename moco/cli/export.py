@@ -26,9 +26,11 @@ def add_parser(sub: Any) -> None:
         ".safetensors when FILE ends so).",
     )
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint to export")
-    p.add_argument("--format", "-f", dest="format", required=True, choices=EXPORT_FORMATS,
-                   help="output format")
-    p.add_argument("--out", "-o", required=True, metavar="FILE", help="file to write")
+    p.add_argument("--format", "-f", dest="format", required=True,
+                   choices=(*EXPORT_FORMATS, "hf"), help="output format (hf: a Hugging Face "
+                   "Hub model folder, --out FOLDER: model.safetensors, config.json, README.md)")
+    p.add_argument("--out", "-o", required=True, metavar="FILE",
+                   help="file to write (a folder for --format hf)")
     p.add_argument("-a", "--arch", default=None,
                    help="expected architecture (default: read from the checkpoint)")
     p.add_argument("--seed", type=int, default=0,
@@ -37,6 +39,10 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.format == "hf":
+        from moco.cli.hub import export_hf
+
+        return export_hf(args)
     from moco.eval.export import export_checkpoint
     from moco.utils.paths import check_output, check_writable_parent
 

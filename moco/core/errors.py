@@ -69,3 +69,13 @@ class AblationError(ConfigError):
 
 class Detectron2Error(MocoError, ValueError):
     """A backbone or setting that detectron2 (or its C4 configs) cannot use, with the fix."""
+
+
+class DownloadError(MocoError, OSError):
+    """A file that could not be downloaded (offline, HTTP error, a connection closed early, a
+    checksum that does not match), with the URL and how to pass a local copy instead."""
+
+
+class HubError(MocoError, RuntimeError):
+    """A released model, a Hugging Face Hub repository or a model folder that cannot be used,
+    with what to do."""
