@@ -14,13 +14,17 @@ authors' own log at the same number of image pairs seen.
 
 ``--gpu-recipe-dry-run`` runs that GPU path on the CPU with tiny sizes: a check of the code,
 not a result. ``--set KEY=VALUE`` changes any setting (how the pilots of docs/demo.md ran).
-Data: --data, else $MOCO_DATA, else ../shared/data/cifar10.
+Data: --data, else $MOCO_DATA, else a copy of CIFAR-10 beside the checkout (the development
+machines' ``../shared/data/cifar10``), else the official CIFAR-10 python archive, downloaded once
+into the user cache folder (``moco.data.cifar_download``: md5 checked, resumable;
+``$MOCO_CIFAR10_URL`` names a mirror or a local copy of the archive).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import textwrap
 import time
@@ -33,6 +37,7 @@ import yaml
 
 from moco.core.backbones import strip_head
 from moco.core.errors import MocoError
+from moco.data.cifar_download import CIFAR10_URL, fetch_cifar10
 from moco.data.datasets import class_balanced_subset
 from moco.data.source import ImageSource
 from moco.engine.config import MocoConfig
@@ -49,6 +54,22 @@ from moco.utils.runtime import resolve_device, resolve_precision
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CONFIG = ROOT / "configs/demo.yaml"
 GPU_CONFIG = ROOT / "configs/demo-gpu.yaml"
+#: The development machines keep an ImageFolder copy of CIFAR-10 beside the checkout.
+DEV_COPY = ROOT.parent / "shared" / "data" / "cifar10"
+
+
+def demo_data(given: str) -> str:
+    """The demo's CIFAR-10: ``--data``, else ``$MOCO_DATA``, else the development copy beside
+    the checkout, else the official archive downloaded into the user cache folder (once)."""
+    if given:
+        return given
+    if os.environ.get("MOCO_DATA"):
+        return os.environ["MOCO_DATA"]
+    if DEV_COPY.is_dir():
+        return str(DEV_COPY)
+    print(f"demo: no local CIFAR-10 (--data, $MOCO_DATA): using {CIFAR10_URL} (163 MB, "
+          "downloaded once into the user cache folder)", file=sys.stderr)
+    return str(fetch_cifar10())
 GOAL_POINTS = 5.0  # the CPU demo passes when the final kNN is this far above the untrained one
 MONITOR_SIZES = (5000, 1000)  # the per-epoch monitor: train images in the bank, test queries
 # The GPU recipe on the CPU, tiny: a check that the path runs, not a result.
@@ -381,8 +402,9 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="", help="CIFAR-10 folder (default $MOCO_DATA, else "
-                    "../shared/data/cifar10)")
+    ap.add_argument("--data", default="", help="CIFAR-10 folder: an ImageFolder (train/, test/) or "
+                    "the python version's cifar-10-batches-py (default: $MOCO_DATA, else a copy "
+                    "beside the checkout, else downloaded once into the user cache folder)")
     ap.add_argument("--output", default="", help="run folder (default: the recipe's)")
     ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     ap.add_argument("--full", action="store_true", help="GPU recipe: all 200 epochs, no time limit")
@@ -402,15 +424,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if gpu and args.full:
             overrides["time_limit"] = 0.0
         overrides.update(parse_set(args.set))
-        if args.data:
-            overrides["data"] = args.data
+        overrides["data"] = demo_data(args.data)
         if args.output:
             overrides["output"] = args.output
         cfg = build_config(yaml_path=GPU_CONFIG if gpu else CPU_CONFIG, overrides=overrides)
-        if not cfg.data:
-            print("demo: no CIFAR-10 found; pass --data or set MOCO_DATA to a folder with "
-                  "train/ and test/", file=sys.stderr)
-            return 2
         run = run_demo(cfg, gpu=gpu, dry_run=args.gpu_recipe_dry_run,
                        progress=not args.no_progress)
     except MocoError as e:

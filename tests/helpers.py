@@ -10,14 +10,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import http.server
 import io
 import json
 import math
 import os
+import pickle
 import signal
 import socket
+import tarfile
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,7 @@ from torch import nn
 import moco.engine.loop as train_mod
 from moco.cli import build_parser, main
 from moco.cli.pretrain import config_from_args
+from moco.data.cifar_download import CIFAR10_FILES, CIFAR10_FOLDER
 from moco.data.crop_loader import CropTrainLoader, FileReader, Meta
 from moco.data.folders import image_folder
 from moco.data.input_plan import source_headers
@@ -440,3 +446,112 @@ def spawn(fn: Callable[..., Any], tmp: Path, *args: Any, world: int = WORLD,
     assert not alive, "a worker hung"
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+# ----- a local HTTP server for download tests (nothing reaches the internet) -------------------
+@dataclass
+class Served:
+    """What the server holds and how it misbehaves; tests change it between requests."""
+
+    files: dict[str, bytes] = field(default_factory=dict)
+    ranges: bool = True  # honour "Range: bytes=N-" (206); False: always the whole file (200)
+    # path -> byte counts at which successive requests for it are cut (the connection is
+    # closed after that many body bytes, the announced Content-Length unchanged)
+    cut: dict[str, list[int]] = field(default_factory=dict)
+    requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    served: Served
+
+    def log_message(self, format: str, *args: object) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        s = self.served
+        path = self.path.split("?", 1)[0]
+        rng = self.headers.get("Range")
+        s.requests.append((path, rng))
+        body = s.files.get(path)
+        if body is None:
+            self.send_error(404, "Not Found")
+            return
+        start = 0
+        if rng and s.ranges and rng.startswith("bytes=") and rng.endswith("-"):
+            start = int(rng[len("bytes="):-1])
+            if start >= len(body):
+                self.send_error(416, "Requested Range Not Satisfiable")
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        cuts = s.cut.get(path)
+        stop = start + cuts.pop(0) if cuts else len(body)
+        self.wfile.write(body[start:stop])
+        self.wfile.flush()
+        self.close_connection = True
+
+
+class LocalServer:
+    """``with LocalServer() as srv: srv.served.files["/a.bin"] = b"..."; srv.url("/a.bin")``."""
+
+    def __init__(self) -> None:
+        self.served = Served()
+        handler = type("Handler", (_Handler,), {"served": self.served})
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
+
+    @property
+    def base(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def __enter__(self) -> LocalServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def closed_port_url(path: str = "/file.bin") -> str:
+    """A URL on 127.0.0.1 where nothing listens (connection refused: the offline case)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}{path}"
+
+
+# ----- CIFAR-10's python-version archive, small -------------------------------------------------
+def _batch(n: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    return pickle.dumps({"batch_label": "b", "labels": [int(x) for x in rng.integers(0, 10, n)],
+                         "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         "filenames": [f"{i}.png" for i in range(n)]}, protocol=2)
+
+
+def small_cifar_archive(per_batch: int = 4, drop: str = "") -> bytes:
+    """cifar-10-python.tar.gz in the official layout, ``per_batch`` images per batch file."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        for i, name in enumerate(CIFAR10_FILES):
+            if name == drop:
+                continue
+            data = (pickle.dumps({"label_names": [f"c{j}" for j in range(10)]}, protocol=2)
+                    if name == "batches.meta" else _batch(per_batch, i))
+            info = tarfile.TarInfo(f"{CIFAR10_FOLDER}/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()

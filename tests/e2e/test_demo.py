@@ -214,3 +214,28 @@ def test_gpu_demo_on_cuda(data: Path, tmp_path: Path) -> None:
     assert len(metrics) == 2 and all(m["knn_top1"] is not None for m in metrics)
     assert "device cuda" in text  # the run's own description of itself
     assert re.search(r"(bf16|float16) autocast \(authors: fp32\)", " ".join(text.split()))
+
+
+def test_cpu_demo_downloads_cifar10_when_none_is_given(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine without CIFAR-10: no --data, no $MOCO_DATA, no copy beside the checkout; the
+    demo downloads the python-version archive (here a small one from a local server, its md5
+    patched in) into the user cache folder and runs on it."""
+    import hashlib
+
+    from helpers import LocalServer, small_cifar_archive
+
+    import moco.data.cifar_download as cd
+
+    body = small_cifar_archive(per_batch=8)
+    monkeypatch.setattr(cd, "CIFAR10_MD5", hashlib.md5(body).hexdigest())
+    monkeypatch.setattr(demo, "DEV_COPY", tmp_path / "no-such-copy")
+    monkeypatch.delenv("MOCO_DATA", raising=False)
+    monkeypatch.setenv("MOCO_CACHE", str(tmp_path / "cache"))
+    with LocalServer() as srv:
+        srv.served.files["/cifar-10-python.tar.gz"] = body
+        monkeypatch.setenv(cd.URL_ENV, srv.url("/cifar-10-python.tar.gz"))
+        rc, text = _run(["--output", str(tmp_path / "run"), "--device", "cpu", *TINY])
+    assert rc == 0, text
+    assert (tmp_path / "cache/datasets/cifar-10-batches-py/test_batch").is_file()
+    assert "VERDICT" in text and [r[0] for r in _table(text)][:1] == ["0"]

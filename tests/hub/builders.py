@@ -22,8 +22,7 @@ from typing import Any
 import timm
 import torch
 import torchvision
-from helpers import original_encoder, original_optimizer_state, original_state_dict
-from local_server import LocalServer
+from helpers import LocalServer, original_encoder, original_optimizer_state, original_state_dict
 from torch import nn
 
 from moco.hub.registry import ReleasedWeights

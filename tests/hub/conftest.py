@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from local_server import LocalServer
+from helpers import LocalServer
 
 _LOCAL = {"127.0.0.1", "localhost", "::1"}
 _getaddrinfo, _connect = socket.getaddrinfo, socket.socket.connect

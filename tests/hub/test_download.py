@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
-from local_server import LocalServer, closed_port_url
+from helpers import LocalServer, closed_port_url
 
 from moco.core.errors import DownloadError, MocoError
 from moco.utils.download import (

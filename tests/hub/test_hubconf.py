@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from builders import build_release, release_kind, serve_entry
-from local_server import LocalServer
+from helpers import LocalServer
 
 from moco.hub.registry import REGISTRY
 

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 from builders import build_release, serve_entry
-from helpers import run_cli
-from local_server import LocalServer, closed_port_url
+from helpers import LocalServer, closed_port_url, run_cli
 
 from moco.hub.registry import REGISTRY
 
