@@ -55,7 +55,7 @@ class BackboneOptions:
     * ``image_size``: the input size of a ViT (its patch grid and position embedding; default
       224). CNNs take any size and ignore it;
     * ``patch_size``: the patch size of ``vit_*`` (default 16; 4 suits 32-px CIFAR);
-    * ``stop_grad_conv1``: the random patch projection of ViTs (MoCo v3 §5);
+    * ``stop_grad_conv1``: the random patch projection of ViTs (MoCo v3 §4.2);
     * ``zero_init_residual``: the last BatchNorm of every torchvision residual block starts at
       0 (torchvision's option, MoCo v3's ResNets); networks without such blocks ignore it
       (timm's ResNets zero it already);

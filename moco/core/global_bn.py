@@ -1,7 +1,7 @@
 """BatchNorm with the statistics of the global batch across processes, on any backend.
 
 MoCo v3 converts the whole model to synchronised BatchNorm under data parallelism (MoCo v3
-§4: the BN of the projector and predictor heads, and of a ResNet backbone, see the batch of
+§5: the BN of the projector and predictor heads, and of a ResNet backbone, see the batch of
 all processes; ``main_moco.py`` calls ``SyncBatchNorm.convert_sync_batchnorm``). torch's
 ``nn.SyncBatchNorm`` runs on GPUs only; :class:`GlobalBatchNorm` does the same computation
 with two differentiable all-reduces, so a CPU process group (gloo) trains what one process on

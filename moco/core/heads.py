@@ -1,5 +1,5 @@
 """Projection heads: v1 linear fc, v2 MLP (MoCo v2 §2; ``moco/builder.py``) and the MLPs of
-MoCo v3 (projector and predictor, MoCo v3 §4)."""
+MoCo v3 (projector and predictor, MoCo v3 §5)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def mlp_head(feature_dim: int, dim: int) -> nn.Sequential:
 
 def build_mlp(num_layers: int, in_dim: int, hidden: int, out_dim: int,
               last_bn: bool = True) -> nn.Sequential:
-    """MoCo v3's projector and predictor MLPs (MoCo v3 §4, "Implementation details"): input
+    """MoCo v3's projector and predictor MLPs (MoCo v3 §5, "MLP heads"): input
     [B, in_dim] -> [B, out_dim].
 
     ``num_layers`` Linear layers, none with a bias (the BatchNorm after each makes one

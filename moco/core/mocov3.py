@@ -1,5 +1,5 @@
 """MoCo v3 (Chen, Xie, He, "An Empirical Study of Training Self-Supervised Vision
-Transformers", ICCV 2021): Algorithm 1 and §3-§4; ``moco/builder.py`` and ``main_moco.py`` of
+Transformers", ICCV 2021): §3 and its Algorithm 1, §5; ``moco/builder.py`` and ``main_moco.py`` of
 the authors' code.
 
 * base encoder f_q = backbone + projector, followed by a predictor; momentum encoder f_k =
@@ -10,7 +10,7 @@ the authors' code.
 * a symmetric loss, ctr(q1, k2) + ctr(q2, k1), each term scaled by 2τ;
 * the momentum rises from m0 to 1 by a half-cycle cosine over training (:func:`momentum_at`).
 
-Under data parallelism the whole model's BatchNorm is synchronised (MoCo v3 §4;
+Under data parallelism the whole model's BatchNorm is synchronised (MoCo v3 §5;
 :func:`moco.core.global_bn.sync_batchnorm_for`); on one device plain BatchNorm sees the
 whole batch already. There is no Shuffling BN.
 """
@@ -39,7 +39,7 @@ from moco.core.vit import is_vision_transformer
 def momentum_at(m0: float, t: float, total: float) -> float:
     """The momentum at training progress ``t`` of ``total`` epochs (``t`` = epoch +
     i / iters_per_epoch): 1 - ½(1 + cos(π t / total))(1 - m0), from m0 at t = 0 to 1 at the
-    end (MoCo v3 §4, following BYOL; ``main_moco.py --moco-m-cos``)."""
+    end (MoCo v3 Appendix A, following BYOL; ``main_moco.py --moco-m-cos``)."""
     return 1.0 - 0.5 * (1.0 + math.cos(math.pi * t / total)) * (1.0 - m0)
 
 
@@ -143,7 +143,8 @@ class MoCoV3(nn.Module):
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """The depth of MoCo v3's MLPs and whether each ends in a BatchNorm (MoCo v3 §4)."""
+    """The depth of MoCo v3's MLPs and whether each ends in a BatchNorm (MoCo v3 §5, "MLP heads";
+    ``moco/builder.py``)."""
 
     projector_layers: int
     projector_last_bn: bool

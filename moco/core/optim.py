@@ -1,4 +1,4 @@
-"""MoCo v3's optimiser and schedules (MoCo v3 §4 and Appendix; ``moco/optimizer.py`` and
+"""MoCo v3's optimiser and schedules (MoCo v3 §5 and Appendix A; ``moco/optimizer.py`` and
 ``main_moco.py``'s ``adjust_learning_rate`` of the authors' code).
 
 * :class:`LARS` (You et al. 2017) as MoCo v3 uses it for ResNets: the layer-wise trust ratio

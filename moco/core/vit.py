@@ -1,5 +1,6 @@
-"""Vision Transformers as MoCo v3 trains them (MoCo v3 §4 and §5, "Random patch projection";
-the authors' ``vits.py``), built on timm's ``VisionTransformer`` (the ``timm`` extra).
+"""Vision Transformers as MoCo v3 trains them (MoCo v3 §5, "ViT architecture"; §4.2, the
+random patch projection; the authors' ``vits.py``), built on timm's ``VisionTransformer``
+(the ``timm`` extra).
 
 * ``vit_tiny`` (dim 192, 3 heads), ``vit_small`` (dim 384, **12** heads: DeiT-S has 6),
   ``vit_base`` (dim 768, 12 heads); all depth 12, mlp_ratio 4, qkv bias, LayerNorm eps 1e-6;
@@ -7,7 +8,7 @@ the authors' ``vits.py``), built on timm's ``VisionTransformer`` (the ``timm`` e
 * A fixed 2-D sin-cos position embedding (:func:`sincos_position_embedding`): not learned,
   a zero vector for the [CLS] token.
 * MoCo v3's initialisation (:func:`init_mocov3_vit`).
-* ``stop_grad_conv1``, the random patch projection (§5): the patch-embedding convolution
+* ``stop_grad_conv1``, the random patch projection (§4.2): the patch-embedding convolution
   stays at its random initialisation (:func:`freeze_patch_projection`).
 
 The network is timm's own class, so its state-dict keys are timm's (``cls_token``,
@@ -120,7 +121,7 @@ def _patch_embed(model: nn.Module) -> nn.Module | None:
 
 def is_vision_transformer(model: nn.Module) -> bool:
     """Whether ``model`` (or the timm ``body`` of a ``timm:NAME`` backbone) embeds patches: a
-    ViT, whose MoCo v3 heads differ from a ResNet's (MoCo v3 §4)."""
+    ViT, whose MoCo v3 heads differ from a ResNet's (MoCo v3 §5)."""
     return _patch_embed(model) is not None
 
 
@@ -136,7 +137,7 @@ def patch_projection(model: nn.Module) -> nn.Conv2d:
 
 
 def freeze_patch_projection(model: nn.Module) -> None:
-    """The random patch projection (MoCo v3 §5): the patch-embedding convolution keeps its
+    """The random patch projection (MoCo v3 §4.2): the patch-embedding convolution keeps its
     random initialisation; its weight and bias get no gradient (the optimiser skips them)."""
     for p in patch_projection(model).parameters():
         p.requires_grad_(False)

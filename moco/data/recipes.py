@@ -13,7 +13,7 @@ A recipe describes one view; an asymmetric recipe (``v3``) holds the other view'
   (``moco/loader.py``'s GaussianBlur), flip;
 * ``cifar-demo``, the authors' CIFAR-10 notebook: crop, flip, ColorJitter(0.4, 0.4, 0.4, 0.1)
   p 0.8, grayscale p 0.2;
-* ``v3``, MoCo v3's (§4 and Appendix; BYOL's recipe, Grill et al. 2020, Table 6), asymmetric:
+* ``v3``, MoCo v3's (Appendix A; BYOL's recipe, Grill et al. 2020, Appendix B), asymmetric:
   crop of area 0.08 to 1, ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, grayscale p 0.2, Gaussian
   blur σ ~ U(0.1, 2.0) with p 1.0 on the first view and 0.1 on the second, solarize
   (threshold 128) with p 0.2 on the second view only, flip;

@@ -166,7 +166,7 @@ def test_one_step_matches_the_naive_float64_step(spec: HeadSpec, t: float) -> No
     out = model(x1, x2)
     out.loss.backward()
     momentum = dict(model.momentum_encoder.named_parameters())
-    assert_matches_naive(float(out.loss), module_grads(model), momentum, naive)
+    assert_matches_naive(float(out.loss.detach()), module_grads(model), momentum, naive)
     # the momentum encoder takes no gradient, and only the base encoder has a twin
     assert all(p.grad is None and not p.requires_grad for p in momentum.values())
     assert set(momentum) == {n for n, _ in model.base_encoder.named_parameters()}
@@ -187,46 +187,53 @@ def test_keys_of_the_old_momentum_encoder_give_another_loss() -> None:
 
 
 # ----- the step, on two processes ------------------------------------------------------------------
-def _two_process_worker(ctx: Any, spec: HeadSpec, t: float, n: int) -> dict[str, Any]:
+SPECS = {"resnet": (RESNET_HEADS, 1.0), "vit": (VIT_HEADS, 0.2)}
+
+
+def _two_process_worker(ctx: Any, n: int) -> dict[str, dict[str, Any]]:
+    """Each spec's step on this process's N images (of the 2N), BatchNorm synchronised."""
     rank = dist.get_rank()
-    model = convert_global_bn(tiny_mocov3(spec, t=t, m=0.9))
-    assert isinstance(model, MoCoV3)
-    x1, x2 = views(2 * n)
-    mine = slice(rank * n, (rank + 1) * n)
-    out = model(x1[mine], x2[mine])
-    out.loss.backward()
-    grads = module_grads(model)
-    for g in grads.values():  # as DistributedDataParallel: the mean over processes
-        dist.all_reduce(g)
-        g /= dist.get_world_size()
-    momentum = {n: p.detach() for n, p in model.momentum_encoder.named_parameters()}
-    return {"loss": float(out.loss), "grads": grads, "momentum": momentum,
-            "logits": out.logits}
+    out = {}
+    for name, (spec, t) in SPECS.items():
+        model = convert_global_bn(tiny_mocov3(spec, t=t, m=0.9))
+        assert isinstance(model, MoCoV3)
+        x1, x2 = views(2 * n)
+        mine = slice(rank * n, (rank + 1) * n)
+        step = model(x1[mine], x2[mine])
+        step.loss.backward()
+        grads = module_grads(model)
+        for g in grads.values():  # as DistributedDataParallel: the mean over processes
+            dist.all_reduce(g)
+            g /= dist.get_world_size()
+        momentum = {k: p.detach() for k, p in model.momentum_encoder.named_parameters()}
+        out[name] = {"loss": float(step.loss.detach()), "grads": grads, "momentum": momentum,
+                     "logits": step.logits}
+    return out
 
 
-@pytest.mark.parametrize(("spec", "t"), [(RESNET_HEADS, 1.0), (VIT_HEADS, 0.2)])
-def test_two_processes_equal_the_naive_step_on_the_global_batch(
-        tmp_path: Path, spec: HeadSpec, t: float) -> None:
+def test_two_processes_equal_the_naive_step_on_the_global_batch(tmp_path: Path) -> None:
     """2 processes with N images each = the naive step on the global 2N batch: keys gathered,
     labels offset by rank, BatchNorm statistics of the global batch, gradients averaged."""
     n = 3
-    ranks = spawn(_two_process_worker, tmp_path, spec, t, n)
-    model = convert_global_bn(tiny_mocov3(spec, t=t, m=0.9))
-    x1, x2 = views(2 * n)
-    naive = naive_step(model, spec, x1, x2)
-    loss = sum(r["loss"] for r in ranks) / 2  # each process's mean over its N queries
-    assert_matches_naive(loss, ranks[0]["grads"], ranks[0]["momentum"], naive)
-    for name in ranks[0]["grads"]:
-        torch.testing.assert_close(ranks[1]["grads"][name], ranks[0]["grads"][name])
-    # rank r's logits [N, 2N]: the positive of its query i is global key r·N + i
-    with torch.no_grad():
-        model(x1, x2)  # the same momentum update, then the keys of the whole batch
-        q1 = model.predictor(model.base_encoder(x1))
-        _, logits, _ = contrastive_loss(q1, model.momentum_encoder(x2), t)
-    for r in range(2):
-        got = ranks[r]["logits"]
-        assert got.shape == (n, 2 * n)
-        torch.testing.assert_close(got[:, 0], logits[r * n:(r + 1) * n].diagonal(r * n))
+    results = spawn(_two_process_worker, tmp_path, n)
+    for name, (spec, t) in SPECS.items():
+        ranks = [r[name] for r in results]
+        model = tiny_mocov3(spec, t=t, m=0.9)
+        x1, x2 = views(2 * n)
+        naive = naive_step(model, spec, x1, x2)
+        loss = sum(r["loss"] for r in ranks) / 2  # each process's mean over its N queries
+        assert_matches_naive(loss, ranks[0]["grads"], ranks[0]["momentum"], naive)
+        for key in ranks[0]["grads"]:
+            torch.testing.assert_close(ranks[1]["grads"][key], ranks[0]["grads"][key])
+        # rank r's logits [N, 2N]: the positive of its query i is global key r·N + i
+        with torch.no_grad():
+            model(x1, x2)  # the same momentum update, then the keys of the whole batch
+            q1 = model.predictor(model.base_encoder(x1))
+            _, logits, _ = contrastive_loss(q1, model.momentum_encoder(x2), t)
+        for r in range(2):
+            got = ranks[r]["logits"]
+            assert got.shape == (n, 2 * n)
+            torch.testing.assert_close(got[:, 0], logits[r * n:(r + 1) * n].diagonal(r * n))
 
 
 # ----- heads, builder, schedule, accuracy layout ---------------------------------------------------
