@@ -306,3 +306,55 @@ def test_positive_first_layout_and_accuracy() -> None:
         assert torch.equal(out[i], torch.cat([logits[i, labels[i]].view(1), logits[i, rest]]))
     want = (logits.argmax(1) == labels).double().mean() * 100
     assert float(pretext_accuracy(out)) == pytest.approx(float(want))
+
+
+# ----- CUDA (the cuda tier) ------------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the cuda tier)")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_step_under_autocast_keeps_the_loss_in_float32(dtype: torch.dtype) -> None:
+    """A ViT-Ti/4 step under autocast: logits and loss in float32, close to the float32 step,
+    finite gradients on every trained tensor."""
+    pytest.importorskip("timm")
+    import copy
+
+    from moco.core.backbones import BackboneOptions
+
+    torch.manual_seed(0)
+    model = build_mocov3("vit_tiny", MoCoV3Config(dim=32, mlp_dim=64, t=0.2),
+                         BackboneOptions(image_size=32, patch_size=4, stop_grad_conv1=True,
+                                         require_batchnorm=False)).cuda()
+    ref = copy.deepcopy(model)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x1 = torch.randn(16, 3, 32, 32, device="cuda", generator=g)
+    x2 = torch.randn(16, 3, 32, 32, device="cuda", generator=g)
+    want = ref(x1, x2)
+    with torch.autocast("cuda", dtype=dtype):
+        out = model(x1, x2)
+    assert out.loss.dtype == torch.float32 and out.logits.dtype == torch.float32
+    assert float(out.loss.detach()) == pytest.approx(float(want.loss.detach()), rel=2e-2)
+    out.loss.backward()
+    assert all(p.grad is not None and bool(p.grad.isfinite().all())
+               for p in model.trained_parameters())
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_resnet_with_sync_batchnorm_steps() -> None:
+    """The CUDA conversion (torch's SyncBatchNorm) of a MoCo v3 ResNet runs a step (outside a
+    process group SyncBatchNorm normalises like BatchNorm)."""
+    from moco.core.backbones import BackboneOptions
+    from moco.core.global_bn import sync_batchnorm_for
+
+    torch.manual_seed(0)
+    model = build_mocov3("resnet18", MoCoV3Config(dim=32, mlp_dim=64),
+                         BackboneOptions(cifar_stem=True, zero_init_residual=True))
+    model = sync_batchnorm_for(model, "cuda").cuda()
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    out = model(x, x.flip(3))
+    out.loss.backward()
+    assert bool(out.loss.isfinite()) and out.logits.shape == (8, 8)
