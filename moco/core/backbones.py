@@ -7,12 +7,19 @@
   with 32 groups of width 8);
 * the MoCo/CPC papers' wide ResNets, every layer k times wider: ``resnet50w2``,
   ``resnet50w4`` (and ``resnet18w2/w4``, ``resnet34w2/w4``), see :mod:`moco.core.wide_resnet`;
-* ``timm:NAME``: any timm CNN with BatchNorm (optional dependency), see
-  :mod:`moco.core.timm_backbone`.
+* the ViTs of MoCo v3: ``vit_tiny``, ``vit_small``, ``vit_base`` (timm's VisionTransformer
+  with MoCo v3's position embedding and initialisation, any patch size), see
+  :mod:`moco.core.vit`;
+* ``timm:NAME``: any timm model (optional dependency; MoCo v1/v2's Shuffling BN needs one
+  with BatchNorm), see :mod:`moco.core.timm_backbone`.
 
-Every backbone is a torchvision-style network whose last layer is ``fc``; MoCo replaces that
-``fc`` by its projection head, so checkpoints keep the original key names
-(``encoder_q.conv1.weight``, ..., ``encoder_q.fc.weight``). The CIFAR stem replaces ``conv1``
+What a name needs beyond itself (image and patch size, the random patch projection,
+zero-initialised residual blocks, ...) comes in a :class:`BackboneOptions`.
+
+Every backbone ends in a Linear head: ``fc`` for torchvision-style networks, ``head`` for
+ViTs (see :func:`head_name`); MoCo replaces it by its projection head, so checkpoints keep
+the original key names (``encoder_q.conv1.weight``, ..., ``encoder_q.fc.weight``;
+``base_encoder.head.0.weight`` for a MoCo v3 ViT). The CIFAR stem replaces ``conv1``
 by a 3x3 stride-1 conv and drops the max-pool; unlike the demo's ``net.N`` layout it keeps
 torchvision's names, so the same loaders and exporters work for both stems.
 """
@@ -21,30 +28,77 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torchvision
 from torch import nn
-from torchvision.models.resnet import Bottleneck, ResNet
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from moco.core.errors import ConfigError
 from moco.core.timm_backbone import PREFIX as TIMM_PREFIX
 from moco.core.timm_backbone import build_timm_backbone, is_timm_arch
+from moco.core.vit import VIT_SIZES, freeze_patch_projection, vision_transformer
 from moco.core.wide_resnet import WIDE_RESNETS, wide_resnet
 
 NormLayer = Callable[[int], nn.Module]
+#: A factory of the original form: ``factory(norm_layer)`` -> network.
 BackboneFactory = Callable[[NormLayer | None], nn.Module]
 
-_REGISTRY: dict[str, BackboneFactory] = {}
+
+@dataclass(frozen=True)
+class BackboneOptions:
+    """What building a backbone may need beyond its name.
+
+    * ``cifar_stem``: 3x3 stride-1 ``conv1`` and no max-pool (torchvision-style ResNets);
+    * ``norm_layer``: the BatchNorm replacement of torchvision-style ResNets (None: BatchNorm2d);
+    * ``image_size``: the input size of a ViT (its patch grid and position embedding; default
+      224). CNNs take any size and ignore it;
+    * ``patch_size``: the patch size of ``vit_*`` (default 16; 4 suits 32-px CIFAR);
+    * ``stop_grad_conv1``: the random patch projection of ViTs (MoCo v3 §4.2);
+    * ``zero_init_residual``: the last BatchNorm of every torchvision residual block starts at
+      0 (torchvision's option, MoCo v3's ResNets); networks without such blocks ignore it
+      (timm's ResNets zero it already);
+    * ``require_batchnorm``: refuse a ``timm:NAME`` network without BatchNorm, which MoCo
+      v1/v2's Shuffling BN needs; MoCo v3 and evaluation pass False.
+    """
+
+    cifar_stem: bool = False
+    norm_layer: NormLayer | None = None
+    image_size: int | None = None
+    patch_size: int | None = None
+    stop_grad_conv1: bool = False
+    zero_init_residual: bool = False
+    require_batchnorm: bool = True
 
 
-def register_backbone(name: str, factory: BackboneFactory) -> None:
+#: A factory that receives every option: ``factory(options)`` -> network.
+OptionsFactory = Callable[[BackboneOptions], nn.Module]
+
+_REGISTRY: dict[str, OptionsFactory] = {}
+
+
+def register_backbone(name: str, factory: BackboneFactory | OptionsFactory, *,
+                      takes_options: bool = False) -> None:
     """Make ``name`` available to :func:`build_backbone` (and ``--arch``).
 
-    ``factory(norm_layer)`` must return a network with a ``fc`` Linear as its last layer and
-    accept ``norm_layer=None`` for the default BatchNorm2d.
+    ``factory(norm_layer)`` must return a network whose head (its last layer, a Linear) is
+    named ``fc``, ``head`` or ``classifier`` (see :func:`head_name`), and accept
+    ``norm_layer=None`` for the default BatchNorm2d. With ``takes_options=True`` it is called
+    as ``factory(options)`` with a :class:`BackboneOptions` instead (image size, patch size,
+    ...); the options a plain factory cannot take are refused for it.
     """
-    _REGISTRY[name] = factory
+    if takes_options:
+        _REGISTRY[name] = factory  # type: ignore[assignment]
+        return
+    plain: BackboneFactory = factory  # type: ignore[assignment]
+
+    def build(options: BackboneOptions) -> nn.Module:
+        if options.patch_size is not None:
+            raise ConfigError(f"--patch-size is for the ViTs (vit_tiny, vit_small, vit_base), "
+                              f"not {name}")
+        return plain(options.norm_layer)
+
+    _REGISTRY[name] = build
 
 
 def _torchvision(name: str) -> BackboneFactory:
@@ -71,12 +125,23 @@ def _resnext50_32x8d(norm_layer: NormLayer | None) -> nn.Module:
     return model
 
 
+def _vit(name: str) -> OptionsFactory:
+    def build(o: BackboneOptions) -> nn.Module:
+        if o.norm_layer is not None:
+            raise ConfigError(f"{name}: a custom norm_layer is for torchvision ResNets only")
+        return vision_transformer(name, o.image_size, o.patch_size)
+
+    return build
+
+
 for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
               "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d"):
     register_backbone(_name, _torchvision(_name))
 for _name in WIDE_RESNETS:
     register_backbone(_name, _wide(_name))
 register_backbone("resnext50_32x8d", _resnext50_32x8d)
+for _name in VIT_SIZES:
+    register_backbone(_name, _vit(_name), takes_options=True)
 
 
 def available_backbones() -> list[str]:
@@ -85,7 +150,8 @@ def available_backbones() -> list[str]:
 
 
 def accepted_archs_text() -> str:
-    return f"{', '.join(available_backbones())}, or {TIMM_PREFIX}NAME for a timm CNN with BatchNorm"
+    return (f"{', '.join(available_backbones())}, or {TIMM_PREFIX}NAME for a timm model (MoCo "
+            "v1/v2 need one with BatchNorm)")
 
 
 def is_known_arch(name: str) -> bool:
@@ -102,32 +168,65 @@ def check_arch(name: str) -> None:
 
 @dataclass
 class Backbone:
-    """A network ending in ``fc`` plus the width of the features that enter ``fc``."""
+    """A network ending in its head (``fc``, ``head`` or ``classifier``, a Linear) plus the
+    width of the features that enter the head."""
 
     model: nn.Module
     feature_dim: int
 
 
-def build_backbone(name: str, *, cifar_stem: bool = False, norm_layer: NormLayer | None = None) -> Backbone:
-    """Build the named backbone with random weights (no download)."""
+def build_backbone(name: str, *, cifar_stem: bool = False, norm_layer: NormLayer | None = None,
+                   options: BackboneOptions | None = None) -> Backbone:
+    """Build the named backbone with random weights (no download). ``cifar_stem`` and
+    ``norm_layer`` are shorthands for those fields of ``options``."""
     check_arch(name)
+    o = options or BackboneOptions()
+    o = replace(o, cifar_stem=o.cifar_stem or cifar_stem, norm_layer=norm_layer or o.norm_layer)
     if is_timm_arch(name):
-        if cifar_stem:
+        if o.cifar_stem:
             raise ConfigError(f"--cifar-stem replaces the stem of torchvision ResNets; {name} keeps "
                               "its own: pass --cifar-stem false (or choose a torchvision ResNet)")
-        if norm_layer is not None:
+        if o.norm_layer is not None:
             raise ConfigError(f"{name}: a custom norm_layer is for torchvision ResNets only")
-        model: nn.Module = build_timm_backbone(name)
+        if o.patch_size is not None:
+            raise ConfigError(f"--patch-size: the patch size of {name} is part of its timm name")
+        model: nn.Module = build_timm_backbone(name, require_batchnorm=o.require_batchnorm,
+                                               image_size=o.image_size)
     else:
-        model = _REGISTRY[name](norm_layer)
-    if cifar_stem:
-        width = int(model.conv1.out_channels)  # type: ignore[union-attr,arg-type]
-        model.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        model = _REGISTRY[name](o)
+    _apply_options(name, model, o)
+    head = get_head(model)
+    if not isinstance(head, nn.Linear):
+        raise ConfigError(f"backbone {name!r} must end in a Linear head named fc, head or "
+                          f"classifier, not a {type(head).__name__}")
+    return Backbone(model=model, feature_dim=head.in_features)
+
+
+def _apply_options(name: str, model: nn.Module, o: BackboneOptions) -> None:
+    """The options every network takes after its factory: the CIFAR stem, the zero-init of
+    residual blocks, the random patch projection."""
+    if o.cifar_stem:
+        conv1 = getattr(model, "conv1", None)
+        if not isinstance(conv1, nn.Conv2d):
+            raise ConfigError(f"--cifar-stem replaces the conv1 of ResNets; {name} has none "
+                              "(ViTs: choose the patch size instead, e.g. --patch-size 4)")
+        model.conv1 = nn.Conv2d(3, conv1.out_channels, 3, 1, 1, bias=False)
         model.maxpool = nn.Identity()
-    fc = model.fc
-    if not isinstance(fc, nn.Linear):
-        raise ConfigError(f"backbone {name!r} must end in a Linear named 'fc'")
-    return Backbone(model=model, feature_dim=fc.in_features)
+    if o.zero_init_residual:
+        zero_init_residual(model)
+    if o.stop_grad_conv1:
+        freeze_patch_projection(model)
+
+
+@torch.no_grad()
+def zero_init_residual(model: nn.Module) -> None:
+    """Zero the last BatchNorm's weight of every torchvision residual block (``bn3`` of a
+    Bottleneck, ``bn2`` of a BasicBlock): each block starts as the identity (torchvision's
+    ``zero_init_residual``, Goyal et al. 2017)."""
+    for m in model.modules():
+        last = m.bn3 if isinstance(m, Bottleneck) else m.bn2 if isinstance(m, BasicBlock) else None
+        if isinstance(last, nn.modules.batchnorm._BatchNorm) and last.weight is not None:
+            nn.init.zeros_(last.weight)
 
 
 #: Where networks keep their classification (or, in MoCo, projection) head, in the order

@@ -1,4 +1,4 @@
-"""Any timm CNN with BatchNorm as a MoCo backbone: ``-a timm:NAME`` (the ``timm`` extra).
+"""Any timm model as a MoCo backbone: ``-a timm:NAME`` (the ``timm`` extra).
 
 timm models name their classifier differently (``fc``, ``classifier``, ``head.fc``), and some
 have layers between the pooling and the classifier (MobileNetV3's ``conv_head``). MoCo needs a
@@ -8,7 +8,10 @@ the pooled pre-logits features [B, D]) as ``body`` and adds ``fc``. Checkpoint k
 ``encoder_q.body.<timm name>`` and ``encoder_q.fc.*``; :func:`timm_state_dict` turns the
 backbone back into timm's own names for ``moco export --format timm``.
 
-Shuffling BN needs BatchNorm: a model without any (ViT, ConvNeXt: LayerNorm) is refused.
+MoCo v1/v2's Shuffling BN needs BatchNorm: there a model without any (ViT, ConvNeXt:
+LayerNorm) is refused. MoCo v3 has no Shuffling BN and takes any model, ViTs included
+(``require_batchnorm=False``); a timm ViT built with ``num_classes=0`` returns its pooled
+[CLS] features after the final norm.
 timm's ``BatchNormAct2d`` (BN + activation in one module, used by EfficientNet, MobileNet,
 RegNet, ...) subclasses ``nn.BatchNorm2d``; :func:`moco.core.shuffle_bn.convert_split_bn` keeps its
 activation (see there), and :func:`convert_sync_batchnorm` uses timm's converter, which keeps
@@ -92,14 +95,19 @@ class TimmBackbone(nn.Module):
     """A timm model without its classifier (``body``: [B,3,H,W] -> pooled [B, D]) followed by
     ``fc`` ([B, D] -> [B, num_classes]), so that MoCo can replace ``fc`` by its head."""
 
-    def __init__(self, name: str, num_classes: int = 1000) -> None:
+    def __init__(self, name: str, num_classes: int = 1000, *, require_batchnorm: bool = True,
+                 image_size: int | None = None) -> None:
         super().__init__()
         self.timm_name = name
         self.body = create_timm_model(name, num_classes=0)
-        if not has_batchnorm(self.body):
+        if require_batchnorm and not has_batchnorm(self.body):
             raise ConfigError(f"timm:{name} has no BatchNorm layer (it normalises with LayerNorm or "
-                              "GroupNorm): MoCo's shuffling BN needs a CNN with BatchNorm, e.g. "
-                              "timm:resnet26d, timm:efficientnet_b0, timm:regnety_016")
+                              "GroupNorm): MoCo v1/v2's shuffling BN needs a CNN with BatchNorm, "
+                              "e.g. timm:resnet26d, timm:efficientnet_b0, timm:regnety_016 (MoCo "
+                              "v3 takes any model)")
+        built = _vit_image_size(self.body)
+        if image_size is not None and built is not None and built != (image_size, image_size):
+            self.body = create_timm_model(name, num_classes=0, img_size=image_size)
         self.fc = nn.Linear(pooled_width(self.body), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,9 +115,20 @@ class TimmBackbone(nn.Module):
         return out
 
 
-def build_timm_backbone(arch: str) -> TimmBackbone:
-    """The backbone of ``-a timm:NAME`` with random weights."""
-    return TimmBackbone(timm_name(arch))
+def _vit_image_size(body: nn.Module) -> tuple[int, int] | None:
+    """The input size (h, w) a timm ViT was built for (its patch grid fixes it); None for a
+    CNN, which takes any size."""
+    size = getattr(getattr(body, "patch_embed", None), "img_size", None)
+    return (int(size[0]), int(size[1])) if isinstance(size, tuple | list) else None
+
+
+def build_timm_backbone(arch: str, *, require_batchnorm: bool = True,
+                        image_size: int | None = None) -> TimmBackbone:
+    """The backbone of ``-a timm:NAME`` with random weights. ``require_batchnorm``: refuse a
+    model without BatchNorm (MoCo v1/v2's Shuffling BN needs it). ``image_size``: the input
+    size of a ViT (timm builds its patch grid for it); CNNs ignore it."""
+    return TimmBackbone(timm_name(arch), require_batchnorm=require_batchnorm,
+                        image_size=image_size)
 
 
 @functools.cache

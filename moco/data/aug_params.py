@@ -10,7 +10,9 @@ bit-identical on any training device:
   log 4/3), w/h rounded half-to-even, 10 tries, then the center-crop fallback;
 * ``ColorJitter``: brightness/contrast/saturation ~ U[1-x, 1+x], hue ~ U[-h, h], the four ops
   in a uniformly random order per sample, applied with ``RandomApply`` p;
-* grayscale with p, Gaussian blur σ ~ U(0.1, 2.0) with p, horizontal flip with p 0.5.
+* grayscale with p, Gaussian blur σ ~ U(0.1, 2.0) with p, horizontal flip with p 0.5;
+* solarize with p, drawn last and only by recipes that have the step (the other recipes'
+  draws, hence their seeded views, do not depend on it).
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ class AugParams:
     """Per-sample parameters of N views (CPU tensors).
 
     crop [N,4] int64 (top i, left j, height h, width w) as ``RandomResizedCrop.get_params``;
-    flip, jitter, gray, blur [N] bool (applied or not); brightness, contrast, saturation,
-    hue, sigma [N] float64; order [N,4] int64: a permutation of 0..3 (0 brightness,
-    1 contrast, 2 saturation, 3 hue, torchvision's ``fn_idx``).
+    flip, jitter, gray, blur, solarize [N] bool (applied or not); brightness, contrast,
+    saturation, hue, sigma [N] float64; order [N,4] int64: a permutation of 0..3
+    (0 brightness, 1 contrast, 2 saturation, 3 hue, torchvision's ``fn_idx``).
     """
 
     crop: torch.Tensor
@@ -46,6 +48,7 @@ class AugParams:
     gray: torch.Tensor
     blur: torch.Tensor
     sigma: torch.Tensor
+    solarize: torch.Tensor
 
     def select(self, idx: torch.Tensor | slice) -> AugParams:
         """The parameters of the samples ``idx``."""
@@ -104,7 +107,7 @@ def sample_params(recipe: Recipe, heights: torch.Tensor, widths: torch.Tensor,
     crop = sample_crops(heights, widths, recipe.scale, recipe.ratio, g)
     b, c, s, h = recipe.jitter
     u = torch.rand((n, 4), generator=g, dtype=torch.float64)
-    return AugParams(
+    p = AugParams(
         crop=crop,
         flip=u[:, 0] < recipe.flip_p,
         jitter=u[:, 1] < recipe.jitter_p,
@@ -116,4 +119,8 @@ def sample_params(recipe: Recipe, heights: torch.Tensor, widths: torch.Tensor,
         gray=u[:, 2] < recipe.gray_p,
         blur=u[:, 3] < recipe.blur_p,
         sigma=_uniform(n, recipe.blur_sigma[0], recipe.blur_sigma[1], g),
+        solarize=torch.zeros(n, dtype=torch.bool),
     )
+    if "solarize" in recipe.order:
+        p.solarize = torch.rand(n, generator=g, dtype=torch.float64) < recipe.solarize_p
+    return p

@@ -10,7 +10,8 @@ Applying them (:func:`apply_params`) matches torchvision's functional ops on flo
   rows (flip commutes with every later op: they are per-pixel, use the global mean, or are
   symmetric). ``/255`` is folded in. One batched matmul does every crop of the batch.
 * jitter ops are the tensor formulas of ``adjust_brightness/contrast/saturation/hue`` with
-  a per-sample factor; the random order is applied position by position.
+  a per-sample factor (:mod:`moco.data.colour_ops`); the random order is applied position
+  by position. Solarize is torchvision's ``solarize`` at the recipe's threshold / 255.
 * blur is torchvision's ``gaussian_blur`` (kernel 13 = 2·⌈3·σ_max⌉+1, reflect padding) as a
   per-sample separable matrix product ([S, S] per sample, reflect padding folded in).
   The original blurs with PIL's extended box filter of radius σ, which is the same Gaussian
@@ -39,12 +40,20 @@ from moco.data.aug_params import (  # re-exported: the sampling half of the batc
     sample_crops,
     sample_params,
 )
+from moco.data.colour_ops import (  # re-exported: the per-pixel ops
+    GRAY_WEIGHTS,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    luma,
+    solarize,
+)
 
-__all__ = ["BLUR_SIGMA", "AugParams", "BatchAugment", "Recipe", "apply_params", "eval_resize",
-           "make_recipe", "sample_crops", "sample_params"]
-
-GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
-
+__all__ = ["BLUR_SIGMA", "GRAY_WEIGHTS", "AugParams", "BatchAugment", "Recipe",
+           "adjust_brightness", "adjust_contrast", "adjust_hue", "adjust_saturation",
+           "apply_params", "eval_resize", "make_recipe", "sample_crops", "sample_params",
+           "solarize"]
 
 def resample_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int,
                      flip: torch.Tensor | None = None, scale: torch.Tensor | None = None,
@@ -97,52 +106,6 @@ def blur_matrices(sigma: torch.Tensor, size: int, kernel: int) -> torch.Tensor:
 def blur_kernel_size(sigma_max: float = BLUR_SIGMA[1]) -> int:
     """2·⌈3·σ_max⌉+1 (13 for σ ≤ 2): the kernel covers ±3σ of every sample's Gaussian."""
     return 2 * math.ceil(3 * sigma_max) + 1
-
-
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    """[N,3,H,W] -> [N,1,H,W] luma, torchvision's weights."""
-    r, g, b = x.unbind(dim=1)
-    return (r * GRAY_WEIGHTS[0] + g * GRAY_WEIGHTS[1] + b * GRAY_WEIGHTS[2]).unsqueeze(1)
-
-
-def _blend(x: torch.Tensor, other: torch.Tensor | float, f: torch.Tensor) -> torch.Tensor:
-    """torchvision's ``_blend`` with a per-sample factor f [N,1,1,1]."""
-    return (f * x + (1.0 - f) * other).clamp_(0.0, 1.0)
-
-
-def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return (x * f).clamp_(0.0, 1.0)
-
-
-def adjust_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), f)
-
-
-def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return _blend(x, _gray(x), f)
-
-
-def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """HSV hue rotation by ``shift`` [N,1,1,1] (in turns), as torchvision's tensor op.
-
-    RGB -> HSV as torchvision (Pillow's formulas), then back with the closed form
-    c = v - (v - min)·clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6, n = 5, 3, 1 for r, g, b
-    (v·s = v - min, so saturation never needs to be formed).
-    """
-    r, g, b = x.unbind(dim=1)
-    maxc = x.amax(dim=1)
-    rng = maxc - x.amin(dim=1)
-    div = torch.where(rng == 0, 1.0, rng)
-    is_r = maxc == r
-    is_g = (maxc == g) & ~is_r
-    # 6h before the wrap: (g-b)/rng if max is r, 2+(b-r)/rng if g, 4+(r-g)/rng if b
-    h6 = torch.where(is_r, g - b, torch.where(is_g, (b - r).add_(rng, alpha=2.0),
-                                               (r - g).add_(rng, alpha=4.0)))
-    h6 = h6.div_(div).add_(shift[:, :, 0].mul(6.0)).remainder_(6.0).unsqueeze(1)
-    n = torch.arange(5.0, 0.0, -2.0, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)  # 5, 3, 1
-    k = (h6 + n).remainder_(6.0)
-    a = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return (maxc.unsqueeze(1) - rng.unsqueeze(1) * a).clamp_(0.0, 1.0)
 
 
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
@@ -199,7 +162,17 @@ def _gray_plan(on: torch.Tensor) -> Plan:
 def _grayscale(x: torch.Tensor, plan: Plan) -> torch.Tensor:
     if "gray" not in plan:
         return x
-    return torch.where(plan["gray"].view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+    return torch.where(plan["gray"].view(-1, 1, 1, 1), luma(x).expand_as(x), x)
+
+
+def _solarize_plan(on: torch.Tensor) -> Plan:
+    return {"solarize": on} if bool(on.any()) else {}
+
+
+def _solarize(x: torch.Tensor, plan: Plan, threshold: float) -> torch.Tensor:
+    if "solarize" not in plan:
+        return x
+    return torch.where(plan["solarize"].view(-1, 1, 1, 1), solarize(x, threshold / 255.0), x)
 
 
 def _blur_plan(on: torch.Tensor, sigma: torch.Tensor) -> Plan:
@@ -297,7 +270,8 @@ def colour_plan(p: AugParams, recipe: Recipe, mean: Sequence[float] | None = Non
     plan: Plan = {}
     for step in recipe.colour_steps:
         plan.update({"jitter": _jitter_plan(p), "gray": _gray_plan(p.gray),
-                     "blur": _blur_plan(p.blur, p.sigma)}[step])
+                     "blur": _blur_plan(p.blur, p.sigma),
+                     "solarize": _solarize_plan(p.solarize)}[step])
     if mean is not None and std is not None:
         plan["mean"] = torch.tensor(mean, dtype=torch.float64)
         plan["std"] = torch.tensor(std, dtype=torch.float64)
@@ -306,7 +280,9 @@ def colour_plan(p: AugParams, recipe: Recipe, mean: Sequence[float] | None = Non
 
 def apply_colour(x: torch.Tensor, plan: Plan, recipe: Recipe) -> torch.Tensor:
     """The recipe's colour steps in its order on views float [N,3,S,S] in [0, 1], then the
-    normalisation when the plan (on ``x``'s device) holds mean and std."""
+    normalisation when the plan (on ``x``'s device) holds mean and std. Both views of an
+    asymmetric recipe apply the same steps (their parameters differ), so ``recipe`` may be
+    either view's."""
     for step in recipe.colour_steps:
         if step == "jitter":
             x = _jitter(x, plan)
@@ -314,13 +290,16 @@ def apply_colour(x: torch.Tensor, plan: Plan, recipe: Recipe) -> torch.Tensor:
             x = _grayscale(x, plan)
         elif step == "blur":
             x = _blur(x, plan)
+        elif step == "solarize":
+            x = _solarize(x, plan, recipe.solarize_threshold)
     if "mean" in plan:
         x = _normalize(x, plan["mean"], plan["std"])
     return x
 
 
 class BatchAugment:
-    """Two independent views of every image of a uint8 batch, on the batch's device.
+    """Two independent views of every image of a uint8 batch, on the batch's device; the
+    second views follow the recipe's second view when it has one (``v3``).
 
     ``aug`` / ``image_size`` / ``crop_min_scale`` / ``mean`` / ``std`` as
     :func:`moco.data.augment.pretrain_transform`.
@@ -333,9 +312,11 @@ class BatchAugment:
         self.mean, self.std = tuple(mean), tuple(std)
 
     def params(self, heights: torch.Tensor, widths: torch.Tensor, g: torch.Generator) -> AugParams:
-        """Parameters of 2N views: the N query views, then the N key views."""
-        q = sample_params(self.recipe, heights, widths, g)
-        k = sample_params(self.recipe, heights, widths, g)
+        """Parameters of 2N views: the N query views, then the N key views (each drawn from
+        its own view's recipe when the recipe is asymmetric)."""
+        first, second = self.recipe.views()
+        q = sample_params(first, heights, widths, g)
+        k = sample_params(second, heights, widths, g)
         return AugParams.cat([q, k])
 
     def two_views(self, images: torch.Tensor, p: AugParams) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,7 @@ bit-identical batches on the CPU, whatever the worker count.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import fields
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -180,8 +181,7 @@ class CropWork:
                 blobs.append(out)
             else:
                 views[k], views[b + k] = out[0], out[1]
-        params = {f: getattr(p, f) for f in ("flip", "jitter", "brightness", "contrast",
-                                             "saturation", "hue", "order", "gray", "blur", "sigma")}
+        params = {f.name: getattr(p, f.name) for f in fields(p) if f.name != "crop"}
         return Work(views, blobs, crops, params, torch.as_tensor(list(idx)), loaded, (epoch, step))
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from moco.data.augment import TwoViews, pretrain_transform
+from moco.data.augment import two_view_transform
 from moco.data.batches import Batch, images_to_device
 from moco.data.datasets import EpochBatchSampler, TwoViewDataset
 from moco.data.source import ImageSource, ignore_stop_signals
@@ -32,8 +32,8 @@ class PILTrainLoader:
                  rank: int = 0, world_size: int = 1) -> None:
         self.cfg, self.source, self.device, self.workers = cfg, source, device, workers
         self.rank, self.world_size = rank, world_size
-        self.dataset = _IndexedTwoViews(source, TwoViews(pretrain_transform(
-            cfg.aug, cfg.image_size, cfg.crop_min_scale, cfg.mean, cfg.std)), cfg.on_bad_image)
+        self.dataset = _IndexedTwoViews(source, two_view_transform(
+            cfg.aug, cfg.image_size, cfg.crop_min_scale, cfg.mean, cfg.std), cfg.on_bad_image)
         self.bad_images: set[int] = set()  # indices replaced under --on-bad-image skip
 
     def _sampler(self, epoch: int, start_step: int) -> EpochBatchSampler:

@@ -1,5 +1,6 @@
-"""``-a timm:NAME``: timm CNNs as MoCo backbones, SplitBatchNorm on timm's BatchNormAct2d, and
-``moco export --format timm`` loaded by ``timm.create_model(..., pretrained=True)``."""
+"""``-a timm:NAME``: timm CNNs as MoCo backbones, timm ViTs as MoCo v3 backbones, SplitBatchNorm
+on timm's BatchNormAct2d, and ``moco export --format timm`` loaded by
+``timm.create_model(..., pretrained=True)``."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ timm = pytest.importorskip("timm")
 
 from timm.layers import BatchNormAct2d  # noqa: E402
 
-from moco.core.backbones import build_backbone  # noqa: E402
+from moco.core.backbones import BackboneOptions, build_backbone  # noqa: E402
 from moco.core.errors import ConfigError  # noqa: E402
 from moco.core.model import build_encoder  # noqa: E402
 from moco.core.shuffle_bn import SplitBatchNorm, SplitBatchNormAct, convert_split_bn  # noqa: E402
@@ -54,6 +55,31 @@ def test_errors() -> None:
         build_backbone("timm:resnet_nope")
     with pytest.raises(ConfigError, match="keeps its own"):
         build_backbone("timm:resnet26d", cifar_stem=True)
+
+
+def test_a_timm_vit_is_a_mocov3_backbone() -> None:
+    """Without BatchNorm it is refused for MoCo v1/v2 only (above); its features are the
+    [CLS] token after the final norm, at the image size asked for, and the random patch
+    projection applies to it."""
+    from moco.core.mocov3 import MoCoV3Config, build_mocov3
+
+    opts = BackboneOptions(require_batchnorm=False, image_size=32, stop_grad_conv1=True)
+    torch.manual_seed(0)
+    b = build_backbone("timm:test_vit", options=opts)
+    body = b.model.body
+    assert isinstance(b.model, TimmBackbone) and b.feature_dim == body.embed_dim == 64
+    assert tuple(body.patch_embed.img_size) == (32, 32)
+    assert not body.patch_embed.proj.weight.requires_grad and body.blocks[0].attn.qkv.weight.requires_grad
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = body.norm(body.blocks(body._pos_embed(body.patch_embed(x))))[:, 0]
+        torch.testing.assert_close(body.eval()(x), want)
+    model = build_mocov3("timm:test_vit", MoCoV3Config(dim=8, mlp_dim=16, t=0.2), opts)
+    assert sum(isinstance(m, nn.Linear) for m in model.base_encoder.fc) == 3  # the ViT projector
+    assert model(x, x).loss.ndim == 0
+    with pytest.raises(ConfigError, match="patch size of timm:test_vit is part of its timm name"):
+        build_backbone("timm:test_vit", options=BackboneOptions(require_batchnorm=False,
+                                                                patch_size=8))
 
 
 def test_missing_timm_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

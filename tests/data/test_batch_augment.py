@@ -1,16 +1,18 @@
 """Batched augmentation (moco.data.batch_augment) against torchvision's per-image transforms:
-(a) the same parameter distributions, (b) the same output for the same parameters."""
+(a) the same parameter distributions, (b) the same output for the same parameters; each view
+of an asymmetric recipe (MoCo v3) from its own recipe."""
 
 from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
-from helpers import KS_CRIT, N, ks
+from helpers import KS_CRIT, N, cfg_for, jpegs, ks, loader_for
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
@@ -58,7 +60,7 @@ def test_crops_per_sample_sizes() -> None:
     assert c[1::3, 2].max() > 100  # the large image gets large crops
 
 
-@pytest.mark.parametrize("aug", ["v1", "v2", "cifar-demo"])
+@pytest.mark.parametrize("aug", ["v1", "v2", "cifar-demo", "v3", "cifar-v3"])
 def test_jitter_and_probabilities_match_torchvision(aug: str) -> None:
     recipe = BA.make_recipe(aug, 0.2)
     b, c, s, hue = recipe.jitter
@@ -77,9 +79,11 @@ def test_jitter_and_probabilities_match_torchvision(aug: str) -> None:
         hits = int((p.order.numpy() == perm).all(axis=1).sum())
         p_ref = float((ref_perm == perm).all(axis=1).mean())
         assert binomial_ok(hits, N, 1 / 24) and binomial_ok(int(p_ref * N), N, 1 / 24)
-    # probabilities of the recipe (REFERENCE.md §5, §6.1)
-    expect = {"v1": (1.0, 0.2, 0.0), "v2": (0.8, 0.2, 0.5), "cifar-demo": (0.8, 0.2, 0.0)}[aug]
-    for name, prob in zip(["jitter", "gray", "blur"], expect, strict=True):
+    # probabilities of the recipe (its first view): MoCo v1/v2, the CIFAR-10 notebook, MoCo v3
+    expect = {"v1": (1.0, 0.2, 0.0, 0.0), "v2": (0.8, 0.2, 0.5, 0.0),
+              "cifar-demo": (0.8, 0.2, 0.0, 0.0), "v3": (0.8, 0.2, 1.0, 0.0),
+              "cifar-v3": (0.8, 0.2, 0.0, 0.0)}[aug]
+    for name, prob in zip(["jitter", "gray", "blur", "solarize"], expect, strict=True):
         assert binomial_ok(int(getattr(p, name).sum()), N, prob), name
     assert binomial_ok(int(p.flip.sum()), N, 0.5)
     sig = p.sigma.numpy()
@@ -105,10 +109,12 @@ def _reference(x: torch.Tensor, p: BA.AugParams, n: int, recipe: BA.Recipe, size
             y = TF.rgb_to_grayscale(y, num_output_channels=3)
         elif step == "blur" and p.blur[n]:
             y = TF.gaussian_blur(y, [13, 13], [float(p.sigma[n])] * 2)
+        elif step == "solarize" and p.solarize[n]:
+            y = TF.solarize(y, recipe.solarize_threshold / 255)
     return y
 
 
-@pytest.mark.parametrize("aug", ["v1", "v2", "cifar-demo"])
+@pytest.mark.parametrize("aug", ["v1", "v2", "cifar-demo", "v3", "cifar-v3"])
 @pytest.mark.parametrize("hw", [(32, 32), (90, 70)])
 def test_same_output_as_torchvision_functional(aug: str, hw: tuple[int, int]) -> None:
     """Same parameters -> the same views as torchvision's ops (float, so no rounding):
@@ -122,6 +128,8 @@ def test_same_output_as_torchvision_functional(aug: str, hw: tuple[int, int]) ->
     p.jitter[1::2] = True
     if recipe.blur_p:
         p.blur[::2] = True
+    if "solarize" in recipe.order:
+        p.solarize[1::3] = True
     out = BA.apply_params(imgs, p, recipe, 32, None, None)
     assert out.shape == (n, 3, 32, 32) and out.dtype == torch.float32
     for k in range(n):
@@ -196,5 +204,70 @@ def test_two_views_shapes_and_determinism() -> None:
 
 
 def test_unknown_recipe() -> None:
-    with pytest.raises(ValueError, match="v1, v2 or cifar-demo"):
-        BA.make_recipe("v3", 0.2)
+    with pytest.raises(ValueError, match="v1, v2, cifar-demo, v3, cifar-v3"):
+        BA.make_recipe("v4", 0.2)
+
+
+# ----- solarize and the asymmetric recipes (MoCo v3) -----------------------------------------------
+def test_solarize_is_torchvisions() -> None:
+    """On float images: torchvision's ``solarize`` exactly; on uint8 levels: PIL's
+    ``ImageOps.solarize(img, 128)`` (levels from 128 up inverted)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 9, 9, generator=g)
+    for thr in (0.5, 128 / 255, 0.9):
+        assert torch.equal(BA.solarize(x, thr), TF.solarize(x, thr))
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 16, 16).expand(3, 16, 16).contiguous()
+    pil = TF.to_image(TF.solarize(TF.to_pil_image(levels), 128))
+    ours = BA.solarize(levels.float() / 255, 128 / 255) * 255
+    assert torch.allclose(ours, pil.float(), atol=1e-4)
+    assert int((pil != levels).sum()) == 3 * 128  # 128..255 changed, 0..127 kept
+
+
+def test_v3_views_draw_from_their_own_recipe() -> None:
+    """BatchAugment draws the N first views from view 1's recipe (blur always, no solarize)
+    and the N second views from view 2's (blur p 0.1, solarize p 0.2); the rest alike."""
+    aug = BA.BatchAugment("v3", 16, 0.08, (0.5,) * 3, (0.25,) * 3)
+    hw = torch.full((N,), 40)
+    p = aug.params(hw, hw, torch.Generator().manual_seed(0))
+    first, second = p.select(slice(0, N)), p.select(slice(N, 2 * N))
+    assert bool(first.blur.all()) and not bool(first.solarize.any())
+    assert binomial_ok(int(second.blur.sum()), N, 0.1)
+    assert binomial_ok(int(second.solarize.sum()), N, 0.2)
+    for v in (first, second):
+        assert binomial_ok(int(v.jitter.sum()), N, 0.8) and binomial_ok(int(v.gray.sum()), N, 0.2)
+        assert float(v.saturation.min()) >= 0.8 and float(v.saturation.max()) <= 1.2
+        assert float(v.hue.abs().max()) <= 0.1
+    cifar = BA.BatchAugment("cifar-v3", 16, 0.08, (0.5,) * 3, (0.25,) * 3)
+    p = cifar.params(hw, hw, torch.Generator().manual_seed(0))
+    assert not bool(p.blur.any()) and binomial_ok(int(p.solarize[N:].sum()), N, 0.2)
+    assert not bool(p.solarize[:N].any())
+
+
+def test_two_views_apply_each_views_parameters() -> None:
+    aug = BA.BatchAugment("v3", 16, 0.2, (0.5,) * 3, (0.25,) * 3)
+    imgs = torch.randint(0, 256, (5, 24, 20, 3), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(1))
+    hw = (torch.full((5,), 24), torch.full((5,), 20))
+    p = aug.params(*hw, torch.Generator().manual_seed(2))
+    p.solarize[5:] = True  # every second view solarized
+    q, k = aug.two_views(imgs, p)
+    first, second = aug.recipe.views()
+    want_k = BA.apply_params(imgs, p.select(slice(5, 10)), second, 16, aug.mean, aug.std)
+    want_q = BA.apply_params(imgs, p.select(slice(0, 5)), first, 16, aug.mean, aug.std)
+    torch.testing.assert_close(k, want_k)
+    torch.testing.assert_close(q, want_q)
+    p.solarize[5:] = False
+    assert not torch.allclose(aug.two_views(imgs, p)[1], k)
+
+
+def test_the_original_size_crop_loader_carries_solarize(tmp_path: Path) -> None:
+    """The crop loader's workers send every parameter to the training process: solarize too."""
+    jpegs(tmp_path / "imgs", [(40, 50), (50, 40), (45, 45), (44, 60)])
+    loader = loader_for(tmp_path / "imgs", cfg_for(aug="v3", batch_size=4))
+    work = loader.work(0, 0, [0, 1, 2, 3])
+    assert work.params["solarize"].shape == (8,) and not bool(work.params["solarize"][:4].any())
+    work.params["solarize"] = torch.tensor([False] * 4 + [True] * 4)
+    on = loader.finish(work)
+    work.params["solarize"] = torch.zeros(8, dtype=torch.bool)
+    off = loader.finish(work)
+    assert torch.equal(on.im_q, off.im_q) and not torch.allclose(on.im_k, off.im_k)

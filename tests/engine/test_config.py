@@ -208,7 +208,7 @@ BAD = [
     ({"bn_splits": 0}, "bn-splits"),
     ({"wd": -1.0}, "wd"),
     ({"batch_size": 0}, "batch-size"),
-    ({"aug": "v3"}, "aug"),
+    ({"aug": "v4"}, "aug"),
     ({"shuffle_bn": "sync"}, "shuffle-bn"),
     ({"crop_min_scale": 0.0}, "crop-min-scale"),
 ]
@@ -360,7 +360,7 @@ HOSTILE = [  # (key, value, what the error says)
     ("std", [0.2, 0.0, 0.2], "expected --std to hold values > 0"),
     ("dist_timeout", 1e300, "expected --dist-timeout in (0, 525600]"),
     ("workers", 10**9, "expected --workers in [-1, 1024]"),
-    ("aug", "v3", "expected --aug to be one of v1, v2, cifar-demo, got v3"),
+    ("aug", "v4", "expected --aug to be one of v1, v2, cifar-demo, v3, cifar-v3, got v4"),
     ("schedule", [120, "x"], "expected --schedule to be a list of integers"),
     ("output", ["a"], "expected --output to be text, got ['a']"),
     ("crop_min_scale", 0, "expected --crop-min-scale in (0, 1], got 0"),
