@@ -30,6 +30,7 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import torch
 import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
