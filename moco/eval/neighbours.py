@@ -224,6 +224,7 @@ def retrieve(model: nn.Module, cfg: Any, bank: ImageSource, query_src: ImageSour
     the queries are drawn from the bank and their features reused."""
     from tqdm import tqdm
 
+    from moco.core.seeding import keyed_seed
     from moco.eval.features import source_features
     from moco.utils.runtime import default_workers, resolve_precision
 
@@ -231,7 +232,8 @@ def retrieve(model: nn.Module, cfg: Any, bank: ImageSource, query_src: ImageSour
     nw = o.workers if o.workers >= 0 else default_workers(device)
     autocast = resolve_precision(cfg.precision, device)
     heldout = query_src is not bank
-    queries = pick(len(query_src), o.queries, o.seed + 1, query_src.labels)
+    queries = pick(len(query_src), o.queries, keyed_seed("moco-neighbour-queries", o.seed),
+                   query_src.labels)
     total = len(bank) + (len(queries) if heldout else 0)
     with tqdm(total=total, desc="features", unit="img", disable=not o.progress,
               dynamic_ncols=True) as bar:
