@@ -1,5 +1,8 @@
-"""Pack what ``make gpu-check`` brings to the GPU machine into gpu-pack/ (git-ignored; the device
-call carries it with the working tree, at most 64 MiB in all, ../shared not included):
+"""Pack what ``make gpu-check`` needs on a GPU machine besides the tracked files into
+gpu-pack/. The folder is git-ignored: a device call brings it only when it names it
+(``carry: ["gpu-pack"]``), within the call's 64 MiB with the working tree (../shared stays
+behind). Run it with the project's venv (it reads the data with the ``moco`` package):
+``make gpu-pack``, i.e. ``.venv/bin/python scripts/pack_cifar_subset.py``.
 
 * ``cifar10-subset.tar.gz``: a class-balanced subset of CIFAR-10 (default: all of it, 50,000
   train + 10,000 test JPEGs, 19.5 MiB; the files as they are, in a gzipped tar: CIFAR's ~1 KB
@@ -8,8 +11,8 @@ call carries it with the working tree, at most 64 MiB in all, ../shared not incl
 * ``site-packages/``: pytest and its pure-Python dependencies, copied from this environment
   (the GPU machine has torch but no pytest, and no network to install it).
 
-    python3 scripts/pack_cifar_subset.py                        # from $MOCO_DATA or ../shared
-    python3 scripts/pack_cifar_subset.py DATA --train 25000 --test 5000   # a smaller subset
+    make gpu-pack                                                   # from $MOCO_DATA or ../shared
+    .venv/bin/python scripts/pack_cifar_subset.py DATA --train 25000 --test 5000   # smaller
 """
 
 from __future__ import annotations
@@ -22,10 +25,15 @@ import sys
 import tarfile
 from pathlib import Path
 
-from packaging.requirements import Requirement
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+try:
+    import numpy  # noqa: F401  (what moco.data needs, as the venv has it)
+    import torch  # noqa: F401
+    from packaging.requirements import Requirement
+except ImportError as _e:
+    raise SystemExit(f"pack_cifar_subset: {_e}: run it with the project's venv: make gpu-pack "
+                     "(= .venv/bin/python scripts/pack_cifar_subset.py)") from None
 
 TEST_PACKAGES = ("pytest", "pluggy", "iniconfig", "packaging", "pygments")
 # The GPU machine: Linux, Python 3.12 (dependency markers are evaluated for it, not for here).
@@ -119,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{size2 / 2**20:.1f} MiB")
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"{out}: {total / 2**20:.1f} MiB in all (the device call carries at most 64 MiB with "
-          "the working tree)")
+          "the working tree); name it in the call: carry [\"gpu-pack\"]")
     return 0
 
 
