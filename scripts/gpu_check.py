@@ -27,7 +27,7 @@ paths a call names, and returns only the files written under $OUT):
                      carry    ["gpu-pack"]
                      timeout  480 s (the check budgets 6.75 min; the rest is start-up)
   what comes back:   $OUT/report.md, results.json, tests.log, compile.log, throughput.log,
-                     learn.log, learn_metrics.jsonl, learn_config.yaml (8 files at most)
+                     learn.log, learn_metrics.jsonl (7 files; a call returns 8 at most)
 
 --out defaults to $OUT when it is set, else runs/gpu-check/; --work (generated JPEGs,
 checkpoints, caches: never under --out) defaults to <tmp>/moco-gpu-check-work. The machine
@@ -67,7 +67,7 @@ from gpu_check_report import render  # noqa: E402
 SECTIONS = ("machine", "prepare", "tests", "decode", "throughput", "learning", "compile")
 IN_PROCESS = ("machine", "prepare", "decode")  # the others run in process groups of their own
 # seconds on one H100 (405 s = 6.75 min in all); compile also gets whatever the others left
-BUDGETS = {"machine": 10, "prepare": 20, "tests": 140, "decode": 10, "throughput": 95,
+BUDGETS = {"machine": 10, "prepare": 30, "tests": 130, "decode": 10, "throughput": 95,
            "learning": 70, "compile": 60}
 DRY_BUDGETS = {"machine": 60, "prepare": 60, "tests": 300, "decode": 60, "throughput": 240,
                "learning": 180, "compile": 120}
@@ -204,13 +204,18 @@ def main(argv: list[str] | None = None) -> int:
         from gpu_check_throughput import run_rows
 
         return run_rows(args, Path(args.work) / "throughput_rows.jsonl")
+    if not args.dry_run:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("gpu-check: no CUDA GPU here; run it on the GPU machine, or pass "
+                             "--dry-run (make gpu-check DRY_RUN=1)")
     out, work = Path(args.out).resolve(), Path(args.work).resolve()
     if work == out or out in work.parents:
         raise SystemExit(f"gpu-check: --work {work} must not be inside --out {out}: only the records go back")
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    for f in ("tests.log", "compile.log", "throughput.log", "learn.log", "learn_metrics.jsonl",
-              "learn_config.yaml"):
+    for f in ("tests.log", "compile.log", "throughput.log", "learn.log", "learn_metrics.jsonl"):
         (out / f).unlink(missing_ok=True)
     os.environ["MOCO_CACHE"] = str(work / "cache")  # decoded caches and indexes
     chosen = _names(args.only) or list(SECTIONS)

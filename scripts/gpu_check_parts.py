@@ -216,11 +216,19 @@ def pack_status(pack: Path) -> dict[str, Any]:
 
 
 def cifar_folder(tar: Path, work: Path) -> Path:
-    """The packed CIFAR-10 subset, extracted into ``work`` once."""
+    """The packed CIFAR-10 subset, extracted into ``work`` once (by ``tar``, several times
+    faster than Python's tarfile on 60,000 small files; tarfile where there is none)."""
     dest = work / "cifar10-subset"
     if not (dest / "train").is_dir():
-        with tarfile.open(tar) as t:
-            t.extractall(work, filter="data")
+        import shutil
+
+        work.mkdir(parents=True, exist_ok=True)
+        if shutil.which("tar"):
+            subprocess.run(["tar", "-xzf", str(tar), "-C", str(work), "--no-same-owner"],
+                           check=True, timeout=120)
+        else:
+            with tarfile.open(tar) as t:
+                t.extractall(work, filter="data")
     return dest
 
 
@@ -243,6 +251,8 @@ def synthetic_jpegs(root: Path, n: int, size: tuple[int, int], classes: int = 4,
     (and ``test`` test images), made with every core; 4:2:0 chroma unless ``subsampling``."""
     from multiprocessing import Pool
 
+    if sum(1 for _ in root.rglob("*.jpg")) == n + test:  # made by an earlier run
+        return root
     jobs = []
     for split, count in (("train", n), ("test", test)):
         for i in range(count):
@@ -303,18 +313,17 @@ def compare_with_authors(history: list[dict[str, Any]], batch: int) -> list[dict
 
 
 def learning_records(run: Path, out: Path) -> dict[str, Any]:
-    """The run's metrics (copied to OUT/learn_metrics.jsonl, config to learn_config.yaml) next
-    to the authors' log; whatever epochs exist, also after a kill."""
+    """The run's metrics (copied to OUT/learn_metrics.jsonl) next to the authors' log;
+    whatever epochs exist, also after a kill."""
     import shutil
 
     import yaml
 
     from moco.utils.runlog import read_metrics
 
-    for name, dest in (("metrics.jsonl", "learn_metrics.jsonl"), ("config.yaml", "learn_config.yaml")):
-        if (run / name).is_file():
-            shutil.copy(run / name, out / dest)
-    if not (run / "metrics.jsonl").is_file():
+    if (run / "metrics.jsonl").is_file():
+        shutil.copy(run / "metrics.jsonl", out / "learn_metrics.jsonl")
+    if not (run / "metrics.jsonl").is_file() or not (run / "config.yaml").is_file():
         return {"epochs": [], "verdict": "no epoch finished"}
     batch = int(dict(yaml.safe_load((run / "config.yaml").read_text()))["batch_size"])
     rows = compare_with_authors(read_metrics(run / "metrics.jsonl"), batch)

@@ -47,7 +47,8 @@ def prepare(check: Any, sec: Any) -> dict[str, Any]:
     """The CIFAR folder (the pack's, or tiny synthetic ones in a dry run) and the JPEGs of the
     ResNet-50 rows (enough for one epoch of the timed steps, so no epoch restarts them)."""
     dry, work = check.args.dry_run, check.work
-    jpegs = parts.synthetic_jpegs(work / "jpegs-500x375", 24 if dry else 256 * 16,
+    # 18 batches: the ResNet-50 rows take 1 + 4 warm-up + 12 timed batches from one epoch
+    jpegs = parts.synthetic_jpegs(work / "jpegs-500x375", 24 if dry else 256 * 18,
                                   (80, 60) if dry else (500, 375))
     check.paths["jpegs"] = str(jpegs)
     if dry:

@@ -43,8 +43,10 @@ TARGET = {"python_version": "3.12", "python_full_version": "3.12.0", "sys_platfo
 
 
 def default_source() -> Path:
-    env = os.environ.get("MOCO_DATA")
-    return Path(env) if env else ROOT.parent / "shared" / "data" / "cifar10"
+    """$MOCO_DATA, else ../shared/data/cifar10 beside the checkout (as ``moco pretrain``)."""
+    from moco.engine.config_sources import default_data_dir
+
+    return Path(default_data_dir() or ROOT.parent / "shared" / "data" / "cifar10")
 
 
 def pack_subset(data: Path, out: Path, n_train: int, n_test: int, seed: int = 0) -> tuple[int, int]:
@@ -119,7 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    n, size = pack_subset(Path(args.data), out / "cifar10-subset.tar.gz", args.train, args.test)
+    from moco.core.errors import MocoError
+
+    try:
+        n, size = pack_subset(Path(args.data), out / "cifar10-subset.tar.gz", args.train, args.test)
+    except MocoError as e:
+        raise SystemExit(f"pack_cifar_subset: {e} (give the CIFAR-10 folder: make gpu-pack "
+                         "PACK_ARGS=DATA, or set $MOCO_DATA)") from None
     print(f"{out / 'cifar10-subset.tar.gz'}: {n} JPEGs, {size / 2**20:.1f} MiB")
     if not args.no_pytest:
         size2 = pack_test_packages(out / "site-packages")

@@ -163,3 +163,5 @@ def test_the_pack_is_checked_or_its_command_given(tmp_path: Path) -> None:
         t.add(pack / "src", arcname="cifar10-subset")
     found = parts.pack_status(pack)
     assert found["found"] and found["images"] == 3 and not found["pytest"]
+    folder = parts.cifar_folder(pack / "cifar10-subset.tar.gz", tmp_path / "work")
+    assert sorted(p.name for p in (folder / "train" / "c0").iterdir()) == ["0.jpg", "1.jpg", "2.jpg"]
