@@ -1,5 +1,6 @@
 """The CUDA tier (``pytest -m cuda``): every command end to end on a GPU, and the GPU-only
-parts of issue 15's fixes. Skipped without CUDA; ``make gpu-check`` runs it first.
+parts of the device, precision, layout and synchronisation rules. Skipped without CUDA;
+``make gpu-check`` runs it with a per-test limit, the ``--compile`` test last.
 
 Each test uses the tiny datasets of ``conftest.py`` (a few seconds per run on a GPU, the
 ``--compile`` one ~1 min). Runs go through the command line as a user types it, in this
