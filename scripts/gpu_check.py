@@ -227,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gpu-check{' (DRY RUN: CPU, tiny sizes)' if args.dry_run else ''}: records in {out}, "
           f"work in {work}\n   budgets (s): " + ", ".join(f"{n} {b[n]:.0f}" for n in SECTIONS)
           + f"; {sum(b.values()) / 60:.2f} min in all", flush=True)
+    if args.dry_run:
+        print("   the GPU run's budgets (s): " + ", ".join(f"{n} {BUDGETS[n]}" for n in SECTIONS)
+              + f"; {sum(BUDGETS.values()) / 60:.2f} min in all, per test {TEST_DEADLINE[False]:.0f} s",
+              flush=True)
     from gpu_check_sections import BODIES
 
     for n in SECTIONS:
