@@ -6,14 +6,20 @@
       + step;
   (d) augmentation alone, two views per image, no decoding on either side: ours
       (``TensorTrainLoader`` batches) and PIL's (the same transforms in the same number of
-      workers on the decoded images), on the same cores.
+      workers on the decoded images), on the same cores;
+  (p) a plain hand-written MoCo step on the same model, ready tensors
+      (:mod:`benchmarks.plain_moco`): the reference (a) should match.
 
-Each measurement runs in its own subprocess, so its peak memory is its own: the peak of the
-process's + its DataLoader workers' proportional set size (PSS: pages shared between them,
-e.g. after fork, counted once), sampled every 50 ms from /proc, and on CUDA
-``max_memory_allocated``. ``--repeat R`` runs the measurements R times, interleaved, and keeps
-each one's best rate: on a machine shared with other jobs, the best of a few short runs is
-the least disturbed. The last three lines are the ratios b/a, b/c and d_ours/d_pil.
+Each measurement runs in its own subprocess, so its peak memory is its own. Memory is
+measured after the timed steps, never during them: a sampler reading /proc every 50 ms takes
+a quarter of a 2-core machine's rate. The timed steps run alone; then ``--memory-steps`` more
+steps run with the sampler (the peak proportional set size of the process + its DataLoader
+workers, PSS: pages shared between them counted once), and the process's peak RSS
+(``ru_maxrss``, kept by the kernel, over the whole run) and on CUDA
+``max_memory_allocated`` are read at the end. ``--repeat R`` runs the measurements R times,
+interleaved, and keeps each one's best rate: on a machine shared with other jobs, the best of
+a few short runs is the least disturbed. The last lines are the ratios b/a, b/c,
+d_ours/d_pil and a/p.
 
     .venv/bin/python benchmarks/throughput.py                    # ResNet-18, 32 px, batch 256
     .venv/bin/python benchmarks/throughput.py --steps 20 --device cuda --cifar-stem
@@ -31,14 +37,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-PHASES = ("a", "b", "c", "d_ours", "d_pil")
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: benchmarks.plain_moco from the checkout
+    sys.path.insert(0, str(ROOT))
+
+PHASES = ("a", "b", "c", "d_ours", "d_pil", "p")
 LABELS = {
     "a": "(a) model only, ready tensors",
     "b": "(b) ours: tensor pipeline + step",
     "c": "(c) original: PIL workers + step",
     "d_ours": "(d) augmentation alone, ours",
     "d_pil": "(d) augmentation alone, PIL",
+    "p": "(p) plain hand-written MoCo step",
 }
+RATIOS = (("b", "a"), ("b", "c"), ("d_ours", "d_pil"), ("a", "p"))
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,6 +77,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "background thread (off by default, see docs/benchmarks.md)")
     p.add_argument("--only", default=",".join(PHASES), help=f"comma-separated subset of {PHASES}")
     p.add_argument("--repeat", type=int, default=1, help="rounds; the best rate of each is kept")
+    p.add_argument("--memory-steps", type=int, default=3, help="steps run after the timed ones "
+                   "with the memory sampler on (0: no sampler, peak RSS only)")
     p.add_argument("--cache-dir", default="", help="decoded cache folder (default $MOCO_CACHE or ~/.cache/moco)")
     p.add_argument("--phase", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -112,14 +126,7 @@ def _sync(device: Any) -> None:
 
 def _timed(it: Any, args: argparse.Namespace, device: Any, fn: Any) -> float:
     """Images/s over ``args.steps`` items of ``it`` after ``args.warmup`` untimed ones."""
-    for _ in range(args.warmup):
-        fn(next(it))
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        fn(next(it))
-    _sync(device)
-    return args.steps * args.batch / (time.perf_counter() - t0)
+    return _rate(it, fn, args.warmup, args.steps, args.batch, device)
 
 
 class MemorySampler:
@@ -169,52 +176,69 @@ class MemorySampler:
         return self.peak
 
 
-def run_phase(args: argparse.Namespace) -> dict[str, Any]:
+def _phase_steps(phase: str, s: dict[str, Any], args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(items, what to do with one, its device) of a phase; items never end."""
     import itertools
 
     import torch
 
-    from moco.data.batches import Batch
+    from benchmarks.plain_moco import PlainMoCoStep
     from moco.data.pil_loader import PILTrainLoader
     from moco.data.source import ImageSource
     from moco.data.tensor_loader import TensorTrainLoader
     from moco.engine.training_step import train_step
 
-    s = _setup(args)
     cfg, device = s["cfg"], s["device"]
 
-    def step(b: Batch) -> None:
+    def step(b: Any) -> None:
         train_step(s["model"], s["opt"], b, s["shuffle"], s["dtype"], None)
 
     def forever(loader: Any) -> Any:
         return itertools.chain.from_iterable(loader.batches(e) for e in itertools.count())
 
     ours = TensorTrainLoader(cfg, s["decoded"], device, prefetch=args.prefetch)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    mem = MemorySampler()
-    phase = args.phase
-    if phase == "a":
-        ready = next(iter(ours.batches(0)))
-        ips = _timed(itertools.repeat(ready), args, device, step)
-    elif phase == "b":
-        ips = _timed(forever(ours), args, device, step)
-    elif phase == "c":
-        pil = PILTrainLoader(cfg, s["split"], device, s["workers"])
-        ips = _timed(forever(pil), args, device, step)
-    elif phase == "d_ours":
-        ips = _timed(forever(ours), args, device, lambda b: None)
-    elif phase == "d_pil":
+    if phase in ("a", "p"):
+        ready = itertools.repeat(next(iter(ours.batches(0))))
+        if phase == "a":
+            return ready, step, device
+        plain = PlainMoCoStep(s["model"], s["opt"], s["dtype"])
+        return ready, lambda b: plain(b.im_q, b.im_k), device
+    if phase == "b":
+        return forever(ours), step, device
+    if phase == "c":
+        return forever(PILTrainLoader(cfg, s["split"], device, s["workers"])), step, device
+    if phase == "d_ours":
+        return forever(ours), lambda b: None, device
+    if phase == "d_pil":
         arr = ImageSource(array=s["decoded"].images, labels=s["decoded"].labels, name="decoded")
         # all the cores, as ours (torch threads = cores) unless --workers says otherwise
         s["workers"] = args.workers if args.workers >= 0 else os.cpu_count() or 1
         pil = PILTrainLoader(cfg, arr, torch.device("cpu"), s["workers"])
-        ips = _timed(forever(pil), args, torch.device("cpu"), lambda b: None)
-    else:
-        raise SystemExit(f"unknown phase {phase}")
+        return forever(pil), lambda b: None, torch.device("cpu")
+    raise SystemExit(f"unknown phase {phase}")
+
+
+def run_phase(args: argparse.Namespace) -> dict[str, Any]:
+    """One measurement: the timed steps alone, then (``--memory-steps``) a few more with the
+    memory sampler on; peak RSS and CUDA peak read at the end."""
+    import torch
+
+    s = _setup(args)
+    device = s["device"]
+    items, fn, dev = _phase_steps(args.phase, s, args)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ips = _timed(items, args, dev, fn)
+    pss = None
+    if args.memory_steps:
+        mem = MemorySampler()
+        for _ in range(args.memory_steps):
+            fn(next(items))
+        _sync(dev)
+        pss = mem.stop()
     kib = 1 if sys.platform.startswith("linux") else 1 / 1024  # ru_maxrss: KiB on Linux
     return {
-        "phase": phase, "images_per_s": ips, "peak_pss_mib": mem.stop(),
+        "phase": args.phase, "images_per_s": ips, "peak_pss_mib": pss,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib / 1024,
         "cuda_peak_mib": (torch.cuda.max_memory_allocated(device) / 2**20
                           if device.type == "cuda" else None),
@@ -223,17 +247,32 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _rate(it: Any, fn: Any, warmup: int, steps: int, batch: int, device: Any) -> float:
+    """Items/s of ``fn`` over ``steps`` items of ``it`` (``batch`` each) after ``warmup``."""
+    for _ in range(warmup):
+        fn(next(it))
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn(next(it))
+    _sync(device)
+    return steps * batch / (time.perf_counter() - t0)
+
+
 def pairs_per_second(cfg: Any, source: Any, *, steps: int, warmup: int, workers: int,
-                     end_to_end: bool = True) -> dict[str, Any]:
+                     end_to_end: bool = True, plain: bool = False) -> dict[str, Any]:
     """Pairs/s of ``cfg``'s training (``moco pretrain``'s loader, model, precision and step,
     no host sync between steps, as in the run): ``model_only`` on one ready batch repeated,
-    and ``end_to_end`` (unless False) through the loader that ``moco pretrain`` would pick for
-    ``source``. ``warmup`` untimed steps first (cudnn autotuning, compilation). In-process;
-    used by scripts/gpu_check.py."""
+    ``plain_model_only`` (with ``plain``, a MoCo v1/v2 model) the same batch through the
+    plain hand-written step (:mod:`benchmarks.plain_moco`), and ``end_to_end`` (unless False)
+    through the loader that ``moco pretrain`` would pick for ``source``. ``warmup`` untimed
+    steps before each (cudnn autotuning, compilation). ``cuda_peak_mib``: the GPU memory peak
+    over all of it. In-process; used by scripts/gpu_check.py."""
     import itertools
 
     import torch
 
+    from benchmarks.plain_moco import PlainMoCoStep
     from moco.core.shuffle_bn import LocalShuffle, NoShuffle
     from moco.data.loaders import make_train_loader
     from moco.engine.build import build_model, build_optimizer
@@ -242,6 +281,8 @@ def pairs_per_second(cfg: Any, source: Any, *, steps: int, warmup: int, workers:
 
     device = resolve_device(cfg.device)
     configure_backends(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     dtype = resolve_precision(cfg.precision, device)
     model = build_model(cfg, device, num_samples=len(source))
     state = {"model": model, "opt": build_optimizer(cfg, model)}
@@ -254,30 +295,23 @@ def pairs_per_second(cfg: Any, source: Any, *, steps: int, warmup: int, workers:
     def step(b: Any) -> None:
         train_step(state["model"], state["opt"], b, shuffle, dtype, scaler)
 
-    def timed(it: Any) -> float:
-        for _ in range(warmup):
-            step(next(it))
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step(next(it))
-        _sync(device)
-        return steps * cfg.batch_size / (time.perf_counter() - t0)
-
     batches = itertools.chain.from_iterable(loader.batches(e) for e in itertools.count())
     ready = next(batches)
     out: dict[str, Any] = {"loader": type(loader).__name__, "device": str(device),
-                           "precision": str(dtype).replace("torch.", "") if dtype else "fp32",
-                           "model_only": timed(itertools.repeat(ready))}
+                           "precision": str(dtype).replace("torch.", "") if dtype else "fp32"}
+    out["model_only"] = _rate(itertools.repeat(ready), step, warmup, steps, cfg.batch_size, device)
+    if plain and hasattr(state["model"], "key_queue"):
+        ref = PlainMoCoStep(state["model"], state["opt"], dtype, scaler)
+        out["plain_model_only"] = _rate(itertools.repeat(ready), lambda b: ref(b.im_q, b.im_k),
+                                        warmup, steps, cfg.batch_size, device)
     if end_to_end:
-        out["end_to_end"] = timed(batches)
+        out["end_to_end"] = _rate(batches, step, warmup, steps, cfg.batch_size, device)
         out["ratio"] = out["end_to_end"] / out["model_only"]
     state.clear()  # frees the model and optimizer state before the next measurement
     del loader, batches, ready
     if device.type == "cuda":
         out["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
     return out
 
 
@@ -320,17 +354,22 @@ def main(argv: list[str] | None = None) -> int:
             if rnd + 1 < args.repeat:
                 continue
             r = results[phase]
-            cuda = f", CUDA peak {r['cuda_peak_mib']:.0f} MiB" if r["cuda_peak_mib"] is not None else ""
-            runs = f" (best of {rates})" if args.repeat > 1 else ""
-            print(f"{LABELS[phase]:34s} {r['images_per_s']:7.0f} img/s{runs}   peak PSS "
-                  f"{r['peak_pss_mib']:.0f} MiB with workers, RSS {r['peak_rss_mib']:.0f} MiB{cuda}"
-                  f"   [{r['device']}, {r['precision']}, {r['threads']} threads, "
-                  f"{r['workers']} workers]", flush=True)
+            print(_line(phase, r, rates, args.repeat), flush=True)
     ips = {k: v["images_per_s"] for k, v in results.items()}
-    for num, den in (("b", "a"), ("b", "c"), ("d_ours", "d_pil")):
+    for num, den in RATIOS:
         if num in ips and den in ips:
             print(f"{num}/{den} = {ips[num] / ips[den]:.2f}")
     return 0
+
+
+def _line(phase: str, r: dict[str, Any], rates: list[int], repeat: int) -> str:
+    cuda = f", CUDA peak {r['cuda_peak_mib']:.0f} MiB" if r["cuda_peak_mib"] is not None else ""
+    runs = f" (best of {rates})" if repeat > 1 else ""
+    pss = (f"peak PSS {r['peak_pss_mib']:.0f} MiB with workers (after the timed steps), "
+           if r["peak_pss_mib"] is not None else "")
+    return (f"{LABELS[phase]:34s} {r['images_per_s']:7.0f} img/s{runs}   {pss}"
+            f"RSS {r['peak_rss_mib']:.0f} MiB{cuda}   [{r['device']}, {r['precision']}, "
+            f"{r['threads']} threads, {r['workers']} workers]")
 
 
 if __name__ == "__main__":

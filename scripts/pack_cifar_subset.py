@@ -1,5 +1,8 @@
-"""Pack what ``make gpu-check`` brings to the GPU machine into gpu-pack/ (git-ignored; the device
-call carries it with the working tree, at most 64 MiB in all, ../shared not included):
+"""Pack what ``make gpu-check`` needs on a GPU machine besides the tracked files into
+gpu-pack/. The folder is git-ignored: a device call brings it only when it names it
+(``carry: ["gpu-pack"]``), within the call's 64 MiB with the working tree (../shared stays
+behind). Run it with the project's venv (it reads the data with the ``moco`` package):
+``make gpu-pack``, i.e. ``.venv/bin/python scripts/pack_cifar_subset.py``.
 
 * ``cifar10-subset.tar.gz``: a class-balanced subset of CIFAR-10 (default: all of it, 50,000
   train + 10,000 test JPEGs, 19.5 MiB; the files as they are, in a gzipped tar: CIFAR's ~1 KB
@@ -8,8 +11,8 @@ call carries it with the working tree, at most 64 MiB in all, ../shared not incl
 * ``site-packages/``: pytest and its pure-Python dependencies, copied from this environment
   (the GPU machine has torch but no pytest, and no network to install it).
 
-    python3 scripts/pack_cifar_subset.py                        # from $MOCO_DATA or ../shared
-    python3 scripts/pack_cifar_subset.py DATA --train 25000 --test 5000   # a smaller subset
+    make gpu-pack                                                   # from $MOCO_DATA or ../shared
+    .venv/bin/python scripts/pack_cifar_subset.py DATA --train 25000 --test 5000   # smaller
 """
 
 from __future__ import annotations
@@ -22,10 +25,15 @@ import sys
 import tarfile
 from pathlib import Path
 
-from packaging.requirements import Requirement
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+try:
+    import numpy  # noqa: F401  (what moco.data needs, as the venv has it)
+    import torch  # noqa: F401
+    from packaging.requirements import Requirement
+except ImportError as _e:
+    raise SystemExit(f"pack_cifar_subset: {_e}: run it with the project's venv: make gpu-pack "
+                     "(= .venv/bin/python scripts/pack_cifar_subset.py)") from None
 
 TEST_PACKAGES = ("pytest", "pluggy", "iniconfig", "packaging", "pygments")
 # The GPU machine: Linux, Python 3.12 (dependency markers are evaluated for it, not for here).
@@ -35,8 +43,10 @@ TARGET = {"python_version": "3.12", "python_full_version": "3.12.0", "sys_platfo
 
 
 def default_source() -> Path:
-    env = os.environ.get("MOCO_DATA")
-    return Path(env) if env else ROOT.parent / "shared" / "data" / "cifar10"
+    """$MOCO_DATA, else ../shared/data/cifar10 beside the checkout (as ``moco pretrain``)."""
+    from moco.engine.config_sources import default_data_dir
+
+    return Path(default_data_dir() or ROOT.parent / "shared" / "data" / "cifar10")
 
 
 def pack_subset(data: Path, out: Path, n_train: int, n_test: int, seed: int = 0) -> tuple[int, int]:
@@ -111,7 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    n, size = pack_subset(Path(args.data), out / "cifar10-subset.tar.gz", args.train, args.test)
+    from moco.core.errors import MocoError
+
+    try:
+        n, size = pack_subset(Path(args.data), out / "cifar10-subset.tar.gz", args.train, args.test)
+    except MocoError as e:
+        raise SystemExit(f"pack_cifar_subset: {e} (give the CIFAR-10 folder: make gpu-pack "
+                         "PACK_ARGS=DATA, or set $MOCO_DATA)") from None
     print(f"{out / 'cifar10-subset.tar.gz'}: {n} JPEGs, {size / 2**20:.1f} MiB")
     if not args.no_pytest:
         size2 = pack_test_packages(out / "site-packages")
@@ -119,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{size2 / 2**20:.1f} MiB")
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"{out}: {total / 2**20:.1f} MiB in all (the device call carries at most 64 MiB with "
-          "the working tree)")
+          "the working tree); name it in the call: carry [\"gpu-pack\"]")
     return 0
 
 

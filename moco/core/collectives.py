@@ -47,18 +47,25 @@ def shard(n: int, rank: int, world_size: int) -> list[int]:
 @torch.no_grad()
 def gather_shards(t: torch.Tensor, n: int) -> torch.Tensor:
     r"""Every rank's rows of ``t`` (rank r holds rows :func:`shard`\ (n, r, world)), put back in
-    their original order: [n, ...] on every rank. Identity without a process group."""
+    their original order: [n, ...] on every rank. Identity without a process group.
+
+    The ranks' rows are gathered straight into one rank-major buffer and reordered in one
+    copy: at most two copies of the result at a time (the buffer and the result), not a list
+    of the parts, their concatenation and the result."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return t
     world = dist.get_world_size()
     width = -(-n // world)  # ranks hold width or width - 1 rows: pad to width
     padded = t.new_zeros((width, *t.shape[1:]))
     padded[: t.shape[0]] = t
-    every = concat_all_gather(padded)  # [world * width, ...], rank-major
-    out = t.new_empty((n, *t.shape[1:]))
-    for r in range(world):
-        rows = shard(n, r, world)
-        out[rows] = every[r * width: r * width + len(rows)]
-    return out
-
-
+    # NCCL gathers GPU tensors only: a CPU tensor (e.g. labels) makes the round trip.
+    on_cpu_with_nccl = t.device.type == "cpu" and dist.get_backend() == "nccl"
+    if on_cpu_with_nccl:
+        padded = padded.to(torch.device("cuda", torch.cuda.current_device()))
+    every = padded.new_empty((world * width, *t.shape[1:]))
+    dist.all_gather_into_tensor(every, padded)  # [world * width, ...], rank-major
+    del padded
+    # rank r's row i is row i·world + r: [world, width] -> [width, world], the padding last
+    out = every.view(world, width, -1).transpose(0, 1).reshape(world * width, *t.shape[1:])[:n]
+    del every
+    return out.cpu() if on_cpu_with_nccl else out

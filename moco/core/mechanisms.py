@@ -24,7 +24,7 @@ from torch import nn
 
 from moco.core.device import to_device
 from moco.core.errors import ConfigError
-from moco.core.loss import fp32, info_nce, moco_logits
+from moco.core.loss import at_least_fp32, fp32, info_nce, moco_logits
 from moco.core.model import MoCo, StepOutput, embed
 from moco.core.seeding import BANK_SAMPLING, QUEUE, stream_generator
 from moco.core.shuffle_bn import KeyShuffle, NoShuffle
@@ -47,7 +47,7 @@ def end_to_end_logits(q: torch.Tensor, k: torch.Tensor, t: float) -> torch.Tenso
     """
     n = q.shape[0]
     with fp32(q.device.type):
-        sim = q.float() @ k.float().T  # [N, N]
+        sim = at_least_fp32(q) @ at_least_fp32(k).T  # [N, N]
         pos = sim.diagonal().unsqueeze(1)  # [N, 1]
         off_diagonal = ~torch.eye(n, dtype=torch.bool, device=sim.device)
         neg = sim[off_diagonal].view(n, n - 1)  # row-major: row n keeps j != n in order

@@ -13,7 +13,7 @@ from torch import nn
 from moco.core.backbones import build_backbone
 from moco.core.errors import ConfigError
 from moco.core.heads import linear_head, mlp_head
-from moco.core.loss import fp32, info_nce, moco_logits
+from moco.core.loss import at_least_fp32, fp32, info_nce, moco_logits
 from moco.core.momentum import init_key_encoder, momentum_update
 from moco.core.queue import KeyQueue
 from moco.core.seeding import KEY_SHUFFLE, stream_generator
@@ -30,9 +30,10 @@ class StepOutput:
 
 
 def embed(features: torch.Tensor) -> torch.Tensor:
-    """The unit-length embedding of encoder outputs [B, C], in float32 (under autocast too)."""
+    """The unit-length embedding of encoder outputs [B, C], in at least float32 (under autocast
+    too; a float64 model keeps float64)."""
     with fp32(features.device.type):
-        return F.normalize(features.float(), dim=1)
+        return F.normalize(at_least_fp32(features), dim=1)
 
 
 def build_encoder(

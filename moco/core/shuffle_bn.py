@@ -22,7 +22,36 @@ from moco.core.collectives import concat_all_gather
 from moco.core.device import to_device
 from moco.core.errors import ConfigError
 
-_DIMS = (0, 3, 4)  # of [B/S, S, C, H, W]: what one split's statistics reduce over
+_DIMS = (0, 2)  # of the memory view [B/S, S, H·W, C]: what one split's statistics reduce over
+
+
+def _memory_view(x: torch.Tensor, splits: int) -> torch.Tensor:
+    """A channels_last [B, C, H, W] as its memory [B/S, S, H·W, C], contiguous (a view): split
+    s holds samples s, s+S, ... (the split is the second index)."""
+    n, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).view(n // splits, splits, h * w, c)
+
+
+def _from_memory(xm: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The inverse of :func:`_memory_view`: [B, C, H, W], channels_last."""
+    n, c, h, w = shape
+    return xm.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def _bcast(t: torch.Tensor) -> torch.Tensor:
+    """Per-(split, channel) values [S, C] broadcast over the memory view."""
+    return t[None, :, None, :]
+
+
+def _into(dtype: torch.dtype, like: torch.Tensor, base: torch.Tensor, t1: torch.Tensor,
+          t2: torch.Tensor) -> torch.Tensor:
+    """base + t1·t2 computed in base's dtype (float32 or float64), returned in ``dtype``, laid
+    out like ``like``. Eager and narrower ``dtype``: written straight into a contiguous tensor
+    of ``dtype`` (one pass); under ``torch.compile``: out of place (the compiler fuses the
+    cast)."""
+    if dtype == base.dtype or torch.compiler.is_compiling():
+        return torch.addcmul(base, t1, t2).to(dtype)
+    return torch.addcmul(base, t1, t2, out=torch.empty_like(like, dtype=dtype))
 
 
 class _SplitBNChannelsLast(torch.autograd.Function):
@@ -30,10 +59,13 @@ class _SplitBNChannelsLast(torch.autograd.Function):
 
     The NCHW path folds the S splits into the channels (``view(B/S, C·S, H, W)``), which a
     channels_last tensor cannot do without two copies into NCHW and back. Here the input is
-    viewed as [B/S, S, C, H, W] (split s = samples s, s+S, ...: a view in either layout) and
-    normalised with the per-(split, channel) statistics, y = a·x + b with a = w·rstd,
-    b = bias - mean·a; the output has the input's layout. Statistics and coefficients are
-    float32 (bf16/fp16 inputs are read as they are and accumulated in float32).
+    read as its memory, [B/S, S, H·W, C] (contiguous), and normalised with the per-(split,
+    channel) statistics, y = a·x + b with a = w·rstd, b = bias - mean·a; the output has the
+    input's layout. Everything is computed in at least float32 (bf16/fp16 are read as they
+    are and accumulated in float32; products of two of them are exact in float32, so g·x
+    never overflows fp16): forward one statistics pass (two for bf16/fp16) and one pass
+    writing y, as BatchNorm; backward three passes over g and x (Σg, Σg·x, then dx). No
+    ``out=`` into a strided view, so ``torch.compile`` traces it.
     """
 
     @staticmethod
@@ -41,28 +73,24 @@ class _SplitBNChannelsLast(torch.autograd.Function):
                 weight: torch.Tensor, bias: torch.Tensor,
                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, c, h, w = x.shape
-        x5 = x.view(n // splits, splits, c, h, w)
+        xm = _memory_view(x, splits)
         m = (n // splits) * h * w
+        stat = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
-            if x.dtype in (torch.float32, torch.float64):
-                var, mean = torch.var_mean(x5, dim=_DIMS, correction=0)
+            if x.dtype == stat:
+                var, mean = torch.var_mean(xm, dim=_DIMS, correction=0)
             else:  # E[x^2] - E[x]^2 in float32, without a float32 copy of x
-                mean = x5.mean(dim=_DIMS, dtype=torch.float32)
-                sq = torch.linalg.vector_norm(x5, 2, dim=_DIMS, dtype=torch.float32).square()
-                var = (sq / m - mean.square()).clamp_(min=0.0)
-            rstd = torch.rsqrt(var + eps)  # [S, C]
-            a = weight.to(rstd.dtype) * rstd
-            b = bias.to(rstd.dtype) - mean * a
-            out = torch.empty_like(x)  # the input's memory format
-            out5 = out.view(x5.shape)
-            if torch.compiler.is_compiling():
-                out5.copy_(torch.addcmul(b[:, :, None, None], x5, a[:, :, None, None]))
-            else:  # float32 arithmetic, written in x's dtype
-                torch.addcmul(b[:, :, None, None], x5, a[:, :, None, None], out=out5)
+                mean = xm.sum(dim=_DIMS, dtype=stat).div_(m)
+                sq = torch.linalg.vector_norm(xm, 2, dim=_DIMS, dtype=stat).square_().div_(m)
+                var = sq.sub_(mean.square()).clamp_(min=0.0)
+            rstd = (var + eps).rsqrt_()  # [S, C]
+            a = rstd * weight.to(stat)
+            b = torch.addcmul(bias.to(stat), mean, a, value=-1.0)
+            ym = _into(x.dtype, xm, _bcast(b), xm, _bcast(a))
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.mark_non_differentiable(mean, var)
         ctx.splits = splits
-        return out, mean, var
+        return _from_memory(ym, x.shape), mean, var
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor, *_: torch.Tensor
@@ -71,21 +99,26 @@ class _SplitBNChannelsLast(torch.autograd.Function):
         n, c, h, w = x.shape
         splits = ctx.splits
         m = (n // splits) * h * w
-        x5 = x.view(n // splits, splits, c, h, w)
-        g5 = g.reshape(x5.shape)
-        sum_g = g5.sum(dim=_DIMS, dtype=torch.float32)
-        sum_gx = (g5 * x5).sum(dim=_DIMS, dtype=torch.float32)
-        sum_gxhat = rstd * (sum_gx - mean * sum_g)  # Σ g·x̂ per (split, channel)
-        # dx = (w·rstd/m)(m·g - Σg - x̂·Σ(g·x̂)) = A·g + B·x + C
-        coef_a = weight.to(rstd.dtype) * rstd
-        coef_b = -coef_a * rstd * sum_gxhat / m
-        coef_c = -coef_a * sum_g / m - coef_b * mean
-        dx = torch.empty_like(x)
-        part = torch.addcmul(coef_c[:, :, None, None], x5, coef_b[:, :, None, None])
-        torch.addcmul(part, g5, coef_a[:, :, None, None], out=dx.view(x5.shape))
+        stat = mean.dtype
+        xm = _memory_view(x, splits)
+        gm = _memory_view(g.contiguous(memory_format=torch.channels_last), splits)
+        with torch.autocast(x.device.type, enabled=False):
+            sum_g = gm.sum(dim=_DIMS, dtype=stat)
+            if gm.dtype == stat and xm.dtype == stat:
+                sum_gx = (gm * xm).sum(dim=_DIMS)
+            else:  # the products in float32 (exact), not in fp16 where they can overflow
+                zero = torch.zeros(1, dtype=stat, device=x.device)
+                sum_gx = torch.addcmul(zero, gm, xm).sum(dim=_DIMS)
+            sum_gxhat = torch.addcmul(sum_gx, mean, sum_g, value=-1.0).mul_(rstd)  # Σ g·x̂
+            # dx = (w·rstd/m)(m·g - Σg - x̂·Σ(g·x̂)) = A·g + B·x + C per (split, channel)
+            coef_a = rstd * weight.to(stat)
+            coef_b = (coef_a * rstd).mul_(sum_gxhat).div_(-m)
+            coef_c = (coef_a * sum_g).div_(-m).sub_(coef_b * mean)
+            part = torch.addcmul(_bcast(coef_c), xm, _bcast(coef_b))  # B·x + C, float32
+            dxm = _into(x.dtype, xm, part, gm, _bcast(coef_a))
         grad_w = sum_gxhat.sum(dim=0).to(weight.dtype)
         grad_b = sum_g.sum(dim=0).to(weight.dtype)
-        return dx, None, grad_w, grad_b, None
+        return _from_memory(dxm, x.shape), None, grad_w, grad_b, None
 
 
 class SplitBatchNorm(nn.BatchNorm2d):
@@ -126,9 +159,10 @@ class SplitBatchNorm(nn.BatchNorm2d):
             out, mean, var = _SplitBNChannelsLast.apply(input, s, self.weight, self.bias, self.eps)
             m = (n // s) * h * w
             with torch.no_grad():  # the S per-split updates, averaged (var: unbiased)
-                self.running_mean.lerp_(mean.mean(dim=0).to(self.running_mean.dtype), momentum)
-                unbiased = var * (m / max(m - 1, 1))
-                self.running_var.lerp_(unbiased.mean(dim=0).to(self.running_var.dtype), momentum)
+                new = torch.stack([mean, var * (m / max(m - 1, 1))]).mean(dim=1)
+                new = new.to(self.running_mean.dtype)
+                torch._foreach_lerp_([self.running_mean, self.running_var], [new[0], new[1]],
+                                     momentum)
             return out
         running_mean = self.running_mean.repeat(s)
         running_var = self.running_var.repeat(s)

@@ -10,8 +10,10 @@ Per step, a DataLoader worker
    the index (:mod:`moco.data.index`, :mod:`moco.data.shards`), and keeps this rank's rows;
 2. reads the files' bytes, and either decodes + crops them on the CPU (``--decode cpu``:
    uint8 [2B,3,S,S] views, a reduced-size JPEG decode when every crop allows it) or hands
-   the bytes over (``--decode gpu``: the main process decodes the batch on the device in
-   one call, :func:`moco.data.decode.decode_on_device`, and crops there).
+   the bytes over in one uint8 tensor, in shared memory (``--decode gpu``: the main process
+   decodes the batch on the device in one call, :func:`moco.data.decode.decode_on_device`,
+   a file nvJPEG refuses alone on the CPU, and crops there in one call per image size,
+   :func:`moco.data.decode.crop_on_device`).
 
 The main process finishes the views on the training device: flip, colour jitter, grayscale,
 blur and normalisation of :mod:`moco.data.batch_augment`, batched.
@@ -27,7 +29,7 @@ bit-identical batches on the CPU, whatever the worker count.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -76,20 +78,49 @@ def position_generator(seed: int, epoch: int, step: int, position: int) -> torch
     return keyed_generator("moco-crop", seed, epoch, step, position)
 
 
-class Work(NamedTuple):
+@dataclass
+class Work:
     """A worker's step: ``views`` uint8 [2B,3,S,S] (q rows, then k rows; empty when the
-    device decodes), ``blobs`` the encoded bytes (device decoding only), ``crops`` [2B,4],
-    ``params`` the other per-view parameters, ``indices`` [B] the dataset indices, ``loaded``
-    [B] the indices actually read (differ where an image was replaced), ``where`` (epoch,
-    step)."""
+    device decodes), ``blob`` uint8 [n] the B files' encoded bytes one after another (device
+    decoding only, else empty) with ``offsets`` int64 [B+1] (file k is
+    ``blob[offsets[k]:offsets[k+1]]``), ``crops`` [2B,4], ``params`` the other per-view
+    parameters, ``indices`` [B] the dataset indices, ``loaded`` [B] the indices actually read
+    (differ where an image was replaced), ``where`` (epoch, step).
+
+    The bytes travel as one tensor: a DataLoader worker hands it to the main process in
+    shared memory, where bytes objects would be pickled through the worker's pipe."""
 
     views: torch.Tensor
-    blobs: list[bytes]
+    blob: torch.Tensor
+    offsets: torch.Tensor
     crops: torch.Tensor
     params: dict[str, torch.Tensor]
     indices: torch.Tensor
     loaded: torch.Tensor
     where: tuple[int, int]
+
+    def files(self) -> list[torch.Tensor]:
+        """Each file's bytes, uint8 [n_k] views of ``blob`` (no copy)."""
+        o = self.offsets.tolist()
+        return [self.blob[o[k]:o[k + 1]] for k in range(len(o) - 1)]
+
+    def pin_memory(self) -> Work:
+        """What the DataLoader's pinning thread calls: the tensors copied to the device pinned,
+        the bytes left where they are (nvJPEG and the CPU decoders read them on the host)."""
+        return replace(self, views=self.views.pin_memory(), crops=self.crops.pin_memory(),
+                       params={k: v.pin_memory() for k, v in self.params.items()},
+                       indices=self.indices.pin_memory(), loaded=self.loaded.pin_memory())
+
+
+def pack_bytes(blobs: Sequence[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``blobs`` one after another in a uint8 [n] tensor, and the int64 [B+1] offsets."""
+    offsets = torch.zeros(len(blobs) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor([len(b) for b in blobs], dtype=torch.int64).cumsum(0)
+    blob = torch.empty(int(offsets[-1]), dtype=torch.uint8)
+    arr = blob.numpy()
+    for o, data in zip(offsets.tolist(), blobs, strict=False):
+        arr[o:o + len(data)] = np.frombuffer(data, dtype=np.uint8)
+    return blob, offsets
 
 
 class Meta(NamedTuple):
@@ -182,7 +213,9 @@ class CropWork:
             else:
                 views[k], views[b + k] = out[0], out[1]
         params = {f.name: getattr(p, f.name) for f in fields(p) if f.name != "crop"}
-        return Work(views, blobs, crops, params, torch.as_tensor(list(idx)), loaded, (epoch, step))
+        blob, offsets = pack_bytes(blobs)
+        return Work(views, blob, offsets, crops, params, torch.as_tensor(list(idx)), loaded,
+                    (epoch, step))
 
 
 def finish_views(x: torch.Tensor, p: AugParams, recipe: Recipe, mean: Sequence[float],
@@ -281,7 +314,7 @@ class CropTrainLoader:
         loaded = work.loaded.tolist()
         kinds = [int(w.meta.kinds[j]) for j in loaded]
         names = [w.reader.name(j) for j in loaded]
-        images = decode_on_device(work.blobs, kinds, names, self.decode_device)
+        images = decode_on_device(work.files(), kinds, names, self.decode_device)
         crops = work.crops.clone()
         for k, img in enumerate(images):
             j = loaded[k]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moco.core.device import to_device
 from moco.core.loss import pretext_accuracy
 from moco.core.shuffle_bn import KeyShuffle
 from moco.data.batches import Batch
@@ -38,10 +39,14 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
 ) -> StepResult:
     """One optimisation step on a batch of two views [B,3,H,W] already on the device. Nothing
-    is read back to the host (except by fp16's grad scaler, which checks for inf/NaN)."""
+    is read back to the host (except by fp16's grad scaler, which checks for inf/NaN). The
+    dataset indices [B] join the views on their device in a non-blocking copy from pinned
+    memory (a CPU tensor handed to a DistributedDataParallel model would be copied with a
+    blocking ``.to(device)`` every step)."""
+    index = to_device(batch.index, batch.im_q.device)
     with torch.autocast(batch.im_q.device.type, dtype=autocast_dtype or torch.float32,
                         enabled=autocast_dtype is not None):
-        out = model(batch.im_q, batch.im_k, shuffle, batch.index)
+        out = model(batch.im_q, batch.im_k, shuffle, index)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(out.loss).backward()

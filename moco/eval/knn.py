@@ -33,6 +33,41 @@ class KnnResult:
 
 
 
+def _nearest(query: torch.Tensor, bank: torch.Tensor, k: int, query_chunk: int,
+             bank_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most similar bank rows of every query: similarities and indices [Q, k].
+
+    The bank is read chunk by chunk in the outer loop, each chunk copied to the queries'
+    device once (a bank kept in host memory is not copied again for every query chunk); the
+    queries are taken ``query_chunk`` at a time, with a running top-k, so memory is
+    O(Q·k + query_chunk·bank_chunk)."""
+    k = min(k, bank.shape[0])
+    n_q = query.shape[0]
+    top_sim = torch.full((n_q, 0), float("-inf"), device=query.device)
+    top_idx = torch.zeros((n_q, 0), dtype=torch.long, device=query.device)
+    for start in range(0, bank.shape[0], bank_chunk):
+        chunk = bank[start:start + bank_chunk].to(query.device, query.dtype)
+        sims, idxs = [], []
+        for q0 in range(0, n_q, query_chunk):
+            sim = query[q0:q0 + query_chunk] @ chunk.T
+            s, i = sim.topk(min(k, sim.shape[1]), dim=1)
+            both = torch.cat([top_sim[q0:q0 + query_chunk], s], 1)
+            best, order = both.topk(min(k, both.shape[1]), dim=1)
+            sims.append(best)
+            idxs.append(torch.cat([top_idx[q0:q0 + query_chunk], i + start], 1).gather(1, order))
+        top_sim, top_idx = torch.cat(sims), torch.cat(idxs)
+    return top_sim, top_idx
+
+
+def _votes(top_sim: torch.Tensor, top_idx: torch.Tensor, bank_labels: torch.Tensor,
+           num_classes: int, t: float) -> torch.Tensor:
+    """Class scores [B, num_classes]: Σ exp(sim / t) over each query's neighbours per class."""
+    neighbour_labels = bank_labels.to(top_idx.device)[top_idx]
+    weights = (top_sim / t).exp()
+    scores = torch.zeros(top_sim.shape[0], num_classes, device=top_sim.device)
+    return scores.scatter_add_(1, neighbour_labels, weights)
+
+
 @torch.no_grad()
 def knn_scores(
     query: torch.Tensor,
@@ -48,19 +83,8 @@ def knn_scores(
     Score of class c = Σ over the k most similar bank rows with label c of exp(sim / t).
     The bank is scanned in chunks with a running top-k, so memory is O(B·(chunk + k)).
     """
-    k = min(k, bank.shape[0])
-    top_sim = torch.full((query.shape[0], 0), float("-inf"), device=query.device)
-    top_idx = torch.zeros((query.shape[0], 0), dtype=torch.long, device=query.device)
-    for start in range(0, bank.shape[0], bank_chunk):
-        chunk = bank[start:start + bank_chunk].to(query.device, query.dtype)
-        sim = query @ chunk.T
-        s, i = sim.topk(min(k, sim.shape[1]), dim=1)
-        top_sim, order = torch.cat([top_sim, s], 1).topk(min(k, top_sim.shape[1] + s.shape[1]), dim=1)
-        top_idx = torch.cat([top_idx, i + start], 1).gather(1, order)
-    neighbour_labels = bank_labels.to(query.device)[top_idx]
-    weights = (top_sim / t).exp()
-    scores = torch.zeros(query.shape[0], num_classes, device=query.device)
-    return scores.scatter_add_(1, neighbour_labels, weights)
+    top_sim, top_idx = _nearest(query, bank, k, max(1, query.shape[0]), bank_chunk)
+    return _votes(top_sim, top_idx, bank_labels, num_classes, t)
 
 
 @torch.no_grad()
@@ -74,16 +98,21 @@ def knn_accuracy(
     query_chunk: int = 1024,
     bank_chunk: int = 65536,
 ) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy in % of weighted kNN, queries processed in chunks."""
+    """Top-1 and top-5 accuracy in % of weighted kNN: every query's neighbours found with
+    each bank chunk copied to the queries' device once (:func:`_nearest`), the votes counted
+    on the device and read once."""
     num_classes = int(max(int(bank_labels.max()), int(query_labels.max()))) + 1
-    correct1 = correct5 = 0
+    top_sim, top_idx = _nearest(query, bank, k, query_chunk, bank_chunk)
+    labels, bank_labels = query_labels.to(query.device), bank_labels.to(query.device)
+    hits = torch.zeros(2, dtype=torch.int64, device=query.device)
     for start in range(0, query.shape[0], query_chunk):
-        q = query[start:start + query_chunk]
-        y = query_labels[start:start + query_chunk].to(q.device)
-        pred = knn_scores(q, bank, bank_labels, num_classes, k, t, bank_chunk)
+        rows = slice(start, start + query_chunk)
+        pred = _votes(top_sim[rows], top_idx[rows], bank_labels, num_classes, t)
         ranked = pred.argsort(dim=1, descending=True)
-        correct1 += int((ranked[:, 0] == y).sum())
-        correct5 += int((ranked[:, : min(5, num_classes)] == y[:, None]).any(dim=1).sum())
+        y = labels[rows]
+        hits += torch.stack([(ranked[:, 0] == y).sum(),
+                             (ranked[:, : min(5, num_classes)] == y[:, None]).any(dim=1).sum()])
+    correct1, correct5 = hits.tolist()
     n = query.shape[0]
     return 100.0 * correct1 / n, 100.0 * correct5 / n
 

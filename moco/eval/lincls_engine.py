@@ -2,7 +2,9 @@
 ``fc`` (data-parallel under torchrun) and the evaluation.
 
 The frozen backbone runs in eval mode without gradients, under bf16 autocast when ``dtype`` is
-set; its features enter ``fc`` in float32. Only ``fc`` is wrapped in DistributedDataParallel:
+set, channels_last on CUDA (as pretraining's ``--channels-last auto``); its features enter
+``fc`` in float32. A step reads nothing back from the device: its loss and correct count are
+summed there and read once per epoch (or when a signal stops it). Only ``fc`` is wrapped in DistributedDataParallel:
 each process's loss is its summed cross-entropy x ``world_size / m`` (m: the global batch,
 :func:`moco.eval.lincls_data.loss_scale`), so DDP's averaged gradient is the single-process mean
 over the global batch.
@@ -20,6 +22,7 @@ from torch import nn
 from torchvision import transforms as T
 from tqdm import tqdm
 
+from moco.core.device import to_device
 from moco.data.augment import eval_transform
 from moco.data.datasets import epoch_order
 from moco.data.source import ImageSource
@@ -49,11 +52,16 @@ class LinearEngine:
     progress: bool
     train_source: ImageSource
     val_source: ImageSource
+    channels_last: bool | None = None  # None: on CUDA only
     fc_ddp: nn.Module = field(init=False)
 
     def __post_init__(self) -> None:
         # Only fc learns: it alone is data-parallel (the frozen backbone needs no gradients).
         self.fc_ddp = wrap_ddp(self.fc, self.dist, self.device)
+        if self.channels_last is None:
+            self.channels_last = self.device.type == "cuda"
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
 
     @property
     def fc(self) -> nn.Module:
@@ -76,9 +84,12 @@ class LinearEngine:
         fc = self.model.fc
         self.model.fc = nn.Identity()
         try:
+            x = to_device(x, self.device)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
                                                  enabled=self.dtype is not None):
-                return self.model(x.to(self.device, non_blocking=True)).float()
+                return self.model(x).float()
         finally:
             self.model.fc = fc
 
@@ -89,15 +100,17 @@ class LinearEngine:
         dist.all_reduce(t)
         return t.tolist()
 
-    def step(self, feats: torch.Tensor, y: torch.Tensor, m: int) -> tuple[float, int]:
-        """One SGD step on this process's part of a global batch of ``m`` images."""
+    def step(self, feats: torch.Tensor, y: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SGD step on this process's part of a global batch of ``m`` images: its summed
+        cross-entropy and number of correct top-1 predictions, 0-d tensors on the device
+        (reading them would wait for the GPU)."""
         logits = self.fc_ddp(feats)
         ce = F.cross_entropy(logits, y, reduction="sum")
         loss = ce * batches.loss_scale(m, self.dist.world_size)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return float(ce.detach()), protocol.accuracy(logits.detach(), y, (1,))[0]
+        return ce.detach(), (logits.detach().argmax(dim=1) == y).sum()
 
     def train_epoch(self, epoch: int, start: int, partial: list[float], stop: StopFlag,
                     feats: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[list[float], int]:
@@ -115,19 +128,25 @@ class LinearEngine:
         else:
             it = self.feature_batches(epoch, start, *feats)
         step = start
+        # (loss, correct) summed on the device in float64 (in the order a Python sum would),
+        # the images counted here
+        on_device = torch.tensor(sums[:2], dtype=torch.float64, device=self.device)
+        images = sums[2]
         with tqdm(total=n, initial=min(n, start * b), desc=f"train {epoch + 1}", unit="img",
                   leave=False, disable=not self.progress, dynamic_ncols=True) as bar:
             for (x, y), m in zip(it, sampler.global_sizes(), strict=True):
-                f = x.to(self.device) if feats is not None else self.backbone(x)
-                ls, c = self.step(f, y.to(self.device), m)
-                sums = [sums[0] + ls, sums[1] + c, sums[2] + len(y)]
+                f = to_device(x, self.device) if feats is not None else self.backbone(x)
+                ls, c = self.step(f, to_device(y, self.device), m)
+                on_device += torch.stack([ls.to(torch.float64), c.to(torch.float64)])
+                images += len(y)
                 step += 1
                 bar.update(m)
                 agreed = self.dist.agree_signal(stop.signal)
                 if agreed is not None:  # every process stops after the same step
                     stop.signal = agreed
                     break
-        return sums, step
+        loss, correct = on_device.tolist()  # the epoch's one wait for the device
+        return [loss, correct, images], step
 
     def feature_batches(self, epoch: int, start: int, feats: torch.Tensor, labels: torch.Tensor
                          ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -144,20 +163,19 @@ class LinearEngine:
         """Top-1 and top-5 accuracy (%) on the val split (on cached features when given), each
         process on the images it owns, the counts summed over processes."""
         protocol.set_frozen_mode(self.model)
-        c1 = c5 = 0
+        counts = torch.zeros(2, dtype=torch.int64, device=self.device)  # top-1, top-5 hits
         if feats is not None:
             x_all, y_all = feats
             for start in range(0, len(y_all), 4096):
-                logits = self.fc(x_all[start:start + 4096].to(self.device))
-                a1, a5 = protocol.accuracy(logits, y_all[start:start + 4096].to(self.device))
-                c1, c5 = c1 + a1, c5 + a5
+                logits = self.fc(to_device(x_all[start:start + 4096], self.device))
+                counts += _hits(logits, to_device(y_all[start:start + 4096], self.device))
         else:
             with tqdm(total=len(self.val_source), desc="val", unit="img", leave=False,
                       disable=not self.progress, dynamic_ncols=True) as bar:
                 for x, y in self.owned(self.val_source):
-                    a1, a5 = protocol.accuracy(self.fc(self.backbone(x)), y.to(self.device))
-                    c1, c5 = c1 + a1, c5 + a5
+                    counts += _hits(self.fc(self.backbone(x)), to_device(y, self.device))
                     bar.update(len(y) * self.dist.world_size)
+        c1, c5 = counts.tolist()  # one wait for the device
         t1, t5 = self.all_sum([float(c1), float(c5)])
         n = len(self.val_source)
         return 100.0 * t1 / n, 100.0 * t5 / n
@@ -170,6 +188,13 @@ class LinearEngine:
                   dynamic_ncols=True) as bar:
             return extract_features(_Features(self), self.owned(source), self.device, n=n_own,
                                     normalize=False, progress=bar)
+
+
+def _hits(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Top-1 and top-5 hits of logits [B, C] against target [B] as an int64 [2] tensor on
+    their device (:func:`moco.eval.lincls_protocol.accuracy` without reading them back)."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices == target[:, None]
+    return torch.stack([top[:, 0].sum(), top.any(dim=1).sum()])
 
 
 class _Features(nn.Module):

@@ -138,3 +138,35 @@ def test_a_moco_step_under_bf16_autocast_has_float32_logits() -> None:
     q = F.normalize(torch.randn(5, 16), dim=1).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert end_to_end_logits(q, q, 0.1).dtype == torch.float32
+
+
+# ----- the logits' dtype: at least float32, never narrower than the model's ----------------------
+
+def test_float64_embeddings_keep_float64_logits_and_loss() -> None:
+    """Promotion, not a cast to float32: a float64 model's logits and loss stay float64 and
+    equal the naive float64 loop to float64 precision (a float32 cast would miss by ~1e-7)."""
+    torch.manual_seed(4)
+    q = _unit(5, 8, dim=1).double()
+    key = _unit(5, 8, dim=1).double()
+    queue = _unit(8, 11, dim=0).double()
+    for ctx in (torch.autocast("cpu", enabled=False), torch.autocast("cpu", dtype=torch.bfloat16)):
+        with ctx:
+            logits = moco_logits(q, key, queue, 0.07)
+            loss = info_nce(logits)
+        assert logits.dtype == torch.float64 and loss.dtype == torch.float64
+        assert float(loss) == pytest.approx(_naive_loss(q, key, queue, 0.07), rel=1e-12)
+    half = moco_logits(q.half(), key.half(), queue.half(), 0.07)
+    assert half.dtype == torch.float32  # narrower inputs are promoted to float32
+
+
+def test_a_float64_moco_model_keeps_float64_logits() -> None:
+    from moco.core.mechanisms import EndToEnd
+    from moco.core.model import MoCo, build_encoder
+
+    torch.manual_seed(0)
+    enc = build_encoder("resnet18", 16, mlp=False, cifar_stem=True, bn_splits=1)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    for model in (MoCo(enc, dim=16, k=32, t=0.07, generator=torch.Generator().manual_seed(1)),
+                  EndToEnd(enc, t=0.07)):
+        out = model.double()(x, x.clone(), None, torch.arange(4))
+        assert out.logits.dtype == torch.float64 and out.loss.dtype == torch.float64

@@ -257,3 +257,51 @@ def test_no_shuffle_is_identity() -> None:
     assert y is x and handle is None
     assert sh.unshuffle(x, handle) is x
     assert sh.gather(x) is x
+
+
+# ----- the channels_last path: fp16-safe, traceable by torch.compile ------------------------------
+
+def test_channels_last_fp16_gradients_do_not_overflow() -> None:
+    """fp16 activations and upstream gradients of a few hundred: many g·x are past fp16's
+    largest value (65504). The backward computes in float32, so the gradients are finite and
+    equal the float64 computation on the same fp16 values."""
+    from moco.core.shuffle_bn import _SplitBNChannelsLast
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(8, 3, 4, 4, generator=g) * 250 + 20).half()
+    up = (torch.randn(8, 3, 4, 4, generator=g) * 400).half()
+    w = torch.rand(3, generator=g) + 0.5
+    b = torch.randn(3, generator=g)
+    assert not torch.isfinite(x * up).all()  # what a product in fp16 would give
+    outs = []
+    for dtype in (torch.float16, torch.float64):
+        xx = x.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        ww, bb = w.double().requires_grad_(True), b.double().requires_grad_(True)
+        y = _SplitBNChannelsLast.apply(xx, 2, ww, bb, 1e-5)[0]
+        y.backward(up.to(dtype).contiguous(memory_format=torch.channels_last))
+        assert xx.grad is not None and ww.grad is not None and bb.grad is not None
+        outs.append((y.double(), xx.grad.double(), ww.grad, bb.grad))
+    (y16, dx16, dw16, db16), (y64, dx64, dw64, db64) = outs
+    assert torch.isfinite(dx16).all() and torch.isfinite(dw16).all()
+    torch.testing.assert_close(y16, y64, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(dx16, dx64, rtol=1e-2, atol=0.5)  # fp16 output rounding
+    torch.testing.assert_close(dw16, dw64, rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(db16, db64, rtol=1e-6, atol=1e-6)
+
+
+def test_channels_last_split_bn_traces_under_torch_compile() -> None:
+    """Forward and backward traced by torch.compile (AOTAutograd, fullgraph, no code
+    generation: backend aot_eager) give the eager values: no ``out=`` into a strided view."""
+    bn = _split_bn(2).train()
+    bn_c = copy.deepcopy(bn)
+    x = _input(8, fmt=torch.channels_last).requires_grad_(True)
+    xc = x.detach().clone().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    torch._dynamo.reset()
+    compiled = torch.compile(bn_c, backend="aot_eager", fullgraph=True)
+    up = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    (bn(x) * up).sum().backward()
+    (compiled(xc) * up).sum().backward()
+    assert x.grad is not None and xc.grad is not None
+    torch.testing.assert_close(xc.grad, x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn_c.weight.grad, bn.weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn_c.running_var, bn.running_var)
