@@ -41,8 +41,8 @@ from moco.data.batch_augment import BatchAugment, apply_colour, colour_plan
 from moco.data.batches import Batch, step_generator, stream_prefetch, torch_threads
 from moco.data.datasets import EpochBatchSampler
 from moco.data.decode import crop_on_device, decode_on_device, decode_views
+from moco.data.input_settings import InputSettings
 from moco.data.source import BAD_IMAGE_HINT, DataError, ignore_stop_signals
-from moco.engine.config import MocoConfig
 
 
 class SampleReader(Protocol):
@@ -102,7 +102,7 @@ class Meta(NamedTuple):
 class CropWork:
     """The worker side (picklable): parameters, bytes, CPU decoding and crops of one step."""
 
-    def __init__(self, cfg: MocoConfig, reader: SampleReader, meta: Meta, rank: int,
+    def __init__(self, cfg: InputSettings, reader: SampleReader, meta: Meta, rank: int,
                  world_size: int, on_device: bool) -> None:
         self.reader, self.meta, self.rank, self.on_device = reader, meta, rank, on_device
         self.seed, self.policy, self.size = cfg.seed, cfg.on_bad_image, cfg.image_size
@@ -223,7 +223,7 @@ class CropTrainLoader:
     """Original-size crops of an indexed folder (or any :class:`SampleReader` with sizes),
     in the folder loaders' sample order (:func:`moco.data.datasets.epoch_order`)."""
 
-    def __init__(self, cfg: MocoConfig, reader: SampleReader, meta: Meta, device: torch.device,
+    def __init__(self, cfg: InputSettings, reader: SampleReader, meta: Meta, device: torch.device,
                  workers: int, rank: int = 0, world_size: int = 1,
                  decode_device: torch.device | None = None) -> None:
         self.cfg, self.device, self.workers = cfg, normalize_device(device), workers

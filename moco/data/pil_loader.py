@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 from moco.data.augment import TwoViews, pretrain_transform
 from moco.data.batches import Batch, images_to_device
 from moco.data.datasets import EpochBatchSampler, TwoViewDataset
+from moco.data.input_settings import InputSettings
 from moco.data.source import ImageSource, ignore_stop_signals
-from moco.engine.config import MocoConfig
 
 
 class _IndexedTwoViews(TwoViewDataset):
@@ -28,7 +28,7 @@ class _IndexedTwoViews(TwoViewDataset):
 class PILTrainLoader:
     """The original recipe: PIL decode + torchvision transforms in DataLoader workers."""
 
-    def __init__(self, cfg: MocoConfig, source: ImageSource, device: torch.device, workers: int,
+    def __init__(self, cfg: InputSettings, source: ImageSource, device: torch.device, workers: int,
                  rank: int = 0, world_size: int = 1) -> None:
         self.cfg, self.source, self.device, self.workers = cfg, source, device, workers
         self.rank, self.world_size = rank, world_size

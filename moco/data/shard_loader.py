@@ -37,9 +37,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from moco.core.seeding import keyed_generator
 from moco.data.batches import Batch
 from moco.data.crop_loader import CropTrainLoader, CropWork, Meta, Work
+from moco.data.input_settings import InputSettings
 from moco.data.shards import HEIGHT, KIND, SHARD, WIDTH, ShardSource
 from moco.data.source import DataError, ignore_stop_signals
-from moco.engine.config import MocoConfig
 
 _log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class ShardTrainLoader(CropTrainLoader):
     ``buffer`` are the run's layout: from ``-j`` and ``--shuffle-buffer`` at its start, from
     the checkpoint when it resumes (so a resumed run reads what the uninterrupted one would)."""
 
-    def __init__(self, cfg: MocoConfig, source: ShardSource, device: torch.device, workers: int,
+    def __init__(self, cfg: InputSettings, source: ShardSource, device: torch.device, workers: int,
                  rank: int = 0, world_size: int = 1,
                  decode_device: torch.device | None = None) -> None:
         t = source.table

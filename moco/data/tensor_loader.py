@@ -40,9 +40,9 @@ from moco.data.batches import Batch, step_generator, stream_prefetch, torch_thre
 from moco.data.cache import DecodedImages, cached_images, decode_resized
 from moco.data.datasets import EpochBatchSampler, epoch_order
 from moco.data.input_plan import cache_short_side
+from moco.data.input_settings import InputSettings
 from moco.data.recipes import eval_resize_size
 from moco.data.source import DataError, ImageSource, ignore_stop_signals
-from moco.engine.config import MocoConfig
 
 
 def _as_tensor(a: np.ndarray) -> torch.Tensor:
@@ -75,7 +75,7 @@ class TensorTrainLoader:
     prefetch, see :func:`torch_threads`; None: unchanged).
     """
 
-    def __init__(self, cfg: MocoConfig, images: DecodedImages, device: torch.device,
+    def __init__(self, cfg: InputSettings, images: DecodedImages, device: torch.device,
                  rank: int = 0, world_size: int = 1, prefetch: bool | None = None,
                  aug_threads: int | None = -1) -> None:
         device = normalize_device(device)  # cuda -> cuda:<current>, as tensors report it
@@ -202,7 +202,7 @@ class DecodeTrainLoader:
     """Files decoded in DataLoader workers (uint8, short side ``short_side``) -> the same
     batched augmentation on ``device``, for datasets too large for the decoded cache."""
 
-    def __init__(self, cfg: MocoConfig, source: ImageSource, device: torch.device, workers: int,
+    def __init__(self, cfg: InputSettings, source: ImageSource, device: torch.device, workers: int,
                  rank: int = 0, world_size: int = 1, short_side: int | None = None) -> None:
         self.cfg, self.source, self.workers = cfg, source, workers
         self.device = normalize_device(device)
@@ -265,7 +265,7 @@ _DECODED: weakref.WeakKeyDictionary[ImageSource, dict[tuple[str, int], DecodedIm
     weakref.WeakKeyDictionary())
 
 
-def decoded_or_none(cfg: MocoConfig, source: ImageSource, workers: int) -> DecodedImages | None:
+def decoded_or_none(cfg: InputSettings, source: ImageSource, workers: int) -> DecodedImages | None:
     """The source's decoded images (cache built on first use), or None when they do not fit
     in memory (or the cache folder cannot be written). Remembered per source object, so the
     per-epoch kNN evaluation does not re-check the files."""
@@ -280,7 +280,7 @@ def decoded_or_none(cfg: MocoConfig, source: ImageSource, workers: int) -> Decod
     return known[key]
 
 
-def eval_batches_decoded(cfg: MocoConfig, decoded: DecodedImages, device: torch.device,
+def eval_batches_decoded(cfg: InputSettings, decoded: DecodedImages, device: torch.device,
                          batch_size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Resize + center crop + normalize (as :func:`moco.data.augment.eval_transform`) of decoded
     images, in order, with their labels (-1 when unlabeled): [B,3,S,S] on ``device``."""

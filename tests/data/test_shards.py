@@ -27,6 +27,7 @@ from helpers import (
 from PIL import Image
 
 import moco.engine.loop as train_mod
+from moco.data.input_settings import InputSettings
 from moco.data.shard_loader import ShardTrainLoader, buffer_shuffle
 from moco.data.shard_writer import parse_size, sample_key, unique_keys, write_shards
 from moco.data.shards import ShardSource, split_key
@@ -119,11 +120,11 @@ def _epoch_indices(loader: ShardTrainLoader, epoch: int, start: int = 0) -> list
     return [b.index for b in loader.batches(epoch, start)]
 
 
-def cfg(**kw: object) -> MocoConfig:
+def cfg(**kw: object) -> InputSettings:
     base: dict[str, object] = {"batch_size": 2, "image_size": 16, "aug": "v2", "seed": 5,
                                "channels_last": False, "shuffle_buffer": 4}
     base.update(kw)
-    return MocoConfig(**base)  # type: ignore[arg-type]
+    return MocoConfig(**base).input_settings()  # type: ignore[arg-type]
 
 
 def test_every_sample_exactly_once_per_epoch_across_2_ranks_x_2_workers(tmp_path: Path) -> None:
