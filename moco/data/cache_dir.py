@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 from moco.data.source import DataError
@@ -21,6 +22,9 @@ _log = logging.getLogger(__name__)
 
 
 STALE_DAYS = 7.0  # an entry of the same folder unused this long is removed
+#: What reading a stored index or cache file raises when it is cut, empty or not ours: such a
+#: file is built again, never trusted and never a traceback.
+STORE_ERRORS = (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile)
 
 
 def default_cache_dir() -> Path:

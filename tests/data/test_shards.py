@@ -142,12 +142,12 @@ def test_every_sample_exactly_once_per_epoch_across_2_ranks_x_2_workers(tmp_path
         assert sorted(seen) == list(range(32))
         epochs.append(seen)
     assert epochs[0] != epochs[1]
-    # 30 samples: each rank reader takes P = 6 (whole batches); 6 are left this epoch
+    # 30 samples: 7 global steps of 2 x 2, as the folder loaders; 2 are left this epoch
     sub = src.subset(list(range(30)))
     loader = ShardTrainLoader(cfg(), sub, CPU, 2, 0, 2)
     got = torch.cat(_epoch_indices(loader, 0)).tolist() + torch.cat(
         _epoch_indices(ShardTrainLoader(cfg(), sub, CPU, 2, 1, 2), 0)).tolist()
-    assert len(got) == len(set(got)) == 24
+    assert len(got) == len(set(got)) == 28
 
 
 def test_each_reader_reads_its_shards_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
