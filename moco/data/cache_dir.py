@@ -27,6 +27,14 @@ STALE_DAYS = 7.0  # an entry of the same folder unused this long is removed
 STORE_ERRORS = (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile)
 
 
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """(size, mtime_ns, inode, ctime_ns) of a file: what the caches key a file by. A file
+    replaced under its name with the same size and mtime (``mv`` of another file, ``cp -f``
+    or a restore that sets the mtime back) changes its inode or its ctime, which no user
+    command can set back."""
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
+
+
 def default_cache_dir() -> Path:
     """``$MOCO_CACHE``, else ``~/.cache/moco``."""
     env = os.environ.get("MOCO_CACHE")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from moco.data.cache_dir import STORE_ERRORS, file_identity
 from moco.data.source import DataError, open_rgb
 
 CACHE_FORMAT = 1
@@ -43,11 +44,13 @@ class DecodedImages:
 
 
 def fingerprint(files: list[Path]) -> str:
-    """sha256 of the format version and every file's path, size and mtime (ns)."""
+    """sha256 of the format version and every file's path and identity (size, mtime, inode,
+    ctime: :func:`moco.data.cache_dir.file_identity`), so a file replaced under its name with
+    the same size and mtime gets a new entry."""
     h = hashlib.sha256(f"moco-cache-{CACHE_FORMAT}\n".encode())
     for f in files:
-        st = os.stat(f)
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        size, mtime, ino, ctime = file_identity(os.stat(f))
+        h.update(f"{f}\0{size}\0{mtime}\0{ino}\0{ctime}\n".encode())
     return h.hexdigest()
 
 
@@ -94,16 +97,22 @@ def decode_resized(path: Path, short_side: int | None) -> np.ndarray:
 
 
 def open_entry(entry: Path) -> DecodedImages | None:
+    """The finished entry in ``entry``, or None when any of its files is missing, cut,
+    empty or of another format (the caller builds it again)."""
     try:
         meta = json.loads((entry / "meta.json").read_text())
-        if meta.get("format") != CACHE_FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
             return None
         images = np.load(entry / "images.npy", mmap_mode="r")
         labels_arr = np.load(entry / "labels.npy")
-        sizes = np.load(entry / "sizes.npy") if (entry / "sizes.npy").exists() else None
-    except (OSError, ValueError, json.JSONDecodeError):
+        mixed = meta.get("short_side") is not None  # the mixed-size layout keeps sizes.npy
+        sizes = np.load(entry / "sizes.npy") if mixed else None
+    except STORE_ERRORS:
         return None
-    if len(images) != meta.get("count") or images.ndim != 4 or images.shape[3] != 3:
+    n = meta.get("count")
+    if len(images) != n or images.ndim != 4 or images.shape[3] != 3 or len(labels_arr) != n:
+        return None
+    if sizes is not None and sizes.shape != (n, 2):
         return None
     labels = None if meta.get("unlabeled") else [int(x) for x in labels_arr]
     return DecodedImages(images, labels, sizes, entry, [int(i) for i in meta.get("bad", [])])

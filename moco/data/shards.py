@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from moco.data.cache_dir import STORE_ERRORS
+from moco.data.cache_dir import STORE_ERRORS, file_identity
 from moco.data.folders import holds_images
 from moco.data.index import building
 from moco.data.source import IMAGE_EXTENSIONS, DataError, DatasetSplits, ImageSource, open_rgb
@@ -138,16 +138,11 @@ def _check_end(path: str, raw: object, end: int, samples: int) -> None:
                         f"there; {again}")
 
 
-def file_identity(st: os.stat_result) -> str:
-    """A file's size, mtime, inode and ctime: a file replaced under its name (``mv``,
-    ``cp -f``, a restore that keeps the size and mtime) changes at least the last two."""
-    return f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_ctime_ns}"
-
-
 def _fingerprint(shards: list[Path]) -> str:
     h = hashlib.sha256(f"moco-shards-{SHARD_INDEX_FORMAT}\n".encode())
     for p in shards:
-        h.update(f"{p.name}\0{file_identity(p.stat())}\n".encode())
+        size, mtime, ino, ctime = file_identity(p.stat())
+        h.update(f"{p.name}\0{size}\0{mtime}\0{ino}\0{ctime}\n".encode())
     return h.hexdigest()
 
 
