@@ -58,7 +58,6 @@ from moco.data.cache_entry import (
     fingerprint,
     open_entry,
     probe_size,
-    publish,
     resized_size,
 )
 from moco.data.source import DataError, ImageSource
@@ -239,6 +238,17 @@ def _write_entry(tmp: Path, source: ImageSource, layout: _Layout, bad: list[int]
         "format": CACHE_FORMAT, "source": str(Path(source.name).resolve()), "count": n,
         "shape": [n, *layout.shape, 3], "short_side": layout.short_side,
         "unlabeled": source.labels is None, "bad": bad}))
+
+
+def publish(tmp: Path, entry: Path) -> None:
+    """Move the finished build into place (atomic: another process may have won the race)."""
+    if entry.exists() and open_entry(entry) is None:
+        shutil.rmtree(entry, ignore_errors=True)  # unreadable leftover (older format, cut)
+    try:
+        os.replace(tmp, entry)
+    except OSError:
+        if open_entry(entry) is None:
+            raise
 
 
 def _build(source: ImageSource, files: list[Path], layout: _Layout, tmp: Path, workers: int,

@@ -1,7 +1,7 @@
 """One entry of the decoded-image cache (:mod:`moco.data.cache`): the images it holds
 (:class:`DecodedImages`), the key of its files (:func:`fingerprint`), how one file is
-decoded into it (:func:`decode_resized`), and reading a finished entry back or moving a
-built one into place.
+decoded into it (:func:`decode_resized`), and reading a finished entry back
+(:func:`open_entry`).
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,14 +115,3 @@ def open_entry(entry: Path) -> DecodedImages | None:
         return None
     labels = None if meta.get("unlabeled") else [int(x) for x in labels_arr]
     return DecodedImages(images, labels, sizes, entry, [int(i) for i in meta.get("bad", [])])
-
-
-def publish(tmp: Path, entry: Path) -> None:
-    """Move the finished build into place (atomic: another process may have won the race)."""
-    if entry.exists() and open_entry(entry) is None:
-        shutil.rmtree(entry, ignore_errors=True)  # unreadable leftover (older format, cut)
-    try:
-        os.replace(tmp, entry)
-    except OSError:
-        if open_entry(entry) is None:
-            raise
