@@ -149,7 +149,7 @@ class DemoPretrainer(Pretrainer):
     def _features(self, source: ImageSource) -> Features:
         encoder = self.model.encoder_q
         net = strip_head(encoder) if self.cfg.knn_features == "backbone" else encoder
-        return source_features(net, source, self.cfg, self.device, self.workers,
+        return source_features(net, source, self.cfg.input_settings(), self.device, self.workers,
                                autocast_dtype=self.autocast_dtype, out_device=self.device)
 
     def _knn(self, bank: Features, query: Features) -> tuple[float, float]:

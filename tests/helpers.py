@@ -42,6 +42,7 @@ from moco.data.cifar_download import CIFAR10_FILES, CIFAR10_FOLDER
 from moco.data.crop_loader import CropTrainLoader, FileReader, Meta
 from moco.data.folders import image_folder
 from moco.data.input_plan import source_headers
+from moco.data.input_settings import InputSettings
 from moco.engine.config import MocoConfig
 from moco.engine.loop import Pretrainer
 from moco.engine.run_state import PretrainResult
@@ -385,14 +386,15 @@ def jpegs(root: Path, sizes: list[tuple[int, int]], seed: int = 0) -> list[Path]
     return out
 
 
-def cfg_for(**kw: object) -> MocoConfig:
+def cfg_for(**kw: object) -> InputSettings:
+    """The input settings of a small test run (checked as a pretraining config's)."""
     base: dict[str, object] = {"batch_size": 4, "image_size": 24, "aug": "v2", "seed": 3,
                                "channels_last": False}
     base.update(kw)
-    return MocoConfig(**base)  # type: ignore[arg-type]
+    return MocoConfig(**base).input_settings()  # type: ignore[arg-type]
 
 
-def loader_for(folder: Path, cfg: MocoConfig, workers: int = 0, rank: int = 0, world: int = 1,
+def loader_for(folder: Path, cfg: InputSettings, workers: int = 0, rank: int = 0, world: int = 1,
                device_decode: bool = False, reduce: bool = True) -> CropTrainLoader:
     src = image_folder(folder)
     h = source_headers(src, 1)

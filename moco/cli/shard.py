@@ -32,6 +32,5 @@ def run(args: argparse.Namespace) -> int:
     done = write_shards(Path(args.data), Path(args.out), parse_size(args.shard_size),
                         seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress)
     for s in done:
-        print(f"{s.split}: {s.samples} images, {s.bytes / 1e6:.1f} MB in {len(s.shards)} "
-              f"shard(s) in {Path(args.out) / s.split}")
+        print(s.describe(Path(args.out)))
     return 0

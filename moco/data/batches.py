@@ -1,8 +1,11 @@
-"""What every training loader yields, and the helpers they share.
+"""What every training loader is and yields, and the helpers they share.
 
-A :class:`TrainLoader` yields :class:`Batch` es of two views already on the device; the
-per-step generator, the CPU thread count of a batch's work and the CUDA side-stream prefetch
-are the same for every loader.
+A :class:`TrainLoader` yields :class:`Batch` es of two views already on the device, and
+carries what a run saves and reports of its input: the replaced unreadable images
+(``bad_images``), the samples read in the current epoch (``samples_read``) and a streaming
+position (``state_dict``). :class:`LoaderState` gives every loader these members with their
+defaults. The per-step generator, the CPU thread count of a batch's work and the CUDA
+side-stream prefetch are the same for every loader.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -27,6 +30,15 @@ class Batch:
 
 
 class TrainLoader(Protocol):
+    """A training loader: what the training loop calls (see :class:`LoaderState`)."""
+
+    #: Dataset indices replaced under ``--on-bad-image skip`` so far (a run saves them in its
+    #: checkpoints and sets them back when it resumes).
+    bad_images: set[int]
+    #: Samples of the current epoch this process has read (the steps before a resumed
+    #: ``start_step`` count as read); ``steps() x batch`` once an epoch is through.
+    samples_read: int
+
     def steps(self) -> int:
         """Full batches per epoch (the last partial batch is dropped, as the original)."""
         ...
@@ -34,6 +46,39 @@ class TrainLoader(Protocol):
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """The epoch's batches from ``start_step`` on."""
         ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the loader beside the step (empty when the position
+        is a function of (seed, epoch, step) alone)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any], epoch_step: int) -> None:
+        """Take a checkpoint's :meth:`state_dict` before resuming at ``epoch_step``."""
+        ...
+
+
+class LoaderState:
+    """The defaults of :class:`TrainLoader`'s members other than ``steps`` and ``batches``:
+    no bad image, nothing read, no state. A loader counts what it yields with
+    :meth:`counted`."""
+
+    def __init__(self) -> None:
+        self.bad_images: set[int] = set()
+        self.samples_read = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], epoch_step: int) -> None:
+        """Nothing to take: the position is (seed, epoch, step)."""
+
+    def counted(self, batches: Iterator[Batch], already: int) -> Iterator[Batch]:
+        """``batches``, with :attr:`samples_read` starting at ``already`` (the samples of
+        the steps before a resumed start) and counting each batch handed out."""
+        self.samples_read = already
+        for b in batches:
+            self.samples_read += len(b.index)
+            yield b
 
 
 def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:

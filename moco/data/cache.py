@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from moco.data.cache_dir import (
     BUILDING,
@@ -52,35 +51,22 @@ from moco.data.cache_dir import (
     resolve_cache_dir,
     touch_entry,
 )
-from moco.data.source import DataError, ImageSource, open_rgb
+from moco.data.cache_entry import (
+    CACHE_FORMAT,
+    DecodedImages,
+    decode_resized,
+    fingerprint,
+    open_entry,
+    probe_size,
+    resized_size,
+)
+from moco.data.source import DataError, ImageSource
 from moco.utils.logs import Log
 from moco.utils.memory import available_memory
 
 _log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
 MEMORY_FRACTION = 0.5  # of the memory available when the cache is built
-MAX_ASPECT = 2.0
-
-
-@dataclass
-class DecodedImages:
-    """N decoded images: ``images`` uint8 [N,H,W,3] (memory-mapped for a cache entry),
-    ``labels`` (or None), ``sizes`` int32 [N,2] of each image's valid (h, w) when they differ
-    (None when every image fills the array), ``path`` the cache entry (None: in memory)."""
-
-    images: np.ndarray
-    labels: list[int] | None
-    sizes: np.ndarray | None = None
-    path: Path | None = None
-    bad: list[int] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.images.nbytes)
 
 
 def memory_budget() -> int:
@@ -103,78 +89,11 @@ def source_root(source: ImageSource) -> Path:
     return common.parent
 
 
-def fingerprint(files: list[Path]) -> str:
-    """sha256 of the format version and every file's path, size and mtime (ns)."""
-    h = hashlib.sha256(f"moco-cache-{CACHE_FORMAT}\n".encode())
-    for f in files:
-        st = os.stat(f)
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
 def _entry_prefix(source: ImageSource) -> str:
     name = Path(source.name).name if source.name else "images"
     parent = Path(source.name).parent.name if source.name else ""
     slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in f"{parent}_{name}".strip("_"))
     return f"{slug[:60]}-{hashlib.sha256(str(Path(source.name).resolve()).encode()).hexdigest()[:8]}"
-
-
-def _probe(path: Path) -> tuple[int, int]:
-    """(height, width) from the file's header; any failure (not an image, a decompression
-    bomb, an unreadable file) is a :class:`DataError`, so it follows --on-bad-image."""
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-            return h, w
-    except MemoryError:
-        raise
-    except Exception as e:  # OSError, DecompressionBombError, SyntaxError, struct.error, ...
-        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
-
-
-def resized_size(h: int, w: int, short_side: int) -> tuple[int, int, int, int]:
-    """(resized h, resized w, kept h, kept w) for the mixed-size layout: a short side over
-    ``short_side`` is brought down to it (long side as ``T.Resize``: int(short_side * long /
-    short)); smaller images keep their size; then the long side is center-cut to at most
-    ``MAX_ASPECT`` x ``short_side``."""
-    if min(h, w) <= short_side:
-        rh, rw = h, w
-    elif h <= w:
-        rh, rw = short_side, int(short_side * w / h)
-    else:
-        rh, rw = int(short_side * h / w), short_side
-    cap = int(MAX_ASPECT * short_side)
-    return rh, rw, min(rh, cap), min(rw, cap)
-
-
-def decode_resized(path: Path, short_side: int | None) -> np.ndarray:
-    """One file as uint8 [h,w,3]: native size (``short_side`` None) or the mixed-size
-    layout's (see :func:`resized_size`)."""
-    img = open_rgb(path)
-    if short_side is not None:
-        rh, rw, kh, kw = resized_size(img.height, img.width, short_side)
-        if (rh, rw) != (img.height, img.width):
-            img = img.resize((rw, rh), Image.Resampling.BILINEAR)
-        if (kh, kw) != (rh, rw):
-            top, left = (rh - kh) // 2, (rw - kw) // 2
-            img = img.crop((left, top, left + kw, top + kh))
-    return np.asarray(img, dtype=np.uint8)
-
-
-def _open_entry(entry: Path) -> DecodedImages | None:
-    try:
-        meta = json.loads((entry / "meta.json").read_text())
-        if meta.get("format") != CACHE_FORMAT:
-            return None
-        images = np.load(entry / "images.npy", mmap_mode="r")
-        labels_arr = np.load(entry / "labels.npy")
-        sizes = np.load(entry / "sizes.npy") if (entry / "sizes.npy").exists() else None
-    except (OSError, ValueError, json.JSONDecodeError):
-        return None
-    if len(images) != meta.get("count") or images.ndim != 4 or images.shape[3] != 3:
-        return None
-    labels = None if meta.get("unlabeled") else [int(x) for x in labels_arr]
-    return DecodedImages(images, labels, sizes, entry, [int(i) for i in meta.get("bad", [])])
 
 
 def _parallel(fn: Callable[[int], None], n: int, workers: int) -> None:
@@ -185,6 +104,163 @@ def _parallel(fn: Callable[[int], None], n: int, workers: int) -> None:
     with ThreadPoolExecutor(workers) as pool:  # PIL decodes with the GIL released
         for _ in pool.map(fn, range(n), chunksize=256):
             pass
+
+
+@dataclass
+class _Layout:
+    """How a cache entry stores the images: ``shape`` (H, W) of the array, ``sizes`` [N,2]
+    of each image's kept size (mixed sizes only), ``short_side`` the resize (None: native),
+    ``entry`` the folder it goes to, ``unreadable`` ``{index: reason}`` of the files that
+    cannot be read."""
+
+    shape: tuple[int, int]
+    sizes: np.ndarray | None
+    short_side: int | None
+    entry: Path
+    unreadable: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def uniform(self) -> bool:
+        return self.sizes is None
+
+
+def _probe_all(files: list[Path], workers: int) -> tuple[list[tuple[int, int]], dict[int, str]]:
+    """Every file's (height, width) from its header ((0, 0) when unreadable) and
+    ``{index: reason}`` of the unreadable ones."""
+    shapes = [(0, 0)] * len(files)
+    unreadable: dict[int, str] = {}
+
+    def probe(i: int) -> None:
+        try:
+            shapes[i] = probe_size(files[i])
+        except DataError as e:
+            unreadable[i] = str(e)
+
+    _parallel(probe, len(files), workers)
+    return shapes, unreadable
+
+
+def _layout(shapes: list[tuple[int, int]], unreadable: dict[int, str], short_side: int,
+            native: Path, mixed: Path, name: str) -> _Layout:
+    """Native size when every readable image has one size, else the mixed-size layout."""
+    readable = [shapes[i] for i in range(len(shapes)) if i not in unreadable]
+    if len(set(readable)) == 1:
+        return _Layout(readable[0], None, None, native, unreadable)
+    if not readable:
+        raise DataError(f"none of the {len(shapes)} images of {name} can be read")
+    kept = [resized_size(hh, ww, short_side)[2:] if (hh, ww) != (0, 0) else (1, 1)
+            for hh, ww in shapes]
+    shape = (max(k[0] for k in kept), max(k[1] for k in kept))
+    return _Layout(shape, np.asarray(kept, dtype=np.int32), short_side, mixed, unreadable)
+
+
+def _reuse_entry(candidates: tuple[Path, ...], budget: int) -> DecodedImages | None:
+    """A readable entry among ``candidates`` that fits ``budget`` (marked as used)."""
+    for candidate in candidates:
+        found = open_entry(candidate) if candidate.is_dir() else None
+        if found is not None and found.nbytes <= budget:
+            touch_entry(candidate)
+            return found
+    return None
+
+
+def _start_build(root: Path, prefix: str, nbytes: int, log: Log) -> tuple[Path, int] | None:
+    """A hidden build folder in ``root`` and the descriptor holding its lock, or None (and
+    why, logged) when the cache folder cannot take ``nbytes``."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if shutil.disk_usage(root).free < nbytes * 1.05 + (64 << 20):
+            log(f"not enough disk space in {root} for a {nbytes / 2**30:.1f} GiB decoded cache: "
+                "decoding on the fly instead")
+            return None
+        remove_abandoned_builds(root, log)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}-", suffix=BUILDING, dir=root))
+        building = hold_lock(tmp)  # released when this process ends, however it ends
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # readable like any folder, not mkdtemp's 0700
+    except OSError as e:
+        log(f"cannot write the decoded cache in {root} ({e.strerror}): decoding on the fly; "
+            "set --cache-dir or $MOCO_CACHE to a writable folder")
+        return None
+    return tmp, building
+
+
+def _decode_into(arr: np.ndarray, files: list[Path], layout: _Layout, workers: int) -> None:
+    """Decode every readable file into its row of ``arr``; a file that fails now (or changed
+    size since probed, in the native layout) joins ``layout.unreadable``."""
+    h, w = layout.shape
+    unreadable = layout.unreadable
+
+    def decode(i: int) -> None:
+        if i in unreadable:
+            return
+        try:
+            im = decode_resized(files[i], layout.short_side)
+        except DataError as e:
+            unreadable[i] = str(e)
+            return
+        if layout.uniform and im.shape[:2] != (h, w):
+            unreadable[i] = f"cannot read image {files[i]}: size changed while caching"
+            return
+        arr[i, : im.shape[0], : im.shape[1]] = im
+
+    _parallel(decode, len(files), workers)
+
+
+def _replace_unreadable(arr: np.ndarray, layout: _Layout, on_bad_image: str,
+                        name: str) -> list[int]:
+    """Apply the policy to the unreadable rows: stop, or copy the next readable image in
+    index order into each (as the PIL path's skip). Returns their indices."""
+    n, unreadable = len(arr), layout.unreadable
+    bad = sorted(unreadable)
+    if bad and on_bad_image != "skip":
+        raise DataError(f"{unreadable[bad[0]]} ({len(bad)} unreadable file(s) in all); remove "
+                        "or replace it, or pass --on-bad-image skip")
+    if len(bad) == n:
+        raise DataError(f"none of the {n} images of {name} can be read")
+    for i in bad:
+        j = next((i + d) % n for d in range(1, n) if (i + d) % n not in unreadable)
+        arr[i] = arr[j]
+        if layout.sizes is not None:
+            layout.sizes[i] = layout.sizes[j]
+    return bad
+
+
+def _write_entry(tmp: Path, source: ImageSource, layout: _Layout, bad: list[int]) -> None:
+    """Labels, sizes and ``meta.json`` beside the images in the build folder."""
+    n = len(source)
+    labels = np.asarray(source.labels if source.labels is not None else [-1] * n, dtype=np.int64)
+    np.save(tmp / "labels.npy", labels)
+    if layout.sizes is not None:
+        np.save(tmp / "sizes.npy", layout.sizes)
+    (tmp / "meta.json").write_text(json.dumps({
+        "format": CACHE_FORMAT, "source": str(Path(source.name).resolve()), "count": n,
+        "shape": [n, *layout.shape, 3], "short_side": layout.short_side,
+        "unlabeled": source.labels is None, "bad": bad}))
+
+
+def publish(tmp: Path, entry: Path) -> None:
+    """Move the finished build into place (atomic: another process may have won the race)."""
+    if entry.exists() and open_entry(entry) is None:
+        shutil.rmtree(entry, ignore_errors=True)  # unreadable leftover (older format, cut)
+    try:
+        os.replace(tmp, entry)
+    except OSError:
+        if open_entry(entry) is None:
+            raise
+
+
+def _build(source: ImageSource, files: list[Path], layout: _Layout, tmp: Path, workers: int,
+           on_bad_image: str) -> None:
+    """Decode the images into the build folder ``tmp`` and move it to ``layout.entry``."""
+    arr = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
+                                    shape=(len(files), *layout.shape, 3))
+    _decode_into(arr, files, layout, workers)
+    bad = _replace_unreadable(arr, layout, on_bad_image, source.name)
+    arr.flush()
+    _write_entry(tmp, source, layout, bad)
+    publish(tmp, layout.entry)
 
 
 def cached_images(source: ImageSource, cache_dir: str | Path | None = None, *,
@@ -211,117 +287,33 @@ def cached_images(source: ImageSource, cache_dir: str | Path | None = None, *,
     key = f"{prefix}-{fingerprint(files)[:20]}"
     native, mixed = root / key, root / f"{key}-s{short_side}"
     budget = memory_budget() if budget is None else budget
-    for candidate in (native, mixed):
-        found = _open_entry(candidate) if candidate.is_dir() else None
-        if found is not None and found.nbytes <= budget:
-            touch_entry(candidate)
-            return found
+    found = _reuse_entry((native, mixed), budget)
+    if found is not None:
+        return found
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
-
-    shapes = [(0, 0)] * len(files)
-
-    unreadable: dict[int, str] = {}
-
-    def probe(i: int) -> None:
-        try:
-            shapes[i] = _probe(files[i])
-        except DataError as e:
-            unreadable[i] = str(e)
-
-    _parallel(probe, len(files), workers)
-    readable = [shapes[i] for i in range(len(files)) if i not in unreadable]
-    uniform = len(set(readable)) == 1
-    if uniform:
-        h, w = readable[0]
-        sizes = None
-        layout_short: int | None = None
-        entry = native
-    else:
-        if not readable:
-            raise DataError(f"none of the {len(files)} images of {source.name} can be read")
-        kept = [resized_size(hh, ww, short_side)[2:] if (hh, ww) != (0, 0) else (1, 1)
-                for hh, ww in shapes]
-        h, w = max(k[0] for k in kept), max(k[1] for k in kept)
-        sizes = np.asarray(kept, dtype=np.int32)
-        layout_short = short_side
-        entry = mixed
-    nbytes = len(files) * h * w * 3
+    shapes, unreadable = _probe_all(files, workers)
+    layout = _layout(shapes, unreadable, short_side, native, mixed, source.name)
+    nbytes = len(files) * layout.shape[0] * layout.shape[1] * 3
     if nbytes > budget:
         log(f"decoded cache of {source.name or 'the images'} would take {nbytes / 2**30:.1f} GiB, "
             f"over the budget of {budget / 2**30:.1f} GiB: decoding on the fly instead")
         return None
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        if shutil.disk_usage(root).free < nbytes * 1.05 + (64 << 20):
-            log(f"not enough disk space in {root} for a {nbytes / 2**30:.1f} GiB decoded cache: "
-                "decoding on the fly instead")
-            return None
-        remove_abandoned_builds(root, log)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}-", suffix=BUILDING, dir=root))
-        building = hold_lock(tmp)  # released when this process ends, however it ends
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # readable like any folder, not mkdtemp's 0700
-    except OSError as e:
-        log(f"cannot write the decoded cache in {root} ({e.strerror}): decoding on the fly; "
-            "set --cache-dir or $MOCO_CACHE to a writable folder")
+    started = _start_build(root, prefix, nbytes, log)
+    if started is None:
         return None
+    tmp, building = started
+    log(f"decoding {len(files)} images of {source.name} once into {layout.entry} "
+        f"({nbytes / 2**20:.0f} MiB)")
     try:
-        log(f"decoding {len(files)} images of {source.name} once into {entry} "
-            f"({nbytes / 2**20:.0f} MiB)")
-        arr = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
-                                        shape=(len(files), h, w, 3))
-
-        def decode(i: int) -> None:
-            if i in unreadable:
-                return
-            try:
-                im = decode_resized(files[i], layout_short)
-            except DataError as e:
-                unreadable[i] = str(e)
-                return
-            if uniform and im.shape[:2] != (h, w):
-                unreadable[i] = f"cannot read image {files[i]}: size changed while caching"
-                return
-            arr[i, : im.shape[0], : im.shape[1]] = im
-
-        _parallel(decode, len(files), workers)
-        bad = sorted(unreadable)
-        if bad and on_bad_image != "skip":
-            raise DataError(f"{unreadable[bad[0]]} ({len(bad)} unreadable file(s) in all); remove "
-                            "or replace it, or pass --on-bad-image skip")
-        if len(bad) == len(files):
-            raise DataError(f"none of the {len(files)} images of {source.name} can be read")
-        for i in bad:  # the next readable image in index order, as the PIL path's skip
-            j = next((i + d) % len(files) for d in range(1, len(files))
-                     if (i + d) % len(files) not in unreadable)
-            arr[i] = arr[j]
-            if sizes is not None:
-                sizes[i] = sizes[j]
-        arr.flush()
-        labels = np.asarray(source.labels if source.labels is not None else [-1] * len(files),
-                            dtype=np.int64)
-        np.save(tmp / "labels.npy", labels)
-        if sizes is not None:
-            np.save(tmp / "sizes.npy", sizes)
-        (tmp / "meta.json").write_text(json.dumps({
-            "format": CACHE_FORMAT, "source": str(Path(source.name).resolve()), "count": len(files),
-            "shape": [len(files), h, w, 3], "short_side": layout_short,
-            "unlabeled": source.labels is None, "bad": bad}))
-        if entry.exists() and _open_entry(entry) is None:
-            shutil.rmtree(entry, ignore_errors=True)  # unreadable leftover (older format)
-        try:
-            os.replace(tmp, entry)  # atomic: another process may have won the race
-        except OSError:
-            if _open_entry(entry) is None:
-                raise
+        _build(source, files, layout, tmp, workers, on_bad_image)
         remove_stale(root, prefix, key)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         if building >= 0:
             os.close(building)
-    result = _open_entry(entry)
+    result = open_entry(layout.entry)
     if result is None:
-        raise DataError(f"the decoded cache {entry} could not be read back; delete it and retry")
+        raise DataError(f"the decoded cache {layout.entry} could not be read back; delete it "
+                        "and retry")
     return result

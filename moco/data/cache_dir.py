@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 from moco.data.source import DataError
@@ -21,6 +22,17 @@ _log = logging.getLogger(__name__)
 
 
 STALE_DAYS = 7.0  # an entry of the same folder unused this long is removed
+#: What reading a stored index or cache file raises when it is cut, empty or not ours: such a
+#: file is built again, never trusted and never a traceback.
+STORE_ERRORS = (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile)
+
+
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """(size, mtime_ns, inode, ctime_ns) of a file: what the caches key a file by. A file
+    replaced under its name with the same size and mtime (``mv`` of another file, ``cp -f``
+    or a restore that sets the mtime back) changes its inode or its ctime, which no user
+    command can set back."""
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
 
 def default_cache_dir() -> Path:

@@ -41,11 +41,11 @@ from moco.core.device import packed_to_device as plan_to_device
 from moco.core.seeding import keyed_generator
 from moco.data.aug_params import AugParams, Recipe, sample_crops
 from moco.data.batch_augment import BatchAugment, apply_colour, colour_plan
-from moco.data.batches import Batch, step_generator, stream_prefetch, torch_threads
+from moco.data.batches import Batch, LoaderState, step_generator, stream_prefetch, torch_threads
 from moco.data.datasets import EpochBatchSampler
 from moco.data.decode import crop_on_device, decode_on_device, decode_views
+from moco.data.input_settings import InputSettings
 from moco.data.source import BAD_IMAGE_HINT, DataError, ignore_stop_signals
-from moco.engine.config import MocoConfig
 
 
 class SampleReader(Protocol):
@@ -134,7 +134,7 @@ class Meta(NamedTuple):
 class CropWork:
     """The worker side (picklable): parameters, bytes, CPU decoding and crops of one step."""
 
-    def __init__(self, cfg: MocoConfig, reader: SampleReader, meta: Meta, rank: int,
+    def __init__(self, cfg: InputSettings, reader: SampleReader, meta: Meta, rank: int,
                  world_size: int, on_device: bool) -> None:
         self.reader, self.meta, self.rank, self.on_device = reader, meta, rank, on_device
         self.seed, self.policy, self.size = cfg.seed, cfg.on_bad_image, cfg.image_size
@@ -252,19 +252,19 @@ def _first(items: list[Work]) -> Work:
     return items[0]
 
 
-class CropTrainLoader:
+class CropTrainLoader(LoaderState):
     """Original-size crops of an indexed folder (or any :class:`SampleReader` with sizes),
     in the folder loaders' sample order (:func:`moco.data.datasets.epoch_order`)."""
 
-    def __init__(self, cfg: MocoConfig, reader: SampleReader, meta: Meta, device: torch.device,
+    def __init__(self, cfg: InputSettings, reader: SampleReader, meta: Meta, device: torch.device,
                  workers: int, rank: int = 0, world_size: int = 1,
                  decode_device: torch.device | None = None) -> None:
+        super().__init__()
         self.cfg, self.device, self.workers = cfg, normalize_device(device), workers
         self.rank, self.world_size = rank, world_size
         self.decode_device = decode_device
         self.work = CropWork(cfg, reader, meta, rank, world_size, decode_device is not None)
         self.recipe = self.work.aug.recipe
-        self.bad_images: set[int] = set()
 
     def _sampler(self, epoch: int, start_step: int) -> _StepItems:
         return _StepItems(self.work.n, self.cfg.batch_size, self.cfg.seed, epoch, start_step,
@@ -277,7 +277,8 @@ class CropTrainLoader:
         """The epoch's batches from ``start_step`` on; on CUDA batch t+1's copies, decoding
         and augmentation are queued on a side stream while step t runs (:func:`stream_prefetch`)."""
         steps = self._batches(epoch, start_step)
-        yield from stream_prefetch(steps, self.device) if self.device.type == "cuda" else steps
+        steps = stream_prefetch(steps, self.device) if self.device.type == "cuda" else steps
+        return self.counted(steps, start_step * self.cfg.batch_size)
 
     def _batches(self, epoch: int, start_step: int) -> Iterator[Batch]:
         loader = DataLoader(_FolderSteps(self.work), batch_sampler=self._sampler(epoch, start_step),

@@ -35,6 +35,16 @@ def images_under(folder: Path, unreadable: list[tuple[Path, str]]) -> list[Path]
     return sorted(found)
 
 
+def holds_images(folder: Path) -> bool:
+    """Whether an image file lies anywhere below ``folder`` (hidden files and folders left
+    out, as :func:`images_under`); stops at the first one found."""
+    for _, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if any(is_image_name(f) for f in filenames):
+            return True
+    return False
+
+
 def image_folder(folder: Path, on_bad_image: str = "stop") -> ImageSource:
     """ImageFolder layout (labeled: one sub-folder of images per class) or a flat folder of
     images (unlabeled).

@@ -6,16 +6,20 @@ One file per folder, ``<cache>/index/<name>-<path hash>.npz`` (beside the decode
 
 * the files (paths relative to the folder, in :func:`moco.data.folders.image_folder`'s order), their
   labels and class names;
-* each file's byte size and mtime at indexing, and its header's (height, width, kind)
+* each file's identity at indexing (byte size, mtime, inode, ctime:
+  :func:`moco.data.cache_dir.file_identity`) and its header's (height, width, kind)
   (:func:`moco.data.decode.header_info`), once something asked for sizes;
 * the modification time of every directory of the tree.
 
 A later start checks only the directories' mtimes (adding, removing or renaming a file
-changes its directory's): one ``stat`` per class folder instead of one per file. A changed
-tree is listed again; the header of a file whose byte size and mtime did not change is
-reused. A file rewritten in place under the same name leaves its directory unchanged: the
-loaders check each decoded image's size against the index and draw the crop for the real
-size (:mod:`moco.data.crop_loader`), and ``rm -r <cache>/index`` forces a new index.
+changes its directory's): one ``stat`` per class folder instead of one per file, plus one per
+file whose header could not be read (a file found unreadable and then replaced is read
+again). A changed tree is listed again; the header of a file whose identity did not change
+is reused (a file moved over another with the same size and mtime has another inode). A file
+rewritten in place under the same name leaves its directory unchanged: the loaders check
+each decoded image's size against the index and draw the crop for the real size
+(:mod:`moco.data.crop_loader`), and ``rm -r <cache>/index`` forces a new index. A stored
+index that cannot be read (cut, empty, another format) is built again.
 
 Headers are read in parallel processes (forked, in chunks of files); small folders are read
 in the calling process.
@@ -36,12 +40,14 @@ from pathlib import Path
 
 import numpy as np
 
+from moco.data.cache_dir import STORE_ERRORS, file_identity
 from moco.data.folders import image_folder
 from moco.data.source import ImageSource
 from moco.utils.atomic import atomic_write
 from moco.utils.logs import Log, quiet
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
+COLUMNS = 7  # height, width, kind, bytes, mtime_ns, inode, ctime_ns
 PARALLEL_MIN = 4096  # fewer files: read their headers in this process
 CHUNK = 2048
 MTIME_SETTLE_NS = 2_000_000_000  # a directory changed this recently is checked again next time
@@ -49,14 +55,13 @@ MTIME_SETTLE_NS = 2_000_000_000  # a directory changed this recently is checked 
 
 
 def _headers(paths: list[str]) -> np.ndarray:
-    """[n,5] int64 rows (height, width, kind, bytes, mtime_ns) of ``paths``."""
+    """[n,7] int64 rows (height, width, kind, bytes, mtime_ns, inode, ctime_ns) of ``paths``."""
     from moco.data.decode import KIND_BAD, header_info
 
-    out = np.zeros((len(paths), 5), dtype=np.int64)
+    out = np.zeros((len(paths), COLUMNS), dtype=np.int64)
     for k, p in enumerate(paths):
         try:
-            st = os.stat(p)
-            out[k, 3], out[k, 4] = st.st_size, st.st_mtime_ns
+            out[k, 3:] = file_identity(os.stat(p))
         except OSError:
             out[k, 2] = KIND_BAD
             continue
@@ -141,8 +146,8 @@ def _unpack(arr: np.ndarray) -> list[str]:
 
 
 class FolderIndex:
-    """A split folder's index (see the module doc). ``headers`` [N,5] int64 (height, width,
-    kind, bytes, mtime_ns) or None until :meth:`sized`."""
+    """A split folder's index (see the module doc). ``headers`` [N,7] int64 (height, width,
+    kind, bytes, mtime_ns, inode, ctime_ns) or None until :meth:`sized`."""
 
     def __init__(self, folder: Path, rel: list[str], labels: np.ndarray | None,
                  classes: list[str], dirs: list[list[object]], headers: np.ndarray | None,
@@ -168,7 +173,8 @@ class FolderIndex:
                 "labeled": self.labels is not None, "dirs": self.dirs, "notes": self.notes}
         arrays = {"files": _pack(self.rel), "meta": _pack([json.dumps(meta)]),
                   "labels": self.labels if self.labels is not None else np.zeros(0, np.int64),
-                  "headers": self.headers if self.headers is not None else np.zeros((0, 5), np.int64)}
+                  "headers": (self.headers if self.headers is not None else
+                              np.zeros((0, COLUMNS), np.int64))}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(self.path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
@@ -187,12 +193,14 @@ class FolderIndex:
                 rel = _unpack(z["files"])
                 labels = z["labels"] if meta["labeled"] else None
                 headers = z["headers"] if len(z["headers"]) == len(rel) and rel else None
-        except (OSError, ValueError, KeyError, IndexError, json.JSONDecodeError):
-            return None
-        if not _unchanged(folder, meta["dirs"]):
-            return None
-        idx = FolderIndex(folder, rel, labels, meta["classes"], meta["dirs"], headers, path)
-        idx.notes = meta.get("notes", {})
+            if not _unchanged(folder, meta["dirs"]):
+                return None
+            idx = FolderIndex(folder, rel, labels, meta["classes"], meta["dirs"], headers, path)
+            idx.notes = meta.get("notes", {})
+        except (*STORE_ERRORS, AttributeError, TypeError):
+            return None  # cut, empty or not ours: listed again
+        if headers is not None and _read_bad_again(idx):
+            idx.save()
         return idx
 
     def sized(self, workers: int, log: Log = quiet) -> np.ndarray:
@@ -250,25 +258,47 @@ def _stale(path: Path) -> tuple[list[str], np.ndarray] | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             rel, headers = _unpack(z["files"]), z["headers"]
-            return (rel, headers) if len(headers) == len(rel) and rel else None
-    except (OSError, ValueError, KeyError):
+            ok = len(headers) == len(rel) and rel and headers.shape[1:] == (COLUMNS,)
+            return (rel, headers) if ok else None
+    except STORE_ERRORS:
         return None
 
 
+def _read_bad_again(idx: FolderIndex) -> bool:
+    """Read again the headers of the files found unreadable whose identity changed since
+    (replaced, or made readable); True when a row changed."""
+    from moco.data.decode import KIND_BAD
+
+    assert idx.headers is not None
+    bad = np.flatnonzero(idx.headers[:, 2] == KIND_BAD)
+    again = []
+    for k in bad.tolist():
+        try:
+            now = file_identity(os.stat(idx.folder / idx.rel[k]))
+        except OSError:
+            continue
+        if tuple(int(v) for v in idx.headers[k, 3:]) != now:
+            again.append(k)
+    if again:
+        idx.headers = idx.headers.copy()
+        idx.headers[again] = read_headers([str(idx.folder / idx.rel[k]) for k in again], 1)
+    return bool(again)
+
+
 def _reuse(idx: FolderIndex, old_rel: list[str], old: np.ndarray) -> np.ndarray | None:
-    """Headers for the new file list: a file's old row when its byte size and mtime are the
-    same (one stat per file), else read again."""
+    """Headers for the new file list: a file's old row when its identity (size, mtime,
+    inode, ctime) is the same (one stat per file), else read again."""
     where = {r: k for k, r in enumerate(old_rel)}
-    out = np.zeros((len(idx.rel), 5), dtype=np.int64)
+    out = np.zeros((len(idx.rel), COLUMNS), dtype=np.int64)
     again = []
     for k, r in enumerate(idx.rel):
         j = where.get(r)
         try:
-            st = os.stat(idx.folder / r)
+            now = file_identity(os.stat(idx.folder / r))
         except OSError:
             again.append(k)
             continue
-        if j is not None and old[j, 3] == st.st_size and old[j, 4] == st.st_mtime_ns:
+        if j is not None and tuple(int(v) for v in old[j, 3:]) == now:
             out[k] = old[j]
         else:
             again.append(k)
@@ -287,7 +317,8 @@ class IndexedSource(ImageSource):
         self.index, self.rows = index, rows
 
     def headers(self, workers: int, log: Log = quiet) -> np.ndarray:
-        """[N,5] int64 (height, width, kind, bytes, mtime_ns) of this source's images."""
+        """[N,7] int64 (height, width, kind, bytes, mtime_ns, inode, ctime_ns) of this
+        source's images."""
         h = self.index.sized(workers, log)
         return h if self.rows is None else h[self.rows]
 

@@ -29,9 +29,9 @@ import torch
 
 from moco.data.batches import TrainLoader
 from moco.data.decode import KIND_BAD
+from moco.data.input_settings import InputSettings
 from moco.data.recipes import resized_short_side
 from moco.data.source import BAD_IMAGE_HINT, DataError, ImageSource
-from moco.engine.config import MocoConfig
 from moco.utils.logs import Log
 
 _log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def cache_bytes(heights: np.ndarray, widths: np.ndarray, short_side: int) -> int
     return int(len(heights) * int(kept[:, 0].max()) * int(kept[:, 1].max()) * 3)
 
 
-def cache_declined(cfg: MocoConfig, source: ImageSource, log: Log = _log.info) -> bool:
+def cache_declined(cfg: InputSettings, source: ImageSource, log: Log = _log.info) -> bool:
     """Whether the decoded cache is known not to fit (tar shards never use it): from the
     index's sizes, so no start probes every file again to learn it. The verdict is noted in
     the index."""
@@ -95,7 +95,7 @@ def cache_declined(cfg: MocoConfig, source: ImageSource, log: Log = _log.info) -
     return False
 
 
-def decode_device(cfg: MocoConfig, device: torch.device) -> torch.device | None:
+def decode_device(cfg: InputSettings, device: torch.device) -> torch.device | None:
     """Where the batch's JPEGs are decoded: None (CPU workers) or the training device."""
     if cfg.decode == "cpu" or (cfg.decode == "auto" and device.type != "cuda"):
         return None
@@ -120,7 +120,7 @@ def _device_decodes(device: torch.device) -> bool:
     return isinstance(out[0], torch.Tensor) and out[0].device.type == device.type
 
 
-def original_crops_loader(cfg: MocoConfig, source: ImageSource, device: torch.device,
+def original_crops_loader(cfg: InputSettings, source: ImageSource, device: torch.device,
                           workers: int, rank: int = 0, world_size: int = 1,
                           log: Log = _log.info) -> TrainLoader | None:
     """The training loader of original-size crops when this run takes that path (see the
@@ -178,7 +178,7 @@ def _decoding(dev: torch.device | None, workers: int) -> str:
             "draft)")
 
 
-def _check_headers(cfg: MocoConfig, kinds: np.ndarray, name: Callable[[int], str]) -> None:
+def _check_headers(cfg: InputSettings, kinds: np.ndarray, name: Callable[[int], str]) -> None:
     bad = np.flatnonzero(kinds == KIND_BAD)
     if len(bad) == len(kinds):
         raise DataError(f"none of the {len(kinds)} images can be read (first: {name(0)})")

@@ -22,6 +22,7 @@ from moco.data.augment import eval_transform
 from moco.data.batches import TrainLoader, images_to_device
 from moco.data.datasets import EvalDataset
 from moco.data.input_plan import original_crops_loader
+from moco.data.input_settings import InputSettings
 from moco.data.pil_loader import PILTrainLoader
 from moco.data.source import ImageSource, ignore_stop_signals
 from moco.data.tensor_loader import (
@@ -30,12 +31,11 @@ from moco.data.tensor_loader import (
     decoded_or_none,
     eval_batches_decoded,
 )
-from moco.engine.config import MocoConfig
 
 _log = logging.getLogger(__name__)
 
 
-def make_train_loader(cfg: MocoConfig, source: ImageSource, device: torch.device, workers: int,
+def make_train_loader(cfg: InputSettings, source: ImageSource, device: torch.device, workers: int,
                       rank: int = 0, world_size: int = 1) -> TrainLoader:
     """The training pipeline ``cfg.loader`` asks for: ``pil``, the original per-image recipe;
     ``auto`` / ``tensor``, the batched pipeline (:func:`make_tensor_loader`: original-size
@@ -47,7 +47,7 @@ def make_train_loader(cfg: MocoConfig, source: ImageSource, device: torch.device
     return make_tensor_loader(cfg, source, device, workers, rank, world_size)
 
 
-def eval_batches(cfg: MocoConfig, source: ImageSource, device: torch.device, workers: int,
+def eval_batches(cfg: InputSettings, source: ImageSource, device: torch.device, workers: int,
                  batch_size: int = 256) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """Un-augmented images of ``source`` (resize + center crop) and their labels, in order.
 
@@ -66,7 +66,7 @@ def eval_batches(cfg: MocoConfig, source: ImageSource, device: torch.device, wor
         yield images_to_device(x, device, cfg.channels_last_on(device.type)), y
 
 
-def make_tensor_loader(cfg: MocoConfig, source: ImageSource, device: torch.device, workers: int,
+def make_tensor_loader(cfg: InputSettings, source: ImageSource, device: torch.device, workers: int,
                        rank: int = 0, world_size: int = 1) -> TrainLoader:
     """Original-size crops when the run takes them (:mod:`moco.data.input_plan`), else the
     in-memory pipeline when the decoded images fit, else worker decoding."""

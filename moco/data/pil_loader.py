@@ -10,10 +10,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from moco.data.augment import two_view_transform
-from moco.data.batches import Batch, images_to_device
+from moco.data.batches import Batch, LoaderState, images_to_device
 from moco.data.datasets import EpochBatchSampler, TwoViewDataset
+from moco.data.input_settings import InputSettings
 from moco.data.source import ImageSource, ignore_stop_signals
-from moco.engine.config import MocoConfig
 
 
 class _IndexedTwoViews(TwoViewDataset):
@@ -25,16 +25,16 @@ class _IndexedTwoViews(TwoViewDataset):
         return q, k, loaded, (item[0] if loaded != item[0] else -1)
 
 
-class PILTrainLoader:
+class PILTrainLoader(LoaderState):
     """The original recipe: PIL decode + torchvision transforms in DataLoader workers."""
 
-    def __init__(self, cfg: MocoConfig, source: ImageSource, device: torch.device, workers: int,
+    def __init__(self, cfg: InputSettings, source: ImageSource, device: torch.device, workers: int,
                  rank: int = 0, world_size: int = 1) -> None:
+        super().__init__()
         self.cfg, self.source, self.device, self.workers = cfg, source, device, workers
         self.rank, self.world_size = rank, world_size
         self.dataset = _IndexedTwoViews(source, two_view_transform(
             cfg.aug, cfg.image_size, cfg.crop_min_scale, cfg.mean, cfg.std), cfg.on_bad_image)
-        self.bad_images: set[int] = set()  # indices replaced under --on-bad-image skip
 
     def _sampler(self, epoch: int, start_step: int) -> EpochBatchSampler:
         return EpochBatchSampler(len(self.source), self.cfg.batch_size, self.cfg.seed, epoch,
@@ -44,6 +44,9 @@ class PILTrainLoader:
         return self._sampler(0, 0).steps()
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        return self.counted(self._batches(epoch, start_step), start_step * self.cfg.batch_size)
+
+    def _batches(self, epoch: int, start_step: int) -> Iterator[Batch]:
         loader = DataLoader(self.dataset, batch_sampler=self._sampler(epoch, start_step),
                             num_workers=self.workers, pin_memory=self.device.type == "cuda",
                             prefetch_factor=4 if self.workers else None,

@@ -6,15 +6,18 @@ The sample order of an epoch is a function of (seed, epoch, processes R, readers
 process, batch B, buffer K) and of the index only:
 
 1. the shards are permuted by (seed, epoch) and their samples concatenated into one stream;
-2. the stream's first R·W·P samples are cut into R·W contiguous parts of P = ⌊N / (R·W·B)⌋·B
-   samples (the remainder, under R·W·B samples, is left for this epoch; the permutation
-   moves it), part r·W + w going to reader w of rank r: every sample at most once per
-   epoch, reads sequential within a part;
+   an epoch has S = ⌊N / (R·B)⌋ steps, as the folder loaders, so the N - S·R·B samples left
+   out (under one global batch) are a window of the stream at a position drawn from
+   (seed, epoch): every sample is read each epoch but those, and they change every epoch,
+   with one shard too;
+2. the rest of the stream is cut into R·W contiguous parts, part r·W + w going to reader w
+   of rank r and holding S_w·B samples, S_w the steps t < S with t mod W = w: every sample
+   at most once per epoch, reads sequential within a part;
 3. each part is shuffled with a buffer of K samples (take the first K; then each output is
    a uniform pick from the buffer, replaced by the next sample read) drawn from
    (seed, epoch, rank, reader);
 4. step t of rank r is batch ⌊t / W⌋ of reader t mod W: the DataLoader's round-robin over
-   its W workers gives the steps in order.
+   its W workers gives the steps in order (a reader with one step fewer ends first).
 
 A checkpoint saves the run's layout (R, W, K, B and the shards' fingerprint) beside the
 step; ``--resume`` keeps W and K (W reader workers whatever ``-j`` says): each reader
@@ -37,11 +40,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from moco.core.seeding import keyed_generator
 from moco.data.batches import Batch
 from moco.data.crop_loader import CropTrainLoader, CropWork, Meta, Work
+from moco.data.input_settings import InputSettings
 from moco.data.shards import HEIGHT, KIND, SHARD, WIDTH, ShardSource
 from moco.data.source import DataError, ignore_stop_signals
-from moco.engine.config import MocoConfig
 
 _log = logging.getLogger(__name__)
+
+
+ORDER = 2  # the version of the epoch order below, kept in checkpoints
 
 
 def _generator(*key: object) -> torch.Generator:
@@ -68,26 +74,44 @@ def buffer_shuffle(n: int, k: int, g: torch.Generator) -> np.ndarray:
     return out
 
 
-def epoch_stream(shard_of: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+def epoch_stream(shard_of: np.ndarray, seed: int, epoch: int,
+                 keep: int | None = None) -> np.ndarray:
     """The source indices in the epoch's stream order: shards permuted by (seed, epoch),
-    each shard's samples in their order."""
+    each shard's samples in their order; with ``keep``, the ``N - keep`` samples of a window
+    at a position drawn from (seed, epoch) left out."""
     shards = np.unique(shard_of)
     perm = torch.randperm(len(shards), generator=_generator(seed, epoch, "order")).numpy()
     rank_of = np.empty(int(shards.max()) + 1, dtype=np.int64)
     rank_of[shards[perm]] = np.arange(len(shards))
-    return np.argsort(rank_of[shard_of], kind="stable")
+    stream = np.argsort(rank_of[shard_of], kind="stable")
+    left = len(stream) - (len(stream) if keep is None else keep)
+    if left <= 0:
+        return stream
+    at = int(torch.randint(len(stream) - left + 1, (1,),
+                           generator=_generator(seed, epoch, "left out")))
+    return np.concatenate([stream[:at], stream[at + left:]])
 
 
-def part_size(n: int, world_size: int, readers: int, batch: int) -> int:
-    """P: the samples of each reader's part (whole batches)."""
-    return (n // (world_size * readers * batch)) * batch
+def epoch_steps(n: int, world_size: int, batch: int) -> int:
+    """S: the global steps of an epoch (whole global batches, as the folder loaders)."""
+    return n // (world_size * batch)
 
 
-def reader_order(stream: np.ndarray, p: int, rank: int, reader: int, readers: int, seed: int,
-                 epoch: int, buffer: int) -> tuple[np.ndarray, np.ndarray]:
-    """(source indices of the part in read order [P], output order [P] as positions in it)."""
-    part = stream[(rank * readers + reader) * p:(rank * readers + reader + 1) * p]
-    return part, buffer_shuffle(p, buffer, _generator(seed, epoch, rank, reader, "buffer"))
+def reader_steps(steps: int, readers: int, reader: int) -> int:
+    """S_w: the steps t < ``steps`` with t mod W = ``reader``."""
+    return len(range(reader, steps, readers))
+
+
+def reader_order(stream: np.ndarray, steps: int, batch: int, buffer: int,
+                 where: tuple[int, int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(source indices of a reader's part in read order [S_w·B], its output order as
+    positions in it): the epoch's ``stream`` cut as the module doc says; ``where`` is
+    (seed, epoch, rank r, reader w, readers W)."""
+    seed, epoch, rank, reader, readers = where
+    before = rank * steps + sum(reader_steps(steps, readers, v) for v in range(reader))
+    size = reader_steps(steps, readers, reader) * batch
+    part = stream[before * batch:before * batch + size]
+    return part, buffer_shuffle(size, buffer, _generator(seed, epoch, rank, reader, "buffer"))
 
 
 class _BufferedReader:
@@ -119,11 +143,12 @@ class _ReaderSteps(IterableDataset[Work]):
         info = get_worker_info()
         i = info.id if info is not None else 0
         w, cfg_b = (self.start + i) % self.readers, self.work.batch
-        n = len(self.source)
-        p = part_size(n, self.world_size, self.readers, cfg_b)
-        stream = epoch_stream(self.source.table[:, SHARD], self.work.seed, self.epoch)
-        part, out = reader_order(stream, p, self.work.rank, w, self.readers, self.work.seed,
-                                 self.epoch, self.buffer)
+        steps = epoch_steps(len(self.source), self.world_size, cfg_b)
+        stream = epoch_stream(self.source.table[:, SHARD], self.work.seed, self.epoch,
+                              keep=steps * self.world_size * cfg_b)
+        part, out = reader_order(stream, steps, cfg_b, self.buffer,
+                                 (self.work.seed, self.epoch, self.work.rank, w, self.readers))
+        p = len(part)
         first = (self.start + i) // self.readers  # this reader's first batch
         todo = out[first * cfg_b:]
         wanted = np.zeros(p, dtype=bool)
@@ -147,7 +172,7 @@ class ShardTrainLoader(CropTrainLoader):
     ``buffer`` are the run's layout: from ``-j`` and ``--shuffle-buffer`` at its start, from
     the checkpoint when it resumes (so a resumed run reads what the uninterrupted one would)."""
 
-    def __init__(self, cfg: MocoConfig, source: ShardSource, device: torch.device, workers: int,
+    def __init__(self, cfg: InputSettings, source: ShardSource, device: torch.device, workers: int,
                  rank: int = 0, world_size: int = 1,
                  decode_device: torch.device | None = None) -> None:
         t = source.table
@@ -158,20 +183,19 @@ class ShardTrainLoader(CropTrainLoader):
         self.readers, self.buffer = max(1, workers), cfg.shuffle_buffer
         if self.steps() < 1:
             raise DataError(
-                f"the shards hold {len(source)} samples, fewer than one batch of {cfg.batch_size} "
-                f"per reader ({world_size} process(es) x {self.readers} reader(s) x "
-                f"{cfg.batch_size} = {world_size * self.readers * cfg.batch_size}): lower -j "
-                "(--workers) or --batch-size")
+                f"the shards hold {len(source)} samples, fewer than one batch of "
+                f"{world_size * cfg.batch_size} ({world_size} process(es) x {cfg.batch_size}): "
+                "lower --batch-size or add samples")
 
     def steps(self) -> int:
-        b = self.cfg.batch_size
-        return part_size(len(self.source), self.world_size, self.readers, b) // b * self.readers
+        return epoch_steps(len(self.source), self.world_size, self.cfg.batch_size)
 
     def state_dict(self) -> dict[str, Any]:
-        """The run's layout (saved in checkpoints)."""
+        """The run's layout (saved in checkpoints); ``order`` names the module doc's order."""
         return {"kind": "shards", "readers": self.readers, "buffer": self.buffer,
                 "world_size": self.world_size, "batch": self.cfg.batch_size,
-                "shards": self.source.index.fingerprint, "samples": len(self.source)}
+                "shards": self.source.index.fingerprint, "samples": len(self.source),
+                "order": ORDER}
 
     def load_state_dict(self, state: dict[str, Any], epoch_step: int) -> None:
         """Take a checkpoint's layout. Mid-epoch, the rest of the epoch depends on the
@@ -187,6 +211,10 @@ class ShardTrainLoader(CropTrainLoader):
                     f"({state.get(key)} then, {mine[key]} now): the rest of the epoch depends "
                     "on it. Resume with the same data and process count, or from a checkpoint "
                     "saved at the end of an epoch")
+        if epoch_step and state.get("order") != ORDER:
+            _log.warning("shards: the checkpoint stopped mid-epoch under an earlier sample "
+                         "order of the shards: the rest of this epoch reads in today's order "
+                         "(some of its samples twice, others not); the next epochs are whole")
         if (state["readers"], state["buffer"]) != (self.readers, self.buffer):
             _log.info(f"shards: this run reads with {state['readers']} reader(s) per process "
                       f"and a shuffle buffer of {state['buffer']}, as it started (not -j "

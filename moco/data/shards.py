@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import tarfile
@@ -28,11 +29,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from moco.data.cache_dir import STORE_ERRORS, file_identity
+from moco.data.folders import holds_images
 from moco.data.index import building
 from moco.data.source import IMAGE_EXTENSIONS, DataError, DatasetSplits, ImageSource, open_rgb
 from moco.utils.atomic import atomic_write
 
-SHARD_INDEX_FORMAT = 1
+_log = logging.getLogger(__name__)
+
+SHARD_INDEX_FORMAT = 2
+# After the end-of-archive blocks a tar is padded to whole records (tarfile's and GNU tar's
+# default: 20 blocks); more zeros than that mean a zero-filled tail, not the archive's end.
+END_SLACK = 2 * tarfile.BLOCKSIZE + tarfile.RECORDSIZE
 SEQUENTIAL_BUFFER = 1 << 20
 CLASSES_FILE = "classes.txt"  # one class name per line, line i = label i (written by moco shard)
 _IMAGE_EXTS = {e.lstrip(".") for e in IMAGE_EXTENSIONS}
@@ -53,6 +61,19 @@ def shard_files(folder: Path) -> list[Path]:
         return []
     return sorted(p for p in folder.iterdir() if p.suffix == ".tar" and p.is_file()
                   and not p.name.startswith("."))
+
+
+def shard_folder(folder: Path) -> list[Path]:
+    """The shards of ``folder`` when it is a folder of shards; [] when it has none, or when
+    it holds images too (an image folder with a stray ``.tar``: the tar files are ignored,
+    with a notice, and the folder is read as images)."""
+    tars = shard_files(folder)
+    if tars and holds_images(folder):
+        _log.warning(f"{folder} holds images and {len(tars)} .tar file(s) (e.g. "
+                     f"{tars[0].name}): read as a folder of images, the .tar files ignored; "
+                     "move them out to silence this, or the images out to read the shards")
+        return []
+    return tars
 
 
 def index_shard(path: str) -> tuple[np.ndarray, list[str]]:
@@ -84,6 +105,7 @@ def index_shard(path: str) -> tuple[np.ndarray, list[str]]:
                     keys[key] = len(rows)
                     rows.append([0, m.offset_data, m.size, -1, h, w, kind])
                     names.append(m.name)
+            _check_end(path, raw, tf.offset, len(rows))
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f"cannot read the tar shard {path}: {e}; uncompressed .tar files "
                         "(WebDataset layout, written by 'moco shard') are expected") from None
@@ -95,11 +117,32 @@ def index_shard(path: str) -> tuple[np.ndarray, list[str]]:
     return np.asarray(rows, dtype=np.int64).reshape(-1, 7), names
 
 
+def _check_end(path: str, raw: object, end: int, samples: int) -> None:
+    """Refuse a shard whose members stop before its end: no end-of-archive blocks after the
+    last member (cut at a sample boundary), or zeros (or other bytes) where members belong."""
+    f = raw  # the open shard, positioned anywhere
+    size = os.fstat(f.fileno()).st_size  # type: ignore[attr-defined]
+    again = "copy or write it again ('moco shard')"
+    if samples == 0 and size and end == 0:
+        raise DataError(f"the tar shard {path} holds no sample: its first block is zeros "
+                        f"(zero-filled, {size} bytes); {again}")
+    if size - end < 2 * tarfile.BLOCKSIZE:
+        raise DataError(f"the tar shard {path} ends without the end-of-archive blocks after "
+                        f"its {samples} sample(s): it was cut (an interrupted copy?); {again}")
+    f.seek(end)  # type: ignore[attr-defined]
+    tail = f.read(END_SLACK + 1)  # type: ignore[attr-defined]
+    if len(tail) > END_SLACK or tail.count(0) != len(tail):
+        what = "zero-filled" if tail.count(0) == len(tail) else "followed by unread bytes"
+        raise DataError(f"the tar shard {path} stops after {samples} sample(s) and is "
+                        f"{what} from byte {end} to its end ({size} bytes): members were lost "
+                        f"there; {again}")
+
+
 def _fingerprint(shards: list[Path]) -> str:
     h = hashlib.sha256(f"moco-shards-{SHARD_INDEX_FORMAT}\n".encode())
     for p in shards:
-        st = p.stat()
-        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        size, mtime, ino, ctime = file_identity(p.stat())
+        h.update(f"{p.name}\0{size}\0{mtime}\0{ino}\0{ctime}\n".encode())
     return h.hexdigest()
 
 
@@ -117,11 +160,21 @@ class ShardIndex:
         return bool(len(self.table)) and bool((self.table[:, LABEL] >= 0).all())
 
     def classes(self) -> list[str]:
+        """The names in ``classes.txt``, else ``0 .. max label``; a label outside the names
+        is refused, naming its sample."""
         f = self.folder / CLASSES_FILE
-        if f.is_file():
-            return f.read_text().splitlines()
         top = int(self.table[:, LABEL].max()) + 1 if len(self.table) else 0
-        return [str(c) for c in range(top)]
+        if not f.is_file():
+            return [str(c) for c in range(top)]
+        names = f.read_text().splitlines()
+        if top > len(names):
+            k = int(np.flatnonzero(self.table[:, LABEL] >= len(names))[0])
+            shard = self.shards[int(self.table[k, SHARD])].name
+            raise DataError(f"sample {shard}:{self.names[k]} of {self.folder} holds class index "
+                            f"{int(self.table[k, LABEL])}, but {f.name} names {len(names)} "
+                            f"class(es) (indices 0..{len(names) - 1}): fix {f} or write the "
+                            "shards again ('moco shard')")
+        return names
 
 
 def shard_index(folder: Path, cache_dir: Path | None, workers: int = 0,
@@ -185,8 +238,8 @@ def _load(path: Path, folder: Path, shards: list[Path], fp: str) -> ShardIndex |
                 return None
             names = z["names"].tobytes().decode("utf-8", "surrogateescape").split("\0")
             return ShardIndex(folder, shards, z["table"], names, fp)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError):
-        return None
+    except STORE_ERRORS:
+        return None  # unreadable (cut, empty, another format): built again
 
 
 def _save(path: Path, idx: ShardIndex) -> None:
@@ -288,16 +341,17 @@ def find_shards(root: Path, cache_dir: str | Path | None = None) -> DatasetSplit
     The index goes to ``cache_dir`` (default ``$MOCO_CACHE``), never inside ``root``."""
     from moco.data.cache_dir import resolve_cache_dir
 
-    if not shard_files(root) and not shard_files(root / "train"):
+    here, train_shards = shard_folder(root), shard_folder(root / "train")
+    if not here and not train_shards:
         return None
     c, d = resolve_cache_dir(cache_dir).resolve(), root.resolve()
     cache_dir = None if c == d or d in c.parents else c
-    if shard_files(root):
-        return DatasetSplits(ShardSource(shard_index(root, cache_dir)), None)
-    train = ShardSource(shard_index(root / "train", cache_dir))
+    if here:
+        return DatasetSplits(ShardSource(shard_index(root, cache_dir, shards=here)), None)
+    train = ShardSource(shard_index(root / "train", cache_dir, shards=train_shards))
     test = None
     for name in ("val", "test"):
-        if shard_files(root / name):
+        if shard_folder(root / name):
             test = ShardSource(shard_index(root / name, cache_dir))
             break
     return DatasetSplits(train, test)
@@ -310,8 +364,8 @@ def shard_source(path: Path, cache_dir: str | Path | None = None) -> ShardSource
 
     if path.is_file() and path.suffix == ".tar":
         folder, files = path.parent, [path]
-    elif shard_files(path):
-        folder, files = path, shard_files(path)
+    elif shard_folder(path):
+        folder, files = path, shard_folder(path)
     else:
         return None
     c, d = resolve_cache_dir(cache_dir).resolve(), folder.resolve()

@@ -10,6 +10,7 @@ readers are in :mod:`moco.data.folders` (folders, CIFAR batches), :mod:`moco.dat
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from dataclasses import dataclass, field
@@ -98,6 +99,27 @@ class ImageSource:
         )
 
 
+
+
+def check_data_folder(path: Path, what: str = "data folder") -> None:
+    """Refuse a ``DATA`` that is not an existing folder, naming why: missing, a file, a
+    symbolic link that leads back to itself (a loop) or to nothing."""
+    if path.is_dir():
+        return
+    if path.is_symlink():
+        try:
+            os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise DataError(f"{what} {path} is a symbolic link loop (it leads back to "
+                                f"itself: {path} -> {os.readlink(path)}); point it at the "
+                                "folder of images") from None
+        raise DataError(f"{what} {path} is a symbolic link to {os.readlink(path)}, which does "
+                        "not exist; point it at the folder of images")
+    if not path.exists():
+        raise DataError(f"{what} {path} does not exist")
+    raise DataError(f"{what} {path} is a file, not a folder: pass the folder that holds "
+                    "train/ (and val/ or test/)")
 
 
 def is_image_name(name: str) -> bool:

@@ -10,7 +10,13 @@ import logging
 from pathlib import Path
 
 from moco.data.folders import CIFAR_FOLDERS, cifar_python
-from moco.data.source import DataError, DatasetSplits, ImageSource, class_mismatch
+from moco.data.source import (
+    DataError,
+    DatasetSplits,
+    ImageSource,
+    check_data_folder,
+    class_mismatch,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -26,11 +32,7 @@ def find_dataset(root: str | Path, on_bad_image: str = "stop",
     if not str(root):
         raise DataError("no data folder given: pass DATA, or set $MOCO_DATA")
     r = Path(root)
-    if not r.exists():
-        raise DataError(f"data folder {r} does not exist")
-    if not r.is_dir():
-        raise DataError(f"data folder {r} is a file, not a folder: pass the folder that holds "
-                        "train/ (and val/ or test/)")
+    check_data_folder(r)
     for folder in [r] + [r / n for n in CIFAR_FOLDERS]:
         if folder.name in CIFAR_FOLDERS and folder.is_dir():
             return DatasetSplits(cifar_python(folder, True), cifar_python(folder, False))

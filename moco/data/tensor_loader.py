@@ -36,13 +36,13 @@ from torch.utils.data import DataLoader, Dataset
 from moco.core.device import normalize_device, same_device, to_device
 from moco.data.aug_params import AugParams
 from moco.data.batch_augment import BatchAugment, eval_resize
-from moco.data.batches import Batch, step_generator, stream_prefetch, torch_threads
+from moco.data.batches import Batch, LoaderState, step_generator, stream_prefetch, torch_threads
 from moco.data.cache import DecodedImages, cached_images, decode_resized
 from moco.data.datasets import EpochBatchSampler, epoch_order
 from moco.data.input_plan import cache_short_side
+from moco.data.input_settings import InputSettings
 from moco.data.recipes import eval_resize_size
 from moco.data.source import DataError, ImageSource, ignore_stop_signals
-from moco.engine.config import MocoConfig
 
 
 def _as_tensor(a: np.ndarray) -> torch.Tensor:
@@ -65,7 +65,7 @@ def _finish(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, channels_last: 
     return Batch(q, k, idx)
 
 
-class TensorTrainLoader:
+class TensorTrainLoader(LoaderState):
     """Decoded images in memory -> two augmented views per image, on ``device``.
 
     ``images``: uint8 [N,H,W,3] (and per-image ``sizes`` [N,2] for a mixed-size cache).
@@ -75,9 +75,10 @@ class TensorTrainLoader:
     prefetch, see :func:`torch_threads`; None: unchanged).
     """
 
-    def __init__(self, cfg: MocoConfig, images: DecodedImages, device: torch.device,
+    def __init__(self, cfg: InputSettings, images: DecodedImages, device: torch.device,
                  rank: int = 0, world_size: int = 1, prefetch: bool | None = None,
                  aug_threads: int | None = -1) -> None:
+        super().__init__()
         device = normalize_device(device)  # cuda -> cuda:<current>, as tensors report it
         self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
         self.decoded = images
@@ -98,7 +99,7 @@ class TensorTrainLoader:
         if aug_threads == -1:
             aug_threads = 1 if device.type == "cpu" and not self.prefetch else None
         self.aug_threads = aug_threads
-        self.bad_images: set[int] = set(getattr(images, "bad", ()))
+        self.bad_images = set(images.bad)
 
     def steps(self) -> int:
         return self.n // self.global_batch
@@ -131,6 +132,9 @@ class TensorTrainLoader:
         return _finish(q, k, idx, self.cfg.channels_last_on(self.device.type))
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        return self.counted(self._batches(epoch, start_step), start_step * self.batch)
+
+    def _batches(self, epoch: int, start_step: int) -> Iterator[Batch]:
         order, _ = epoch_order(self.n, self.cfg.seed, epoch)
         steps = range(start_step, self.steps())
         if not self.prefetch:
@@ -198,12 +202,13 @@ class _StepSampler(EpochBatchSampler):
             yield [items]
 
 
-class DecodeTrainLoader:
+class DecodeTrainLoader(LoaderState):
     """Files decoded in DataLoader workers (uint8, short side ``short_side``) -> the same
     batched augmentation on ``device``, for datasets too large for the decoded cache."""
 
-    def __init__(self, cfg: MocoConfig, source: ImageSource, device: torch.device, workers: int,
+    def __init__(self, cfg: InputSettings, source: ImageSource, device: torch.device, workers: int,
                  rank: int = 0, world_size: int = 1, short_side: int | None = None) -> None:
+        super().__init__()
         self.cfg, self.source, self.workers = cfg, source, workers
         self.device = normalize_device(device)
         self.rank, self.world_size = rank, world_size
@@ -211,7 +216,6 @@ class DecodeTrainLoader:
         self.aug = BatchAugment(cfg.aug, cfg.image_size, cfg.crop_min_scale, cfg.mean, cfg.std)
         self.dataset = _DecodeBatches(source, short_side or cache_short_side(cfg.image_size),
                                       cfg.on_bad_image)
-        self.bad_images: set[int] = set()
 
     def _sampler(self, epoch: int, start_step: int) -> _StepSampler:
         return _StepSampler(len(self.source), self.cfg.batch_size, self.cfg.seed, epoch,
@@ -225,10 +229,10 @@ class DecodeTrainLoader:
         (seed, epoch, step) and sliced, so views match the in-memory loader's for the same
         decoded pixels. On CUDA the augmentation of batch t+1 overlaps step t
         (:func:`stream_prefetch`)."""
+        steps = self._batches(epoch, start_step)
         if self.device.type == "cuda":
-            yield from stream_prefetch(self._batches(epoch, start_step), self.device)
-        else:
-            yield from self._batches(epoch, start_step)
+            steps = stream_prefetch(steps, self.device)
+        return self.counted(steps, start_step * self.cfg.batch_size)
 
     def _batches(self, epoch: int, start_step: int) -> Iterator[Batch]:
         sampler = self._sampler(epoch, start_step)
@@ -265,7 +269,7 @@ _DECODED: weakref.WeakKeyDictionary[ImageSource, dict[tuple[str, int], DecodedIm
     weakref.WeakKeyDictionary())
 
 
-def decoded_or_none(cfg: MocoConfig, source: ImageSource, workers: int) -> DecodedImages | None:
+def decoded_or_none(cfg: InputSettings, source: ImageSource, workers: int) -> DecodedImages | None:
     """The source's decoded images (cache built on first use), or None when they do not fit
     in memory (or the cache folder cannot be written). Remembered per source object, so the
     per-epoch kNN evaluation does not re-check the files."""
@@ -280,7 +284,7 @@ def decoded_or_none(cfg: MocoConfig, source: ImageSource, workers: int) -> Decod
     return known[key]
 
 
-def eval_batches_decoded(cfg: MocoConfig, decoded: DecodedImages, device: torch.device,
+def eval_batches_decoded(cfg: InputSettings, decoded: DecodedImages, device: torch.device,
                          batch_size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Resize + center crop + normalize (as :func:`moco.data.augment.eval_transform`) of decoded
     images, in order, with their labels (-1 when unlabeled): [B,3,S,S] on ``device``."""

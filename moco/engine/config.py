@@ -22,7 +22,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from moco.core.errors import ConfigError
-from moco.data.recipes import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, RECIPES
+from moco.data.input_settings import (
+    AUGMENTATIONS,
+    BAD_IMAGE_POLICIES,
+    CROPS,
+    DECODES,
+    INPUT_DEFAULTS,
+    LOADERS,
+    InputSettings,
+)
+from moco.data.recipes import CIFAR_MEAN, CIFAR_STD
+from moco.data.recipes import IMAGENET_MEAN as IMAGENET_MEAN
+from moco.data.recipes import IMAGENET_STD as IMAGENET_STD
 from moco.utils.memory import FLOAT_BYTES, refuse_if_too_big
 from moco.utils.settings import (
     Setting,
@@ -33,18 +44,13 @@ from moco.utils.settings import (
     setting,
 )
 
-AUGMENTATIONS = tuple(RECIPES)  # v1, v2, cifar-demo
 SHUFFLE_BN = ("auto", "split", "none", "ddp", "syncbn")
 # Modes that normalise with SplitBatchNorm over --bn-splits sub-batches (with / without the shuffle).
 SPLIT_BN_MODES = ("split", "none")
 LR_SCALES = ("none", "linear")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 KNN_FEATURES = ("backbone", "head")
-LOADERS = ("auto", "tensor", "pil")
 MECHANISMS = ("moco", "end-to-end", "memory-bank")
-BAD_IMAGE_POLICIES = ("stop", "skip")
-CROPS = ("auto", "original", "short-side")
-DECODES = ("auto", "cpu", "gpu")
 MAX_SEED = 2**32 - 1
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -99,7 +105,7 @@ class MocoConfig:
         per_invocation=True, help="save and stop at the end of the last epoch whose training "
         "fits in MINUTES (judged from the epochs so far; 0 = no limit); --resume auto continues "
         "the same schedule (this flag is not kept for the resumed run)")
-    batch_size: int = setting(256, "-b", "--batch-size", group=_O, min=1,
+    batch_size: int = setting(INPUT_DEFAULTS.batch_size, "-b", "--batch-size", group=_O, min=1,
                               help="GLOBAL batch size over all processes; each of N torchrun "
                               "processes gets b / N")
     lr: float = setting(0.03, "--lr", "--learning-rate", group=_O, min=0, help="base lr")
@@ -125,15 +131,15 @@ class MocoConfig:
                             help="softmax temperature T")
     mlp: bool = setting(False, "--mlp", group=_M, help="MoCo v2 MLP head")
     aug: str = setting(
-        "v1", "--aug", group=_A, choices=AUGMENTATIONS, help="augmentation recipe",
+        INPUT_DEFAULTS.aug, "--aug", group=_A, choices=AUGMENTATIONS, help="augmentation recipe",
         shortcuts=(("--aug-plus", "v2", "MoCo v2 augmentation (same as --aug v2)"),))
-    image_size: int = setting(224, "--image-size", group=_A, min=8, help="crop size in pixels")
-    crop_min_scale: float = setting(0.2, "--crop-min-scale", group=_A, min=0, min_open=True,
+    image_size: int = setting(INPUT_DEFAULTS.image_size, "--image-size", group=_A, min=8, help="crop size in pixels")
+    crop_min_scale: float = setting(INPUT_DEFAULTS.crop_min_scale, "--crop-min-scale", group=_A, min=0, min_open=True,
                                     max=1, help="RandomResizedCrop minimum area fraction")
-    mean: list[float] = setting(list(IMAGENET_MEAN), "--mean", group=_A, length=3,
+    mean: list[float] = setting(list(INPUT_DEFAULTS.mean), "--mean", group=_A, length=3,
                                 metavar=("R", "G", "B"), help="per-channel mean of the "
                                 "normalisation")
-    std: list[float] = setting(list(IMAGENET_STD), "--std", group=_A, length=3, min=0,
+    std: list[float] = setting(list(INPUT_DEFAULTS.std), "--std", group=_A, length=3, min=0,
                                min_open=True, metavar=("R", "G", "B"),
                                help="per-channel standard deviation of the normalisation")
     symmetric: bool = setting(False, "--symmetric", group=_M, help="symmetric loss: "
@@ -148,10 +154,10 @@ class MocoConfig:
         "process")
     bn_splits: int = setting(8, "--bn-splits", group=_M, min=1, help="sub-batches of "
                              "SplitBatchNorm")
-    seed: int = setting(0, "--seed", group=_U, min=0, max=MAX_SEED,
+    seed: int = setting(INPUT_DEFAULTS.seed, "--seed", group=_U, min=0, max=MAX_SEED,
                         help="seed for weights, data order and augmentation")
     workers: int = setting(
-        -1, "-j", "--workers", group=_A, min=-1, max=1024, role="runtime", per_rank=True,
+        INPUT_DEFAULTS.workers, "-j", "--workers", group=_A, min=-1, max=1024, role="runtime", per_rank=True,
         help="data-loading processes; -1 = cores - 1 on CPU, up to 8 on GPU")
     train_subset: int = setting(0, "--train-subset", group=_A, min=0, help="pretrain on a "
                                 "class-balanced subset of N train images (kNN still uses the "
@@ -185,35 +191,35 @@ class MocoConfig:
     precision: str = setting("auto", "--precision", group=_U, choices=PRECISIONS,
                              help="auto: bf16 autocast on CUDA, fp32 on CPU")
     channels_last: bool | str = setting(
-        "auto", "--channels-last", group=_U, help="channels_last memory format: true, false or "
+        INPUT_DEFAULTS.channels_last, "--channels-last", group=_U, help="channels_last memory format: true, false or "
         "auto (on CUDA only: slower on CPUs, docs/benchmarks.md)")
     loader: str = setting(
-        "auto", "--loader", group=_S, choices=LOADERS, help="auto / tensor: decoded-image cache "
+        INPUT_DEFAULTS.loader, "--loader", group=_S, choices=LOADERS, help="auto / tensor: decoded-image cache "
         "(when the decoded images fit in memory, else decoding in workers) + batched "
         "augmentation on the training device; pil: the original per-image PIL transforms in "
         "DataLoader workers")
     cache_dir: str = setting(
-        "", "--cache-dir", group=_S, role="runtime", per_rank=True, default_text="$MOCO_CACHE, "
+        INPUT_DEFAULTS.cache_dir, "--cache-dir", group=_S, role="runtime", per_rank=True, default_text="$MOCO_CACHE, "
         "else ~/.cache/moco", help="folder of the decoded-image cache, never inside DATA")
     compile: bool = setting(False, "--compile", group=_S, help="torch.compile the encoders "
                             "(the first steps compile for a minute or more)")
     crops: str = setting(
-        "auto", "--crops", group=_S, choices=CROPS, help="where the crop boxes are drawn: "
+        INPUT_DEFAULTS.crops, "--crops", group=_S, choices=CROPS, help="where the crop boxes are drawn: "
         "original = on each file's original size, decoded each step (the papers' "
         "RandomResizedCrop); short-side = from the decoded cache (images resized to short side "
         "256 for 224 px crops: fewer source pixels per crop); auto = the cache when it keeps "
         "every image whole (none larger than the training size, e.g. CIFAR, STL), else "
         "original. Tar shards always use original")
     decode: str = setting(
-        "auto", "--decode", group=_S, choices=DECODES, help="where original-size crops' JPEGs "
+        INPUT_DEFAULTS.decode, "--decode", group=_S, choices=DECODES, help="where original-size crops' JPEGs "
         "are decoded: cpu = in the DataLoader workers; gpu = bytes read in the workers, each "
         "batch decoded on the training GPU in one call (nvJPEG; other files on the CPU); "
         "auto = gpu when training on CUDA")
     shuffle_buffer: int = setting(
-        1000, "--shuffle-buffer", group=_S, min=1, help="tar shards: the samples each reader's "
+        INPUT_DEFAULTS.shuffle_buffer, "--shuffle-buffer", group=_S, min=1, help="tar shards: the samples each reader's "
         "shuffle buffer holds (more mixes better and holds more encoded images in memory)")
     on_bad_image: str = setting(
-        "stop", "--on-bad-image", group=_U, choices=BAD_IMAGE_POLICIES, help="an unreadable "
+        INPUT_DEFAULTS.on_bad_image, "--on-bad-image", group=_U, choices=BAD_IMAGE_POLICIES, help="an unreadable "
         "image file or folder: stop = stop with an error naming it (after saving the steps "
         "done); skip = replace an image by the next readable one and leave an unreadable folder "
         "out, and count them (the count is logged and in metrics.jsonl as bad_images)")
@@ -250,6 +256,11 @@ class MocoConfig:
     def channels_last_on(self, device_type: str) -> bool:
         """Whether to use the channels_last memory format on a ``device_type`` device."""
         return device_type == "cuda" if self.channels_last == "auto" else bool(self.channels_last)
+
+    def input_settings(self) -> InputSettings:
+        """What the input pipeline reads of this run (:mod:`moco.data.input_settings`); the
+        batch is the global one (a process's loader takes its slice)."""
+        return InputSettings.of(self)
 
     def validate(self) -> None:
         """Check every field again (they may have been assigned since) and the settings

@@ -56,8 +56,8 @@ def monitor_knn(encoder: nn.Module, sources: MonitorSources, cfg: MocoConfig, di
     net = strip_head(encoder) if cfg.knn_features == "backbone" else encoder
     feats = []
     for src, n in ((bank_src, n_bank), (query_src, n_query)):
-        f, y = source_features(net, src, cfg, device, workers, autocast_dtype=autocast_dtype,
-                               out_device=device)
+        f, y = source_features(net, src, cfg.input_settings(), device, workers,
+                               autocast_dtype=autocast_dtype, out_device=device)
         feats.append((gather_shards(f, n), gather_shards(y, n)) if len(src) < n else (f, y))
     (bank, bank_labels), (query, query_labels) = feats
     return knn_accuracy(query, query_labels, bank, bank_labels, k=cfg.knn_k, t=cfg.knn_t)

@@ -134,7 +134,8 @@ class TrainingRun:
         self.workers = cfg.workers if cfg.workers >= 0 else default_workers(self.device, self.dist.local_world_size)
         # The loader's batch is this process's slice of the global batch.
         self.train_loader: TrainLoader = make_train_loader(
-            dataclasses.replace(cfg, batch_size=per_rank_batch(cfg.batch_size, self.dist.world_size)),
+            dataclasses.replace(cfg.input_settings(),
+                                batch_size=per_rank_batch(cfg.batch_size, self.dist.world_size)),
             self.train_source, self.device, self.workers, self.dist.rank, self.dist.world_size)
         steps = self.train_loader.steps()  # batch larger than the dataset: fail now, not after kNN
         check_staleness_images(cfg, steps * cfg.batch_size)

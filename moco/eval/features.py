@@ -4,22 +4,23 @@ training monitor (:mod:`moco.engine.evaluation`) and ``moco knn`` (:mod:`moco.cl
 that both give the same figure for the same weights by construction.
 
 The pipeline is :func:`moco.data.loaders.eval_batches` (resize + center crop + normalize; the
-decoded-image cache when it fits in memory, else the per-image PIL transform) driven by a
-:class:`~moco.engine.config.MocoConfig`: the run's own during pretraining, and for a
+decoded-image cache when it fits in memory, else the per-image PIL transform) driven by
+:class:`~moco.data.input_settings.InputSettings`: the run's own during pretraining, and for a
 checkpoint the settings its run recorded (:func:`eval_config`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moco.data.input_settings import InputSettings
 from moco.data.source import ImageSource
-from moco.engine.config import MocoConfig
 
 #: The settings of a pretraining run that decide how its evaluation images are read and
 #: encoded (the monitor's), taken from a checkpoint by :func:`eval_config`.
@@ -94,7 +95,7 @@ def extract_features(
     return out, labels.to(out_device)
 
 
-def source_features(model: nn.Module, source: ImageSource, cfg: MocoConfig,
+def source_features(model: nn.Module, source: ImageSource, cfg: InputSettings,
                     device: torch.device, workers: int, *,
                     autocast_dtype: torch.dtype | None, dtype: torch.dtype = torch.float32,
                     out_device: torch.device | str = "cpu", batch_size: int = 256,
@@ -108,16 +109,24 @@ def source_features(model: nn.Module, source: ImageSource, cfg: MocoConfig,
                             autocast_dtype=autocast_dtype, progress=progress)
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """How a checkpoint's images are read (``inputs``) and encoded (``precision``: auto,
+    fp32, bf16 or fp16)."""
+
+    inputs: InputSettings
+    precision: str = "auto"
+
+
 def eval_config(recorded: dict[str, Any] | None, *, image_size: int, mean: Iterable[float],
                 std: Iterable[float], cache_dir: str = "", workers: int = -1,
-                precision: str | None = None) -> MocoConfig:
+                precision: str | None = None) -> EvalSettings:
     """The evaluation settings of a checkpoint: :data:`EVAL_SETTINGS` as its pretraining run
     recorded them (``recorded``: the checkpoint's config; defaults for other files), with the
     image size, mean and std given (the caller's choice, else the recorded ones) and this
     machine's cache folder and workers. ``precision`` overrides the recorded one."""
     values = {k: v for k, v in (recorded or {}).items() if k in EVAL_SETTINGS}
-    values.update(image_size=int(image_size), mean=[float(x) for x in mean],
-                  std=[float(x) for x in std], cache_dir=cache_dir, workers=workers)
-    if precision is not None:
-        values["precision"] = precision
-    return MocoConfig(**values)
+    recorded_precision = str(values.pop("precision", "auto"))
+    values.update(image_size=int(image_size), mean=tuple(float(x) for x in mean),
+                  std=tuple(float(x) for x in std), cache_dir=cache_dir, workers=workers)
+    return EvalSettings(InputSettings(**values), precision or recorded_precision)

@@ -144,9 +144,10 @@ def knn_evaluate(data: str | Path, pretrained: str | Path, *, arch: str | None =
     dev = resolve_device(device)
     model, info = load_encoder(pretrained, arch, dev, features=features)
     nw = workers if workers >= 0 else default_workers(dev)
-    cfg = feats.eval_config(info.config, image_size=image_size or info.image_size,
-                            mean=info.mean, std=info.std, workers=nw, precision=precision)
-    autocast = resolve_precision(cfg.precision, dev)
+    settings = feats.eval_config(info.config, image_size=image_size or info.image_size,
+                                 mean=info.mean, std=info.std, workers=nw, precision=precision)
+    cfg = settings.inputs
+    autocast = resolve_precision(settings.precision, dev)
     t0 = time.perf_counter()
     total = len(bank_source) + len(query_source)
     with tqdm(total=total, desc="features", unit="img", disable=not progress,

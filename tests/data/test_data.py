@@ -75,6 +75,20 @@ def test_missing_or_empty_data_clear_errors(tmp_path: Path) -> None:
     assert issubclass(DataError, ValueError)
 
 
+def test_a_data_symlink_loop_or_dangling_link_is_named(tmp_path: Path) -> None:
+    from helpers import run_cli
+
+    loop, dangling = tmp_path / "loop", tmp_path / "dangling"
+    loop.symlink_to(loop)
+    dangling.symlink_to(tmp_path / "gone")
+    with pytest.raises(DataError, match="symbolic link loop"):
+        find_dataset(loop)
+    with pytest.raises(DataError, match="symbolic link to .*gone, which does not exist"):
+        find_dataset(dangling)
+    rc, _, err = run_cli(["shard", str(loop), str(tmp_path / "out"), "--no-progress"])
+    assert rc == 2 and "symbolic link loop" in err and "Traceback" not in err
+
+
 # ----- CIFAR python folders ------------------------------------------------------------------
 
 def _write_cifar10(root: Path, per_batch: int = 3) -> tuple[np.ndarray, list[int], np.ndarray, list[int]]:

@@ -27,6 +27,7 @@ from helpers import (
 from PIL import Image
 
 import moco.engine.loop as train_mod
+from moco.data.input_settings import InputSettings
 from moco.data.shard_loader import ShardTrainLoader, buffer_shuffle
 from moco.data.shard_writer import parse_size, sample_key, unique_keys, write_shards
 from moco.data.shards import ShardSource, split_key
@@ -119,11 +120,11 @@ def _epoch_indices(loader: ShardTrainLoader, epoch: int, start: int = 0) -> list
     return [b.index for b in loader.batches(epoch, start)]
 
 
-def cfg(**kw: object) -> MocoConfig:
+def cfg(**kw: object) -> InputSettings:
     base: dict[str, object] = {"batch_size": 2, "image_size": 16, "aug": "v2", "seed": 5,
                                "channels_last": False, "shuffle_buffer": 4}
     base.update(kw)
-    return MocoConfig(**base)  # type: ignore[arg-type]
+    return MocoConfig(**base).input_settings()  # type: ignore[arg-type]
 
 
 def test_every_sample_exactly_once_per_epoch_across_2_ranks_x_2_workers(tmp_path: Path) -> None:
@@ -141,12 +142,12 @@ def test_every_sample_exactly_once_per_epoch_across_2_ranks_x_2_workers(tmp_path
         assert sorted(seen) == list(range(32))
         epochs.append(seen)
     assert epochs[0] != epochs[1]
-    # 30 samples: each rank reader takes P = 6 (whole batches); 6 are left this epoch
+    # 30 samples: 7 global steps of 2 x 2, as the folder loaders; 2 are left this epoch
     sub = src.subset(list(range(30)))
     loader = ShardTrainLoader(cfg(), sub, CPU, 2, 0, 2)
     got = torch.cat(_epoch_indices(loader, 0)).tolist() + torch.cat(
         _epoch_indices(ShardTrainLoader(cfg(), sub, CPU, 2, 1, 2), 0)).tolist()
-    assert len(got) == len(set(got)) == 24
+    assert len(got) == len(set(got)) == 28
 
 
 def test_each_reader_reads_its_shards_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

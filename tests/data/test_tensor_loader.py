@@ -14,6 +14,7 @@ from moco.data.batches import step_generator
 from moco.data.cache import DecodedImages
 from moco.data.crop_loader import CropTrainLoader
 from moco.data.datasets import EpochBatchSampler
+from moco.data.input_settings import InputSettings
 from moco.data.loaders import eval_batches, make_tensor_loader, make_train_loader
 from moco.data.pil_loader import PILTrainLoader
 from moco.data.source import ImageSource
@@ -25,11 +26,11 @@ from moco.engine.config_sources import build_config
 CPU = torch.device("cpu")
 
 
-def _cfg(**kw: object) -> MocoConfig:
+def _cfg(**kw: object) -> InputSettings:
     base = dict(arch="resnet18", image_size=24, batch_size=4, aug="v2", seed=3, moco_k=32,
                 bn_splits=2, channels_last=False)
     base.update(kw)
-    return build_config(overrides=base)
+    return build_config(overrides=base).input_settings()
 
 
 def _images(n: int = 20, h: int = 32, w: int = 32) -> DecodedImages:
