@@ -62,7 +62,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moco.ablation.ablate import ablate
+    from moco.ablation.ablate import AblateOptions, ablate
     from moco.ablation.grid import (
         check_set_values,
         default_output,
@@ -93,11 +93,10 @@ def run(args: argparse.Namespace) -> int:
             cfg = run_config(spec, r, output / r.name, overrides)
             cfg.validate()
             check_output(output, "--output", folders={"the data folder": cfg.data})
-    report, outcomes = ablate(
-        spec, output, overrides=overrides, only=args.only, overwrite=args.overwrite,
+    report, outcomes = ablate(spec, output, AblateOptions(
+        overrides=overrides, only=args.only, overwrite=args.overwrite,
         retry_failed=args.retry_failed, cost=not args.no_cost, cost_only=args.cost_only,
-        report_only=args.report_only, jobs=args.jobs,
-        progress=not args.no_progress, log=print)
+        report_only=args.report_only, jobs=args.jobs, progress=not args.no_progress), log=print)
     print(f"results: {report}")
     if any(o.status == "stopped" for o in outcomes):
         print(f"stopped: re-run 'moco ablate {args.grid}' (same options) to continue")

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 import moco.engine.loop as train_mod
-from moco.ablation.ablate import ablate, run_grid, run_grid_jobs
+from moco.ablation.ablate import AblateOptions, ablate, run_grid, run_grid_jobs
 from moco.ablation.grid import AblationError, RunSpec, load_spec, parse_spec, run_status
 from moco.cli import main
 from moco.core.errors import RunError
@@ -116,14 +116,15 @@ def test_runner_resumes_an_interrupted_run_and_records_failures(
 
     spec.runs.append(RunSpec("bad", {"moco_m": 0.0}))
     monkeypatch.setattr(train_mod, "pretrain", diverge)
-    report, outcomes = ablate(spec, out, overrides=overrides, progress=False, log=quiet)
+    report, outcomes = ablate(spec, out, AblateOptions(overrides=overrides, progress=False),
+                              log=quiet)
     assert [o.status for o in outcomes] == ["done", "done", "failed"]
     assert "failed: the loss became nan" in report.read_text()
-    _, outcomes = ablate(spec, out, overrides=overrides, progress=False, log=quiet)
+    _, outcomes = ablate(spec, out, AblateOptions(overrides=overrides, progress=False), log=quiet)
     assert outcomes[-1].status == "failed"
     monkeypatch.setattr(train_mod, "pretrain", real_pretrain)
-    _, outcomes = ablate(spec, out, overrides=overrides, progress=False, log=quiet,
-                         retry_failed=True)
+    _, outcomes = ablate(spec, out, AblateOptions(overrides=overrides, progress=False,
+                                                  retry_failed=True), log=quiet)
     assert outcomes[-1].status == "done" and not (out / "bad" / "FAILED.txt").exists()
 
 
@@ -138,16 +139,16 @@ def test_cost_only_measures_without_training_and_caches(
         raise AssertionError("--cost-only trained a run")
 
     monkeypatch.setattr(train_mod, "pretrain", no_training)
-    report, outcomes = ablate(spec, out, cost_only=True, progress=False, log=quiet)
+    report, outcomes = ablate(spec, out, AblateOptions(cost_only=True, progress=False), log=quiet)
     assert outcomes == []
     points = json.loads((out / "cost.json").read_text())["points"]
     assert [p["mechanism"] for p in points] == ["moco", "end-to-end", "memory-bank"]
     assert all("error" not in p and p["min_time_per_step_s"] <= p["time_per_step_s"] for p in points)
     assert "| end-to-end | 4 | 3 |" in report.read_text() and (out / "cost.png").is_file()
     monkeypatch.setattr("moco.ablation.ablate.measure_step_cost", no_training)
-    ablate(spec, out, cost_only=True, progress=False, log=quiet)  # cached: nothing measured
+    ablate(spec, out, AblateOptions(cost_only=True, progress=False), log=quiet)  # cached: nothing measured
     with pytest.raises(AblationError, match="cost"):
-        ablate(parse_spec({"runs": [{"name": "a"}]}), out, cost_only=True)
+        ablate(parse_spec({"runs": [{"name": "a"}]}), out, AblateOptions(cost_only=True))
 
 
 
