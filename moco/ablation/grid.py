@@ -57,10 +57,12 @@ RUNNER_KEYS = frozenset({"output", "resume"})
 
 @dataclass
 class RunSpec:
-    """One run of a grid: its folder name and the settings it overrides over the base."""
+    """One run of a grid: its folder name, the settings it overrides over the base, and
+    where the grid file declares it (``grid``: a combination of ``grid:``, ``runs[i]``)."""
 
     name: str
     settings: dict[str, Any]
+    origin: str = ""
 
 
 @dataclass
@@ -203,7 +205,7 @@ def _grid_runs(grid: dict[str, list[Any]], source: Path | None) -> list[RunSpec]
     runs = []
     for combo in itertools.product(*grid.values()):
         settings = dict(zip(grid, combo, strict=True))
-        runs.append(RunSpec(run_name(settings), settings))
+        runs.append(RunSpec(run_name(settings), settings, "grid"))
     return runs
 
 
@@ -216,7 +218,7 @@ def _explicit_runs(raw: Any, source: Path | None) -> list[RunSpec]:
         item = dict(item)
         rname = str(item.pop("name", "") or "")
         settings = _norm_keys(item, f"runs[{i}]", source)
-        runs.append(RunSpec(rname or run_name(settings), settings))
+        runs.append(RunSpec(rname or run_name(settings), settings, f"runs[{i}]"))
     return runs
 
 
@@ -233,19 +235,45 @@ def _check_run_names(runs: list[RunSpec]) -> None:
             raise AblationError(f"run name {r.name!r} cannot be a folder name")
 
 
+COST_KEYS = ("mechanisms", "batch_sizes", "steps", "warmup", "isolate", "settings")
+
+
 def _cost_spec(raw: Any, source: Path | None) -> CostSpec | None:
-    """The optional ``cost:`` section."""
+    """The optional ``cost:`` section, each value checked (the mechanisms and batch sizes by
+    MocoConfig's declarations)."""
     if not raw:
         return None
-    c = dict(raw)
-    settings = _norm_keys(c.pop("settings", {}) or {}, "cost.settings", source)
-    try:
-        cost = CostSpec(**c, settings=settings)
-    except TypeError as e:
-        raise AblationError(f"cost: {e}; allowed keys: mechanisms, batch_sizes, steps, warmup, "
-                            "isolate, settings") from None
-    if not cost.batch_sizes or not cost.mechanisms or cost.steps < 1:
-        raise AblationError("cost needs mechanisms, batch_sizes and steps >= 1")
+    if not isinstance(raw, dict):
+        raise AblationError(f"cost must map {', '.join(COST_KEYS)} to values, got "
+                            f"{type(raw).__name__}")
+    unknown = sorted(set(raw) - set(COST_KEYS))
+    if unknown:
+        raise AblationError(f"cost: unknown key(s) {unknown}; allowed keys: {', '.join(COST_KEYS)}")
+    src = f" of {source}" if source is not None else ""
+    cost = CostSpec(settings=_norm_keys(raw.get("settings") or {}, "cost.settings", source))
+    for key, name in (("mechanisms", "mechanism"), ("batch_sizes", "batch_size")):
+        if key not in raw:
+            continue
+        values = raw[key]
+        if not isinstance(values, list) or not values:
+            raise AblationError(f"cost.{key}{src}: expected a non-empty list, got {values!r}")
+        def said(_name: str, key: str = key) -> str:
+            return f"cost.{key}{src}"
+
+        try:
+            setattr(cost, key, [coerce(name, SETTINGS[name], v, said) for v in values])
+        except ConfigError as e:
+            raise AblationError(str(e)) from None
+    for key, low in (("steps", 1), ("warmup", 0)):
+        value = raw.get(key, getattr(cost, key))
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise AblationError(f"cost.{key}{src}: expected an integer >= {low}, got "
+                                f"{show_value(value)}")
+        setattr(cost, key, value)
+    cost.isolate = raw.get("isolate", cost.isolate)
+    if not isinstance(cost.isolate, bool):
+        raise AblationError(f"cost.isolate{src}: expected true or false, got "
+                            f"{show_value(cost.isolate)}")
     return cost
 
 

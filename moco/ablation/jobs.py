@@ -42,16 +42,17 @@ def run_grid_jobs(
     is set): small models use two cores poorly, so two one-thread runs on a 2-core machine
     train 1.4x the images per second of one two-thread run (docs/ablations.md).
 
-    The runs' settings are all validated first. Each process runs :func:`run_grid` for one
-    run (finished runs skipped, interrupted ones resumed, as ever); its log lines are passed
-    to ``log``. SIGTERM or SIGINT is passed on to the running processes, which checkpoint
+    The whole grid is checked first (:func:`~moco.ablation.runner.plan_runs`). Each process
+    runs :func:`run_grid` for one run (finished runs skipped, interrupted ones resumed, as
+    ever); its log lines are passed to ``log``. SIGTERM or SIGINT is passed on to the running processes, which checkpoint
     and stop; runs not started yet are reported as stopped, and re-running continues the grid.
     """
     if jobs < 1:
         raise AblationError(f"--jobs must be at least 1, got {jobs}")
     if spec.source is None:
         raise AblationError("running several runs at once needs the grid as a file (spec.source)")
-    names = [p.run.name for p in plan_runs(spec, output, overrides, only, overwrite)]
+    names = [p.run.name for p in plan_runs(spec, output, overrides, only, overwrite,
+                                           retry_failed)]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     pending = list(names)

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moco.ablation.check import Datasets, check_data, check_settings
 from moco.ablation.grid import (
     FAILED_MARKER,
     AblationError,
     AblationSpec,
     RunSpec,
-    run_config,
     run_status,
     settings_mismatch,
 )
@@ -55,30 +55,35 @@ class RunPlan:
 def plan_runs(spec: AblationSpec, output: Path, overrides: dict[str, Any] | None = None,
               only: Sequence[str] | None = None, overwrite: bool = False,
               retry_failed: bool = False) -> list[RunPlan]:
-    """Every selected run's settings validated and its folder's state read, so that a grid
-    with a bad run fails at once rather than hours in."""
-    runs = [r for r in spec.runs if not only or r.name in only]
+    """The selected runs (``only``; default: all) with their folders' state, after the whole
+    grid is checked: every run's settings, and the data of each run that is to train
+    (:mod:`moco.ablation.check`), so that a grid with a bad run fails before the first run
+    starts rather than hours in."""
     if only:
         missing = sorted(set(only) - {r.name for r in spec.runs})
         if missing:
             raise AblationError(f"--only: no run named {missing}; runs: {[r.name for r in spec.runs]}")
-    plans = []
-    for r in runs:
-        run_dir = output / r.name
-        cfg = run_config(spec, r, run_dir, overrides)
-        try:
-            cfg.validate()
-        except ValueError as e:
-            raise AblationError(f"run {r.name}: {e}") from None
-        status = run_status(run_dir, cfg.epochs)
-        diffs = settings_mismatch(run_dir, cfg) if status != "new" else []
-        if diffs and not overwrite:
-            raise AblationError(
-                f"{run_dir} holds a run with other settings ({'; '.join(diffs)}); delete that "
-                "folder, choose another --output, or pass --overwrite to retrain it")
-        fresh = bool(diffs) or (status == "failed" and retry_failed)
-        plans.append(RunPlan(r, run_dir, cfg, status, bool(diffs), fresh))
+    configs = {r.name: check_settings(spec, r, output / r.name, overrides) for r in spec.runs}
+    plans = [_plan(r, output / r.name, configs[r.name], overwrite, retry_failed)
+             for r in spec.runs if not only or r.name in only]
+    datasets: Datasets = {}
+    for plan in plans:
+        if plan.trains:
+            check_data(spec, plan.run, plan.cfg, output, overrides=overrides, datasets=datasets)
     return plans
+
+
+def _plan(run: RunSpec, run_dir: Path, cfg: MocoConfig, overwrite: bool,
+          retry_failed: bool) -> RunPlan:
+    """What the grid does with ``run``: its folder's state, and whether it retrains it."""
+    status = run_status(run_dir, cfg.epochs)
+    diffs = settings_mismatch(run_dir, cfg) if status != "new" else []
+    if diffs and not overwrite:
+        raise AblationError(
+            f"{run_dir} holds a run with other settings ({'; '.join(diffs)}); delete that "
+            "folder, choose another --output, or pass --overwrite to retrain it")
+    fresh = bool(diffs) or (status == "failed" and retry_failed)
+    return RunPlan(run, run_dir, cfg, status, bool(diffs), fresh)
 
 
 def run_grid(
@@ -94,7 +99,7 @@ def run_grid(
 ) -> list[RunOutcome]:
     """Train every run of ``spec`` that is not finished yet, one after the other.
 
-    Every run's settings are validated before the first one starts. A finished run is
+    The whole grid is checked before the first run starts (:func:`plan_runs`). A finished run is
     skipped; an interrupted one resumed (``resume=auto``); a run whose folder holds a run
     with other settings is refused unless ``overwrite``. A run that stops with a
     :class:`~moco.core.errors.RunError` (e.g. the loss became NaN) is recorded in

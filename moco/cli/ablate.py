@@ -86,13 +86,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"cost: {spec.cost.mechanisms} x batch {spec.cost.batch_sizes}, "
                   f"{spec.cost.steps} steps each")
         return 0
-    if not args.report_only:  # every run's settings are checked before any run starts
-        from moco.utils.paths import check_output
-
-        for r in spec.runs:
-            cfg = run_config(spec, r, output / r.name, overrides)
-            cfg.validate()
-            check_output(output, "--output", folders={"the data folder": cfg.data})
     report, outcomes = ablate(spec, output, AblateOptions(
         overrides=overrides, only=args.only, overwrite=args.overwrite,
         retry_failed=args.retry_failed, cost=not args.no_cost, cost_only=args.cost_only,

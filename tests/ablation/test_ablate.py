@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import make_image_folder
 
 import moco.engine.loop as train_mod
 from moco.ablation.ablate import AblateOptions, ablate, run_grid, run_grid_jobs
@@ -189,8 +190,13 @@ def test_jobs_train_runs_at_once_with_the_results_of_one_at_a_time(
 def test_jobs_pass_a_signal_on_and_a_crashed_job_is_reported(
         tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    grid = write_grid(tmp_path / "grid.yaml", tiny_data, runs=[{"name": "no-data", "data": str(
-        tmp_path / "missing")}])
+    # Images that cannot be decoded: the grid's check before training lists the folder, the
+    # run finds them unreadable when it loads them.
+    unreadable = make_image_folder(tmp_path / "unreadable")
+    for f in unreadable.rglob("*.png"):
+        f.write_bytes(b"not an image")
+    grid = write_grid(tmp_path / "grid.yaml", tiny_data, runs=[{"name": "unreadable",
+                                                                "data": str(unreadable)}])
     spec = load_spec(grid)
     out = tmp_path / "out"
     overrides = {"epochs": 25, "knn_every": 0}  # 100 steps: long enough to be stopped mid-run
@@ -217,10 +223,11 @@ def test_jobs_pass_a_signal_on_and_a_crashed_job_is_reported(
     by_name = {o.name: o for o in outcomes}
     assert by_name["moco_m=0.9"].status == by_name["moco_m=0.99"].status == "done"
     assert sum("] resuming" in m for m in logs) == 2
-    # A job that dies of an error (here: no data) is reported with the reason, and is not
-    # marked as a diverged run (no FAILED.txt), so it trains once the data is there.
-    assert by_name["no-data"].status == "failed" and "missing" in by_name["no-data"].message
-    assert not (out / "no-data" / "FAILED.txt").exists()
+    # A job that dies of an error (here: unreadable images) is reported with the reason, and is
+    # not marked as a diverged run (no FAILED.txt), so it trains once the data is fixed.
+    assert by_name["unreadable"].status == "failed"
+    assert "can be read" in by_name["unreadable"].message
+    assert not (out / "unreadable" / "FAILED.txt").exists()
 
 
 def test_jobs_must_be_positive(tiny_data: Path, tmp_path: Path,
