@@ -1,6 +1,6 @@
 """A grid checked whole before anything trains: every run gets the checks ``moco pretrain``
-makes before its first step, so that a bad seventh run fails at once, in one line naming the
-run and the key, rather than after six runs have trained.
+makes before its first step, so that a bad run fails before the first run starts, in one line
+naming the run and the key.
 
 :func:`check_settings` (every run of the grid): the run's settings (types, ranges, choices,
 combinations), the device and precision, the ``--shuffle-bn`` mode of one process, and the

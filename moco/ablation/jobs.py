@@ -39,8 +39,7 @@ def run_grid_jobs(
 ) -> list[RunOutcome]:
     """:func:`run_grid` with up to ``jobs`` runs training at once, each in a process of its
     own. On a CPU each gets ``cpu_count // jobs`` torch threads (unless ``OMP_NUM_THREADS``
-    is set): small models use two cores poorly, so two one-thread runs on a 2-core machine
-    train 1.4x the images per second of one two-thread run (docs/ablations.md).
+    is set): for models too small to use every core of one process (docs/ablations.md).
 
     The whole grid is checked first (:func:`~moco.ablation.runner.plan_runs`). Each process
     runs :func:`run_grid` for one run (finished runs skipped, interrupted ones resumed, as

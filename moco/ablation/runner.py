@@ -58,7 +58,7 @@ def plan_runs(spec: AblationSpec, output: Path, overrides: dict[str, Any] | None
     """The selected runs (``only``; default: all) with their folders' state, after the whole
     grid is checked: every run's settings, and the data of each run that is to train
     (:mod:`moco.ablation.check`), so that a grid with a bad run fails before the first run
-    starts rather than hours in."""
+    starts."""
     if only:
         missing = sorted(set(only) - {r.name for r in spec.runs})
         if missing:

@@ -46,7 +46,7 @@ def add_parser(sub: Any) -> None:
                    "measurement); the report still lists every run")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="train up to N runs at once, "
                    "each in its own process (on a CPU with cores/N torch threads unless "
-                   "OMP_NUM_THREADS is set; 2 on a 2-core CPU trains 1.4x faster in all)")
+                   "OMP_NUM_THREADS is set)")
     p.add_argument("--list", action="store_true", help="list the runs and their state, train nothing")
     p.add_argument("--report-only", action="store_true", help="rewrite results.md and the plots "
                    "from the run folders, train nothing")
