@@ -57,10 +57,12 @@ RUNNER_KEYS = frozenset({"output", "resume"})
 
 @dataclass
 class RunSpec:
-    """One run of a grid: its folder name and the settings it overrides over the base."""
+    """One run of a grid: its folder name, the settings it overrides over the base, and
+    where the grid file declares it (``grid``: a combination of ``grid:``, ``runs[i]``)."""
 
     name: str
     settings: dict[str, Any]
+    origin: str = ""
 
 
 @dataclass
@@ -146,43 +148,82 @@ def run_name(settings: dict[str, Any]) -> str:
     return "_".join(f"{k}={fmt_value(v)}" for k, v in settings.items()) or "base"
 
 
+TOP_LEVEL_KEYS = frozenset({"name", "title", "expect", "budget", "output", "base", "grid", "runs",
+                            "sweep", "cost"})
+
+
 def parse_spec(raw: dict[str, Any], name: str = "ablation", source: Path | None = None) -> AblationSpec:
     """Validate a grid mapping (as loaded from YAML) into an :class:`AblationSpec`."""
-    allowed = {"name", "title", "expect", "budget", "output", "base", "grid", "runs", "sweep", "cost"}
-    unknown = sorted(set(raw) - allowed)
+    unknown = sorted(set(raw) - TOP_LEVEL_KEYS)
     if unknown:
-        raise AblationError(f"unknown top-level key(s) {unknown}; allowed: {sorted(allowed)}")
-    base = _norm_keys(raw.get("base") or {}, "base", source)
+        raise AblationError(f"unknown top-level key(s) {unknown}; allowed: {sorted(TOP_LEVEL_KEYS)}")
+    base, preset, config_path = _base_settings(raw.get("base") or {}, source)
+    grid = _grid_values(raw.get("grid") or {}, source)
+    runs = _grid_runs(grid, source) + _explicit_runs(raw.get("runs") or [], source)
+    _check_run_names(runs)
+    sweep = [str(s).replace("-", "_") for s in (raw.get("sweep") or list(grid))]
+    return AblationSpec(
+        name=str(raw.get("name") or name), base=base, runs=runs, sweep=sweep,
+        title=str(raw.get("title") or ""), expect=str(raw.get("expect") or "").strip(),
+        budget=str(raw.get("budget") or "").strip(), output=str(raw.get("output") or ""),
+        preset=preset, config_path=config_path, cost=_cost_spec(raw.get("cost"), source),
+        source=source)
+
+
+def _base_settings(raw: Any, source: Path | None) -> tuple[dict[str, Any], str, Path | None]:
+    """The ``base:`` settings, its ``preset`` and its pretrain ``config`` file (relative to the
+    grid file)."""
+    base = _norm_keys(raw, "base", source)
     config_path = None
     if "config" in base:
         config_path = Path(str(base.pop("config")))
         if not config_path.is_absolute() and source is not None:
             config_path = source.parent / config_path
     preset = str(base.pop("preset", "") or "")
-    runs: list[RunSpec] = []
-    grid = raw.get("grid") or {}
-    if not isinstance(grid, dict):
+    return base, preset, config_path
+
+
+def _grid_values(raw: Any, source: Path | None) -> dict[str, list[Any]]:
+    """The ``grid:`` section: each setting's list of values, checked."""
+    if not isinstance(raw, dict):
         raise AblationError("'grid' must map setting names to lists of values")
-    grid = _norm_keys(grid, "grid", source, lists=True)
+    grid = _norm_keys(raw, "grid", source, lists=True)
     grid.pop("config", None)
-    if grid:
-        values = list(grid.values())
-        total = 1
-        for v in values:
-            total *= len(v)
-        if total > MAX_RUNS:
-            raise AblationError(f"the grid of {source or 'the file'} has {total} combinations, "
-                                f"more than {MAX_RUNS}: split it into smaller grids")
-        for combo in itertools.product(*values):
-            settings = dict(zip(grid, combo, strict=True))
-            runs.append(RunSpec(run_name(settings), settings))
-    for i, item in enumerate(raw.get("runs") or []):
+    return grid
+
+
+def _grid_runs(grid: dict[str, list[Any]], source: Path | None) -> list[RunSpec]:
+    """One run per combination of the grid's values, named by its settings."""
+    if not grid:
+        return []
+    total = 1
+    for v in grid.values():
+        total *= len(v)
+    if total > MAX_RUNS:
+        raise AblationError(f"the grid of {source or 'the file'} has {total} combinations, "
+                            f"more than {MAX_RUNS}: split it into smaller grids")
+    runs = []
+    for combo in itertools.product(*grid.values()):
+        settings = dict(zip(grid, combo, strict=True))
+        runs.append(RunSpec(run_name(settings), settings, "grid"))
+    return runs
+
+
+def _explicit_runs(raw: Any, source: Path | None) -> list[RunSpec]:
+    """The ``runs:`` section: named runs with their settings (unnamed: named by them)."""
+    runs = []
+    for i, item in enumerate(raw):
         if not isinstance(item, dict):
             raise AblationError(f"runs[{i}] must be a mapping with 'name' and settings")
         item = dict(item)
         rname = str(item.pop("name", "") or "")
         settings = _norm_keys(item, f"runs[{i}]", source)
-        runs.append(RunSpec(rname or run_name(settings), settings))
+        runs.append(RunSpec(rname or run_name(settings), settings, f"runs[{i}]"))
+    return runs
+
+
+def _check_run_names(runs: list[RunSpec]) -> None:
+    """At least one run; names unique and usable as folder names."""
     if not runs:
         raise AblationError("the grid has no runs: give 'grid:' and/or 'runs:'")
     names = [r.name for r in runs]
@@ -192,23 +233,48 @@ def parse_spec(raw: dict[str, Any], name: str = "ablation", source: Path | None 
     for r in runs:
         if "/" in r.name or r.name in (".", ".."):
             raise AblationError(f"run name {r.name!r} cannot be a folder name")
-    sweep = [str(s).replace("-", "_") for s in (raw.get("sweep") or list(grid))]
-    cost = None
-    if raw.get("cost"):
-        c = dict(raw["cost"])
-        settings = _norm_keys(c.pop("settings", {}) or {}, "cost.settings", source)
+
+
+COST_KEYS = ("mechanisms", "batch_sizes", "steps", "warmup", "isolate", "settings")
+
+
+def _cost_spec(raw: Any, source: Path | None) -> CostSpec | None:
+    """The optional ``cost:`` section, each value checked (the mechanisms and batch sizes by
+    MocoConfig's declarations)."""
+    if not raw:
+        return None
+    if not isinstance(raw, dict):
+        raise AblationError(f"cost must map {', '.join(COST_KEYS)} to values, got "
+                            f"{type(raw).__name__}")
+    unknown = sorted(set(raw) - set(COST_KEYS))
+    if unknown:
+        raise AblationError(f"cost: unknown key(s) {unknown}; allowed keys: {', '.join(COST_KEYS)}")
+    src = f" of {source}" if source is not None else ""
+    cost = CostSpec(settings=_norm_keys(raw.get("settings") or {}, "cost.settings", source))
+    for key, name in (("mechanisms", "mechanism"), ("batch_sizes", "batch_size")):
+        if key not in raw:
+            continue
+        values = raw[key]
+        if not isinstance(values, list) or not values:
+            raise AblationError(f"cost.{key}{src}: expected a non-empty list, got {values!r}")
+        def said(_name: str, key: str = key) -> str:
+            return f"cost.{key}{src}"
+
         try:
-            cost = CostSpec(**c, settings=settings)
-        except TypeError as e:
-            raise AblationError(f"cost: {e}; allowed keys: mechanisms, batch_sizes, steps, warmup, "
-                                "isolate, settings") from None
-        if not cost.batch_sizes or not cost.mechanisms or cost.steps < 1:
-            raise AblationError("cost needs mechanisms, batch_sizes and steps >= 1")
-    return AblationSpec(
-        name=str(raw.get("name") or name), base=base, runs=runs, sweep=sweep,
-        title=str(raw.get("title") or ""), expect=str(raw.get("expect") or "").strip(),
-        budget=str(raw.get("budget") or "").strip(), output=str(raw.get("output") or ""),
-        preset=preset, config_path=config_path, cost=cost, source=source)
+            setattr(cost, key, [coerce(name, SETTINGS[name], v, said) for v in values])
+        except ConfigError as e:
+            raise AblationError(str(e)) from None
+    for key, low in (("steps", 1), ("warmup", 0)):
+        value = raw.get(key, getattr(cost, key))
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise AblationError(f"cost.{key}{src}: expected an integer >= {low}, got "
+                                f"{show_value(value)}")
+        setattr(cost, key, value)
+    cost.isolate = raw.get("isolate", cost.isolate)
+    if not isinstance(cost.isolate, bool):
+        raise AblationError(f"cost.isolate{src}: expected true or false, got "
+                            f"{show_value(cost.isolate)}")
+    return cost
 
 
 def load_spec(path: str | Path) -> AblationSpec:

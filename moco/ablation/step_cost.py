@@ -12,12 +12,17 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from moco.engine.config import MocoConfig
+
+if TYPE_CHECKING:
+    from moco.core.shuffle_bn import KeyShuffle
+    from moco.data.batches import Batch
 
 
 def _peak_rss_bytes() -> int:
@@ -68,20 +73,13 @@ def measure_step_cost(cfg: MocoConfig, num_samples: int, steps: int = 3,
       * CPU: the process's peak RSS during the timed steps (VmHWM, reset just before them by
         writing 5 to ``/proc/self/clear_refs``; where that is impossible, ``getrusage``'s
         ru_maxrss, which cannot be reset, so a lower bound of the rise), and its rise over the
-        RSS before the timed steps. Peak RSS counts the PyTorch libraries too (several hundred
-        MB): compare ``step_bytes`` across mechanisms. RSS follows the tensors only if freed
-        memory goes back to the OS: the isolated measurement (:func:`run_cost`) runs in a
-        fresh process with ``MALLOC_MMAP_THRESHOLD_`` fixed, so glibc serves every large
-        tensor by mmap and unmaps it when freed. ``tracemalloc`` is not used: it sees only
-        Python's own allocations, not tensor memory.
+        RSS before the timed steps. Peak RSS counts the PyTorch libraries too: compare
+        ``step_bytes`` across mechanisms. RSS follows the tensors only if freed memory goes
+        back to the OS, which :func:`measure_isolated` arranges.
 
     Time: median wall time of the timed steps (CUDA synchronised). Errors (out of memory, a
     batch SplitBatchNorm cannot split) are returned in ``error`` instead of raised.
     """
-    from moco.core.seeding import stream_generator
-    from moco.core.shuffle_bn import KeyShuffle, LocalShuffle, NoShuffle
-    from moco.data.batches import Batch
-    from moco.engine.build import build_model, build_optimizer
     from moco.utils.runtime import resolve_device, resolve_precision
 
     device = resolve_device(cfg.device)
@@ -89,67 +87,113 @@ def measure_step_cost(cfg: MocoConfig, num_samples: int, steps: int = 3,
     cfg = dataclasses.replace(cfg, shuffle_bn="split" if split else "none")
     dtype = resolve_precision(cfg.precision, device)
     b = cfg.batch_size
-    num_samples = max(num_samples, b)
-    cuda = device.type == "cuda"
     result: dict[str, Any] = {
         "mechanism": cfg.mechanism, "batch_size": b, "device": str(device),
         "dictionary_size": dictionary_size(cfg.mechanism, b, cfg.moco_k),
-        "memory_kind": "cuda max_memory_allocated" if cuda else "peak RSS (VmHWM)",
+        "memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)",
         "steps": steps, "threads": torch.get_num_threads(),
     }
     try:
-        model = build_model(cfg, device, num_samples=num_samples).train()
-        optimizer = build_optimizer(cfg, model)
-        shuffle: KeyShuffle = LocalShuffle(stream_generator(0)) if split else NoShuffle()
-        g = stream_generator(0)
-        s = cfg.image_size
-        ims = [torch.randn(b, 3, s, s, generator=g).to(device) for _ in range(2)]
-        if cfg.channels_last_on(device.type):
-            ims = [x.contiguous(memory_format=torch.channels_last) for x in ims]
-        batch = Batch(ims[0], ims[1], torch.randperm(num_samples, generator=g)[:b])
-        if cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        base = step_peak_from = 0
-        for i in range(warmup + steps):
-            if i == warmup:  # steady state from here: weights, grads and SGD state exist
-                gc.collect()
-                if cuda:
-                    torch.cuda.synchronize(device)
-                    base = torch.cuda.memory_allocated(device)
-                    step_peak_from = torch.cuda.max_memory_allocated(device)
-                    torch.cuda.reset_peak_memory_stats(device)
-                else:
-                    if not _reset_peak_rss():
-                        result["memory_kind"] = "peak RSS (ru_maxrss, not resettable: a lower bound)"
-                    base = _rss_bytes()
-            t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                out = model(batch.im_q, batch.im_k, shuffle, batch.index)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
-            del out
-            if cuda:
-                torch.cuda.synchronize(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-        if cuda:
-            step_peak = torch.cuda.max_memory_allocated(device)
-            peak = max(step_peak, step_peak_from)
-        else:
-            step_peak = peak = _peak_rss_bytes()
-        t = statistics.median(times)
-        result.update(time_per_step_s=t, min_time_per_step_s=min(times), images_per_s=b / t,
-                      peak_bytes=int(peak),
-                      step_bytes=int(max(0, step_peak - base)))
+        bench = _build_bench(cfg, device, dtype, max(num_samples, b))
+        result.update(_timed_steps(bench, steps, warmup, result))
     except (torch.OutOfMemoryError, MemoryError) as e:
         result["error"] = f"out of memory: {str(e).splitlines()[0] if str(e) else ''}"
     except (RuntimeError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         result["error"] = ("out of memory: " + msg) if "memory" in msg.lower() else msg
     return result
+
+
+@dataclass
+class _Bench:
+    """What a measured step runs: the model and its optimizer on ``device``, one synthetic
+    batch, the key shuffle and the autocast dtype (None: full precision)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    batch: Batch
+    shuffle: KeyShuffle
+    device: torch.device
+    dtype: torch.dtype | None
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def _build_bench(cfg: MocoConfig, device: torch.device, dtype: torch.dtype | None,
+                 num_samples: int) -> _Bench:
+    """``cfg``'s model and optimizer, and one batch of two views [B,3,S,S] of random images
+    with ``num_samples`` possible indices (the memory bank's size)."""
+    from moco.core.seeding import stream_generator
+    from moco.core.shuffle_bn import LocalShuffle, NoShuffle
+    from moco.data.batches import Batch
+    from moco.engine.build import build_model, build_optimizer
+
+    b, s = cfg.batch_size, cfg.image_size
+    model = build_model(cfg, device, num_samples=num_samples).train()
+    optimizer = build_optimizer(cfg, model)
+    shuffle: KeyShuffle = (LocalShuffle(stream_generator(0)) if cfg.shuffle_bn == "split"
+                           else NoShuffle())
+    g = stream_generator(0)
+    ims = [torch.randn(b, 3, s, s, generator=g).to(device) for _ in range(2)]
+    if cfg.channels_last_on(device.type):
+        ims = [x.contiguous(memory_format=torch.channels_last) for x in ims]
+    batch = Batch(ims[0], ims[1], torch.randperm(num_samples, generator=g)[:b])
+    return _Bench(model, optimizer, batch, shuffle, device, dtype)
+
+
+def _timed_steps(bench: _Bench, steps: int, warmup: int, result: dict[str, Any]) -> dict[str, Any]:
+    """Run ``warmup`` + ``steps`` training steps; the timed steps' times and memory."""
+    if bench.cuda:
+        torch.cuda.synchronize(bench.device)
+        torch.cuda.reset_peak_memory_stats(bench.device)
+    times = []
+    base = step_peak_from = 0
+    for i in range(warmup + steps):
+        if i == warmup:  # steady state from here: weights, grads and SGD state exist
+            base, step_peak_from = _start_memory(bench, result)
+        t0 = time.perf_counter()
+        _train_step(bench)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    if bench.cuda:
+        step_peak = torch.cuda.max_memory_allocated(bench.device)
+        peak = max(step_peak, step_peak_from)
+    else:
+        step_peak = peak = _peak_rss_bytes()
+    t = statistics.median(times)
+    return {"time_per_step_s": t, "min_time_per_step_s": min(times),
+            "images_per_s": bench.batch.im_q.shape[0] / t, "peak_bytes": int(peak),
+            "step_bytes": int(max(0, step_peak - base))}
+
+
+def _start_memory(bench: _Bench, result: dict[str, Any]) -> tuple[int, int]:
+    """Before the timed steps: (the memory held between steps, the peak so far); the peak
+    counters are reset (on the CPU where the kernel allows, else ``memory_kind`` says so)."""
+    gc.collect()
+    if bench.cuda:
+        torch.cuda.synchronize(bench.device)
+        base = torch.cuda.memory_allocated(bench.device)
+        peak_so_far = torch.cuda.max_memory_allocated(bench.device)
+        torch.cuda.reset_peak_memory_stats(bench.device)
+        return base, peak_so_far
+    if not _reset_peak_rss():
+        result["memory_kind"] = "peak RSS (ru_maxrss, not resettable: a lower bound)"
+    return _rss_bytes(), 0
+
+
+def _train_step(bench: _Bench) -> None:
+    """One forward, backward and SGD step on the synthetic batch (CUDA: synchronised)."""
+    batch, dtype = bench.batch, bench.dtype
+    with torch.autocast(bench.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        out = bench.model(batch.im_q, batch.im_k, bench.shuffle, batch.index)
+    bench.optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    bench.optimizer.step()
+    del out
+    if bench.cuda:
+        torch.cuda.synchronize(bench.device)
 
 
 def child_main() -> None:

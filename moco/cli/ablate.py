@@ -46,7 +46,7 @@ def add_parser(sub: Any) -> None:
                    "measurement); the report still lists every run")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="train up to N runs at once, "
                    "each in its own process (on a CPU with cores/N torch threads unless "
-                   "OMP_NUM_THREADS is set; 2 on a 2-core CPU trains 1.4x faster in all)")
+                   "OMP_NUM_THREADS is set)")
     p.add_argument("--list", action="store_true", help="list the runs and their state, train nothing")
     p.add_argument("--report-only", action="store_true", help="rewrite results.md and the plots "
                    "from the run folders, train nothing")
@@ -62,7 +62,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moco.ablation.ablate import ablate
+    from moco.ablation.ablate import AblateOptions, ablate
     from moco.ablation.grid import (
         check_set_values,
         default_output,
@@ -86,18 +86,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"cost: {spec.cost.mechanisms} x batch {spec.cost.batch_sizes}, "
                   f"{spec.cost.steps} steps each")
         return 0
-    if not args.report_only:  # every run's settings are checked before any run starts
-        from moco.utils.paths import check_output
-
-        for r in spec.runs:
-            cfg = run_config(spec, r, output / r.name, overrides)
-            cfg.validate()
-            check_output(output, "--output", folders={"the data folder": cfg.data})
-    report, outcomes = ablate(
-        spec, output, overrides=overrides, only=args.only, overwrite=args.overwrite,
+    report, outcomes = ablate(spec, output, AblateOptions(
+        overrides=overrides, only=args.only, overwrite=args.overwrite,
         retry_failed=args.retry_failed, cost=not args.no_cost, cost_only=args.cost_only,
-        report_only=args.report_only, jobs=args.jobs,
-        progress=not args.no_progress, log=print)
+        report_only=args.report_only, jobs=args.jobs, progress=not args.no_progress), log=print)
     print(f"results: {report}")
     if any(o.status == "stopped" for o in outcomes):
         print(f"stopped: re-run 'moco ablate {args.grid}' (same options) to continue")

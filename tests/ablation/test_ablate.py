@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import make_image_folder
 
 import moco.engine.loop as train_mod
-from moco.ablation.ablate import ablate, run_grid, run_grid_jobs
+from moco.ablation.ablate import AblateOptions, ablate, run_grid, run_grid_jobs
 from moco.ablation.grid import AblationError, RunSpec, load_spec, parse_spec, run_status
 from moco.cli import main
 from moco.core.errors import RunError
@@ -116,14 +117,15 @@ def test_runner_resumes_an_interrupted_run_and_records_failures(
 
     spec.runs.append(RunSpec("bad", {"moco_m": 0.0}))
     monkeypatch.setattr(train_mod, "pretrain", diverge)
-    report, outcomes = ablate(spec, out, overrides=overrides, progress=False, log=quiet)
+    report, outcomes = ablate(spec, out, AblateOptions(overrides=overrides, progress=False),
+                              log=quiet)
     assert [o.status for o in outcomes] == ["done", "done", "failed"]
     assert "failed: the loss became nan" in report.read_text()
-    _, outcomes = ablate(spec, out, overrides=overrides, progress=False, log=quiet)
+    _, outcomes = ablate(spec, out, AblateOptions(overrides=overrides, progress=False), log=quiet)
     assert outcomes[-1].status == "failed"
     monkeypatch.setattr(train_mod, "pretrain", real_pretrain)
-    _, outcomes = ablate(spec, out, overrides=overrides, progress=False, log=quiet,
-                         retry_failed=True)
+    _, outcomes = ablate(spec, out, AblateOptions(overrides=overrides, progress=False,
+                                                  retry_failed=True), log=quiet)
     assert outcomes[-1].status == "done" and not (out / "bad" / "FAILED.txt").exists()
 
 
@@ -138,16 +140,16 @@ def test_cost_only_measures_without_training_and_caches(
         raise AssertionError("--cost-only trained a run")
 
     monkeypatch.setattr(train_mod, "pretrain", no_training)
-    report, outcomes = ablate(spec, out, cost_only=True, progress=False, log=quiet)
+    report, outcomes = ablate(spec, out, AblateOptions(cost_only=True, progress=False), log=quiet)
     assert outcomes == []
     points = json.loads((out / "cost.json").read_text())["points"]
     assert [p["mechanism"] for p in points] == ["moco", "end-to-end", "memory-bank"]
     assert all("error" not in p and p["min_time_per_step_s"] <= p["time_per_step_s"] for p in points)
     assert "| end-to-end | 4 | 3 |" in report.read_text() and (out / "cost.png").is_file()
     monkeypatch.setattr("moco.ablation.ablate.measure_step_cost", no_training)
-    ablate(spec, out, cost_only=True, progress=False, log=quiet)  # cached: nothing measured
+    ablate(spec, out, AblateOptions(cost_only=True, progress=False), log=quiet)  # cached: nothing measured
     with pytest.raises(AblationError, match="cost"):
-        ablate(parse_spec({"runs": [{"name": "a"}]}), out, cost_only=True)
+        ablate(parse_spec({"runs": [{"name": "a"}]}), out, AblateOptions(cost_only=True))
 
 
 
@@ -188,8 +190,13 @@ def test_jobs_train_runs_at_once_with_the_results_of_one_at_a_time(
 def test_jobs_pass_a_signal_on_and_a_crashed_job_is_reported(
         tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    grid = write_grid(tmp_path / "grid.yaml", tiny_data, runs=[{"name": "no-data", "data": str(
-        tmp_path / "missing")}])
+    # Images that cannot be decoded: the grid's check before training lists the folder, the
+    # run finds them unreadable when it loads them.
+    unreadable = make_image_folder(tmp_path / "unreadable")
+    for f in unreadable.rglob("*.png"):
+        f.write_bytes(b"not an image")
+    grid = write_grid(tmp_path / "grid.yaml", tiny_data, runs=[{"name": "unreadable",
+                                                                "data": str(unreadable)}])
     spec = load_spec(grid)
     out = tmp_path / "out"
     overrides = {"epochs": 25, "knn_every": 0}  # 100 steps: long enough to be stopped mid-run
@@ -216,10 +223,11 @@ def test_jobs_pass_a_signal_on_and_a_crashed_job_is_reported(
     by_name = {o.name: o for o in outcomes}
     assert by_name["moco_m=0.9"].status == by_name["moco_m=0.99"].status == "done"
     assert sum("] resuming" in m for m in logs) == 2
-    # A job that dies of an error (here: no data) is reported with the reason, and is not
-    # marked as a diverged run (no FAILED.txt), so it trains once the data is there.
-    assert by_name["no-data"].status == "failed" and "missing" in by_name["no-data"].message
-    assert not (out / "no-data" / "FAILED.txt").exists()
+    # A job that dies of an error (here: unreadable images) is reported with the reason, and is
+    # not marked as a diverged run (no FAILED.txt), so it trains once the data is fixed.
+    assert by_name["unreadable"].status == "failed"
+    assert "can be read" in by_name["unreadable"].message
+    assert not (out / "unreadable" / "FAILED.txt").exists()
 
 
 def test_jobs_must_be_positive(tiny_data: Path, tmp_path: Path,
