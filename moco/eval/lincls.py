@@ -60,6 +60,7 @@ from moco.eval.lincls_state import (
     BEST,
     LAST,
     atomic_copy,
+    check_resume_matches,
     prepare_run_dir,
     read_linear_checkpoint,
     resume_path,
@@ -146,15 +147,27 @@ class LinearClassification:
         self.classes = splits.train.classes
 
     def _resume_checkpoint(self) -> dict[str, Any] | None:
-        """The checkpoint ``--resume`` names (None: start from --pretrained)."""
+        """The checkpoint ``--resume`` names (None: start from --pretrained), checked against
+        this run's --pretrained and classes before anything is trained or written."""
         cfg = self.cfg
         self.resume_from = resume_path(cfg.resume, self.run_dir)
         if cfg.resume and cfg.resume != "auto" and self.resume_from is not None \
                 and not self.resume_from.exists():
             raise CheckpointError(f"--resume {cfg.resume} does not exist")
+        self.resumed_pretrained = ""
         if self.resume_from is None:
             return None
-        return read_linear_checkpoint(self.resume_from)
+        ckpt = read_linear_checkpoint(self.resume_from)
+        self.resumed_pretrained = str((ckpt.get("moco") or {}).get("pretrained") or "")
+        check_resume_matches(ckpt, self.resume_from, cfg.pretrained, self.classes)
+        return ckpt
+
+    def pretrained_record(self) -> str:
+        """The encoder this classifier is trained on, as its checkpoint records it: the absolute
+        path of --pretrained, else the one the resumed checkpoint recorded."""
+        if self.cfg.pretrained:
+            return str(Path(self.cfg.pretrained).absolute())
+        return self.resumed_pretrained
 
     def _build(self, resume_ckpt: dict[str, Any] | None) -> None:
         """The linear model on the frozen encoder, its optimizer (both resumed from
@@ -221,7 +234,7 @@ class LinearClassification:
             "moco": {"format": 1, "kind": "lincls", "config": asdict(self.cfg),
                      "classes": list(self.classes), "cifar_stem": self.info.cifar_stem,
                      "image_size": self.image_size, "mean": list(self.info.mean),
-                     "std": list(self.info.std), "pretrained": self.cfg.pretrained,
+                     "std": list(self.info.std), "pretrained": self.pretrained_record(),
                      "step": step, "partial": partial or [0.0, 0.0, 0.0]},
         }
 
