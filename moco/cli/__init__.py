@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "ablate": "train a grid of runs (ablations, mechanisms) and tabulate/plot them",
     "detectron2_config": "the detectron2 fine-tuning command for a checkpoint (VOC, COCO)",
     "shard": "write an ImageFolder tree as tar shards (WebDataset layout)",
+    "cache": "list or clean the cache folder (decoded images, folder indexes)",
 }
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from moco.cli.declared import (
     Overwrite,
     Progress,
@@ -36,6 +38,10 @@ class PretrainFlags:
     config_file: str = setting(
         "", "--config", group="recipe", metavar="FILE.yaml", role="runtime",
         help="YAML file of settings (keys as the long flags), applied over the preset")
+    print_config: bool = setting(
+        False, "--print-config", group="recipe", role="runtime",
+        help="print the resolved settings as YAML (the run's config.yaml) and exit, without "
+        "training or writing anything")
 
 
 #: The declaration of every flag of ``moco pretrain``.
@@ -95,6 +101,10 @@ def saved_run_settings(flags: dict[str, Any], file_values: dict[str, Any]) -> di
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     flags = split_values(given_values(args, DECLARED), MocoConfig)[1]
+    if flags.get("print_config"):
+        cfg.validate()
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
     from moco.engine.loop import pretrain
 
     config_file = flags.get("config_file")
