@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     for note in r.notes:
         print(f"{r.format}: {note}")
     if r.format == "detectron2":
-        print("detectron2: train with the MoCo configs (configs/detectron2: INPUT.FORMAT RGB, "
+        print("detectron2: train with the MoCo configs (moco/configs/detectron2: INPUT.FORMAT RGB, "
               "PIXEL_MEAN [123.675, 116.280, 103.530], PIXEL_STD [58.395, 57.120, 57.375], "
               f"RESNETS.STRIDE_IN_1X1 False) and MODEL.WEIGHTS {r.path}; the whole command: "
               f"moco detectron2-config {shlex.quote(cfg.checkpoint)} --weights "
