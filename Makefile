@@ -14,10 +14,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast lint setup clean gpu-check gpu-pack
 
+# The editable install as a path entry in site-packages (editable_mode=compat), which type
+# checkers and editors follow; setuptools' default import hook is invisible to them.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
 setup: $(STAMP)

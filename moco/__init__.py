@@ -11,7 +11,9 @@ The public API is the names in ``__all__`` (see the README's "Use it as a librar
 * configuration and training: :class:`MocoConfig`, :func:`build_config`, :func:`pretrain`,
   :class:`PretrainResult`, the augmentations (:func:`pretrain_transform`, :class:`TwoViews`);
 * pretrained encoders: :func:`load_backbone`, :func:`extract_features`, :func:`knn_evaluate`,
-  :func:`linear_classification`, :func:`embed_images`, :func:`export_checkpoint`;
+  :func:`linear_classification`, :func:`embed_images`, :func:`export_checkpoint`, and their
+  settings (:class:`KnnConfig`, :class:`LinclsConfig`, :class:`EmbedConfig`,
+  :class:`FeatureOptions`: each value checked, errors naming the parameter);
 * :class:`MocoError`, the base of every error a user can fix (one line: what, where, the fix).
 
 Names are imported on first use: ``import moco`` alone loads neither torch nor anything else.
@@ -59,12 +61,15 @@ _API: dict[str, str] = {
     "load_encoder": "moco.eval.encoders",
     "PretrainedInfo": "moco.eval.pretrained",
     "extract_features": "moco.eval.features",
+    "FeatureOptions": "moco.eval.features",
     "knn_evaluate": "moco.eval.knn",
     "knn_accuracy": "moco.eval.knn",
+    "KnnConfig": "moco.eval.config",
     "KnnResult": "moco.eval.knn",
     "linear_classification": "moco.eval.lincls",
-    "LinclsConfig": "moco.eval.lincls",
+    "LinclsConfig": "moco.eval.config",
     "embed_images": "moco.eval.embed",
+    "EmbedConfig": "moco.eval.config",
     "export_checkpoint": "moco.eval.export",
     "EXPORT_FORMATS": "moco.eval.export",
     # released weights by name, Hugging Face Hub folders
@@ -79,8 +84,9 @@ _API: dict[str, str] = {
 }
 
 __all__ = [  # a literal list for static tools; tests/package/test_api.py checks it against _API
-    "CheckpointError", "ConfigError", "DDPShuffle", "DataError", "EXPORT_FORMATS", "KeyQueue",
-    "KeyShuffle", "KnnResult", "LinclsConfig", "LocalShuffle", "MoCo", "MocoConfig", "MocoError",
+    "CheckpointError", "ConfigError", "DDPShuffle", "DataError", "EXPORT_FORMATS", "EmbedConfig",
+    "FeatureOptions", "KeyQueue", "KeyShuffle", "KnnConfig", "KnnResult", "LinclsConfig",
+    "LocalShuffle", "MoCo", "MocoConfig", "MocoError",
     "NoShuffle", "PretrainResult", "PretrainedInfo", "RunError", "SplitBatchNorm", "StepOutput",
     "TwoViews", "build_backbone", "build_config", "build_encoder", "convert_split_bn",
     "embed_images", "eval_transform", "export_checkpoint", "extract_features",
@@ -112,12 +118,13 @@ if TYPE_CHECKING:  # the names for type checkers and editors; at run time see __
     from moco.engine.config_sources import build_config
     from moco.engine.loop import pretrain
     from moco.engine.run_state import PretrainResult
+    from moco.eval.config import EmbedConfig, KnnConfig, LinclsConfig
     from moco.eval.embed import embed_images
     from moco.eval.encoders import load_backbone, load_encoder
     from moco.eval.export import EXPORT_FORMATS, export_checkpoint
-    from moco.eval.features import extract_features
+    from moco.eval.features import FeatureOptions, extract_features
     from moco.eval.knn import KnnResult, knn_accuracy, knn_evaluate
-    from moco.eval.lincls import LinclsConfig, linear_classification
+    from moco.eval.lincls import linear_classification
     from moco.eval.pretrained import PretrainedInfo
     from moco.hub.hf import from_pretrained
     from moco.hub.load import load_pretrained

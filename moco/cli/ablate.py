@@ -27,9 +27,12 @@ def _setting(text: str) -> tuple[str, Any]:
 
 
 def add_parser(sub: Any) -> None:
+    from moco.cli import COMMANDS
+
     p = sub.add_parser(
-        "ablate", help="train a grid of runs (ablations, mechanisms) and tabulate/plot them",
-        description="Train every run of a grid file (configs/ablations/*.yaml), each in its own "
+        "ablate", help=COMMANDS["ablate"],
+        description="Train every run of a grid file (the papers' grids are in "
+        "moco/configs/ablations/, installed with moco), each in its own "
         "sub-folder of the output folder, then write results.md and PNG plots. Resumable: "
         "finished runs are skipped and an interrupted run is resumed, so re-running the same "
         "command continues the grid.",

@@ -30,7 +30,7 @@ def add_parser(sub: Any) -> None:
                    "the papers' 16 images per batch at 2 per GPU)")
     p.add_argument("--output-dir", default=None, help="detectron2's OUTPUT_DIR (default: its own)")
     p.add_argument("--config-dir", default=None, metavar="DIR",
-                   help="folder of the configs (default: configs/detectron2 of this source tree)")
+                   help="folder of the configs (default: moco/configs/detectron2, installed with moco)")
     p.add_argument("-a", "--arch", default=None, help="expected architecture (default: from CKPT)")
     p.set_defaults(run=run)
 
@@ -63,9 +63,9 @@ def commands(args: argparse.Namespace) -> tuple[list[list[str]], str]:
         raise Detectron2Error(f"{ckpt}: {problem}")
     folder = Path(args.config_dir) if args.config_dir else config_dir()
     if folder is None:
-        raise Detectron2Error("configs/detectron2 is not next to this installation (installed "
-                              "from a wheel?): pass --config-dir with the folder from the moco "
-                              "source repository")
+        raise Detectron2Error("moco/configs/detectron2 is missing from this installation: "
+                              "reinstall momentum-contrast, or pass --config-dir with the folder "
+                              "from the moco source repository")
     config = folder / TASKS[args.task]
     if not config.is_file():
         raise Detectron2Error(f"{config} does not exist: --config-dir must hold {TASKS[args.task]}")

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def export_hf(args: argparse.Namespace) -> int:
+def export_hf(args: Any) -> int:
     """``moco export CKPT --format hf --out FOLDER``: the Hub model folder of CKPT."""
     from pathlib import Path
 

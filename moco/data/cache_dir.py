@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from moco.data.source import DataError
@@ -123,3 +124,75 @@ def remove_abandoned_builds(root: Path, log: Log = _log.info) -> list[Path]:
         log(f"removed {len(removed)} unfinished decoded-cache build(s) left in {root} by a "
             "stopped run")
     return removed
+
+
+@dataclass
+class CacheEntry:
+    """One thing the cache folder holds: a decoded-image cache (``images``), a folder or shard
+    index (``index``) or a build that a stopped run left (``unfinished``)."""
+
+    path: Path
+    kind: str
+    source: str  # the folder it was made from ('' when not recorded)
+    nbytes: int
+    last_used: float  # seconds since the epoch
+
+
+def _size(p: Path) -> int:
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def cache_entries(root: Path) -> list[CacheEntry]:
+    """What the cache folder ``root`` holds, least recently used first (a decoded cache is
+    marked used at each run; an index when it is written)."""
+    out: list[CacheEntry] = []
+    if not root.is_dir():
+        return out
+    for p in root.iterdir():
+        try:
+            if p.name.endswith(BUILDING) and p.is_dir():
+                out.append(CacheEntry(p, "unfinished", "", _size(p), p.stat().st_mtime))
+            elif p.name == "index" and p.is_dir():
+                out += [CacheEntry(f, "index", "", f.stat().st_size, f.stat().st_mtime)
+                        for f in p.glob("*.npz")]
+            elif p.is_dir() and not p.name.startswith(".") and (p / "meta.json").is_file():
+                meta = json.loads((p / "meta.json").read_text())
+                out.append(CacheEntry(p, "images", str(meta.get("source", "")), _size(p),
+                                      (p / "meta.json").stat().st_mtime))
+        except (OSError, ValueError):
+            continue  # removed meanwhile, or not ours
+    return sorted(out, key=lambda e: e.last_used)
+
+
+def remove_cache_entry(entry: CacheEntry) -> bool:
+    """Remove ``entry`` (an index with its lock file); False when it is a build still running
+    (its process holds the folder's lock) or could not be removed. A run reading a decoded
+    cache keeps its memory-mapped copy; the next run rebuilds it."""
+    if entry.kind == "unfinished":
+        return entry.path in remove_abandoned_builds(entry.path.parent, log=lambda _m: None)
+    try:
+        if entry.path.is_dir():
+            shutil.rmtree(entry.path)
+        else:
+            entry.path.unlink(missing_ok=True)
+            _remove_free_lock(entry.path.with_suffix(".lock"))
+    except OSError:
+        return False
+    return True
+
+
+def _remove_free_lock(lock: Path) -> None:
+    """Remove an index's lock file unless a process holds it (one is building the index)."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.unlink(missing_ok=True)
+    except OSError:
+        pass  # held: an index is being built
+    finally:
+        os.close(fd)

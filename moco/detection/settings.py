@@ -8,7 +8,7 @@ per stage). :func:`resnet_settings` reads them off our network, so a wide ResNet
 exactly; ``STRIDE_IN_1X1: False`` (torchvision puts the stride in the 3x3 conv) is in the
 configs.
 
-The configs (``configs/detectron2/``) follow the original MoCo detection configs: Faster R-CNN
+The configs (``moco/configs/detectron2/``) follow the original MoCo detection configs: Faster R-CNN
 R50-C4 on VOC07+12 (24k iterations) and Mask R-CNN R50-C4 on COCO (1x, 2x), BN in every layer
 (synchronised across GPUs), nothing frozen, the ``Res5ROIHeadsExtraNorm`` head, precise BN at
 test time, RGB input normalised with the ImageNet mean/std x 255.
@@ -27,7 +27,7 @@ from moco.core.backbones import build_backbone
 from moco.core.errors import Detectron2Error
 from moco.core.timm_backbone import is_timm_arch
 
-#: task -> config file in configs/detectron2/
+#: task -> config file in moco/configs/detectron2/
 TASKS = {
     "voc": "pascal_voc_R_50_C4_24k_moco.yaml",
     "coco-1x": "coco_R_50_C4_1x_moco.yaml",
@@ -126,9 +126,9 @@ def pixel_overrides(mean: Sequence[float], std: Sequence[float]) -> list[str]:
 
 
 def config_dir() -> Path | None:
-    """``configs/detectron2`` of the source tree this package runs from (a checkout or an
-    editable install), or None when it is not there (a wheel install)."""
-    d = Path(__file__).resolve().parents[2] / "configs" / "detectron2"
+    """``moco/configs/detectron2``, installed with the package (package data), or None when
+    it is missing (a damaged installation)."""
+    d = Path(__file__).resolve().parents[1] / "configs" / "detectron2"
     return d if (d / BASE_CONFIG).is_file() else None
 
 

@@ -34,6 +34,7 @@ from moco.data.input_settings import (
 from moco.data.recipes import CIFAR_MEAN, CIFAR_STD
 from moco.data.recipes import IMAGENET_MEAN as IMAGENET_MEAN
 from moco.data.recipes import IMAGENET_STD as IMAGENET_STD
+from moco.utils import common_settings as common
 from moco.utils.memory import FLOAT_BYTES, refuse_if_too_big
 from moco.utils.settings import (
     Setting,
@@ -51,7 +52,6 @@ LR_SCALES = ("none", "linear")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 KNN_FEATURES = ("backbone", "head")
 MECHANISMS = ("moco", "end-to-end", "memory-bank")
-MAX_SEED = 2**32 - 1
 
 PRESETS: dict[str, dict[str, Any]] = {
     # MoCo v1, ImageNet (main_moco.py's defaults). Both ImageNet presets monitor kNN on
@@ -105,9 +105,9 @@ class MocoConfig:
         per_invocation=True, help="save and stop at the end of the last epoch whose training "
         "fits in MINUTES (judged from the epochs so far; 0 = no limit); --resume auto continues "
         "the same schedule (this flag is not kept for the resumed run)")
-    batch_size: int = setting(INPUT_DEFAULTS.batch_size, "-b", "--batch-size", group=_O, min=1,
-                              help="GLOBAL batch size over all processes; each of N torchrun "
-                              "processes gets b / N")
+    batch_size: int = common.batch_size(INPUT_DEFAULTS.batch_size, group=_O,
+                                        help="GLOBAL batch size over all processes; each of N "
+                                        "torchrun processes gets b / N")
     lr: float = setting(0.03, "--lr", "--learning-rate", group=_O, min=0, help="base lr")
     lr_scale: str = setting(
         "none", "--lr-scale", group=_O, choices=LR_SCALES, help="none: --lr is used as given "
@@ -133,8 +133,10 @@ class MocoConfig:
     aug: str = setting(
         INPUT_DEFAULTS.aug, "--aug", group=_A, choices=AUGMENTATIONS, help="augmentation recipe",
         shortcuts=(("--aug-plus", "v2", "MoCo v2 augmentation (same as --aug v2)"),))
-    image_size: int = setting(INPUT_DEFAULTS.image_size, "--image-size", group=_A, min=8, help="crop size in pixels")
-    crop_min_scale: float = setting(INPUT_DEFAULTS.crop_min_scale, "--crop-min-scale", group=_A, min=0, min_open=True,
+    image_size: int = common.image_size(INPUT_DEFAULTS.image_size, group=_A,
+                                        help="crop size in pixels")
+    crop_min_scale: float = setting(INPUT_DEFAULTS.crop_min_scale, "--crop-min-scale", group=_A,
+                                    min=0, min_open=True,
                                     max=1, help="RandomResizedCrop minimum area fraction")
     mean: list[float] = setting(list(INPUT_DEFAULTS.mean), "--mean", group=_A, length=3,
                                 metavar=("R", "G", "B"), help="per-channel mean of the "
@@ -154,11 +156,8 @@ class MocoConfig:
         "process")
     bn_splits: int = setting(8, "--bn-splits", group=_M, min=1, help="sub-batches of "
                              "SplitBatchNorm")
-    seed: int = setting(INPUT_DEFAULTS.seed, "--seed", group=_U, min=0, max=MAX_SEED,
-                        help="seed for weights, data order and augmentation")
-    workers: int = setting(
-        INPUT_DEFAULTS.workers, "-j", "--workers", group=_A, min=-1, max=1024, role="runtime", per_rank=True,
-        help="data-loading processes; -1 = cores - 1 on CPU, up to 8 on GPU")
+    seed: int = common.seed(group=_U, help="seed for weights, data order and augmentation")
+    workers: int = common.workers(group=_A)
     train_subset: int = setting(0, "--train-subset", group=_A, min=0, help="pretrain on a "
                                 "class-balanced subset of N train images (kNN still uses the "
                                 "full train set as its bank); 0 = all")
@@ -186,10 +185,9 @@ class MocoConfig:
                                      help="training batches the two dictionaries are compared on")
     output: str = setting("runs/pretrain", "--output", group=_U, role="runtime",
                           help="run folder (never inside DATA)")
-    device: str = setting("auto", "--device", group=_U, role="runtime",
-                          help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    precision: str = setting("auto", "--precision", group=_U, choices=PRECISIONS,
-                             help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    device: str = common.device(group=_U)
+    precision: str = common.precision("auto", PRECISIONS, group=_U,
+                                      help="auto: bf16 autocast on CUDA, fp32 on CPU")
     channels_last: bool | str = setting(
         INPUT_DEFAULTS.channels_last, "--channels-last", group=_U, help="channels_last memory format: true, false or "
         "auto (on CUDA only: slower on CPUs, docs/benchmarks.md)")
@@ -242,10 +240,9 @@ class MocoConfig:
                              help="checkpoints to keep (0 = all)")
     print_freq: int = setting(10, "-p", "--print-freq", group=_E, min=1, role="runtime",
                               help="TensorBoard step scalars every N steps")
-    dist_timeout: float = setting(
-        30.0, "--dist-timeout", group=_U, min=0, min_open=True, max=525600, metavar="MINUTES",
-        role="runtime", help="under torchrun: a collective that waits longer fails and stops "
-        "the job (a dead or stuck rank); must exceed rank 0's kNN evaluation and checkpoint time")
+    dist_timeout: float = common.dist_timeout(
+        group=_U, help="under torchrun: a collective that waits longer fails and stops the job (a "
+        "dead or stuck rank); must exceed rank 0's kNN evaluation and checkpoint time")
     preset: str = setting(
         "", "--preset", group=_R, choices=("", *PRESETS), role="runtime", help="mocov1 / mocov2: "
         "the papers' ImageNet recipes; cifar10: the authors' CIFAR-10 demo recipe")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from moco.core.errors import ConfigError
 from moco.data.folders import images_under
 from moco.data.shards import ShardSource, shard_source
 from moco.data.source import IMAGE_EXTENSIONS, DataError, open_rgb
+from moco.eval.config import EMBED_SUFFIXES, EmbedConfig
 from moco.utils.paths import check_output, check_writable_parent
+from moco.utils.settings import checked_instance, from_parameters
 
-OUTPUT_SUFFIXES = (".npy", ".safetensors")
+OUTPUT_SUFFIXES = EMBED_SUFFIXES
+__all__ = ["EmbedConfig", "EmbedResult", "embed_images", "list_images"]
 
 
 @dataclass
@@ -119,48 +121,27 @@ def _checked(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], files: list[P
         yield x, idx
 
 
-def embed_images(images: str | Path, pretrained: str | Path, out: str | Path, *,
-                 arch: str | None = None, features: str = "backbone",
-                 image_size: int | None = None, batch_size: int = 64, workers: int = -1,
-                 device: str = "auto", normalize: bool = False, skip_bad: bool = False,
-                 progress: bool = True) -> EmbedResult:
+def embed_images(images: str | Path | EmbedConfig, pretrained: str | Path | None = None,
+                 out: str | Path | None = None, *, progress: bool = True,
+                 **settings: Any) -> EmbedResult:
     """Write the features [N, D] of every image under ``images`` to ``out`` (.npy or
-    .safetensors) with the file list; see the module docstring."""
-    from tqdm import tqdm
-
-    from moco.data.augment import eval_transform
-    from moco.eval.encoders import load_encoder
-    from moco.eval.export import write_safetensors
-    from moco.eval.features import extract_features
-    from moco.utils.atomic import atomic_write, atomic_write_text
-    from moco.utils.runtime import default_workers, resolve_device
-
-    out_p = Path(out)
-    if out_p.suffix not in OUTPUT_SUFFIXES:
-        raise ConfigError(f"--out {out_p}: the file must end in .npy or .safetensors")
-    if batch_size < 1:
-        raise ConfigError(f"expected --batch-size >= 1, got {batch_size}")
-    root = Path(images)
+    .safetensors) with the file list; see the module docstring. ``settings``: the fields of
+    :class:`EmbedConfig` (``features="head"``, ``normalize=True``, ``device="cpu"``, ...), each
+    checked (an error names the parameter); or pass an :class:`EmbedConfig` as ``images``."""
+    if isinstance(images, EmbedConfig):
+        cfg = checked_instance(EmbedConfig, "embed_images", {**asdict(images), **settings})
+    else:
+        if pretrained is None or out is None:
+            raise TypeError("embed_images() needs pretrained (the checkpoint) and out (the "
+                            "file to write)")
+        cfg = checked_instance(EmbedConfig, "embed_images", {
+            "images": images, "pretrained": pretrained, "out": out, **settings})
+    cfg.validate(from_parameters("embed_images"))
+    root, out_p = Path(cfg.images), Path(cfg.out)
     shards = shard_source(root)  # a .tar shard or a folder of them: their samples
-    files = list_images(root, skip_bad) if shards is None else []
-    outputs = [out_p] + ([out_p.with_name(out_p.name + ".json")] if out_p.suffix == ".npy" else [])
-    for o in outputs:  # never over the checkpoint or an image, never inside IMAGES
-        check_output(o, "--out", files={"the input checkpoint (--pretrained)": pretrained,
-                                        "an input image": files},
-                     folders={"the image folder": root if root.is_dir() else None})
-    check_writable_parent(out_p, "--out")
-    dev = resolve_device(device)
-    model, info = load_encoder(pretrained, arch, dev, features=features)
-    size = image_size or info.image_size
-    tf = eval_transform(size, info.mean, info.std)
-    nw = workers if workers >= 0 else default_workers(dev)
-    data = _Files(files, tf, size) if shards is None else _Samples(shards, tf, size)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False,
-                        num_workers=nw, pin_memory=dev.type == "cuda")
-    with tqdm(total=len(data), desc="embed", unit="img", disable=not progress,
-              dynamic_ncols=True) as bar:
-        emb, index = extract_features(model, _checked(loader, files, skip_bad, shards), dev,
-                                      n=len(data), normalize=normalize, progress=bar)
+    files = list_images(root, cfg.skip_bad) if shards is None else []
+    _check_outputs(out_p, cfg.pretrained, root, files)
+    emb, index, info, size = _embed(cfg, files, shards, progress)
     ok = index >= 0
     base = root if root.is_dir() else root.parent
     names = ([p.relative_to(base).as_posix() for p in files] if shards is None else
@@ -169,20 +150,67 @@ def embed_images(images: str | Path, pretrained: str | Path, out: str | Path, *,
     if skipped:
         emb = emb[ok]
         names = [n for n, good in zip(names, ok.tolist(), strict=True) if good]
-    meta = {"root": str(root), "checkpoint": str(pretrained), "arch": info.arch,
+    meta = {"root": str(root), "checkpoint": str(cfg.pretrained), "arch": info.arch,
             "cifar_stem": info.cifar_stem, "features": info.features,
-            "feature_dim": int(emb.shape[1]), "image_size": size, "normalized": normalize,
+            "feature_dim": int(emb.shape[1]), "image_size": size, "normalized": cfg.normalize,
             "count": len(names)}
-    sidecar = None
-    if out_p.suffix == ".npy":
+    sidecar = _write(out_p, emb, meta, names, skipped)
+    return EmbedResult(out_p, names, (int(emb.shape[0]), int(emb.shape[1])), skipped, sidecar)
+
+
+def _check_outputs(out: Path, pretrained: str, root: Path, files: list[Path]) -> None:
+    """The output file (and the .npy's sidecar) is never the checkpoint or an image, never
+    inside the image folder, and its folder is writable."""
+    outputs = [out] + ([out.with_name(out.name + ".json")] if out.suffix == ".npy" else [])
+    for o in outputs:
+        check_output(o, "--out", files={"the input checkpoint (--pretrained)": pretrained,
+                                        "an input image": files},
+                     folders={"the image folder": root if root.is_dir() else None})
+    check_writable_parent(out, "--out")
+
+
+def _embed(cfg: EmbedConfig, files: list[Path], shards: ShardSource | None,
+           progress: bool) -> tuple[torch.Tensor, torch.Tensor, Any, int]:
+    """The features [N, D] of every image (rows of unreadable ones with index < 0), their
+    indexes, what the checkpoint is, and the image size used."""
+    from tqdm import tqdm
+
+    from moco.data.augment import eval_transform
+    from moco.eval.encoders import load_encoder
+    from moco.eval.features import extract_features
+    from moco.utils.runtime import default_workers, resolve_device
+
+    dev = resolve_device(cfg.device)
+    model, info = load_encoder(cfg.pretrained, cfg.arch, dev, features=cfg.features)
+    size = cfg.image_size or info.image_size
+    tf = eval_transform(size, info.mean, info.std)
+    nw = cfg.workers if cfg.workers >= 0 else default_workers(dev)
+    data = _Files(files, tf, size) if shards is None else _Samples(shards, tf, size)
+    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=False,
+                        num_workers=nw, pin_memory=dev.type == "cuda")
+    with tqdm(total=len(data), desc="embed", unit="img", disable=not progress,
+              dynamic_ncols=True) as bar:
+        emb, index = extract_features(model, _checked(loader, files, cfg.skip_bad, shards), dev,
+                                      n=len(data), normalize=cfg.normalize, progress=bar)
+    return emb, index, info, size
+
+
+def _write(out: Path, emb: torch.Tensor, meta: dict[str, Any], names: list[str],
+           skipped: list[str]) -> Path | None:
+    """``out`` as .npy (+ its JSON sidecar, returned) or .safetensors (file list in the
+    metadata), each written atomically."""
+    from moco.eval.export import write_safetensors
+    from moco.utils.atomic import atomic_write, atomic_write_text
+
+    if out.suffix == ".npy":
         array = emb.numpy()
-        atomic_write(out_p, lambda f: np.save(f, array))
-        sidecar = out_p.with_name(out_p.name + ".json")
+        atomic_write(out, lambda f: np.save(f, array))
+        sidecar = out.with_name(out.name + ".json")
         text = json.dumps({**meta, "files": names, "skipped": skipped}, indent=1) + "\n"
         atomic_write_text(sidecar, text)
-    else:
-        metadata = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()}
-        metadata["files"] = json.dumps(names)
-        metadata["skipped"] = json.dumps(skipped)
-        write_safetensors(out_p, {"embeddings": emb.contiguous()}, metadata)
-    return EmbedResult(out_p, names, (int(emb.shape[0]), int(emb.shape[1])), skipped, sidecar)
+        return sidecar
+    metadata = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()}
+    metadata["files"] = json.dumps(names)
+    metadata["skipped"] = json.dumps(skipped)
+    write_safetensors(out, {"embeddings": emb.contiguous()}, metadata)
+    return None

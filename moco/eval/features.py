@@ -12,7 +12,7 @@ checkpoint the settings its run recorded (:func:`eval_config`).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 
 from moco.data.input_settings import InputSettings
 from moco.data.source import ImageSource
+from moco.utils.runtime import resolve_device
 
 #: The settings of a pretraining run that decide how its evaluation images are read and
 #: encoded (the monitor's), taken from a checkpoint by :func:`eval_config`.
@@ -28,85 +29,120 @@ EVAL_SETTINGS = ("image_size", "mean", "std", "loader", "on_bad_image", "channel
                  "precision")
 
 
+@dataclass(frozen=True)
+class FeatureOptions:
+    """How :func:`extract_features` computes and stores the features.
+
+    ``normalize`` L2-normalises each row (the kNN features; computed in float32, under
+    autocast too); ``dtype`` and ``out_device`` are where the rows are stored (the training
+    monitor keeps its bank on the GPU, read in place by every query chunk);
+    ``channels_last`` is the input's memory format; ``autocast_dtype`` the model's autocast
+    (None: float32)."""
+
+    normalize: bool = True
+    dtype: torch.dtype = torch.float32
+    out_device: torch.device | str = "cpu"
+    channels_last: bool = False
+    autocast_dtype: torch.dtype | None = None
+
+
+class _Rows:
+    """The rows [N, D] and labels [N] collected batch by batch: into one preallocated tensor
+    when the number of images ``n`` is known (the peak memory is the bank itself, not twice
+    it), else in a list concatenated at the end."""
+
+    def __init__(self, n: int | None, dtype: torch.dtype, device: torch.device) -> None:
+        self.n, self.dtype, self.device = n, dtype, device
+        self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.out: torch.Tensor | None = None
+        self.labels = torch.full((n or 0,), -1, dtype=torch.long)
+        self.pos = 0
+
+    def add(self, f: torch.Tensor, y: torch.Tensor) -> None:
+        b = f.shape[0]
+        if self.n is None:
+            self.parts.append((f, y))
+        else:
+            if self.pos + b > self.n:
+                raise ValueError(f"more images than expected ({self.n})")
+            if self.out is None:
+                self.out = torch.empty((self.n, f.shape[1]), dtype=self.dtype, device=self.device)
+            self.out[self.pos:self.pos + b] = f
+            self.labels[self.pos:self.pos + b] = y
+        self.pos += b
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.out is None and not self.parts:  # no batch at all
+            raise ValueError("no images to extract features from")
+        if self.n is None:
+            return (torch.cat([f for f, _ in self.parts]),
+                    torch.cat([y for _, y in self.parts]).to(self.device))
+        if self.pos != self.n:
+            raise ValueError(f"expected {self.n} images, got {self.pos}")
+        assert self.out is not None
+        return self.out, self.labels.to(self.device)
+
+
+def _encode(model: nn.Module, x: torch.Tensor, device: torch.device,
+            opts: FeatureOptions) -> torch.Tensor:
+    """The features of one batch as stored: [B, D] in ``opts.dtype`` on ``opts.out_device``."""
+    x = x.to(device, non_blocking=True)
+    if opts.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=opts.autocast_dtype or torch.float32,
+                        enabled=opts.autocast_dtype is not None):
+        f = model(x)
+    f = F.normalize(f.float(), dim=1) if opts.normalize else f.float()
+    return f.to(torch.device(opts.out_device), opts.dtype)
+
+
 @torch.no_grad()
 def extract_features(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, Any]],
-    device: torch.device,
+    device: str | torch.device = "cpu",
     *,
     n: int | None = None,
-    normalize: bool = True,
-    dtype: torch.dtype = torch.float32,
-    out_device: torch.device | str = "cpu",
-    channels_last: bool = False,
-    autocast_dtype: torch.dtype | None = None,
     progress: Any = None,
+    options: FeatureOptions | None = None,
+    **settings: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``model`` (in eval mode, restored afterwards) on every batch ``(images [B,3,H,W],
-    labels [B])``: features [N, D] in ``dtype`` on ``out_device`` and labels [N] (int64, -1
-    for unlabeled images).
+    labels [B])`` on ``device`` (``"cpu"``, ``"cuda:0"``, ``"auto"`` or a ``torch.device``):
+    features [N, D] and labels [N] (int64, -1 for unlabeled images).
 
-    ``normalize`` L2-normalises each row (the kNN features; computed in float32, under
-    autocast too). With ``n`` (the number of images) the features go into one preallocated
-    tensor: the peak memory is the bank itself, not twice it (list + cat). ``out_device`` may
-    be the GPU: the training monitor keeps its bank there, read in place by every query
-    chunk. ``progress``: an optional tqdm bar advanced by each batch's size.
+    ``options`` (:class:`FeatureOptions`), or its fields as keywords (``normalize=False``,
+    ``out_device=...``), say how they are computed and stored. With ``n`` (the number of
+    images) the features go into one preallocated tensor. ``progress``: an optional tqdm bar
+    advanced by each batch's size.
     """
+    opts = replace(options or FeatureOptions(), **settings)
+    dev = resolve_device(device)
+    rows = _Rows(n, opts.dtype, torch.device(opts.out_device))
     was_training = model.training
     model.eval()
-    out_device = torch.device(out_device)
-    parts: list[tuple[torch.Tensor, torch.Tensor]] = []
-    out: torch.Tensor | None = None
-    labels = torch.full((n or 0,), -1, dtype=torch.long)
-    pos = 0
     try:
         for x, y in batches:
-            x = x.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                enabled=autocast_dtype is not None):
-                f = model(x)
-            f = F.normalize(f.float(), dim=1) if normalize else f.float()
-            f = f.to(out_device, dtype)
-            y = torch.as_tensor(y).cpu()
-            b = f.shape[0]
-            if n is None:
-                parts.append((f, y))
-            else:
-                if pos + b > n:
-                    raise ValueError(f"more images than expected ({n})")
-                if out is None:
-                    out = torch.empty((n, f.shape[1]), dtype=dtype, device=out_device)
-                out[pos:pos + b] = f
-                labels[pos:pos + b] = y
-            pos += b
+            f = _encode(model, x, dev, opts)
+            rows.add(f, torch.as_tensor(y).cpu())
             if progress is not None:
-                progress.update(b)
+                progress.update(f.shape[0])
     finally:
         model.train(was_training)
-    if out is None and not parts:  # no batch at all
-        raise ValueError("no images to extract features from")
-    if n is None:
-        return torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts]).to(out_device)
-    if pos != n:
-        raise ValueError(f"expected {n} images, got {pos}")
-    assert out is not None
-    return out, labels.to(out_device)
+    return rows.result()
 
 
 def source_features(model: nn.Module, source: ImageSource, cfg: InputSettings,
-                    device: torch.device, workers: int, *,
-                    autocast_dtype: torch.dtype | None, dtype: torch.dtype = torch.float32,
-                    out_device: torch.device | str = "cpu", batch_size: int = 256,
-                    progress: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    device: str | torch.device, workers: int, *, batch_size: int = 256,
+                    progress: Any = None, **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """The L2-normalised features [N, D] and labels [N] of every image of ``source``, in
-    order, through the one evaluation pipeline (see the module docstring)."""
+    order, through the one evaluation pipeline (see the module docstring). ``options``: the
+    fields of :class:`FeatureOptions` (``autocast_dtype``, ``dtype``, ``out_device``)."""
     from moco.data.loaders import eval_batches
 
-    return extract_features(model, eval_batches(cfg, source, device, workers, batch_size),
-                            device, n=len(source), dtype=dtype, out_device=out_device,
-                            autocast_dtype=autocast_dtype, progress=progress)
+    dev = resolve_device(device)
+    return extract_features(model, eval_batches(cfg, source, dev, workers, batch_size), dev,
+                            n=len(source), progress=progress, **options)
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,20 @@ from :func:`moco.eval.features.extract_features` (re-exported here)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from moco.data.source import ImageSource
+from moco.eval.config import KnnConfig
 from moco.eval.features import extract_features
+from moco.utils.common_settings import check_batch_fits
+from moco.utils.settings import checked_instance
 
-__all__ = ["KnnResult", "extract_features", "knn_accuracy", "knn_evaluate", "knn_scores"]
+__all__ = ["KnnConfig", "KnnResult", "extract_features", "knn_accuracy", "knn_evaluate",
+           "knn_scores"]
 
 
 @dataclass
@@ -117,50 +123,61 @@ def knn_accuracy(
     return 100.0 * correct1 / n, 100.0 * correct5 / n
 
 
-def knn_evaluate(data: str | Path, pretrained: str | Path, *, arch: str | None = None,
-                 k: int = 200, t: float = 0.1, features: str | None = None,
-                 image_size: int | None = None, batch_size: int = 256, workers: int = -1,
-                 device: str = "auto", bank_chunk: int = 65536, half_bank: bool = False,
-                 precision: str | None = None, progress: bool = True) -> KnnResult:
+def knn_evaluate(data: str | Path | KnnConfig, pretrained: str | Path | None = None, *,
+                 progress: bool = True, **settings: Any) -> KnnResult:
     """kNN top-1/top-5 (%) of ``pretrained`` on ``data`` (train = bank, val/test = queries):
     what ``moco knn`` prints. Each query's class scores are the sums of exp(similarity / t)
     over its ``k`` nearest bank rows of each class (:func:`knn_scores`).
 
-    The images go through the training monitor's pipeline with the settings the pretraining
-    run recorded (:func:`moco.eval.features.eval_config`: image size, mean/std, loader,
-    precision, channels_last), so a checkpoint gets the figure its run's monitor logged."""
+    ``settings``: the fields of :class:`KnnConfig` (``k=20``, ``t=0.1``, ``device="cpu"``,
+    ``workers=0``, ...), each checked (an error names the parameter); or pass a
+    :class:`KnnConfig` as ``data``. The images go through the training monitor's pipeline with
+    the settings the pretraining run recorded (:func:`moco.eval.features.eval_config`: image
+    size, mean/std, loader, precision, channels_last), so a checkpoint gets the figure its
+    run's monitor logged."""
+    from moco.data.splits import find_dataset, knn_splits
+
+    if isinstance(data, KnnConfig):
+        cfg = checked_instance(KnnConfig, "knn_evaluate", {**asdict(data), **settings})
+    else:
+        if pretrained is None:
+            raise TypeError("knn_evaluate() needs pretrained (the checkpoint to evaluate)")
+        cfg = checked_instance(KnnConfig, "knn_evaluate",
+                               {"data": data, "pretrained": pretrained, **settings})
+    check_batch_fits(cfg.batch_size, cfg.image_size)
+    # The same check of the splits as the training monitor's (moco.data.splits.knn_splits).
+    bank_source, query_source = knn_splits(find_dataset(cfg.data), cfg.data, required=True)  # type: ignore[misc]
+    return _evaluate(cfg, bank_source, query_source, progress)
+
+
+def _evaluate(cfg: KnnConfig, bank_source: ImageSource, query_source: ImageSource,
+              progress: bool) -> KnnResult:
+    """The features of the bank and the queries, then the kNN accuracies."""
     from tqdm import tqdm
 
-    from moco.data.splits import find_dataset, knn_splits
     from moco.eval import features as feats
-    from moco.eval.arguments import check_numbers
     from moco.eval.encoders import load_encoder
     from moco.utils.runtime import default_workers, resolve_device, resolve_precision
 
-    check_numbers(k=k, t=t, batch_size=batch_size, bank_chunk=bank_chunk, workers=workers,
-                  image_size=image_size)
-    # The same check of the splits as the training monitor's (moco.data.splits.knn_splits).
-    bank_source, query_source = knn_splits(find_dataset(data), data, required=True)  # type: ignore[misc]
-    dev = resolve_device(device)
-    model, info = load_encoder(pretrained, arch, dev, features=features)
-    nw = workers if workers >= 0 else default_workers(dev)
-    settings = feats.eval_config(info.config, image_size=image_size or info.image_size,
-                                 mean=info.mean, std=info.std, workers=nw, precision=precision)
-    cfg = settings.inputs
-    autocast = resolve_precision(settings.precision, dev)
+    dev = resolve_device(cfg.device)
+    model, info = load_encoder(cfg.pretrained, cfg.arch, dev, features=cfg.features)
+    nw = cfg.workers if cfg.workers >= 0 else default_workers(dev)
+    ecfg = feats.eval_config(info.config, image_size=cfg.image_size or info.image_size,
+                             mean=info.mean, std=info.std, workers=nw, precision=cfg.precision)
+    autocast = resolve_precision(ecfg.precision, dev)
     t0 = time.perf_counter()
-    total = len(bank_source) + len(query_source)
-    with tqdm(total=total, desc="features", unit="img", disable=not progress,
-              dynamic_ncols=True) as bar:
+    with tqdm(total=len(bank_source) + len(query_source), desc="features", unit="img",
+              disable=not progress, dynamic_ncols=True) as bar:
         bank, bank_labels = feats.source_features(
-            model, bank_source, cfg, dev, nw, autocast_dtype=autocast, batch_size=batch_size,
-            dtype=torch.float16 if half_bank else torch.float32, progress=bar)
-        query, query_labels = feats.source_features(
-            model, query_source, cfg, dev, nw, autocast_dtype=autocast, batch_size=batch_size,
+            model, bank_source, ecfg.inputs, dev, nw, autocast_dtype=autocast,
+            batch_size=cfg.batch_size, dtype=torch.float16 if cfg.half_bank else torch.float32,
             progress=bar)
+        query, query_labels = feats.source_features(
+            model, query_source, ecfg.inputs, dev, nw, autocast_dtype=autocast,
+            batch_size=cfg.batch_size, progress=bar)
     t1 = time.perf_counter()
-    top1, top5 = knn_accuracy(query.to(dev), query_labels, bank, bank_labels, k=k, t=t,
-                              bank_chunk=bank_chunk)
+    top1, top5 = knn_accuracy(query.to(dev), query_labels, bank, bank_labels, k=cfg.k, t=cfg.t,
+                              bank_chunk=cfg.bank_chunk)
     t2 = time.perf_counter()
-    return KnnResult(top1, top5, k, t, info.features, len(bank_source), len(query_source),
-                     int(bank.shape[1]), t1 - t0, t2 - t1)
+    return KnnResult(top1, top5, cfg.k, cfg.t, info.features, len(bank_source),
+                     len(query_source), int(bank.shape[1]), t1 - t0, t2 - t1)

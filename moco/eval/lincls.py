@@ -33,17 +33,18 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from moco.core.errors import ConfigError, RunError
+from moco.core.errors import RunError
 from moco.data.source import DataError, ImageSource, class_mismatch
 from moco.data.splits import find_dataset
 from moco.eval import lincls_data as batches
+from moco.eval.config import LinclsConfig
 from moco.eval.lincls_engine import LinearEngine
 from moco.eval.lincls_protocol import (
     SanityCheckError,
@@ -59,6 +60,7 @@ from moco.eval.lincls_state import (
     BEST,
     LAST,
     atomic_copy,
+    check_resume_matches,
     prepare_run_dir,
     read_linear_checkpoint,
     resume_path,
@@ -81,54 +83,9 @@ from moco.utils.schedule import learning_rate
 from moco.utils.signals import StopFlag, stop_on_signals
 
 _log = logging.getLogger(__name__)
-PRECISIONS = ("auto", "fp32", "bf16")
 __all__ = ["LinclsConfig", "LinclsResult", "LinearClassification", "SanityCheckError",
            "accuracy", "build_linear_model", "linear_classification", "linear_optimizer",
            "sanity_check", "set_frozen_mode", "train_transform"]
-
-
-@dataclass
-class LinclsConfig:
-    """Settings of a linear-classification run; defaults are ``main_lincls.py``'s (§8.1)."""
-
-    data: str
-    pretrained: str = ""
-    arch: str | None = None
-    epochs: int = 100
-    batch_size: int = 256
-    lr: float = 30.0
-    schedule: list[int] = field(default_factory=lambda: [60, 80])
-    cos: bool = False
-    momentum: float = 0.9
-    wd: float = 0.0
-    workers: int = -1
-    seed: int = 0
-    device: str = "auto"
-    output: str = "runs/lincls"
-    resume: str = ""
-    evaluate: bool = False
-    fast: bool = False
-    image_size: int | None = None
-    overwrite: bool = False
-    precision: str = "auto"
-    dist_timeout: float = 30.0
-
-    def validate(self) -> None:
-        checks = [
-            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (self.lr >= 0 and self.wd >= 0, "--lr and --wd must be >= 0"),
-            (self.image_size is None or self.image_size >= 8, "--image-size must be >= 8"),
-            (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}"),
-            (self.dist_timeout > 0, "--dist-timeout must be > 0 minutes"),
-            (bool(self.pretrained or self.resume),
-             "give --pretrained CKPT (a MoCo checkpoint) or --resume a linear checkpoint"),
-            (not self.evaluate or bool(self.resume),
-             "-e/--evaluate needs --resume with a checkpoint written by moco lincls"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(msg)
 
 
 @dataclass
@@ -145,9 +102,26 @@ class LinearClassification:
     evaluates) and returns the result."""
 
     def __init__(self, cfg: LinclsConfig, *, log: Log = _log.info, progress: bool = True,
-                 ctx: DistContext | None = None) -> None:
+                 ctx: DistContext | None = None, overwrite: bool = False) -> None:
         cfg.validate()
-        self.cfg = cfg
+        self.cfg, self.overwrite = cfg, overwrite
+        self._join(ctx, log, progress)
+        self.run_dir = Path(cfg.output)
+        check_output(self.run_dir, "--output", folders={"the data folder": cfg.data})
+        for name in (LAST, BEST, "metrics.jsonl", "lincls.json"):  # never over the input
+            check_output(self.run_dir / name, "--output",
+                         files={"the input checkpoint (--pretrained)": cfg.pretrained})
+        self.lock: RunLock | None = None
+        self._read_data()
+        self.start_epoch, self.start_step, self.best_acc1 = 0, 0, 0.0
+        self.partial = [0.0, 0.0, 0.0]  # loss sum, correct, images of an interrupted epoch
+        resume_ckpt = self._resume_checkpoint()
+        self._build(resume_ckpt)
+        self.history: list[dict[str, Any]] = []
+
+    def _join(self, ctx: DistContext | None, log: Log, progress: bool) -> None:
+        """This process's device, process group, log and autocast dtype."""
+        cfg = self.cfg
         device = _resolve_device(cfg.device)
         self.dist = ctx if ctx is not None else init_distributed(device, cfg.dist_timeout)
         check_same_settings(self.dist, asdict(cfg))
@@ -156,41 +130,59 @@ class LinearClassification:
         self.progress = progress and self.dist.is_main
         self.dtype = autocast_dtype(cfg.precision, self.device)
         self.workers = cfg.workers if cfg.workers >= 0 else default_workers(self.device)
-        self.run_dir = Path(cfg.output)
-        check_output(self.run_dir, "--output", folders={"the data folder": cfg.data})
-        for name in (LAST, BEST, "metrics.jsonl", "lincls.json"):  # never over the input
-            check_output(self.run_dir / name, "--output",
-                         files={"the input checkpoint (--pretrained)": cfg.pretrained})
-        self.lock: RunLock | None = None
-        splits = find_dataset(cfg.data)
+
+    def _read_data(self) -> None:
+        """The labeled train and val (or test) splits, with the same classes."""
+        data = self.cfg.data
+        splits = find_dataset(data)
         if not splits.train.labeled:
-            raise DataError(f"{cfg.data}/train is unlabeled: linear classification needs one "
+            raise DataError(f"{data}/train is unlabeled: linear classification needs one "
                             "sub-folder per class")
         if splits.test is None or not splits.test.labeled:
-            raise DataError(f"{cfg.data} has no labeled val/ or test/ split to evaluate on")
+            raise DataError(f"{data} has no labeled val/ or test/ split to evaluate on")
         if splits.train.classes != splits.test.classes:
             raise DataError(class_mismatch(splits.train, splits.test))
         self.train_source: ImageSource = splits.train
         self.val_source: ImageSource = splits.test
         self.classes = splits.train.classes
-        self.start_epoch, self.start_step, self.best_acc1 = 0, 0, 0.0
-        self.partial = [0.0, 0.0, 0.0]  # loss sum, correct, images of an interrupted epoch
+
+    def _resume_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint ``--resume`` names (None: start from --pretrained), checked against
+        this run's --pretrained and classes before anything is trained or written."""
+        cfg = self.cfg
         self.resume_from = resume_path(cfg.resume, self.run_dir)
         if cfg.resume and cfg.resume != "auto" and self.resume_from is not None \
                 and not self.resume_from.exists():
             raise CheckpointError(f"--resume {cfg.resume} does not exist")
-        resume_ckpt = read_linear_checkpoint(self.resume_from) if self.resume_from else None
+        self.resumed_pretrained = ""
+        if self.resume_from is None:
+            return None
+        ckpt = read_linear_checkpoint(self.resume_from)
+        self.resumed_pretrained = str((ckpt.get("moco") or {}).get("pretrained") or "")
+        check_resume_matches(ckpt, self.resume_from, cfg.pretrained, self.classes)
+        return ckpt
+
+    def pretrained_record(self) -> str:
+        """The encoder this classifier is trained on, as its checkpoint records it: the absolute
+        path of --pretrained, else the one the resumed checkpoint recorded."""
+        if self.cfg.pretrained:
+            return str(Path(self.cfg.pretrained).absolute())
+        return self.resumed_pretrained
+
+    def _build(self, resume_ckpt: dict[str, Any] | None) -> None:
+        """The linear model on the frozen encoder, its optimizer (both resumed from
+        ``resume_ckpt`` when given) and the engine that trains and evaluates it."""
+        cfg = self.cfg
         source = cfg.pretrained or (str(self.resume_from) if self.resume_from else "")
         if not source:
             raise CheckpointError(f"--resume auto: no {LAST} in {self.run_dir} and no "
                                   "--pretrained to start from")
         w = read_encoder(source)
         self.info = describe_encoder(w, cfg.arch, source)
-        if resume_ckpt is not None:
-            ours = resume_ckpt.get("moco", {})
-            for key in ("image_size", "mean", "std"):
-                if key in ours:
-                    setattr(self.info, key, tuple(ours[key]) if key != "image_size" else ours[key])
+        ours = (resume_ckpt or {}).get("moco", {})
+        for key in ("image_size", "mean", "std"):
+            if key in ours:
+                setattr(self.info, key, tuple(ours[key]) if key != "image_size" else ours[key])
         self.image_size = cfg.image_size or self.info.image_size
         self.model = build_linear_model(self.info, w.backbone, len(self.classes), cfg.seed)
         self.optimizer = linear_optimizer(self.model, cfg.lr, cfg.momentum, cfg.wd)
@@ -205,7 +197,6 @@ class LinearClassification:
             self.model, self.optimizer, self.dist, self.device, self.dtype, self.info.backbone_dim,
             self.image_size, self.info.mean, self.info.std, cfg.batch_size, cfg.seed,
             self.workers, self.progress, self.train_source, self.val_source)
-        self.history: list[dict[str, Any]] = []
 
     # ----- checkpoints --------------------------------------------------------------------
     def _load_resume(self, ckpt: dict[str, Any]) -> None:
@@ -243,7 +234,7 @@ class LinearClassification:
             "moco": {"format": 1, "kind": "lincls", "config": asdict(self.cfg),
                      "classes": list(self.classes), "cifar_stem": self.info.cifar_stem,
                      "image_size": self.image_size, "mean": list(self.info.mean),
-                     "std": list(self.info.std), "pretrained": self.cfg.pretrained,
+                     "std": list(self.info.std), "pretrained": self.pretrained_record(),
                      "step": step, "partial": partial or [0.0, 0.0, 0.0]},
         }
 
@@ -260,7 +251,7 @@ class LinearClassification:
         try:
             kept = self.dist.on_main(lambda: prepare_run_dir(
                 self.run_dir, resuming=resuming, start_epoch=self.start_epoch,
-                overwrite=cfg.overwrite, settings=asdict(cfg)))
+                overwrite=self.overwrite, settings=asdict(cfg)))
             self.history = list(kept or [])
             self.log(self.describe())
             stop = StopFlag()
@@ -276,11 +267,11 @@ class LinearClassification:
 
     def _loop(self, stop: StopFlag) -> LinclsResult:
         cfg = self.cfg
-        train_feats = val_feats = None
+        feats: tuple[Any, Any] = (None, None)
         if cfg.fast and self.start_epoch < cfg.epochs:
             t0 = time.perf_counter()
-            train_feats = self.engine.features(self.train_source, "train features")
-            val_feats = self.engine.features(self.val_source, "val features")
+            feats = (self.engine.features(self.train_source, "train features"),
+                     self.engine.features(self.val_source, "val features"))
             self.log(f"features of {len(self.train_source) + len(self.val_source)} images in "
                      f"{time.perf_counter() - t0:.1f} s")
         last: dict[str, Any] | None = None
@@ -288,45 +279,18 @@ class LinearClassification:
                    disable=not self.progress, dynamic_ncols=True)
         try:
             for epoch in range(self.start_epoch, cfg.epochs):
+                t0 = time.perf_counter()
                 lr = learning_rate(cfg.lr, epoch, cfg.epochs, cos=cfg.cos, milestones=cfg.schedule)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
-                t0 = time.perf_counter()
                 start = self.start_step if epoch == self.start_epoch else 0
-                sums, step = self.engine.train_epoch(epoch, start, self.partial, stop, train_feats)
+                sums, step = self.engine.train_epoch(epoch, start, self.partial, stop, feats[0])
                 if stop.signal is not None and step < batches.num_steps(len(self.train_source),
                                                                         cfg.batch_size):
-                    total = self.engine.all_sum(sums)
-                    path = self.run_dir / LAST
-                    self.dist.on_main(lambda: atomic_save(
-                        self.checkpoint_dict(epoch, step, total), path))  # noqa: B023
-                    self.log(f"stopped by signal {stop.signal} at epoch {epoch + 1} step {step}; "
-                             f"saved {path}\nresume with: moco lincls ... --output {self.run_dir} "
-                             "--resume auto")
+                    self._save_interrupted(epoch, step, sums, stop.signal)
                     return LinclsResult(self.run_dir, self.best_acc1, last, self.history, stop.signal)
-                loss_sum, correct, n = self.engine.all_sum(sums)
-                loss, train_acc1 = loss_sum / n, 100.0 * correct / n
-                if not math.isfinite(loss):
-                    raise RunError(f"the linear classifier's cross-entropy loss became {loss} at "
-                                   f"epoch {epoch + 1} (the frozen backbone's weights are "
-                                   f"finite): lower --lr (now {cfg.lr:g}) and run again")
-                acc1, acc5 = self.engine.validate(val_feats)
-                is_best = acc1 > self.best_acc1
-                self.best_acc1 = max(acc1, self.best_acc1)
-                last = {"epoch": epoch + 1, "lr": lr, "loss": loss, "train_acc1": train_acc1,
-                        "acc1": acc1, "acc5": acc5, "best_acc1": self.best_acc1,
-                        "seconds": time.perf_counter() - t0, "fast": cfg.fast,
-                        "processes": self.dist.world_size}
-                self.history.append(last)
-                self.dist.on_main(lambda: self._save_epoch(epoch, last, is_best))  # noqa: B023
-                if epoch == self.start_epoch and cfg.pretrained:
-                    self.dist.on_main(lambda: sanity_check(self.model.state_dict(), cfg.pretrained))
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", acc1=f"{acc1:.2f}", acc5=f"{acc5:.2f}",
-                                best=f"{self.best_acc1:.2f}", lr=f"{lr:.3g}")
-                if not self.progress:
-                    self.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.4f}, lr {lr:.4g}, "
-                             f"Acc@1 {acc1:.2f} Acc@5 {acc5:.2f} (best {self.best_acc1:.2f})")
+                last = self._finish_epoch(epoch, lr, sums, feats[1], t0)
+                self._show(bar, last)
                 if stop.signal is not None:  # the signal came with the epoch's last step
                     self.log(f"stopped by signal {stop.signal} after epoch {epoch + 1}; saved "
                              f"{self.run_dir / LAST}; continue with --resume auto")
@@ -337,6 +301,48 @@ class LinearClassification:
             self.log(f" * Acc@1 {last['acc1']:.3f} Acc@5 {last['acc5']:.3f}; best Acc@1 "
                      f"{self.best_acc1:.3f} -> {self.run_dir / BEST}")
         return LinclsResult(self.run_dir, self.best_acc1, last, self.history)
+
+    def _save_interrupted(self, epoch: int, step: int, sums: list[float], signal: int) -> None:
+        """A mid-epoch checkpoint: ``step`` steps of epoch ``epoch`` done, their sums kept."""
+        total = self.engine.all_sum(sums)
+        path = self.run_dir / LAST
+        self.dist.on_main(lambda: atomic_save(self.checkpoint_dict(epoch, step, total), path))
+        self.log(f"stopped by signal {signal} at epoch {epoch + 1} step {step}; saved {path}\n"
+                 f"resume with: moco lincls ... --output {self.run_dir} --resume auto")
+
+    def _finish_epoch(self, epoch: int, lr: float, sums: list[float], val_feats: Any,
+                      t0: float) -> dict[str, Any]:
+        """Validate after a trained epoch, record and save it (the first one checked by
+        :func:`sanity_check`); a non-finite loss stops the run."""
+        cfg = self.cfg
+        loss_sum, correct, n = self.engine.all_sum(sums)
+        loss, train_acc1 = loss_sum / n, 100.0 * correct / n
+        if not math.isfinite(loss):
+            raise RunError(f"the linear classifier's cross-entropy loss became {loss} at "
+                           f"epoch {epoch + 1} (the frozen backbone's weights are "
+                           f"finite): lower --lr (now {cfg.lr:g}) and run again")
+        acc1, acc5 = self.engine.validate(val_feats)
+        is_best = acc1 > self.best_acc1
+        self.best_acc1 = max(acc1, self.best_acc1)
+        last = {"epoch": epoch + 1, "lr": lr, "loss": loss, "train_acc1": train_acc1,
+                "acc1": acc1, "acc5": acc5, "best_acc1": self.best_acc1,
+                "seconds": time.perf_counter() - t0, "fast": cfg.fast,
+                "processes": self.dist.world_size}
+        self.history.append(last)
+        self.dist.on_main(lambda: self._save_epoch(epoch, last, is_best))
+        if epoch == self.start_epoch and cfg.pretrained:
+            self.dist.on_main(lambda: sanity_check(self.model.state_dict(), cfg.pretrained))
+        return last
+
+    def _show(self, bar: Any, last: dict[str, Any]) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{last['loss']:.3f}", acc1=f"{last['acc1']:.2f}",
+                        acc5=f"{last['acc5']:.2f}", best=f"{self.best_acc1:.2f}",
+                        lr=f"{last['lr']:.3g}")
+        if not self.progress:
+            self.log(f"epoch {last['epoch']}/{self.cfg.epochs}: loss {last['loss']:.4f}, lr "
+                     f"{last['lr']:.4g}, Acc@1 {last['acc1']:.2f} Acc@5 {last['acc5']:.2f} "
+                     f"(best {self.best_acc1:.2f})")
 
     def _save_epoch(self, epoch: int, record: dict[str, Any], is_best: bool) -> None:
         write_metrics(self.run_dir / "metrics.jsonl", self.history)
@@ -357,11 +363,13 @@ class LinearClassification:
 
 
 def linear_classification(cfg: LinclsConfig, *, log: Log = _log.info, progress: bool = True,
-                          ctx: DistContext | None = None) -> LinclsResult:
-    """Run the linear protocol as ``cfg`` says (see the module docstring). Under torchrun
-    without ``ctx``, the process group is joined here and left at the end."""
+                          ctx: DistContext | None = None, overwrite: bool = False) -> LinclsResult:
+    """Run the linear protocol as ``cfg`` says (see the module docstring); ``overwrite``
+    replaces a run already in ``cfg.output`` (as :func:`moco.engine.loop.pretrain`'s). Under
+    torchrun without ``ctx``, the process group is joined here and left at the end."""
     try:
-        return LinearClassification(cfg, log=log, progress=progress, ctx=ctx).run()
+        return LinearClassification(cfg, log=log, progress=progress, ctx=ctx,
+                                    overwrite=overwrite).run()
     finally:
         if ctx is None:
             shutdown_distributed()

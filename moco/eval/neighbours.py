@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from torch import nn
 from moco.core.errors import ConfigError
 from moco.data.source import ImageSource
 from moco.utils.runlog import new_figure, save_figure
+
+if TYPE_CHECKING:
+    from moco.eval.features import EvalSettings
 
 #: Pixels of one grid cell (an image), and of the caption row under it.
 CELL_PX = 112
@@ -214,12 +217,13 @@ def neighbour_sources(data: str | Path, o: NeighbourOptions) -> tuple[ImageSourc
     return bank, (splits.test if where == "heldout" else bank) or bank, where
 
 
-def retrieve(model: nn.Module, cfg: Any, bank: ImageSource, query_src: ImageSource,
+def retrieve(model: nn.Module, cfg: EvalSettings, bank: ImageSource, query_src: ImageSource,
              device: torch.device, options: NeighbourOptions | None = None) -> Retrieval:
     """The ``options.queries`` queries of ``query_src`` and their ``options.k`` nearest images
     of ``bank`` through ``model`` (images -> features; e.g. ``strip_head(encoder_q)`` of a
-    run, trained or not), with the evaluation pipeline of ``cfg`` (a run's ``MocoConfig``, or
-    :func:`moco.eval.features.eval_config`'s: its image size, mean, std, loader and precision;
+    run, trained or not), with the evaluation pipeline of ``cfg`` (a checkpoint's
+    :func:`moco.eval.features.eval_config`, or ``EvalSettings(run_cfg.input_settings(),
+    run_cfg.precision)`` for a run in memory: image size, mean, std, loader and precision;
     :func:`moco.eval.features.source_features`). ``query_src is bank``:
     the queries are drawn from the bank and their features reused."""
     from tqdm import tqdm
@@ -237,9 +241,9 @@ def retrieve(model: nn.Module, cfg: Any, bank: ImageSource, query_src: ImageSour
     total = len(bank) + (len(queries) if heldout else 0)
     with tqdm(total=total, desc="features", unit="img", disable=not o.progress,
               dynamic_ncols=True) as bar:
-        bank_f, _ = source_features(model, bank, cfg, device, nw, autocast_dtype=autocast,
+        bank_f, _ = source_features(model, bank, cfg.inputs, device, nw, autocast_dtype=autocast,
                                     batch_size=o.batch_size, progress=bar)
-        query_f = (source_features(model, query_src.subset(queries), cfg, device, nw,
+        query_f = (source_features(model, query_src.subset(queries), cfg.inputs, device, nw,
                                    autocast_dtype=autocast, batch_size=o.batch_size,
                                    progress=bar)[0] if heldout else bank_f[queries])
     sims, idx = nearest_neighbours(query_f, bank_f, o.k)

@@ -7,7 +7,9 @@ not change training (``role``) or may differ between ranks (``per_rank``).
 
 A value is checked where it enters, with the name of that source in the error: the command
 line, a key of a YAML file, a ``--set KEY=VALUE`` of ``moco ablate``, a preset, or the
-dataclass itself. Strings are parsed (``"false"`` is False, ``"1e-4"`` a float), anything
+dataclass itself. The source also decides how the setting is called: by its flag
+(``--batch-size``) for the command line and the files, by its parameter name (``batch_size``)
+for a value given in Python (:func:`from_parameters`). Strings are parsed (``"false"`` is False, ``"1e-4"`` a float), anything
 else of the wrong type is refused (a float where an integer belongs is never rounded), and
 NaN or an infinite number is never accepted.
 """
@@ -16,9 +18,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,9 @@ from moco.core.errors import ConfigError, MocoError
 #: How a field's annotation is checked.
 KINDS = {"str": "str", "int": "int", "float": "float", "bool": "bool", "list[int]": "int_list",
          "list[float]": "float_list", "bool | str": "bool_or_auto"}
+#: ``X | None``: the kind of X, and None accepted (a value "not given", e.g. taken later from
+#: a checkpoint).
+OPTIONAL_SUFFIX = " | None"
 #: What a setting changes. ``training``: the trained weights (a resumed run warns when it
 #: changes; an ablation refuses a finished run trained with another value). ``data``: where the
 #: images are (a resumed run may find them elsewhere; an ablation compares it). ``evaluation``:
@@ -40,6 +46,8 @@ FALSE_WORDS = ("false", "no", "off", "0")
 MAX_YAML_BYTES = 1 << 20
 
 Source = Callable[[str], str]
+#: ``dataclasses.MISSING``: the default of a setting that must be given (a required flag).
+REQUIRED: Any = MISSING
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,8 @@ class Setting:
     metavar: str | tuple[str, ...] | None = None
     shortcuts: tuple[tuple[str, Any, str], ...] = ()  # (flag, value, help) store_const flags
     default_text: str | None = None  # the default as the help shows it, when not the value
+    optional: bool = False  # None accepted (``X | None``), filled by :func:`declarations`
+    required: bool = False  # no default: the flag must be given, filled by :func:`declarations`
 
     @property
     def positional(self) -> bool:
@@ -76,8 +86,11 @@ class Setting:
 
 
 def setting(default: Any, *flags: str, help: str, group: str, **kw: Any) -> Any:
-    """A dataclass field declared with its :class:`Setting` (lists get a default factory)."""
+    """A dataclass field declared with its :class:`Setting` (lists get a default factory;
+    :data:`REQUIRED`: no default)."""
     meta = {"moco": Setting(flags=flags, help=help, group=group, **kw)}
+    if default is MISSING:
+        return field(metadata=meta)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -85,21 +98,59 @@ def setting(default: Any, *flags: str, help: str, group: str, **kw: Any) -> Any:
 
 def declarations(cls: type) -> dict[str, Setting]:
     """``{field name: Setting}`` of a dataclass declared with :func:`setting`, in field
-    order, with ``kind`` read from each annotation (a TypeError names an unsupported one)."""
-    from dataclasses import fields, replace
-
+    order, with ``kind``, ``optional`` and ``required`` read from each field (a TypeError names
+    an unsupported annotation)."""
     out: dict[str, Setting] = {}
     for f in fields(cls):
         s = f.metadata.get("moco")
         if s is None:
             raise TypeError(f"{cls.__name__}.{f.name} is not declared with setting()")
         annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        optional = annotation.endswith(OPTIONAL_SUFFIX)
+        annotation = annotation.removesuffix(OPTIONAL_SUFFIX)
         if annotation not in KINDS:
             raise TypeError(f"{cls.__name__}.{f.name}: unsupported type {annotation}")
         if s.role not in ROLES:
             raise TypeError(f"{cls.__name__}.{f.name}: role must be one of {ROLES}")
-        out[f.name] = replace(s, kind=KINDS[annotation])
+        required = f.default is MISSING and f.default_factory is MISSING
+        out[f.name] = replace(s, kind=KINDS[annotation], optional=optional, required=required)
     return out
+
+
+def defaults(cls: type) -> dict[str, Any]:
+    """``{field name: default value}`` of a declared dataclass (required fields left out)."""
+    out: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+_DECLARED: dict[type, dict[str, Setting]] = {}
+
+
+def checked_instance(cls: type, what: str, values: dict[str, Any]) -> Any:
+    """``cls(**values)``, each value checked first as given to ``what`` (a library function:
+    errors name its parameter); a name ``cls`` does not declare is a TypeError naming ``what``
+    and the names it takes."""
+    declared = declarations(cls)
+    unknown = [k for k in values if k not in declared]
+    if unknown:
+        raise TypeError(f"{what}() got an unexpected keyword argument {unknown[0]!r} (it takes "
+                        f"{', '.join(declared)})")
+    source = from_parameters(what)
+    return cls(**{k: coerce(k, declared[k], v, source) for k, v in values.items()})
+
+
+def check_fields(obj: Any, source: Source) -> None:
+    """Check (and normalise: ``"false"`` -> False) every declared field of ``obj`` in place."""
+    cls = type(obj)
+    if cls not in _DECLARED:
+        _DECLARED[cls] = declarations(cls)
+    for name, s in _DECLARED[cls].items():
+        setattr(obj, name, coerce(name, s, getattr(obj, name), source))
 
 
 # ----- sources ---------------------------------------------------------------------------------
@@ -112,7 +163,31 @@ def from_yaml(path: str | Path) -> Source:
 
 
 def from_caller(what: str) -> Source:
+    """Values given in Python, named by their flag in errors."""
     return lambda key: f"given to {what}"
+
+
+@dataclass(frozen=True)
+class ParameterSource:
+    """Values given in Python to ``what`` (a function or a class): errors name the parameter
+    (``k``), not the flag of the command that has one (``--k``)."""
+
+    what: str
+    names_parameters: bool = True
+
+    def __call__(self, key: str) -> str:
+        return f"given to {self.what}"
+
+
+def from_parameters(what: str) -> Source:
+    """The source of the arguments of a library call: errors name the parameter."""
+    return ParameterSource(what)
+
+
+def label(name: str, s: Setting, source: Source) -> str:
+    """How an error calls setting ``name``: its parameter name for a value given in Python
+    (:func:`from_parameters`), else its flag."""
+    return name if getattr(source, "names_parameters", False) else s.flag
 
 
 # ----- checking one value ----------------------------------------------------------------------
@@ -202,11 +277,15 @@ def _bool(value: Any) -> bool | None:
 
 def coerce(name: str, s: Setting, value: Any, source: Source) -> Any:
     """``value`` as the declared type of setting ``name``, checked against its choices and
-    range; else :class:`ConfigError` "expected --flag ..., got X (source)"."""
+    range; else :class:`ConfigError` "expected --flag ..., got X (source)" (the parameter
+    name instead of the flag for a :func:`from_parameters` source). None is accepted for an
+    optional setting."""
     def fail(what: str | None = None) -> ConfigError:
-        return ConfigError(f"expected {s.flag} {what or expectation(s)}, got {show_value(value)} "
-                           f"({source(name)})")
+        return ConfigError(f"expected {label(name, s, source)} {what or expectation(s)}, got "
+                           f"{show_value(value)} ({source(name)})")
 
+    if value is None and s.optional:
+        return None
     kind = s.kind
     if kind in ("bool", "bool_or_auto"):
         if kind == "bool_or_auto" and isinstance(value, str) and value.strip().lower() == "auto":
@@ -216,6 +295,8 @@ def coerce(name: str, s: Setting, value: Any, source: Source) -> Any:
             raise fail()
         return b
     if kind == "str":
+        if isinstance(value, os.PathLike):  # a pathlib.Path given for a path setting
+            value = os.fspath(value)
         if isinstance(value, numbers.Integral) and not isinstance(value, bool) and s.choices is None:
             value = str(value)
         if not isinstance(value, str):

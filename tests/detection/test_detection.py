@@ -32,7 +32,7 @@ from moco.detection.settings import (
 )
 from moco.eval.export import export_checkpoint
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "detectron2"
+CONFIGS = Path(__file__).resolve().parents[2] / "moco" / "configs" / "detectron2"
 
 # Keys of detectron2's config (detectron2/config/defaults.py) that the configs or the training
 # command set. test_detectron2_knows_every_key checks this list against get_cfg() when

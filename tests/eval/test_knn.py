@@ -144,6 +144,25 @@ def test_extract_features_normalised_and_restores_mode() -> None:
         torch.testing.assert_close(feats[:3], F.normalize(net(batches[0][0]), dim=1))
 
 
+def test_extract_features_takes_a_device_name_and_its_options_as_one_object() -> None:
+    from moco.eval.features import FeatureOptions
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(5))
+    net(torch.randn(1, 3, 6, 6))
+    batches = [(torch.randn(3, 3, 6, 6), torch.tensor([0, 1, 2]))]
+    ref, _ = extract_features(net, batches, torch.device("cpu"), normalize=False)
+    for device in ("cpu", "cpu:0"):
+        feats, labels = extract_features(net, batches, device, normalize=False, n=3)
+        torch.testing.assert_close(feats, ref, rtol=0, atol=0)
+    raw, _ = extract_features(net, batches, "cpu",
+                              options=FeatureOptions(normalize=False, dtype=torch.float64))
+    assert raw.dtype == torch.float64
+    torch.testing.assert_close(raw, ref.double(), rtol=0, atol=0)
+    with pytest.raises(TypeError):
+        extract_features(net, batches, "cpu", normalise=False)  # not an option
+
+
 # ----- the training monitor (issue 15, fault 8) ------------------------------------------------
 
 def test_the_imagenet_presets_monitor_on_class_balanced_subsets() -> None:

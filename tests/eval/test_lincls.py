@@ -173,3 +173,54 @@ def test_full_mode_cifar_stem(tmp_path: Path) -> None:
     out = tmp_path / "run"
     res = linear_classification(_cfg(data, ckpt, out, epochs=3, batch_size=8, cos=True), **QUIET)
     assert len(res.history) == 3 and res.history[-1]["lr"] < res.history[0]["lr"]
+
+
+# ----- evaluation checks before it writes -------------------------------------------------------
+
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_with_another_pretrained_refuses_before_writing(setup: tuple[Path, Path],
+                                                                tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    data, ckpt = setup
+    out = tmp_path / "run"
+    linear_classification(_cfg(data, ckpt, out, epochs=1, fast=True), **QUIET)
+    other = tmp_path / "other.pth.tar"
+    save_original_checkpoint(other, "resnet18", mlp=True, with_optimizer=False, seed=1)
+    before = _files(out)
+    base = ["lincls", str(data), "-b", "4", "-j", "0", "--device", "cpu", "--output", str(out),
+            "--no-progress", "--fast", "--image-size", "32", "--epochs", "2", "--resume", "auto"]
+    assert main([*base, "--pretrained", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert str(other) in err and str(ckpt.absolute()) in err and err.count("\n") == 1, err
+    assert _files(out) == before  # nothing trained, nothing written
+    # the same encoder by another path (a link), or none at all: the run continues
+    link = tmp_path / "link.pth.tar"
+    link.symlink_to(ckpt)
+    assert main([*base, "--pretrained", str(link)]) == 0
+    assert load_checkpoint(out / "checkpoint.pth.tar")["epoch"] == 2
+    assert main([*base[:-4], "--epochs", "3", "--resume", "auto"]) == 0
+
+
+def test_evaluate_compares_the_checkpoint_classes_with_the_data(setup: tuple[Path, Path],
+                                                                 tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture
+                                                                 ) -> None:
+    data, ckpt = setup
+    out = tmp_path / "run"
+    linear_classification(_cfg(data, ckpt, out, epochs=1, fast=True), **QUIET)
+    other = make_image_folder(tmp_path / "other", classes=2, per_class=2,
+                              splits=("train", "val"))
+    for split in ("train", "val"):  # the same number of classes, other names
+        (other / split / "class_1").rename(other / split / "dogs")
+    before = _files(out)
+    ev = ["lincls", "-e", "--resume", str(out / "checkpoint.pth.tar"), "-j", "0", "--device",
+          "cpu", "--no-progress", "--image-size", "32"]
+    assert main([*ev[:1], str(other), *ev[1:]]) == 2
+    err = capsys.readouterr().err
+    assert "classes are not the ones" in err and "'class_1'" in err and "'dogs'" in err, err
+    assert _files(out) == before
+    assert main([*ev[:1], str(data), *ev[1:]]) == 0  # its own data: evaluated
