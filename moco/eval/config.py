@@ -169,3 +169,38 @@ class EmbedConfig:
             out = label("out", declarations(EmbedConfig)["out"], source)
             raise ConfigError(f"{out} {self.out}: the file must end in .npy or .safetensors")
         check_batch_fits(self.batch_size, self.image_size)
+
+
+@dataclass
+class NeighboursConfig:
+    """The settings of ``moco neighbours`` and :func:`moco.eval.neighbours.neighbour_grid`
+    (what to draw and how the features are computed), declared once."""
+
+    queries: int = setting(8, "--queries", group=_E, min=1, max=256, role="evaluation",
+                           help="query images (rows)")
+    k: int = setting(8, "--k", group=_E, min=1, max=64, role="evaluation",
+                     help="neighbours per query (columns)")
+    bank_images: int = setting(10000, "--bank-images", group=_E, min=0, role="evaluation",
+                               help="images of the training split searched (class-balanced "
+                               "when labeled; 0: all)")
+    queries_from: str = setting("auto", "--queries-from", group=_E,
+                                choices=("auto", "heldout", "bank"), role="evaluation",
+                                help="where the queries come from (auto: val/ or test/ when "
+                                "DATA has one)")
+    features: str | None = setting(
+        None, "--features", group=_E, choices=FEATURES, role="evaluation",
+        default_text="what the pretraining run's kNN monitor used, else backbone",
+        help="pooled backbone features or the projection head's output")
+    image_size: int | None = common.image_size(None, group=_D, help="input size")
+    batch_size: int = common.batch_size(256, group=_D, help="feature-extraction batch")
+    workers: int = common.workers(group=_D)
+    device: str = common.device(group=_U)
+    precision: str | None = common.precision(
+        None, KNN_PRECISIONS, group=_U, default_text="the pretraining run's --precision",
+        help="autocast of the feature extraction")
+    seed: int = common.seed(group=_E, help="which queries and bank images are drawn")
+    title: str | None = setting(None, "--title", group=_U, role="runtime",
+                                help="a line above the grid")
+
+    def __post_init__(self) -> None:
+        check_fields(self, from_parameters("NeighboursConfig"))

@@ -21,6 +21,7 @@ from torch import nn
 
 from moco.core.errors import ConfigError
 from moco.data.source import ImageSource
+from moco.eval.config import NeighboursConfig
 from moco.utils.runlog import new_figure, save_figure
 
 if TYPE_CHECKING:
@@ -173,23 +174,9 @@ def check_query_source(value: str) -> None:
                           f"{value!r}")
 
 
-@dataclass
-class NeighbourOptions:
-    """The settings of :func:`neighbour_grid` (``moco neighbours --help`` describes each)."""
-
-    queries: int = 8
-    k: int = 8
-    bank_images: int = 10000
-    queries_from: str = "auto"
-    features: str | None = None
-    image_size: int | None = None
-    batch_size: int = 256
-    workers: int = -1
-    device: str = "auto"
-    precision: str | None = None
-    seed: int = 0
-    progress: bool = True
-    title: str | None = None
+#: The settings of :func:`neighbour_grid` (``moco neighbours --help`` describes each),
+#: declared once in :mod:`moco.eval.config`.
+NeighbourOptions = NeighboursConfig
 
 
 @dataclass
@@ -218,7 +205,8 @@ def neighbour_sources(data: str | Path, o: NeighbourOptions) -> tuple[ImageSourc
 
 
 def retrieve(model: nn.Module, cfg: EvalSettings, bank: ImageSource, query_src: ImageSource,
-             device: torch.device, options: NeighbourOptions | None = None) -> Retrieval:
+             device: torch.device, options: NeighbourOptions | None = None, *,
+             progress: bool = False) -> Retrieval:
     """The ``options.queries`` queries of ``query_src`` and their ``options.k`` nearest images
     of ``bank`` through ``model`` (images -> features; e.g. ``strip_head(encoder_q)`` of a
     run, trained or not), with the evaluation pipeline of ``cfg`` (a checkpoint's
@@ -239,7 +227,7 @@ def retrieve(model: nn.Module, cfg: EvalSettings, bank: ImageSource, query_src: 
     queries = pick(len(query_src), o.queries, keyed_seed("moco-neighbour-queries", o.seed),
                    query_src.labels)
     total = len(bank) + (len(queries) if heldout else 0)
-    with tqdm(total=total, desc="features", unit="img", disable=not o.progress,
+    with tqdm(total=total, desc="features", unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
         bank_f, _ = source_features(model, bank, cfg.inputs, device, nw, autocast_dtype=autocast,
                                     batch_size=o.batch_size, progress=bar)
@@ -251,7 +239,8 @@ def retrieve(model: nn.Module, cfg: EvalSettings, bank: ImageSource, query_src: 
 
 
 def neighbour_grid(pretrained: str | Path, data: str | Path, out: str | Path,
-                   options: NeighbourOptions | None = None) -> NeighbourResult:
+                   options: NeighbourOptions | None = None, *,
+                   progress: bool = False) -> NeighbourResult:
     """Write the retrieval grid of checkpoint ``pretrained`` on ``data`` (anything ``moco
     pretrain`` reads) to the PNG ``out``: ``queries`` images (from val/ or test/, else from
     the bank; seeded, class-balanced when labeled), each with its ``k`` nearest images of the
@@ -274,6 +263,6 @@ def neighbour_grid(pretrained: str | Path, data: str | Path, out: str | Path,
     cfg = eval_config(info.config, image_size=o.image_size or info.image_size, mean=info.mean,
                       std=info.std, workers=o.workers if o.workers >= 0 else default_workers(dev),
                       precision=o.precision)
-    r = retrieve(model, cfg, bank, query_src, dev, o)
+    r = retrieve(model, cfg, bank, query_src, dev, o, progress=progress)
     plot_grid(r.cells(), out, o.title)
     return NeighbourResult(Path(out), r, info.features, info.feature_dim, where)

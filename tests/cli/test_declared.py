@@ -19,7 +19,7 @@ from moco.utils import common_settings as common
 from moco.utils.settings import Setting, defaults
 
 #: The commands whose flags are generated (detectron2-config and ablate declare theirs by hand).
-DECLARED_COMMANDS = ("pretrain", "lincls", "knn", "embed", "export", "shard", "cache")
+DECLARED_COMMANDS = ("pretrain", "lincls", "knn", "embed", "export", "shard", "cache", "neighbours")
 SHARED = {"workers": ("-j", "--workers"), "device": ("--device",),
           "image_size": ("--image-size",), "batch_size": ("-b", "--batch-size"),
           "precision": ("--precision",), "seed": ("--seed",)}

@@ -180,7 +180,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-FAST = dict(image_size=32, workers=0, device="cpu", progress=False)
+FAST = dict(image_size=32, workers=0, device="cpu")
 
 
 def test_grid_of_the_bank_starts_with_each_query_itself(ckpt: Path, tmp_path: Path) -> None:
@@ -233,7 +233,7 @@ def test_grid_of_a_model_in_memory(tmp_path: Path) -> None:
     bank = find_dataset(varied_folder(tmp_path / "photos")).train
     cfg = eval_config(None, image_size=32, mean=CIFAR_MEAN, std=CIFAR_STD, workers=0)
     r = retrieve(model, cfg, bank, bank, torch.device("cpu"),
-                 NeighbourOptions(queries=2, k=3, workers=0, progress=False))
+                 NeighbourOptions(queries=2, k=3, workers=0))
     assert r.neighbours[:, 0].tolist() == r.queries
     plot_grid(r.cells(), tmp_path / "before.png", "untrained")
     assert _png_size(tmp_path / "before.png")[::-1] == grid_pixels(2, 4, title=True)
