@@ -32,7 +32,6 @@ import http.client
 import logging
 import os
 import shutil
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -43,6 +42,7 @@ from typing import Any
 
 from moco.core.errors import DownloadError
 from moco.utils.atomic import atomic_file, fsync_dir
+from moco.utils.logs import on_terminal
 
 _log = logging.getLogger(__name__)
 
@@ -183,9 +183,9 @@ def _start_and_total(resp: Any, offset: int) -> tuple[int, int | None]:
 def _progress_bar(show: bool | None, total: int | None, initial: int, name: str) -> Any:
     from tqdm import tqdm
 
-    visible = sys.stderr.isatty() if show is None else show
+    visible = on_terminal() if show is None else show
     return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
-                desc=name, disable=not visible, file=sys.stderr, leave=False)
+                desc=name, disable=not visible, leave=False)  # tqdm writes to stderr
 
 
 @dataclass

@@ -46,3 +46,9 @@ def show_on_stderr(level: int = logging.INFO) -> None:
     if not any(isinstance(h, _CurrentStderr) for h in logger.handlers):
         logger.addHandler(_CurrentStderr())
     logger.setLevel(level)
+
+
+def on_terminal() -> bool:
+    """Whether stderr (where progress bars and the command's records go) is a terminal: the
+    library shows a progress bar only then, or when asked."""
+    return sys.stderr.isatty()

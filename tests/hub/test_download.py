@@ -209,7 +209,7 @@ def test_the_progress_bar_when_asked(server: LocalServer, dest: Path,
     download(server.url("/w.bin"), dest, sha256=SHA, progress=True)
     assert "w" in capsys.readouterr().err  # tqdm writes to stderr
     download(server.url("/w.bin"), dest.with_name("b.bin"), sha256=SHA)  # stderr not a tty
-    assert capsys.readouterr().err == ""
+    assert "%|" not in capsys.readouterr().err  # no bar (a log record may be shown)
 
 
 def test_a_local_copy_is_verified_then_copied(tmp_path: Path, dest: Path) -> None:
