@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +32,11 @@ from typing import Any
 import torch
 
 from moco.core.backbones import (
+    HEAD_NAMES,
     accepted_archs_text,
     available_backbones,
     build_backbone,
+    head_name,
     is_known_arch,
 )
 from moco.core.errors import ConfigError
@@ -54,7 +55,6 @@ from moco.utils.checkpoint import (
 # The notebook's ``ModelBase.net`` (an ``nn.Sequential``) indices -> torchvision names.
 _DEMO_NET = {"0": "conv1", "1": "bn1", "3": "layer1", "4": "layer2", "5": "layer3", "6": "layer4",
              "9": "fc"}
-_HEAD = re.compile(r"^fc(\.\d+)?\.(weight|bias)$")
 
 
 @dataclass
@@ -96,24 +96,45 @@ class PretrainedInfo:
 
 @dataclass
 class EncoderWeights:
-    """The query encoder of a checkpoint under torchvision names, head included.
+    """The query encoder of a checkpoint under its network's names, head included.
 
-    ``state``: ``conv1.weight``, ``bn1.*``, ``layerL.B.*``, then the head keys (``fc.*`` /
-    ``fc.0.*``, ``fc.2.*``) when the file has them, in the file's order.
+    ``state``: ``conv1.weight``, ``bn1.*``, ``layerL.B.*`` (a ResNet), then the head's keys
+    when the file has them (``fc.*`` / ``fc.0.*``, ``fc.2.*`` for a ResNet; ``head.*`` for a
+    ViT), in the file's order. ``head_name`` is the attribute of the head
+    (:func:`moco.core.backbones.head_name`): ``fc`` unless the keys say otherwise.
     """
 
     state: dict[str, torch.Tensor]
     layout: str
     ckpt: dict[str, Any]
     metadata: dict[str, str] = field(default_factory=dict)
+    head_name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.head_name:
+            self.head_name = head_name_of_keys(self.state)
+
+    def is_head(self, key: str) -> bool:
+        return key.startswith(self.head_name + ".")
 
     @property
     def backbone(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state.items() if not _HEAD.match(k)}
+        """The encoder without its head (what ``main_lincls.py`` keeps)."""
+        return {k: v for k, v in self.state.items() if not self.is_head(k)}
 
     @property
     def head(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state.items() if _HEAD.match(k)}
+        return {k: v for k, v in self.state.items() if self.is_head(k)}
+
+
+def head_name_of_keys(state: dict[str, Any]) -> str:
+    """The head's attribute in a state dict's keys: the first of
+    :data:`~moco.core.backbones.HEAD_NAMES` (``fc``, ``head``, ``classifier``) that prefixes a
+    key, else ``fc``."""
+    for name in HEAD_NAMES:
+        if any(k.startswith(name + ".") for k in state):
+            return name
+    return "fc"
 
 
 def _strip(key: str, prefix: str) -> str:
@@ -189,7 +210,7 @@ def read_encoder(path: str | Path) -> EncoderWeights:
     elif "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
         layout = "torchvision"
         out = dict(zip(keys, state.values(), strict=True))
-    elif keys and all(k.startswith("body.") or _HEAD.match(k) for k in keys):
+    elif keys and all(k.startswith(("body.", "fc.")) for k in keys):
         layout = "timm"  # a bare -a timm:NAME backbone (body.* + fc.*): a moco lincls checkpoint
         out = dict(zip(keys, state.values(), strict=True))
     else:
@@ -203,19 +224,26 @@ def read_encoder(path: str | Path) -> EncoderWeights:
 
 
 @functools.cache
-def _signature(arch: str) -> dict[str, tuple[int, ...]]:
-    """Shapes of ``arch``'s backbone tensors except ``fc`` and ``conv1`` (built on the meta
-    device: no memory, no time)."""
+def _signature(arch: str) -> tuple[str, dict[str, tuple[int, ...]]]:
+    """``arch``'s head prefix (``fc.``, ``head.``) and the shapes of its other tensors except
+    ``conv1.weight`` (the stem may be the CIFAR one), built on the meta device: no memory, no
+    time."""
     model = _meta_backbone(arch).model
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()
-            if not k.startswith("fc.") and k != "conv1.weight"}
+    head = head_name(model) + "."
+    return head, {k: tuple(v.shape) for k, v in model.state_dict().items()
+                  if not k.startswith(head) and k != "conv1.weight"}
 
 
-def _matches(arch: str, backbone: dict[str, torch.Tensor]) -> bool:
-    sig = _signature(arch)
-    got = {k: tuple(v.shape) for k, v in backbone.items()
-           if k != "conv1.weight" and not _HEAD.match(k)}
-    return sig == got
+def _shapes(arch: str, state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """The shapes of ``state``'s tensors that :func:`_signature` compares (not the head)."""
+    head, _ = _signature(arch)
+    return {k: tuple(v.shape) for k, v in state.items()
+            if not k.startswith(head) and k != "conv1.weight"}
+
+
+def _matches(arch: str, state: dict[str, torch.Tensor]) -> bool:
+    """Whether ``state`` (with or without its head) has ``arch``'s names and shapes."""
+    return _signature(arch)[1] == _shapes(arch, state)
 
 
 def infer_arch(backbone: dict[str, torch.Tensor]) -> str | None:
@@ -227,8 +255,7 @@ def infer_arch(backbone: dict[str, torch.Tensor]) -> str | None:
 
 
 def _first_mismatch(arch: str, backbone: dict[str, torch.Tensor]) -> str:
-    sig = _signature(arch)
-    got = {k: tuple(v.shape) for k, v in backbone.items() if k != "conv1.weight"}
+    sig, got = _signature(arch)[1], _shapes(arch, backbone)
     for k in sig:
         if k not in got:
             return f"{k} is missing"
@@ -283,17 +310,19 @@ def resolve_arch(w: EncoderWeights, arch: str | None, path: str | Path) -> str:
 
 
 def _head_kind(head: dict[str, torch.Tensor]) -> tuple[str | None, int | None]:
-    if "fc.2.weight" in head:
-        return "mlp", int(head["fc.2.weight"].shape[0])
-    if "fc.weight" in head:
-        return "linear", int(head["fc.weight"].shape[0])
-    return None, None
+    """``linear`` (one Linear: MoCo v1) or ``mlp`` (v2, v3) and the output width of the head's
+    last Linear layer; (None, None) without a head."""
+    linears = [v for k, v in head.items() if k.endswith(".weight") and v.dim() == 2]
+    if not linears:
+        return None, None
+    return ("linear" if len(head) <= 2 and len(linears) == 1 else "mlp"), int(linears[-1].shape[0])
 
 
 def describe_encoder(w: EncoderWeights, arch: str | None = None,
                      path: str | Path = "checkpoint") -> PretrainedInfo:
     """Architecture, stem, widths and preprocessing of the encoder in ``w``."""
     arch = resolve_arch(w, arch, path)
+    w.head_name = head_name(_meta_backbone(arch).model)
     conv1 = w.state.get("conv1.weight")
     if is_timm_arch(arch):
         cifar_stem = False  # timm models keep their own stem

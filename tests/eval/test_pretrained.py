@@ -228,3 +228,34 @@ def test_original_checkpoint_resumes_training(tiny_data: Path, tmp_path: Path) -
     assert rc == 0
     last = load_checkpoint(sorted(out.glob("checkpoint_*.pth.tar"))[-1])
     assert last["epoch"] == 2
+
+
+# ----- projection heads rebuilt from their tensors -------------------------------------------
+def _v3_projector(d: int, hidden: int, dim: int) -> nn.Sequential:
+    """MoCo v3 §4's projector: Linear (no bias), BN, ReLU, Linear (no bias), BN without affine."""
+    return nn.Sequential(nn.Linear(d, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
+                         nn.Linear(hidden, dim, bias=False), nn.BatchNorm1d(dim, affine=False))
+
+
+@pytest.mark.parametrize("kind", ["v1", "v2", "v3"])
+def test_head_rebuilt_from_its_tensors(kind: str) -> None:
+    from moco.core.heads import linear_head, mlp_head
+    from moco.eval.encoders import head_from_state
+
+    torch.manual_seed(0)
+    head = {"v1": lambda: linear_head(16, 8), "v2": lambda: mlp_head(16, 8),
+            "v3": lambda: _v3_projector(16, 32, 8)}[kind]()
+    for m in head.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            assert m.running_mean is not None and m.running_var is not None
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    state = {f"head.{k}": v for k, v in head.state_dict().items()}
+    state["blocks.0.w"] = torch.zeros(1)  # not the head's
+    rebuilt = head_from_state(state, "head")
+    rebuilt.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")},
+                            strict=True)
+    assert [type(m) for m in rebuilt.modules()] == [type(m) for m in head.modules()]
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), head.eval()(x), rtol=0, atol=0)
