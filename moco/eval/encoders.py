@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moco.core.backbones import build_backbone, set_head
+from moco.core.backbones import set_head
 from moco.core.errors import ConfigError
+from moco.eval.architectures import build_network
 from moco.eval.pretrained import EncoderWeights, PretrainedInfo, describe_encoder, read_encoder
 from moco.utils.checkpoint import (
     CheckpointError,
@@ -29,7 +30,7 @@ def build_features_model(w: EncoderWeights, info: PretrainedInfo, *, keep_head: 
     projection head (v1 Linear, v2 MLP) is rebuilt from its tensors and kept, output
     [B, head_dim].
     """
-    model = build_backbone(info.arch, cifar_stem=info.cifar_stem).model
+    model = build_network(info.network(), info.cifar_stem)
     state = w.backbone
     if keep_head:
         if info.head is None or info.head_dim is None:

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 from torchvision import transforms as T
 
-from moco.core.backbones import build_backbone, head_name, set_head
+from moco.core.backbones import head_name, set_head
 from moco.core.errors import SanityCheckError
 from moco.core.seeding import stream_generator
+from moco.eval.architectures import build_network
 from moco.eval.pretrained import PretrainedInfo, read_encoder
 from moco.utils.checkpoint import CheckpointError
 from moco.utils.runtime import native_bf16_here, resolve_precision
@@ -37,7 +38,7 @@ def build_linear_model(info: PretrainedInfo, backbone: dict[str, torch.Tensor], 
     ResNet, ``head.*`` for a ViT); ``backbone`` (the pretrained encoder without its head) is
     loaded with exactly those two tensors missing.
     """
-    model = build_backbone(info.arch, cifar_stem=info.cifar_stem).model
+    model = build_network(info.network(), info.cifar_stem)
     classifier = nn.Linear(info.backbone_dim, num_classes)
     set_head(model, classifier)
     names = {f"{head_name(model)}.weight", f"{head_name(model)}.bias"}
