@@ -87,15 +87,19 @@ def load_backbone(ckpt_path: str | Path, arch: str | None = None, device: str | 
     """Load the pretrained query encoder of ``ckpt_path``, ready for features.
 
     Returns ``(model, info)``: ``model`` maps images [B,3,H,W] (normalised with ``info.mean``
-    / ``info.std`` at ``info.image_size`` px) to features [B, D] with ``D = info.feature_dim``
-    (pooled backbone features; the projection head's output with ``keep_head``), in eval
-    mode, on ``device``. ``arch`` checks the architecture (an error names both when the file
-    holds another one); without it the architecture is read or inferred from the file.
+    / ``info.std`` at ``info.image_size`` px: ``info.transforms()`` does it, like torchvision's
+    ``weights.transforms()``) to features [B, D] with ``D = info.feature_dim`` (pooled
+    backbone features, a ViT's [CLS] token; the projection head's output with ``keep_head``),
+    in eval mode, on ``device`` (``"cpu"``, ``"cuda:0"``, ``"auto"`` or a ``torch.device``).
+    ``arch`` checks the architecture (an error names both when the file holds another one);
+    without it the architecture is read from the file (a registered backbone's name too) or
+    inferred from its tensors.
 
     Example::
 
         model, info = load_backbone("runs/pretrain/checkpoint_0199.pth.tar")
-        feats = model(images)  # [B, 2048] for resnet50
+        preprocess = info.transforms()
+        feats = model(torch.stack([preprocess(img) for img in images]))  # [B, 2048] for resnet50
     """
     return load_encoder(ckpt_path, arch, device, features="head" if keep_head else "backbone")
 

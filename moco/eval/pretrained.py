@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -58,6 +58,9 @@ from moco.utils.checkpoint import (
     model_state,
     read_head,
 )
+
+if TYPE_CHECKING:
+    from moco.eval.preprocess import Preprocess
 
 __all__ = ["EncoderWeights", "PretrainedInfo", "describe_encoder", "infer_arch", "read_encoder"]
 
@@ -95,6 +98,15 @@ class PretrainedInfo:
     features: str = "backbone"
     config: dict[str, Any] | None = field(default=None, repr=False)
     vit: str | None = None
+
+    def transforms(self) -> Preprocess:
+        """The preprocessing the encoder expects, like torchvision's ``weights.transforms()``:
+        any image (PIL, any mode, or a path) -> RGB, resized and center-cropped to
+        ``image_size``, normalised with ``mean``/``std``: [3, S, S]
+        (:class:`~moco.eval.preprocess.Preprocess`)."""
+        from moco.eval.preprocess import Preprocess
+
+        return Preprocess(self.image_size, self.mean, self.std)
 
     def network(self) -> Network:
         """The architecture to build (with the ViT spec of a ViT rebuilt from its tensors)."""

@@ -419,3 +419,89 @@ def test_mocov3_vit_through_knn_and_embed(v3_files: dict, tiny_data: Path, tmp_p
     assert main(["embed", str(tiny_data / "test"), "--pretrained", str(path), "--out", str(emb),
                  "-j", "0", "--device", "cpu", "--no-progress"]) == 0
     assert np.load(emb).shape == (32, 384)
+
+
+# ----- a backbone of your own, and the preprocessing a loaded model expects ----------------
+class _TinyNet(nn.Module):
+    """A registered backbone that is not a ResNet: no conv1/layer1, a 3x3 stem, head ``fc``."""
+
+    def __init__(self, norm_layer: type[nn.Module] | None = None) -> None:
+        super().__init__()
+        norm = norm_layer or nn.BatchNorm2d
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), norm(8), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+def test_registered_backbone_through_knn_embed_and_export(
+        tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pretrained through the library, then loaded by the name the checkpoint records."""
+    import numpy as np
+
+    import moco.core.backbones as backbones
+    from moco import MocoConfig, embed_images, export_checkpoint, knn_evaluate, pretrain
+
+    monkeypatch.setitem(backbones._REGISTRY, "tinynet", lambda norm: _TinyNet(norm))
+    run = tmp_path / "run"
+    cfg = MocoConfig(data=str(tiny_data), arch="tinynet", image_size=32, batch_size=8, moco_k=32,
+                     bn_splits=2, epochs=1, workers=0, knn_every=0, channels_last=False,
+                     output=str(run))
+    pretrain(cfg, progress=False, log=lambda _m: None)
+    (ckpt,) = sorted(run.glob("checkpoint_*.pth.tar"))
+    model, info = load_backbone(ckpt, arch="tinynet", device="cpu")
+    assert (info.arch, info.feature_dim, info.cifar_stem, info.image_size) == ("tinynet", 8, False, 32)
+    with torch.no_grad():
+        ref = model(X)
+    r = knn_evaluate(tiny_data, ckpt, k=5, workers=0, device="cpu", progress=False)
+    assert 0 <= r.top1 <= 100 and r.feature_dim == 8
+    emb = embed_images(tiny_data / "test", ckpt, tmp_path / "e.npy", workers=0, device="cpu",
+                       progress=False)
+    assert np.load(emb.path).shape == (32, 8)
+    st = export_checkpoint(ckpt, "safetensors", tmp_path / "t.safetensors")
+    st_model, st_info = load_backbone(st.path, device=torch.device("cpu"))
+    assert st_info.arch == "tinynet"
+    with torch.no_grad():
+        torch.testing.assert_close(st_model(X), ref, rtol=0, atol=0)
+    tv = export_checkpoint(ckpt, "torchvision", tmp_path / "t.pth")
+    net = _TinyNet()
+    msg = net.load_state_dict(torch.load(tv.path, weights_only=True), strict=False)
+    assert set(msg.missing_keys) == {"fc.weight", "fc.bias"} and not msg.unexpected_keys
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "P", "P+transparency", "I;16"])
+def test_transforms_take_any_image_mode(ckpts: dict, tmp_path: Path, mode: str) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from moco.data.source import to_rgb
+
+    _, info = load_backbone(ckpts["v1"][0])
+    info.image_size = 40
+    preprocess = info.transforms()
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (50, 60, 3), dtype=np.uint8))
+    if mode == "P+transparency":
+        img = rgb.convert("P")
+        img.info["transparency"] = 0
+    elif mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65536, (50, 60), dtype=np.uint16))
+    else:
+        img = rgb.convert(mode)
+    x = preprocess(img)
+    assert x.shape == (3, 40, 40) and x.dtype == torch.float32
+    # the reference: RGB by PIL, resize 40 (short side), center crop 40, normalise
+    ref_img = to_rgb(img).resize((48, 40), Image.Resampling.BILINEAR).crop((4, 0, 44, 40))
+    arr = torch.from_numpy(np.asarray(ref_img, dtype=np.float32) / 255).permute(2, 0, 1)
+    ref = (arr - torch.tensor(info.mean)[:, None, None]) / torch.tensor(info.std)[:, None, None]
+    torch.testing.assert_close(x, ref, rtol=0, atol=0.02)
+    path = tmp_path / "img.png" if mode != "CMYK" else tmp_path / "img.jpg"
+    if mode != "P+transparency":
+        img.save(path)
+        assert preprocess(path).shape == (3, 40, 40)
+    model, _ = load_backbone(ckpts["v1"][0])
+    with torch.no_grad():
+        assert model(x[None]).shape == (1, 512)
+    assert "Normalize" in repr(preprocess) and "RGB" in repr(preprocess)
