@@ -19,7 +19,8 @@ identity, eval mode) from them in one call. Accepted files (the layouts:
 * bare network state dicts (torchvision ResNets, timm ViTs, ``-a timm:NAME`` backbones,
   optionally with their classifier and ``module.``), which covers the exports and ``moco
   lincls`` checkpoints;
-* safetensors files written by ``moco export --format safetensors``.
+* safetensors files written by ``moco export --format safetensors`` (told by their
+  content, whatever their name).
 
 The architecture comes from ``--arch``, else the checkpoint's ``arch`` key or our
 ``moco.engine.config``, else it is inferred from the tensor shapes
@@ -53,7 +54,6 @@ from moco.eval.vit_spec import ViTSpec
 from moco.utils.checkpoint import (
     CheckpointError,
     check_finite,
-    check_is_file,
     load_checkpoint,
     model_state,
     read_head,
@@ -179,35 +179,51 @@ def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     return tensors, metadata
 
 
-def _check_torch_file(p: Path) -> None:
-    """A clear error for a file that ``torch.save`` did not write (text, an image, ...): the
-    zip format starts with ``PK``, the legacy format with a pickle protocol byte."""
-    head = read_head(p, 6)
+def is_safetensors(head: bytes, size: int) -> bool:
+    """Whether a file of ``size`` bytes that starts with ``head`` (9 bytes or more) is a
+    safetensors file: an 8-byte little-endian header length that fits the file, then the JSON
+    header's ``{``."""
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= size - 8 and head[8:9] == b"{"
+
+
+def file_kind(p: Path) -> str:
+    """``safetensors`` or ``torch`` (a ``torch.save`` zip or legacy pickle), told by the
+    file's first bytes whatever its name; a clear :class:`CheckpointError` for anything else
+    (empty, a numpy array, text, an image, a damaged safetensors file)."""
+    head = read_head(p, 9)
+    if is_safetensors(head, p.stat().st_size):
+        return "safetensors"
+    if head.startswith(b"PK") or head[:1] == b"\x80":
+        return "torch"
     if not head:
         raise CheckpointError(f"{p} is empty: not a checkpoint")
     if head.startswith(b"\x93NUMPY"):
         raise CheckpointError(f"{p} is a numpy .npy file (e.g. moco embed's output), not a "
                               "checkpoint")
-    if not (head.startswith(b"PK") or head[:1] == b"\x80"):
-        raise CheckpointError(f"{p} is not a checkpoint: it was not written by torch.save "
-                              "(nor is it a .safetensors file)")
+    if p.suffix == ".safetensors":
+        raise CheckpointError(f"{p} is not a readable safetensors file (truncated or corrupt): "
+                              "its header is damaged")
+    raise CheckpointError(f"{p} is not a checkpoint: it was not written by torch.save "
+                          "(nor is it a safetensors file)")
 
 
 def read_encoder(path: str | Path) -> EncoderWeights:
-    """The query encoder's weights of any accepted file (see the module docstring).
+    """The query encoder's weights of any accepted file (see the module docstring), a
+    safetensors or a torch file told by its content, not its name.
 
     Raises :class:`CheckpointError` for a missing, truncated or foreign file, or one without
     encoder weights.
     """
     p = Path(path)
-    if p.suffix == ".safetensors":
-        check_is_file(p)
+    if file_kind(p) == "safetensors":
         tensors, metadata = _read_safetensors(p)
         if "embeddings" in tensors and "conv1.weight" not in tensors:
             raise CheckpointError(f"{p} holds embeddings (moco embed), not encoder weights")
         check_finite(tensors, p, "encoder")
         return EncoderWeights(tensors, "safetensors", {}, metadata)
-    _check_torch_file(p)
     ckpt = load_checkpoint(p)
     state = model_state(ckpt, p)
     keys = [strip_module(k) for k in state]
