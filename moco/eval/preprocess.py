@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from moco.data.augment import eval_transform
+from moco.data.recipes import eval_resize_size
 from moco.data.source import open_rgb, to_rgb
 
 
@@ -38,4 +39,6 @@ class Preprocess:
         return out
 
     def __repr__(self) -> str:
-        return (f"Preprocess(to RGB, {self._transform!r}".replace("\n", " ") + ")")
+        return (f"Preprocess(RGB, Resize({eval_resize_size(self.image_size)}), "
+                f"CenterCrop({self.image_size}), ToTensor, Normalize(mean={list(self.mean)}, "
+                f"std={list(self.std)}))")
