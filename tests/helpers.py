@@ -245,6 +245,93 @@ def original_convert_to_detectron2(obj: dict[str, Any]) -> dict[str, Any]:
     return {"model": newmodel, "__author__": "MOCO", "matching_heuristics": True}
 
 
+# ----- checkpoints in MoCo v3's layout (main_moco.py of v3: base, momentum encoder, predictor) ---
+def mocov3_mlp(num_layers: int, in_dim: int, hidden: int, out: int, last_bn: bool = True
+               ) -> nn.Sequential:
+    """MoCo v3 §4's MLP: every Linear without bias, BN1d + ReLU between layers, a BN1d without
+    affine after the last one when ``last_bn``."""
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        d1 = in_dim if i == 0 else hidden
+        d2 = out if i == num_layers - 1 else hidden
+        layers.append(nn.Linear(d1, d2, bias=False))
+        if i < num_layers - 1:
+            layers += [nn.BatchNorm1d(d2), nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(d2, affine=False))
+    return nn.Sequential(*layers)
+
+
+def _randomise_norms(net: nn.Module) -> None:
+    """Non-trivial BN statistics and LayerNorm weights, so that equality checks mean something."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            assert m.running_mean is not None and m.running_var is not None
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.9, 1.1)
+        if isinstance(m, nn.LayerNorm):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.1, 0.1)
+
+
+def mocov3_resnet(arch: str = "resnet50", hidden: int = 4096, dim: int = 256,
+                  seed: int = 0) -> nn.Module:
+    """v3's base encoder for a ResNet: ``torchvision.models.<arch>(zero_init_residual=True)``
+    whose ``fc`` is the 2-layer projector (``fc.0`` [hidden, D], ``fc.1`` BN, ``fc.3``
+    [dim, hidden], ``fc.4`` BN without affine)."""
+    torch.manual_seed(seed)
+    enc = getattr(torchvision.models, arch)(zero_init_residual=True)
+    enc.fc = mocov3_mlp(2, enc.fc.in_features, hidden, dim)
+    _randomise_norms(enc)
+    return enc
+
+
+def mocov3_vit(embed_dim: int = 384, depth: int = 12, num_heads: int = 12, patch: int = 16,
+               img: int = 224, hidden: int = 4096, dim: int = 256, seed: int = 0) -> nn.Module:
+    """v3's base encoder for a ViT (``vits.py``): timm's VisionTransformer (qkv bias, LayerNorm
+    eps 1e-6, MLP ratio 4; ViT-S: 384-d, 12 blocks, 12 heads) whose ``head`` is the 3-layer
+    projector."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    enc = VisionTransformer(img_size=img, patch_size=patch, embed_dim=embed_dim, depth=depth,
+                            num_heads=num_heads, mlp_ratio=4, qkv_bias=True, num_classes=0)
+    enc.head = mocov3_mlp(3, embed_dim, hidden, dim)
+    with torch.no_grad():
+        enc.cls_token.normal_(std=0.02)
+    _randomise_norms(enc)
+    return enc
+
+
+def _stride0(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each float tensor as one random value expanded to its shape: the keys, shapes and dtypes
+    of the full-size models in a file of a few kB."""
+    return {k: torch.randn((), dtype=v.dtype).expand(v.shape) if v.is_floating_point() else v
+            for k, v in state.items()}
+
+
+def save_mocov3_checkpoint(path: Path, encoder: nn.Module, arch: str | None, *,
+                           vit: bool = False, hidden: int = 4096, dim: int = 256,
+                           epoch: int = 100, shapes_only: bool = False) -> None:
+    """Write a checkpoint of ``main_moco.py`` of MoCo v3 around the base encoder ``encoder``:
+    ``epoch``, ``arch``, ``state_dict`` (``module.base_encoder.*``,
+    ``module.momentum_encoder.*`` (a copy), ``module.predictor.*`` (2 layers, last BN for
+    ViTs only)), ``optimizer``, ``scaler``. ``shapes_only``: every tensor stride-0."""
+    base = encoder.state_dict()
+    predictor = mocov3_mlp(2, dim, hidden, dim, last_bn=vit).state_dict()
+    state = {f"module.base_encoder.{k}": v for k, v in base.items()}
+    state.update({f"module.momentum_encoder.{k}": v.clone() for k, v in base.items()})
+    state.update({f"module.predictor.{k}": v for k, v in predictor.items()})
+    if shapes_only:
+        state = _stride0(state)
+    ckpt: dict[str, Any] = {"epoch": epoch, "state_dict": state,
+                            "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": []}]},
+                            "scaler": {"scale": 65536.0, "growth_factor": 2.0}}
+    if arch is not None:
+        ckpt["arch"] = arch
+    torch.save(ckpt, path)
+
+
 # ----- shared by the tests of e2e/test_resume.py and others ------------------------------------------
 TIMING_KEYS = {"seconds", "images_per_s"}
 

@@ -15,7 +15,7 @@ def add_parser(sub: Any) -> None:
         "detectron2-config", help="print the detectron2 fine-tuning command for a checkpoint",
         description="Print the commands that transfer CKPT to detection as the MoCo papers do "
         "(R50-C4 with BN everywhere and the extra norm after res5): the export to detectron2's "
-        "format (when --weights does not exist yet) and the training command with the config of "
+        "format (when --weights does not exist yet or is older than CKPT) and the training command with the config of "
         "--task from configs/detectron2 and the MODEL.RESNETS values of CKPT's architecture "
         "(e.g. STEM_OUT_CHANNELS 128, RES2_OUT_CHANNELS 512, WIDTH_PER_GROUP 128 for resnet50w2). "
         "Needs detectron2 only to run the printed training command.",
@@ -25,7 +25,8 @@ def add_parser(sub: Any) -> None:
                    help="voc: Faster R-CNN on VOC07+12, 24k iterations; coco-1x / coco-2x: Mask "
                    "R-CNN on COCO, 90k / 180k iterations (default: voc)")
     p.add_argument("--weights", metavar="FILE.pkl", default=None,
-                   help="the detectron2 export (default: CKPT's name with _detectron2.pkl)")
+                   help="the detectron2 export (default: CKPT's name with _detectron2.pkl); an "
+                   "existing file must be one, and is exported again when older than CKPT")
     p.add_argument("--num-gpus", type=int, default=8, help="GPUs on this machine (default: 8, "
                    "the papers' 16 images per batch at 2 per GPU)")
     p.add_argument("--output-dir", default=None, help="detectron2's OUTPUT_DIR (default: its own)")
@@ -54,6 +55,7 @@ def commands(args: argparse.Namespace) -> tuple[list[list[str]], str]:
         resnet_overrides,
         training_command,
     )
+    from moco.detection.weights import check_detectron2_weights, is_stale
     from moco.eval.pretrained import describe_encoder, read_encoder
 
     ckpt = Path(args.checkpoint)
@@ -71,13 +73,18 @@ def commands(args: argparse.Namespace) -> tuple[list[list[str]], str]:
         raise Detectron2Error(f"{config} does not exist: --config-dir must hold {TASKS[args.task]}")
     weights = Path(args.weights) if args.weights else default_weights(ckpt)
     out: list[list[str]] = []
-    if not weights.exists():
+    stale = weights.exists() and is_stale(weights, ckpt)
+    if weights.exists():
+        check_detectron2_weights(weights)
+    if not weights.exists() or stale:
         out.append(["moco", "export", str(ckpt), "--format", "detectron2", "--out", str(weights)])
     out.append(training_command(config.resolve(), weights, info.arch, num_gpus=args.num_gpus,
                                 output_dir=args.output_dir, mean=info.mean, std=info.std))
     extra = resnet_overrides(info.arch)
     desc = (f"{info.arch} ({' '.join(extra) if extra else 'detectron2 default ResNet-50'}), "
             f"task {args.task}: {config.name}")
+    if stale:
+        desc += f"; {weights} is older than the checkpoint: exported again"
     return out, desc
 
 

@@ -1,5 +1,7 @@
-"""The pieces of ``main_lincls.py``'s protocol (MoCo v1 §4.1): the frozen model and its
-``fc``, the optimizer, the train augmentation, the sanity check and top-k accuracy."""
+"""The pieces of ``main_lincls.py``'s protocol (MoCo v1 §4.1, MoCo v3 §4): the frozen model
+and its fresh classifier (in the backbone's head slot: ``fc`` for ResNets, ``head`` for ViTs,
+see :func:`moco.core.backbones.head_name`), the optimizer, the train augmentation, the sanity
+check and top-k accuracy."""
 
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ import torch
 from torch import nn
 from torchvision import transforms as T
 
-from moco.core.backbones import build_backbone
+from moco.core.backbones import head_name, set_head
 from moco.core.errors import SanityCheckError
 from moco.core.seeding import stream_generator
+from moco.eval.architectures import build_network
 from moco.eval.pretrained import PretrainedInfo, read_encoder
 from moco.utils.checkpoint import CheckpointError
 from moco.utils.runtime import native_bf16_here, resolve_precision
@@ -27,32 +30,38 @@ def train_transform(image_size: int, mean: Iterable[float], std: Iterable[float]
 
 def build_linear_model(info: PretrainedInfo, backbone: dict[str, torch.Tensor], num_classes: int,
                        seed: int = 0) -> nn.Module:
-    """The frozen network with a fresh ``fc``, set up as ``main_lincls.py`` does.
+    """The frozen network with a fresh classifier in its head slot, set up as ``main_lincls.py``
+    does.
 
-    Returns a torchvision-style model ([B,3,H,W] -> logits [B, num_classes]) whose only
-    trainable tensors are ``fc.weight`` ~ N(0, 0.01) and ``fc.bias`` = 0.
+    Returns the backbone network ([B,3,H,W] -> logits [B, num_classes]) whose only trainable
+    tensors are the classifier's ``weight`` ~ N(0, 0.01) and ``bias`` = 0 (``fc.*`` for a
+    ResNet, ``head.*`` for a ViT); ``backbone`` (the pretrained encoder without its head) is
+    loaded with exactly those two tensors missing.
     """
-    model = build_backbone(info.arch, cifar_stem=info.cifar_stem).model
-    model.fc = nn.Linear(info.backbone_dim, num_classes)
+    model = build_network(info.network(), info.cifar_stem)
+    classifier = nn.Linear(info.backbone_dim, num_classes)
+    set_head(model, classifier)
+    names = {f"{head_name(model)}.weight", f"{head_name(model)}.bias"}
     for name, p in model.named_parameters():
-        if name not in ("fc.weight", "fc.bias"):
+        if name not in names:
             p.requires_grad = False
     g = stream_generator(seed)
     with torch.no_grad():
-        model.fc.weight.copy_(torch.randn(model.fc.weight.shape, generator=g) * 0.01)
-        model.fc.bias.zero_()
+        classifier.weight.copy_(torch.randn(classifier.weight.shape, generator=g) * 0.01)
+        classifier.bias.zero_()
     msg = model.load_state_dict(backbone, strict=False)
-    if set(msg.missing_keys) != {"fc.weight", "fc.bias"} or msg.unexpected_keys:
+    if set(msg.missing_keys) != names or msg.unexpected_keys:
         raise CheckpointError(f"the pretrained weights do not fit {info.arch}: missing "
                               f"{msg.missing_keys[:4]}, unexpected {msg.unexpected_keys[:4]}")
     return model
 
 
 def linear_optimizer(model: nn.Module, lr: float, momentum: float, wd: float) -> torch.optim.SGD:
-    """SGD over the parameters that require grad: exactly ``fc.weight`` and ``fc.bias``."""
+    """SGD over the parameters that require grad: exactly the classifier's weight and bias."""
     params = [p for p in model.parameters() if p.requires_grad]
     if len(params) != 2:
-        raise RuntimeError(f"expected 2 trainable tensors (fc weight and bias), found {len(params)}")
+        raise RuntimeError(f"expected 2 trainable tensors (the classifier's weight and bias), "
+                           f"found {len(params)}")
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd)
 
 
@@ -62,7 +71,7 @@ def set_frozen_mode(model: nn.Module) -> None:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The frozen backbone's autocast dtype, None for fp32 (``fc``, its loss and its update
+    """The frozen backbone's autocast dtype, None for fp32 (the classifier, its loss and update
     are always fp32). ``auto``: bf16 on a GPU with bf16 units, as pretraining decides it
     (:mod:`moco.utils.runtime`), else fp32: never fp16 for the frozen features."""
     if precision == "auto":
@@ -73,18 +82,19 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def sanity_check(state_dict: dict[str, torch.Tensor], pretrained: str | Path) -> None:
     """``main_lincls.py``'s ``sanity_check``.
 
-    Reloads ``pretrained`` and checks that every tensor of ``state_dict`` except the ones
-    named ``fc.weight``/``fc.bias`` equals the pretrained query encoder's tensor of the same
-    name, exactly (BN running statistics and ``num_batches_tracked`` included). Raises
-    :class:`SanityCheckError` naming the tensors that changed.
+    Reloads ``pretrained`` and checks that every tensor of ``state_dict`` except the
+    classifier's (the pretrained encoder's head slot: ``fc.*`` for a ResNet, ``head.*`` for a
+    ViT) equals the pretrained encoder's tensor of the same name, exactly (BN running
+    statistics and ``num_batches_tracked`` included). Raises :class:`SanityCheckError` naming
+    the tensors that changed.
     """
-    pre = read_encoder(pretrained).state
+    pre = read_encoder(pretrained)
     changed: list[str] = []
     for k, v in state_dict.items():
-        if "fc.weight" in k or "fc.bias" in k:
-            continue
         name = k[len("module."):] if k.startswith("module.") else k
-        ref = pre.get(name)
+        if pre.is_head(name):
+            continue
+        ref = pre.state.get(name)
         if ref is None or ref.shape != v.shape or not torch.equal(v.detach().cpu(), ref):
             changed.append(name)
     if changed:

@@ -129,7 +129,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{unreadable}: it is neither a torch.save zip file nor a pickle"
                               f"{' (it is empty)' if not head else ''}")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with p.open("rb") as f:  # a file object: torch.load would read a *.safetensors name as safetensors
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:
         if "weights_only" in str(e) or "Unsupported global" in str(e):  # UnpicklingError
             raise CheckpointError(

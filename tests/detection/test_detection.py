@@ -286,3 +286,44 @@ def test_export_loads_into_detectron2(arch: str, tmp_path: Path) -> None:
         assert np.array_equal(state[name].numpy(), v), name
         loaded += 1
     assert loaded == len(detectron2_resnet_layout(resnet_settings(arch)))
+
+
+# ----- the --weights file of detectron2-config ------------------------------------------------
+def test_detectron2_config_refuses_weights_that_are_not_an_export(tmp_path: Path) -> None:
+    import torchvision
+
+    ckpt = _checkpoint(tmp_path / "checkpoint_0199.pth.tar", "resnet50")
+    tv = tmp_path / "r50.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), tv)
+    legacy = tmp_path / "legacy.pkl"
+    torch.save({"a": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False)
+    text = tmp_path / "notes.pkl"
+    text.write_text("not weights\n")
+    plain = tmp_path / "plain.pkl"
+    plain.write_bytes(pickle.dumps({"model": {"conv.weight": np.zeros(2)}}))
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"model": {"stem.conv1.weight": Path("x")}}))
+    for bad, why in ((ckpt, "torch.save zip"), (tv, "torch.save zip"),
+                     (legacy, "legacy format"), (text, "not a pickle"),
+                     (plain, "no detectron2 ResNet names"), (evil, "pathlib")):
+        rc, out, err = run_cli(["detectron2-config", str(ckpt), "--weights", str(bad)])
+        assert rc == 2 and out == "", bad
+        line = err.strip().splitlines()[-1]
+        assert f"--weights {bad} is not a detectron2 export" in line and why in line, line
+        assert "moco export --format detectron2" in line and "Traceback" not in err
+
+
+def test_detectron2_config_exports_again_when_the_checkpoint_is_newer(tmp_path: Path) -> None:
+    import os
+
+    ckpt = _checkpoint(tmp_path / "checkpoint_0199.pth.tar", "resnet50")
+    weights = tmp_path / "w.pkl"
+    export_checkpoint(ckpt, "detectron2", weights)
+    rc, out, _ = run_cli(["detectron2-config", str(ckpt), "--weights", str(weights)])
+    assert rc == 0 and [ln for ln in out.splitlines() if ln.startswith("moco export")] == []
+    t = weights.stat().st_mtime
+    os.utime(ckpt, (t + 10, t + 10))  # the run wrote the checkpoint again after the export
+    rc, out, _ = run_cli(["detectron2-config", str(ckpt), "--weights", str(weights)])
+    lines = [ln for ln in out.splitlines() if not ln.startswith("#")]
+    assert rc == 0 and lines[0] == f"moco export {ckpt} --format detectron2 --out {weights}"
+    assert "older than the checkpoint" in out

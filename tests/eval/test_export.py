@@ -249,3 +249,140 @@ def test_wide_resnet_export_names_its_builder(tmp_path: Path, capsys: pytest.Cap
     assert "moco.core.wide_resnet.resnet18w2()" in capsys.readouterr().out
     assert main(["export", str(ckpt), "-f", "timm", "-o", str(tmp_path / "t.pth")]) == 2
     assert "timm has no model named resnet18w2" in capsys.readouterr().err
+
+
+# ----- the formats' registry ----------------------------------------------------------------
+def test_a_new_format_is_one_function(v2: tuple[Path, nn.Module], tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import moco.eval.export_formats as formats
+    from moco.eval.export import ExportJob
+
+    def write_keys(job: ExportJob) -> int:
+        job.out.write_text("\n".join(job.backbone) + "\n")
+        job.notes.append(f"{job.info.arch}: names only")
+        return len(job.backbone)
+
+    monkeypatch.setattr(formats, "_FORMATS", dict(formats._FORMATS))
+    formats.register_format(formats.ExportFormat("keys", "the tensor names", write_keys))
+    assert "keys" in formats.export_formats()
+    r = export_checkpoint(v2[0], "keys", tmp_path / "k.txt")
+    names = (tmp_path / "k.txt").read_text().split()
+    assert r.num_tensors == len(names) and "layer4.1.bn2.running_var" in names
+    assert not any(n.startswith("fc") for n in names) and r.notes == ["resnet18: names only"]
+    with pytest.raises(ValueError, match="registered already"):
+        formats.register_format(formats.ExportFormat("keys", "again", write_keys))
+    # a writer named "module:function" is imported when used (a format above moco.eval)
+    formats.register_format(formats.ExportFormat("later", "lazy", "json:dumps"))
+    assert formats.get_format("later").load() is __import__("json").dumps
+
+
+# ----- MoCo v3 checkpoints: ResNet and ViT ----------------------------------------------------
+@pytest.fixture(scope="module")
+def v3(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, nn.Module]]:
+    pytest.importorskip("timm")
+    from helpers import mocov3_resnet, mocov3_vit, save_mocov3_checkpoint
+
+    d = tmp_path_factory.mktemp("v3")
+    r18 = mocov3_resnet("resnet18", hidden=64, dim=16)
+    save_mocov3_checkpoint(d / "r18.pth.tar", r18, "resnet18", hidden=64, dim=16)
+    vit = mocov3_vit(depth=2, patch=8, img=32, hidden=64, dim=16)
+    save_mocov3_checkpoint(d / "vit.pth.tar", vit, "vit_small", vit=True, hidden=64, dim=16)
+    return {"resnet": (d / "r18.pth.tar", r18), "vit": (d / "vit.pth.tar", vit)}
+
+
+def _vit_features(vit: nn.Module) -> torch.Tensor:
+    from timm.models.vision_transformer import VisionTransformer
+
+    ref = VisionTransformer(img_size=32, patch_size=8, embed_dim=384, depth=2, num_heads=12,
+                            num_classes=0)
+    ref.load_state_dict({k: v for k, v in vit.state_dict().items() if not k.startswith("head.")})
+    with torch.no_grad():
+        return ref.eval()(X)
+
+
+def test_mocov3_resnet_exports(v3: dict, tmp_path: Path) -> None:
+    path, enc = v3["resnet"]
+    r = export_checkpoint(path, "torchvision", tmp_path / "r18.pth")
+    net = torchvision.models.resnet18()
+    msg = net.load_state_dict(torch.load(r.path, weights_only=True), strict=False)
+    assert set(msg.missing_keys) == {"fc.weight", "fc.bias"} and not msg.unexpected_keys
+    torch.testing.assert_close(_features(net), _features(enc), rtol=0, atol=0)
+    r = export_checkpoint(path, "detectron2", tmp_path / "d2.pkl")
+    with r.path.open("rb") as f:
+        model = pickle.load(f)["model"]
+    assert model["stem.fc.0.weight"].shape == (64, 512) and "stem.fc.4.running_var" in model
+    assert model["res5.1.conv2.norm.running_mean"].shape == (512,)
+
+
+def test_mocov3_vit_exports(v3: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """timm (with num_heads=12 and the small ViT's sizes), DeiT's layout and safetensors, each
+    loaded by its consumer with the same [CLS] features."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    path, vit = v3["vit"]
+    ref = _vit_features(vit)
+    assert main(["export", str(path), "-f", "timm", "-o", str(tmp_path / "t.pth")]) == 0
+    out = capsys.readouterr().out
+    assert "timm.create_model('vit_small_patch16_224', pretrained=True, img_size=32" in out
+    assert "num_heads=12" in out and "depth=2" in out and "patch_size=8" in out
+    net = timm.create_model("vit_small_patch16_224", pretrained=True, img_size=32, patch_size=8,
+                            depth=2, num_heads=12,
+                            pretrained_cfg_overlay=dict(file=str(tmp_path / "t.pth")))
+    with torch.no_grad():
+        got = net.eval().forward_head(net.forward_features(X), pre_logits=True)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+    r = export_checkpoint(path, "deit", tmp_path / "deit.pth")
+    obj = torch.load(r.path, weights_only=True)
+    assert list(obj) == ["model"] and not any(k.startswith("head") for k in obj["model"])
+    assert any("num_heads=12" in n for n in r.notes)
+    deit = VisionTransformer(img_size=32, patch_size=8, embed_dim=384, depth=2, num_heads=12,
+                             num_classes=10)
+    msg = deit.load_state_dict(obj["model"], strict=False)  # DeiT's main.py --finetune
+    assert set(msg.missing_keys) == {"head.weight", "head.bias"} and not msg.unexpected_keys
+    deit.reset_classifier(0)
+    with torch.no_grad():
+        torch.testing.assert_close(deit.eval()(X), ref, rtol=0, atol=0)
+
+    st = export_checkpoint(path, "safetensors", tmp_path / "v.safetensors")
+    with safe_open(str(st.path), framework="pt") as f:
+        assert '"num_heads": 12' in f.metadata()["vit"]
+    model, info = load_backbone(st.path)
+    assert (info.arch, info.feature_dim) == ("vit_small", 384)
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), ref, rtol=0, atol=0)
+    for fmt in ("torchvision", "detectron2"):
+        with pytest.raises(ValueError, match="Vision Transformer: --format"):
+            export_checkpoint(path, fmt, tmp_path / f"x.{fmt}")
+
+
+# ----- file names and contents ---------------------------------------------------------------
+def test_files_are_read_by_content_whatever_their_name(
+        v2: tuple[Path, nn.Module], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path, _ = v2
+    ref, _ = load_backbone(path)
+    with torch.no_grad():
+        want = ref(X)
+    # a safetensors export under another name: said at export, read back by its content
+    assert main(["export", str(path), "-f", "safetensors", "-o", str(tmp_path / "x.out")]) == 0
+    assert "does not end in .safetensors" in capsys.readouterr().err
+    model, info = load_backbone(tmp_path / "x.out")
+    assert info.layout == "safetensors"
+    # a torch file named .safetensors (a checkpoint copied under that name) loads as torch
+    (tmp_path / "ckpt.safetensors").write_bytes(path.read_bytes())
+    model2, info2 = load_backbone(tmp_path / "ckpt.safetensors")
+    assert info2.layout == "original"
+    # --format torchvision to a .safetensors name writes safetensors
+    assert main(["export", str(path), "-f", "torchvision", "-o", str(tmp_path / "tv.safetensors")]) == 0
+    tensors = load_file(str(tmp_path / "tv.safetensors"))
+    msg = torchvision.models.resnet18().load_state_dict(tensors, strict=False)
+    assert set(msg.missing_keys) == {"fc.weight", "fc.bias"} and not msg.unexpected_keys
+    model3, _ = load_backbone(tmp_path / "tv.safetensors")
+    with torch.no_grad():
+        for m in (model, model2, model3):
+            torch.testing.assert_close(m(X), want, rtol=0, atol=0)
+    # the formats read by pickle-only consumers refuse a .safetensors name
+    assert main(["export", str(path), "-f", "detectron2", "-o", str(tmp_path / "d.safetensors")]) == 2
+    assert "name the file d.pkl" in capsys.readouterr().err
+    assert not (tmp_path / "d.safetensors").exists()
