@@ -79,7 +79,8 @@ def from_checkpoint(path: str | Path) -> Exportable:
         family, arch = "torchvision", pinfo.arch
     cfg = pinfo.config or {}
     info = ModelInfo(family=family, arch=arch, feature_dim=pinfo.backbone_dim,
-                     method=_method(pinfo.head, cfg), cifar_stem=pinfo.cifar_stem,
+                     method=("MoCo v3" if pinfo.layout == "mocov3" else _method(pinfo.head, cfg)),
+                     cifar_stem=pinfo.cifar_stem,
                      image_size=pinfo.image_size, mean=pinfo.mean, std=pinfo.std,
                      epochs=pinfo.epoch, source=p.name)
     tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}

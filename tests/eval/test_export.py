@@ -25,7 +25,7 @@ from torch import nn
 from moco.cli import main
 from moco.core.backbones import build_backbone
 from moco.eval.encoders import load_backbone
-from moco.eval.export import detectron2_checkpoint, export_checkpoint
+from moco.eval.export import EXPORT_FORMATS, detectron2_checkpoint, export_checkpoint
 from moco.utils.checkpoint import load_checkpoint
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -159,8 +159,8 @@ def test_export_errors(v2: tuple[Path, nn.Module], tmp_path: Path,
     with pytest.raises(ValueError, match="unknown export format 'onnx'"):
         export_checkpoint(path, "onnx", tmp_path / "x")
     assert main(["export", str(path), "--format", "onnx", "--out", str(tmp_path / "x")]) == 2
-    assert "expected --format to be one of torchvision, detectron2, safetensors, timm, got " \
-        "onnx" in capsys.readouterr().err
+    assert (f"expected --format to be one of {', '.join((*EXPORT_FORMATS, 'hf'))}, got onnx"
+            in capsys.readouterr().err)
     assert main(["export", str(path), "-f", "torchvision", "-o", str(path)]) == 2
     assert "is the input checkpoint" in capsys.readouterr().err
     assert main(["export", str(path), "-f", "torchvision", "-o", str(tmp_path / "y"),
