@@ -1,9 +1,10 @@
 """What a run is built from its configuration: the model (MoCo or another mechanism), the
-optimizer and the learning rate of each epoch.
+optimizer, the learning rate of each step, and the one line that describes the run.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,8 +13,23 @@ from moco.core.mechanisms import Mechanism, build_mechanism
 from moco.core.model import MoCo, build_encoder
 from moco.core.seeding import QUEUE, seeded, stream_generator
 from moco.engine.config import SPLIT_BN_MODES, MocoConfig
+from moco.utils.distributed import DistContext
 from moco.utils.runtime import precision_name
 from moco.utils.schedule import learning_rate, warmup_factor
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where a run trains, as resolved on this machine: the device, the process group, the
+    ``--shuffle-bn`` mode this process count runs (``auto`` resolved), the autocast dtype
+    (None: fp32), the data-loading workers of this process and the machine's description."""
+
+    device: torch.device
+    dist: DistContext
+    shuffle_bn: str
+    autocast_dtype: torch.dtype | None
+    workers: int
+    machine: str
 
 
 def build_model(cfg: MocoConfig, device: torch.device, num_samples: int | None = None) -> Mechanism:
@@ -66,19 +82,19 @@ def _dictionary(cfg: MocoConfig, images: int) -> str:
     return f"K {cfg.moco_k}, m {cfg.moco_m}"
 
 
-def describe_run(cfg: MocoConfig, *, images: int, shuffle_bn: str, device: torch.device,
-                 autocast_dtype: torch.dtype | None, workers: int, run_dir: Path,
-                 world_size: int = 1, backend: str = "") -> str:
-    """One line: the mechanism, network, data, batch (and its split over ``world_size``
-    processes), learning rate, dictionary, head, augmentation, shuffle-BN, device, precision."""
-    prec = precision_name(autocast_dtype)
-    w = world_size
-    procs = f" = {w} processes x {cfg.batch_size // w} ({backend})" if w > 1 else ""
+def describe_run(cfg: MocoConfig, runtime: Runtime, images: int) -> str:
+    """One line: the mechanism, network, data (``images`` training images), batch (and its
+    split over the processes), learning rate, dictionary, head, augmentation, shuffle-BN,
+    device, precision, workers and the run folder."""
+    w, mode = runtime.dist.world_size, runtime.shuffle_bn
+    procs = f" = {w} processes x {cfg.batch_size // w} ({runtime.dist.backend})" if w > 1 else ""
     lr = (f"lr {cfg.effective_lr:.6g} (--lr {cfg.lr:g} x {cfg.batch_size}/256, --lr-scale linear)"
           if cfg.lr_scale == "linear" else f"lr {cfg.lr:g}")
-    return (f"{'MoCo' if cfg.mechanism == 'moco' else cfg.mechanism} pretraining: {cfg.arch}{' (CIFAR stem)' if cfg.cifar_stem else ''}, "
+    title = "MoCo" if cfg.mechanism == "moco" else cfg.mechanism
+    return (f"{title} pretraining: {cfg.arch}{' (CIFAR stem)' if cfg.cifar_stem else ''}, "
             f"{images} images from {cfg.data}, {cfg.image_size} px, batch "
             f"{cfg.batch_size}{procs}, {lr}, {_dictionary(cfg, images)}, T {cfg.moco_t}, "
-            f"{'MLP' if cfg.mlp else 'linear'} head, aug {cfg.aug}, shuffle-BN {shuffle_bn}"
-            f"{f' ({cfg.bn_splits} splits)' if shuffle_bn == 'split' else ''}, device "
-            f"{device}, {prec}, {workers} workers -> {run_dir}")
+            f"{'MLP' if cfg.mlp else 'linear'} head, aug {cfg.aug}, shuffle-BN {mode}"
+            f"{f' ({cfg.bn_splits} splits)' if mode == 'split' else ''}, device "
+            f"{runtime.device}, {precision_name(runtime.autocast_dtype)}, {runtime.workers} "
+            f"workers -> {Path(cfg.output)}")

@@ -81,7 +81,7 @@ class MocoConfig:
 
     data: str = setting(
         "", "data", group=_A, metavar="DATA", role="data", per_rank=True,
-        default_text="$MOCO_DATA, else ../shared/data/cifar10 when present",
+        default_text="$MOCO_DATA",
         help="dataset folder with train/ (and val/ or test/)")
     arch: str = setting(
         "resnet50", "-a", "--arch", group=_M,
@@ -268,15 +268,23 @@ class MocoConfig:
         return dataclasses.asdict(self)
 
 
+def preset_values(name: Any, where: str = "") -> dict[str, Any]:
+    """A copy of preset ``name``'s settings (lists not shared), or :class:`ConfigError`
+    naming the presets (``where``: the source, for the message)."""
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(f"expected --preset to be one of {', '.join(PRESETS)}, got "
+                          f"{name!r}{where}")
+    return copy.deepcopy(PRESETS[name])
+
+
 def _init_with_preset(init: Any) -> Any:
-    """``MocoConfig(preset=NAME, **values)`` = the defaults <- the preset <- ``values``."""
+    """``MocoConfig(preset=NAME, **values)`` = the defaults <- the preset <- ``values``: the
+    one place a preset is applied (:func:`~moco.engine.config_sources.build_config` passes
+    the preset it resolved here)."""
     def __init__(self: MocoConfig, **values: Any) -> None:
         preset = values.get("preset") or ""
         if preset:
-            if not isinstance(preset, str) or preset not in PRESETS:
-                raise ConfigError(f"expected --preset to be one of {', '.join(PRESETS)}, got "
-                                  f"{preset!r} (given to MocoConfig)")
-            values = {**copy.deepcopy(PRESETS[preset]), **values}  # lists must not be shared
+            values = {**preset_values(preset, " (given to MocoConfig)"), **values}
         init(self, **values)
 
     __init__.__doc__ = init.__doc__

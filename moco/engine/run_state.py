@@ -41,6 +41,43 @@ class TrainState:
 
 
 @dataclass
+class EpochRecord:
+    """One finished epoch: a line of ``metrics.jsonl`` (:meth:`to_dict`).
+
+    ``loss`` and ``acc1`` are the epoch's means over its steps; ``lr`` the last step's;
+    ``knn`` the monitor's (top-1, top-5) or None; ``images_per_s`` over the training time,
+    ``seconds`` including the evaluations; ``staleness`` the queue's measurement
+    (``staleness_*`` keys); ``bad_images`` the distinct unreadable images replaced so far, for
+    loaders that count them (None: the key is left out)."""
+
+    epoch: int
+    step: int
+    loss: float
+    acc1: float
+    lr: float
+    knn: tuple[float, float] | None
+    images_per_s: float
+    seconds: float
+    knn_random_init: float | None
+    machine: str
+    staleness: dict[str, float] = field(default_factory=dict)
+    bad_images: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The line as written, in the order of every ``metrics.jsonl`` written so far."""
+        d: dict[str, Any] = {
+            "epoch": self.epoch, "step": self.step, "loss": self.loss, "acc1": self.acc1,
+            "lr": self.lr, "knn_top1": self.knn[0] if self.knn else None,
+            "knn_top5": self.knn[1] if self.knn else None, "images_per_s": self.images_per_s,
+            "seconds": self.seconds, "knn_random_init": self.knn_random_init,
+            "machine": self.machine, **self.staleness,
+        }
+        if self.bad_images is not None:
+            d["bad_images"] = self.bad_images
+        return d
+
+
+@dataclass
 class PretrainResult:
     """What :func:`moco.engine.loop.pretrain` returns: the run folder, the newest checkpoint,
     one record per epoch (the lines of ``metrics.jsonl``: loss, acc1, lr, knn_top1, ...), the
