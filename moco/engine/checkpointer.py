@@ -27,10 +27,8 @@ from moco.engine.rundir import checkpoint_name, find_resume, prune_checkpoints
 from moco.utils.checkpoint import (
     CheckpointError,
     atomic_save,
-    from_original_layout,
     model_state,
     state_mismatch,
-    to_original_layout,
 )
 from moco.utils.logs import Log
 from moco.utils.runlog import read_metrics, write_metrics
@@ -64,7 +62,7 @@ class Checkpointer:
         return {
             "epoch": self.state.epoch,
             "arch": p.cfg.arch,
-            "state_dict": to_original_layout(p.model.state_dict()),
+            "state_dict": p.model.checkpoint_state(),  # the method's layout
             "optimizer": p.optimizer.state_dict(),
             "moco": entry.to_dict(),
         }
@@ -120,9 +118,10 @@ class Checkpointer:
         self.log(f"resumed from {path}: epoch {s.epoch}, step {s.epoch_step} of the next epoch")
 
     def _load_model(self, path: Path, ckpt: dict[str, Any]) -> None:
-        """The weights and buffers (original layout accepted) and the optimizer's state."""
+        """The weights and buffers (in the method's checkpoint layout) and the optimizer's
+        state."""
         p, cfg = self.parts, self.parts.cfg
-        state = from_original_layout(model_state(ckpt, path))
+        state = p.model.state_from_checkpoint(model_state(ckpt, path))
         try:
             p.model.load_state_dict(state)
         except RuntimeError:

@@ -23,6 +23,7 @@ from typing import Any
 
 from moco.core.errors import ConfigError
 from moco.data.recipes import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, RECIPES
+from moco.engine.choices import LR_SCHEDULES, MECHANISMS, OPTIMIZERS
 from moco.utils.memory import FLOAT_BYTES, refuse_if_too_big
 from moco.utils.settings import (
     Setting,
@@ -41,7 +42,7 @@ LR_SCALES = ("none", "linear")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 KNN_FEATURES = ("backbone", "head")
 LOADERS = ("auto", "tensor", "pil")
-MECHANISMS = ("moco", "end-to-end", "memory-bank")
+
 BAD_IMAGE_POLICIES = ("stop", "skip")
 CROPS = ("auto", "original", "short-side")
 DECODES = ("auto", "cpu", "gpu")
@@ -114,6 +115,13 @@ class MocoConfig:
                                   help="cosine lr at epoch + 1 (the CIFAR demo's schedule)")
     warmup_epochs: int = setting(0, "--warmup-epochs", group=_O, min=0,
                                  help="linear lr warmup over the first N epochs, set per step (not in the papers)")
+    optimizer: str = setting("sgd", "--optimizer", group=_O, choices=OPTIMIZERS,
+                             help="optimizer over the method's trainable parameters "
+                             "(moco.engine.optimizers registers them): sgd = main_moco.py's")
+    lr_schedule: str = setting(
+        "auto", "--lr-schedule", group=_O, choices=LR_SCHEDULES, help="lr of each step "
+        "(moco.engine.optimizers registers them): step = x0.1 at --schedule, cosine = half "
+        "cosine per epoch, both ramped over --warmup-epochs; auto = cosine with --cos, else step")
     momentum: float = setting(0.9, "--momentum", group=_O, min=0, max=1, max_open=True,
                               help="SGD momentum")
     wd: float = setting(1e-4, "--wd", "--weight-decay", group=_O, min=0, help="weight decay")
@@ -218,10 +226,11 @@ class MocoConfig:
         "done); skip = replace an image by the next readable one and leave an unreadable folder "
         "out, and count them (the count is logged and in metrics.jsonl as bad_images)")
     mechanism: str = setting(
-        "moco", "--mechanism", group=_M, choices=MECHANISMS, help="contrastive mechanism (MoCo "
-        "v1 Figure 2): moco = momentum key encoder + queue; end-to-end = keys from the current "
-        "batch through the query encoder with gradients (K = batch - 1); memory-bank = InstDisc "
-        "bank, --moco-k negatives sampled from it")
+        "moco", "--mechanism", "--method", group=_M, choices=MECHANISMS, help="pretraining "
+        "method, one of the registered ones (moco.register_method adds more); the built-in are "
+        "the contrastive mechanisms of MoCo v1 Figure 2: moco = momentum key encoder + queue; "
+        "end-to-end = keys from the current batch through the query encoder with gradients "
+        "(K = batch - 1); memory-bank = InstDisc bank, --moco-k negatives sampled from it")
     bank_momentum: float = setting(0.5, "--bank-momentum", group=_M, min=0, max=1, max_open=True,
                                    help="memory bank entry update v <- normalize(m v + (1-m) q) "
                                    "(InstDisc's)")
@@ -319,20 +328,13 @@ def check_fields(cfg: MocoConfig, source: Source) -> None:
 
 def check_combination(cfg: MocoConfig) -> None:
     """Raise :class:`ConfigError` for settings that contradict each other or cannot fit."""
-    if cfg.staleness_every and cfg.mechanism != "moco":
+    from moco.core.methods import method_spec
+
+    spec = method_spec(cfg.mechanism)
+    if cfg.staleness_every and not spec.has_queue:
         raise ConfigError(f"--staleness-every measures MoCo's queue; --mechanism {cfg.mechanism} "
                           "has none: drop --staleness-every or use --mechanism moco")
-    if cfg.symmetric and cfg.mechanism != "moco":
-        raise ConfigError(f"--symmetric is only defined for --mechanism moco, not {cfg.mechanism}")
-    if cfg.mechanism == "end-to-end" and cfg.batch_size < 2:
-        raise ConfigError("--mechanism end-to-end takes its negatives from the batch: "
-                          f"--batch-size must be >= 2, got {cfg.batch_size}")
-    keys_per_step = cfg.batch_size * (2 if cfg.symmetric else 1)
-    if keys_per_step > cfg.moco_k:
-        raise ConfigError(
-            f"--moco-k {cfg.moco_k} is smaller than the {keys_per_step} keys enqueued per step "
-            f"(batch {cfg.batch_size}{' x2 for --symmetric' if cfg.symmetric else ''}); "
-            "raise --moco-k or lower --batch-size")
+    spec.check(cfg)
     if cfg.shuffle_bn in SPLIT_BN_MODES and cfg.batch_size % cfg.bn_splits:
         raise ConfigError(
             f"--batch-size {cfg.batch_size} is not divisible by --bn-splits {cfg.bn_splits}; "
@@ -364,11 +366,12 @@ def _world_size() -> int:
 
 
 def check_sizes(cfg: MocoConfig, available: int | None = None) -> None:
-    """The queue (K x dim floats) and one batch of two views must each fit in memory."""
-    if cfg.mechanism == "moco":
-        refuse_if_too_big(f"the queue (--moco-k {cfg.moco_k} x --moco-dim {cfg.moco_dim} float32)",
-                          cfg.moco_k * cfg.moco_dim * FLOAT_BYTES,
-                          "lower --moco-k or --moco-dim", available)
+    """The method's buffers (MoCo's queue: K x dim floats) and one batch of two views must
+    each fit in memory."""
+    from moco.core.methods import method_spec
+
+    for what, nbytes, fix in method_spec(cfg.mechanism).memory(cfg, None):
+        refuse_if_too_big(what, nbytes, fix, available)
     per_process = max(1, cfg.batch_size // _world_size())
     refuse_if_too_big(
         f"one batch (two views of {per_process} images of --image-size {cfg.image_size} px, "

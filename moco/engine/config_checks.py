@@ -32,7 +32,9 @@ def images_per_bn_group(cfg: MocoConfig, mode: str, world_size: int) -> tuple[in
 
 def check_staleness_images(cfg: MocoConfig, images_per_epoch: int) -> None:
     """``--staleness-every`` encodes K fresh keys from one epoch's images: K must not be more."""
-    if cfg.staleness_every and cfg.mechanism == "moco" and images_per_epoch < cfg.moco_k:
+    from moco.core.methods import method_spec
+
+    if cfg.staleness_every and method_spec(cfg.mechanism).has_queue and images_per_epoch < cfg.moco_k:
         raise ConfigError(f"--staleness-every compares the queue with K = {cfg.moco_k} fresh "
                           f"keys, but an epoch has only {images_per_epoch} images; lower --moco-k, "
                           "use more images, or drop --staleness-every")
@@ -59,9 +61,10 @@ def check_buildable(cfg: MocoConfig, mode: str, world_size: int = 1,
     refuse_if_too_big(f"the weights of {cfg.arch} with a --moco-dim {cfg.moco_dim} head "
                       f"({n_params} parameters, 4 copies)", n_params * 4 * FLOAT_BYTES,
                       "choose a smaller --arch or --moco-dim")
-    if cfg.mechanism == "memory-bank" and num_samples:
-        refuse_if_too_big(f"the memory bank ({num_samples} images x --moco-dim {cfg.moco_dim})",
-                          num_samples * cfg.moco_dim * FLOAT_BYTES, "lower --moco-dim")
+    from moco.core.methods import method_spec
+
+    for what, nbytes, fix in method_spec(cfg.mechanism).memory(cfg, num_samples):
+        refuse_if_too_big(what, nbytes, fix)
     smallest = _smallest_bn_map(encoder, cfg.image_size)
     if smallest == (0, ""):
         raise ConfigError(f"--image-size {cfg.image_size} is too small for {cfg.arch}: a layer's "

@@ -13,6 +13,7 @@ scaler and a :class:`~moco.core.shuffle_bn.KeyShuffle`.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shlex
 import time
@@ -126,7 +127,7 @@ class Pretrainer:
     def knn(self) -> tuple[float, float] | None:
         """Weighted kNN top-1/top-5 of the test split (or its subset) against the train split's
         (or its subset's) features, computed on the device (every rank gets the same)."""
-        return self.monitor(self.model.encoder_q)
+        return self.monitor(self.model.evaluation_encoder())
 
     def staleness(self, epoch: int) -> Staleness:
         """The queue's keys against fresh ones on the model as it is (moco.engine.staleness)."""
@@ -217,15 +218,13 @@ class Pretrainer:
         p.model.train()
         steps = p.train_loader.steps()
         lr = self._set_lr(s.epoch_step, steps)
-        ramp = s.epoch < cfg.warmup_epochs  # the warmup sets the lr per step, the schedule per epoch
         batches = self._stop_on_bad_data(p.train_loader.batches(s.epoch, s.epoch_step))
         bar = tqdm(total=steps, initial=s.epoch_step, desc=f"epoch {s.epoch + 1}/{cfg.epochs}",
                    disable=not self.progress, dynamic_ncols=True, leave=False)
-        self._meter = meter = EpochMeter(p.device, s.loss_sum, s.acc_sum)
+        self._meter = meter = EpochMeter(p.device, s.loss_sum, s.acc_sum, s.metric_sums)
         try:
             for batch in batches:
-                if ramp:
-                    lr = self._set_lr(s.epoch_step, steps)
+                lr = self._set_lr(s.epoch_step, steps)  # and the method's momentum
                 r = train_step(p.train_model, p.optimizer, batch, p.shuffle,
                                p.runtime.autocast_dtype, p.scaler)
                 meter.add(r, s.global_step + 1)
@@ -253,8 +252,10 @@ class Pretrainer:
             ips = (done * cfg.batch_size) / max(s.seconds, 1e-9)
             bar.set_postfix(loss=f"{s.loss_sum / done:.3f}", acc1=f"{s.acc_sum / done:.1f}",
                             img_s=f"{ips:.0f}", lr=f"{lr:.4g}")
-            self.runlog.scalar("step/loss", float(r.loss), s.global_step)
-            self.runlog.scalar("step/acc1", float(r.acc1), s.global_step)
+            scalars = {"loss": r.loss, **({"acc1": r.acc1} if r.acc1 is not None else {}),
+                       **r.metrics}
+            for name, value in scalars.items():
+                self.runlog.scalar(f"step/{name}", float(value), s.global_step)
         if stopping:
             return False
         if saving:
@@ -271,17 +272,18 @@ class Pretrainer:
         self._meter = None
         record = self._epoch_record(lr, clock)
         s.history.append(record.to_dict())
-        self.runlog.epoch(s.history[-1], s.history)
+        self.runlog.epoch(s.history[-1], s.history, tuple(record.metrics))
         knn_txt = f", kNN top-1 {record.knn[0]:.2f}%" if record.knn else ""
         if record.staleness:
             knn_txt += (f", loss vs queue / fresh keys {record.staleness['staleness_queue_loss']:.3f}"
                         f" / {record.staleness['staleness_fresh_loss']:.3f}")
-        self.log(f"epoch {s.epoch + 1}/{self.cfg.epochs}: loss {record.loss:.4f}, pretext acc@1 "
-                 f"{record.acc1:.1f}%{knn_txt}, {record.images_per_s:.0f} img/s, "
-                 f"{record.seconds:.0f} s")
+        acc = f", pretext acc@1 {record.acc1:.1f}%" if record.acc1 is not None else ""
+        self.log(f"epoch {s.epoch + 1}/{self.cfg.epochs}: loss {record.loss:.4f}{acc}{knn_txt}, "
+                 f"{record.images_per_s:.0f} img/s, {record.seconds:.0f} s")
         s.epoch += 1
         s.epoch_step = 0
         s.loss_sum = s.acc_sum = s.seconds = 0.0
+        s.metric_sums = {}
 
     def _epoch_record(self, lr: float, clock: _Clock) -> EpochRecord:
         """The record of the epoch just trained, with its kNN and staleness evaluations."""
@@ -298,17 +300,23 @@ class Pretrainer:
             self.log(f"--on-bad-image skip: {len(bad)} unreadable image(s) replaced so far, "
                      f"e.g. {self.parts.data.name_of(min(bad))}")
         return EpochRecord(
-            epoch=s.epoch + 1, step=s.global_step, loss=s.loss_sum / n, acc1=s.acc_sum / n,
+            epoch=s.epoch + 1, step=s.global_step, loss=s.loss_sum / n,
+            acc1=None if math.isnan(s.acc_sum) else s.acc_sum / n,
             lr=lr, knn=knn, images_per_s=n * cfg.batch_size / max(train_seconds, 1e-9),
             seconds=clock.seconds(), knn_random_init=s.knn_random_init,
             machine=self.parts.runtime.machine,
             staleness=stale.as_record() if stale else {},
-            bad_images=len(bad) if bad is not None else None)
+            bad_images=len(bad) if bad is not None else None,
+            metrics={k: v / n for k, v in s.metric_sums.items()})
 
     def _set_lr(self, step: int, steps: int) -> float:
-        lr = step_lr(self.cfg, self.state.epoch, step, steps)
+        """Before ``step`` of the epoch: the optimizer's lr (``--lr-schedule``) and the
+        method's EMA momentum (its schedule at t = epoch + step / steps)."""
+        epoch = self.state.epoch
+        lr = step_lr(self.cfg, epoch, step, steps)
         for g in self.parts.optimizer.param_groups:
             g["lr"] = lr
+        self.parts.model.set_progress(epoch + step / steps, self.cfg.epochs)
         return lr
 
     # ----- divergence, bad data, stop requests -------------------------------------------------
@@ -323,6 +331,7 @@ class Pretrainer:
             epoch_step = bad.global_step - (s.global_step - s.epoch_step)
             raise RunError(self._diverged(bad.loss, epoch_step, bad.global_step))
         s.loss_sum, s.acc_sum = self._meter.sums()
+        s.metric_sums = self._meter.metric_sums()
 
     def _diverged(self, loss: float, epoch_step: int, global_step: int) -> str:
         """What diverged, where, and which checkpoint (if any) holds finite weights."""

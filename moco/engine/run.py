@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from moco.core.errors import ConfigError
-from moco.core.mechanisms import Mechanism
+from moco.core.method_base import PretrainingMethod
 from moco.core.seeding import KEY_SHUFFLE, stream_generator
 from moco.core.shuffle_bn import KeyShuffle, make_key_shuffle
 from moco.data.batches import TrainLoader
@@ -71,7 +71,7 @@ class RunParts:
     cfg: MocoConfig
     runtime: Runtime
     data: RunData
-    model: Mechanism
+    model: PretrainingMethod
     train_model: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None

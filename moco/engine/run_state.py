@@ -38,6 +38,7 @@ class TrainState:
     seconds: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
     knn_random_init: float | None = None
+    metric_sums: dict[str, float] = field(default_factory=dict)  # the method's own metrics
 
 
 @dataclass
@@ -48,12 +49,14 @@ class EpochRecord:
     ``knn`` the monitor's (top-1, top-5) or None; ``images_per_s`` over the training time,
     ``seconds`` including the evaluations; ``staleness`` the queue's measurement
     (``staleness_*`` keys); ``bad_images`` the distinct unreadable images replaced so far, for
-    loaders that count them (None: the key is left out)."""
+    loaders that count them (None: the key is left out); ``metrics`` the epoch means of the
+    method's own metrics (:attr:`~moco.core.method_base.StepOutput.metrics`), last. ``acc1``
+    is None for a method without logits."""
 
     epoch: int
     step: int
     loss: float
-    acc1: float
+    acc1: float | None
     lr: float
     knn: tuple[float, float] | None
     images_per_s: float
@@ -62,6 +65,7 @@ class EpochRecord:
     machine: str
     staleness: dict[str, float] = field(default_factory=dict)
     bad_images: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The line as written, in the order of every ``metrics.jsonl`` written so far."""
@@ -74,6 +78,7 @@ class EpochRecord:
         }
         if self.bad_images is not None:
             d["bad_images"] = self.bad_images
+        d.update(self.metrics)
         return d
 
 
@@ -97,7 +102,8 @@ class MocoEntry:
     On disk::
 
         {"format": 1, "config": {MocoConfig fields}, "epoch_step": int, "global_step": int,
-         "partial": {"loss_sum": float, "acc_sum": float, "seconds": float},
+         "partial": {"loss_sum": float, "acc_sum": float, "seconds": float,
+                     "metric_sums": {name: float} (only for a method that logs metrics)},
          "knn_random_init": float | None, "shuffle_rng": uint8 tensor (the key shuffle's
          generator), "scaler": GradScaler state | None, "rng": global RNG states,
          "bad_images": [int], "loader": {a streaming loader's position}}
@@ -112,6 +118,7 @@ class MocoEntry:
     loss_sum: float = 0.0
     acc_sum: float = 0.0
     seconds: float = 0.0
+    metric_sums: dict[str, float] = field(default_factory=dict)
     knn_random_init: float | None = None
     shuffle_rng: torch.Tensor | None = None
     scaler: dict[str, Any] | None = None
@@ -122,13 +129,16 @@ class MocoEntry:
 
     def to_dict(self) -> dict[str, Any]:
         """The entry as stored (the key order of every checkpoint written so far)."""
+        partial: dict[str, Any] = {"loss_sum": self.loss_sum, "acc_sum": self.acc_sum,
+                                   "seconds": self.seconds}
+        if self.metric_sums:
+            partial["metric_sums"] = dict(self.metric_sums)
         return {
             "format": self.format,
             "config": self.config,
             "epoch_step": self.epoch_step,
             "global_step": self.global_step,
-            "partial": {"loss_sum": self.loss_sum, "acc_sum": self.acc_sum,
-                        "seconds": self.seconds},
+            "partial": partial,
             "knn_random_init": self.knn_random_init,
             "shuffle_rng": self.shuffle_rng,
             "scaler": self.scaler,
@@ -147,7 +157,9 @@ class MocoEntry:
         return cls(config=d.get("config"), epoch_step=int(d.get("epoch_step", 0)),
                    global_step=int(d.get("global_step", 0)),
                    loss_sum=partial.get("loss_sum", 0.0), acc_sum=partial.get("acc_sum", 0.0),
-                   seconds=partial.get("seconds", 0.0), knn_random_init=d.get("knn_random_init"),
+                   seconds=partial.get("seconds", 0.0),
+                   metric_sums=dict(partial.get("metric_sums", {})),
+                   knn_random_init=d.get("knn_random_init"),
                    shuffle_rng=d.get("shuffle_rng"), scaler=d.get("scaler"), rng=d.get("rng"),
                    bad_images=list(d.get("bad_images", [])), loader=d.get("loader", {}),
                    format=int(d.get("format", 1)))
@@ -158,12 +170,14 @@ class MocoEntry:
         bad_images, loader)."""
         return cls(epoch_step=state.epoch_step, global_step=state.global_step,
                    loss_sum=state.loss_sum, acc_sum=state.acc_sum, seconds=state.seconds,
-                   knn_random_init=state.knn_random_init, **kept)
+                   metric_sums=dict(state.metric_sums), knn_random_init=state.knn_random_init,
+                   **kept)
 
     def restore(self, state: TrainState, epoch: int) -> None:
         """Put the position and sums of the checkpoint (``epoch`` finished) into ``state``."""
         state.epoch, state.epoch_step, state.global_step = epoch, self.epoch_step, self.global_step
         state.loss_sum, state.acc_sum, state.seconds = self.loss_sum, self.acc_sum, self.seconds
+        state.metric_sums = dict(self.metric_sums)
         state.knn_random_init = self.knn_random_init
 
 

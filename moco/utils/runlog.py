@@ -83,12 +83,15 @@ class RunLog:
         if self._tb is not None:
             self._tb.add_scalar(tag, value, step)
 
-    def epoch(self, record: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    def epoch(self, record: dict[str, Any], history: list[dict[str, Any]],
+              metrics: tuple[str, ...] = ()) -> None:
+        """Write ``history`` (``record`` its last line) and mirror ``record``'s scalars, and
+        those named in ``metrics`` (a method's own), to TensorBoard; redraw the plot."""
         if not self.enabled:
             return
         write_metrics(self.metrics_path, history)
         for key in ("loss", "acc1", "lr", "knn_top1", "images_per_s", "staleness_queue_loss",
-                    "staleness_fresh_loss"):
+                    "staleness_fresh_loss", *metrics):
             if record.get(key) is not None:
                 self.scalar(f"epoch/{key}", float(record[key]), int(record["epoch"]))
         if self._tb is not None:
@@ -115,7 +118,9 @@ def plot_history(history: list[dict[str, Any]], path: Path, baseline: float | No
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("loss", color="tab:blue")
     ax1b = ax1.twinx()
-    ax1b.plot(epochs, [h["acc1"] for h in history], "s--", color="tab:orange", label="pretext acc@1")
+    acc = [(h["epoch"], h["acc1"]) for h in history if h.get("acc1") is not None]
+    ax1b.plot([e for e, _ in acc], [a for _, a in acc], "s--", color="tab:orange",
+              label="pretext acc@1")
     ax1b.set_ylabel("pretext acc@1 (%)", color="tab:orange")
     ax1.set_title("pretext task")
     knn = [(h["epoch"], h["knn_top1"]) for h in history if h.get("knn_top1") is not None]
