@@ -22,6 +22,7 @@ from moco.engine.run_state import (
     query_only_optimizer_state,
     set_global_rng_state,
     warn_config_changes,
+    warn_data_changes,
 )
 from moco.engine.rundir import checkpoint_name, find_resume, prune_checkpoints
 from moco.utils.checkpoint import (
@@ -58,7 +59,7 @@ class Checkpointer:
             self.state, config=p.cfg.to_dict(), shuffle_rng=p.shuffle_rng.get_state(),
             scaler=p.scaler.state_dict() if p.scaler is not None else None,
             rng=global_rng_state(), bad_images=sorted(getattr(loader, "bad_images", ())),
-            loader=getattr(loader, "state_dict", dict)())
+            loader=getattr(loader, "state_dict", dict)(), data=self.parts.data.size())
         return {
             "epoch": self.state.epoch,
             "arch": p.cfg.arch,
@@ -106,13 +107,16 @@ class Checkpointer:
         path, ckpt = found
         entry = MocoEntry.from_dict(ckpt.get("moco", {}))
         warn_config_changes(entry.config, self.parts.cfg, path, self.log)
+        warn_data_changes(entry.data, self.parts.data.size(),
+                          (path, self.parts.cfg.data, self.run_dir), self.log)
         self._load_model(path, ckpt)
         entry.restore(self.state, int(ckpt.get("epoch", 0)))
         self._load_streams(entry)
         self.last = path
         if self.parts.dist.is_main:  # the other ranks keep no history: they log nothing
             metrics = self.run_dir / "metrics.jsonl"
-            self.state.history = [h for h in read_metrics(metrics) if h["epoch"] <= self.state.epoch]
+            self.state.history = [h for h in read_metrics(metrics, self.log)
+                                  if isinstance(h.get("epoch"), int) and h["epoch"] <= self.state.epoch]
             write_metrics(metrics, self.state.history)
         s = self.state
         self.log(f"resumed from {path}: epoch {s.epoch}, step {s.epoch_step} of the next epoch")

@@ -62,6 +62,11 @@ class RunData:
             return str(self.train.sample_name(index))
         return str(files[index]) if files is not None else f"image {index}"
 
+    def size(self) -> dict[str, int]:
+        """The training set's size as a checkpoint records it: images and classes (0 for
+        unlabeled images)."""
+        return {"images": len(self.train), "classes": len(self.train.classes)}
+
 
 @dataclass
 class RunParts:

@@ -106,7 +106,8 @@ class MocoEntry:
                      "metric_sums": {name: float} (only for a method that logs metrics)},
          "knn_random_init": float | None, "shuffle_rng": uint8 tensor (the key shuffle's
          generator), "scaler": GradScaler state | None, "rng": global RNG states,
-         "bad_images": [int], "loader": {a streaming loader's position}}
+         "bad_images": [int], "loader": {a streaming loader's position},
+         "data": {"images": int, "classes": int} (the training set it was trained on)}
 
     The finished epochs are the checkpoint's top-level ``epoch``, as in the original.
     ``partial`` holds the sums of the epoch in progress (a save mid-epoch).
@@ -125,6 +126,7 @@ class MocoEntry:
     rng: dict[str, Any] | None = None
     bad_images: list[int] = field(default_factory=list)
     loader: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, int] = field(default_factory=dict)
     format: int = CHECKPOINT_FORMAT
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,6 +148,8 @@ class MocoEntry:
             "bad_images": self.bad_images,
             # where a streaming loader is in its epoch (tar shards' layout), if it keeps it
             "loader": self.loader,
+            # the training set's size (older checkpoints have none)
+            **({"data": dict(self.data)} if self.data else {}),
         }
 
     @classmethod
@@ -162,12 +166,13 @@ class MocoEntry:
                    knn_random_init=d.get("knn_random_init"),
                    shuffle_rng=d.get("shuffle_rng"), scaler=d.get("scaler"), rng=d.get("rng"),
                    bad_images=list(d.get("bad_images", [])), loader=d.get("loader", {}),
+                   data=dict(d.get("data") or {}),
                    format=int(d.get("format", 1)))
 
     @classmethod
     def of(cls, state: TrainState, **kept: Any) -> MocoEntry:
         """The entry of a run at ``state`` (``kept``: config, shuffle_rng, scaler, rng,
-        bad_images, loader)."""
+        bad_images, loader, data)."""
         return cls(epoch_step=state.epoch_step, global_step=state.global_step,
                    loss_sum=state.loss_sum, acc_sum=state.acc_sum, seconds=state.seconds,
                    metric_sums=dict(state.metric_sums), knn_random_init=state.knn_random_init,
@@ -254,3 +259,23 @@ def query_only_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Opt
         state = {"state": {k: v for k, v in state["state"].items() if k in set(kept)},
                  "param_groups": [{**groups[0], "params": kept}]}
     return state
+
+
+def describe_data(data: dict[str, int]) -> str:
+    """"5000 images of 10 classes" ("5000 unlabeled images" without classes)."""
+    images, classes = data.get("images", 0), data.get("classes", 0)
+    return f"{images} images of {classes} classes" if classes else f"{images} unlabeled images"
+
+
+def warn_data_changes(saved: dict[str, int], now: dict[str, int], where: tuple[Path, str, Path],
+                      log: Log) -> None:
+    """Say when a run resumes on a training set of another size than its checkpoint's
+    (``where``: the checkpoint, the data folder, the run folder), and how to start fresh."""
+    if not saved or saved == now:
+        return
+    path, data, run_dir = where
+    log(f"warning: {path} was trained on {describe_data(saved)}, {data} has "
+        f"{describe_data(now)}: the run continues on these images, not as the uninterrupted "
+        "run would have (another epoch length and image order; per-image state such as a "
+        f"memory bank may not fit). To start fresh on them instead, pass --overwrite (replaces "
+        f"the run in {run_dir}) or another --output")

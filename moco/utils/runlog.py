@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from moco.utils.atomic import atomic_path, atomic_write_text
+
+_log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -103,10 +106,29 @@ class RunLog:
             self._tb.close()
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_metrics(path: Path, log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl`` ([] without the file). A line that is not a whole JSON
+    record (cut by a kill mid-write on a file system where the atomic rename is not, or
+    zero-filled) is left out, and ``log`` (default: a logging warning) says which."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, bad = [], []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad.append(i)
+    if bad:
+        lines = f"line {bad[0]} is" if len(bad) == 1 else f"lines {', '.join(map(str, bad))} are"
+        (log or _log.warning)(f"warning: {path}: {lines} not a complete record (cut by a kill "
+                              f"mid-write?): left out, {len(records)} record(s) kept")
+    return records
 
 
 def plot_history(history: list[dict[str, Any]], path: Path, baseline: float | None = None) -> None:
