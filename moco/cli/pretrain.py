@@ -20,7 +20,7 @@ from moco.utils.paths import check_output
 from moco.utils.settings import Setting, from_command_line
 
 # Command-line switches that are not settings of the run.
-_NOT_CONFIG = {"command", "run", "config_file", "no_progress", "overwrite"}
+_NOT_CONFIG = {"command", "run", "config_file", "no_progress"}
 
 
 def default_text(name: str, s: Setting) -> str:
@@ -77,9 +77,9 @@ def add_parser(sub: Any) -> None:
         help="YAML file of settings (keys as the long flags), applied over the preset")
     for name, s in SETTINGS.items():
         add_setting_argument(p if s.positional else groups[s.group], name, s)
-    groups["monitoring"].add_argument("--no-progress", action="store_true", help="no progress bar")
-    groups["run"].add_argument("--overwrite", action="store_true",
-                               help="replace a run already in --output")
+    groups["monitoring"].add_argument("--no-progress", action="store_true",
+                                      help="no progress bar (there is none unless stderr is a "
+                                      "terminal)")
     p.set_defaults(run=run)
 
 
@@ -129,8 +129,8 @@ def run(args: argparse.Namespace) -> int:
     if config_file and not cfg.resume:  # the run rewrites its config.yaml
         check_output(Path(cfg.output) / "config.yaml", "--output",
                      files={"the --config file": config_file})
-    result = pretrain(cfg, log=print, progress=not getattr(args, "no_progress", False),
-                      overwrite=getattr(args, "overwrite", False))
+    progress = not getattr(args, "no_progress", False) and sys.stderr.isatty()
+    result = pretrain(cfg, log=print, progress=progress)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
     last = result.history[-1] if result.history else {}

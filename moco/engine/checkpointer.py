@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moco.core.errors import RunError
-from moco.engine.config_sources import save_yaml
+from moco.engine.config_sources import run_folder_config, save_yaml
 from moco.engine.run_state import (
     MocoEntry,
     TrainState,
@@ -153,4 +153,4 @@ class Checkpointer:
     def write_config(self) -> None:
         """The run folder's ``config.yaml`` (rank 0)."""
         if self.parts.dist.is_main:
-            save_yaml(self.parts.cfg, self.run_dir / "config.yaml")
+            save_yaml(run_folder_config(self.parts.cfg), self.run_dir / "config.yaml")

@@ -239,6 +239,9 @@ class MocoConfig:
         help="checkpoint to resume from, or 'auto' for the newest readable one in --output; the "
         "run folder's config.yaml supplies every setting not given as a flag, so 'moco pretrain "
         "--output DIR --resume auto' continues a run")
+    overwrite: bool = setting(False, "--overwrite", group=_U, role="runtime",
+                              per_invocation=True, help="replace a run already in --output "
+                              "(its checkpoints, metrics and logs)")
     save_every_steps: int = setting(0, "--save-every-steps", group=_U, min=0, role="runtime",
                                     help="also checkpoint every N steps (0 = per epoch only)")
     keep_last: int = setting(2, "--keep-last", group=_U, min=0, role="runtime",

@@ -5,6 +5,7 @@ checked by its declaration; and the run folder's ``config.yaml``.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 from pathlib import Path
@@ -95,3 +96,15 @@ def default_data_dir() -> str:
 def save_yaml(cfg: MocoConfig, path: str | Path) -> None:
     """``cfg`` as YAML at ``path`` (the run folder's ``config.yaml``), written atomically."""
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def run_folder_config(cfg: MocoConfig) -> MocoConfig:
+    """``cfg`` as the run folder's ``config.yaml`` keeps it: the paths (``data``, ``output``,
+    ``cache_dir``) absolute, so that ``--resume auto`` from another working directory (a
+    requeued job) finds them, and ``overwrite`` off (the file, reused as ``--config``, must
+    not replace another run)."""
+    def absolute(p: str) -> str:
+        return os.path.abspath(os.path.expanduser(p)) if p else p
+
+    return dataclasses.replace(cfg, data=absolute(cfg.data), output=absolute(cfg.output),
+                               cache_dir=absolute(cfg.cache_dir), overwrite=False)

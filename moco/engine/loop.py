@@ -61,7 +61,7 @@ class Pretrainer:
     checkpoint read before the run folder is touched. ``run()`` trains to ``cfg.epochs`` and
     returns the result."""
 
-    def __init__(self, cfg: MocoConfig, *, log: Log = _log.info, progress: bool = True,
+    def __init__(self, cfg: MocoConfig, *, log: Log = _log.info, progress: bool = False,
                  overwrite: bool = False, dist: DistContext | None = None) -> None:
         self.parts: RunParts = build_run(cfg, dist=dist, log=log)
         self.cfg = cfg
@@ -80,7 +80,7 @@ class Pretrainer:
         self.lock: RunLock | None = None  # the run folder's lock (rank 0)
         self._meter: EpochMeter | None = None  # the current epoch's sums, on the device
         found = self.checkpoints.find(cfg.resume) if cfg.resume else None
-        self._open(overwrite, found)
+        self._open(overwrite or cfg.overwrite, found)
 
     def _open(self, overwrite: bool, found: Found | None) -> None:
         """Prepare and lock the run folder (one writer; ``overwrite`` deletes the old run),
@@ -147,7 +147,6 @@ class Pretrainer:
     def _run(self, stop: StopFlag) -> PretrainResult:
         cfg, s = self.cfg, self.state
         ckpt_path: Path | None = None
-        self.log(self.describe())
         self._untrained_knn()
         first_epoch, t_start = s.epoch, time.perf_counter()
         while s.epoch < cfg.epochs:
@@ -373,9 +372,11 @@ def _first_line(e: BaseException) -> str:
     return re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0] if str(e) else type(e).__name__)[:300]
 
 
-def pretrain(cfg: MocoConfig, *, log: Log = _log.info, progress: bool = True,
+def pretrain(cfg: MocoConfig, *, log: Log = _log.info, progress: bool = False,
              overwrite: bool = False) -> PretrainResult:
-    """Train MoCo as ``cfg`` says and return where the checkpoint and metrics are.
+    """Train as ``cfg`` says and return where the checkpoint and metrics are. ``progress``:
+    show progress bars on stderr (the ``moco`` command does on a terminal); ``overwrite``
+    (or ``cfg.overwrite``): replace a run already in ``cfg.output``.
 
     Under torchrun, a collective that fails (a rank died, or waited past ``--dist-timeout``)
     becomes a :class:`RunError`; the process group is left at the end either way.

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moco.core.errors import ConfigError
+from moco.core.errors import ConfigError, MocoError
 from moco.core.method_base import PretrainingMethod
 from moco.core.seeding import KEY_SHUFFLE, stream_generator
 from moco.core.shuffle_bn import KeyShuffle, make_key_shuffle
@@ -29,10 +29,11 @@ from moco.data.source import DataError, ImageSource
 from moco.data.splits import find_dataset, knn_splits
 from moco.engine.build import Runtime, build_model, build_optimizer, describe_run
 from moco.engine.config import MocoConfig
-from moco.engine.config_checks import check_buildable, check_staleness_images
+from moco.engine.config_checks import check_buildable, check_staleness_images, run_advice
+from moco.engine.config_sources import load_yaml
 from moco.engine.world import resolve_for_world
 from moco.utils.distributed import DistContext, init_distributed, per_rank_batch, wrap_ddp
-from moco.utils.logs import Log
+from moco.utils.logs import Log, quiet
 from moco.utils.machine import describe_machine
 from moco.utils.paths import check_output
 from moco.utils.runtime import (
@@ -61,6 +62,13 @@ class RunData:
         if files is None and hasattr(self.train, "sample_name"):  # a tar shard member
             return str(self.train.sample_name(index))
         return str(files[index]) if files is not None else f"image {index}"
+
+    def knn_bank_size(self, cfg: MocoConfig) -> int | None:
+        """How many images the kNN monitor's bank holds (None: no monitor)."""
+        if cfg.knn_every <= 0 or self.knn_bank is None or self.knn_query is None:
+            return None
+        n = len(self.knn_bank)
+        return min(n, cfg.knn_bank_images) if cfg.knn_bank_images else n
 
     def size(self) -> dict[str, int]:
         """The training set's size as a checkpoint records it: images and classes (0 for
@@ -103,12 +111,17 @@ class RunParts:
 
 def build_run(cfg: MocoConfig, *, dist: DistContext | None = None, log: Log = _log.info) -> RunParts:
     """Check ``cfg`` and build the run's parts; nothing is written. ``dist``: the process
-    group (default: joined from torchrun's environment, or one process)."""
+    group (default: joined from torchrun's environment, or one process). Rank 0 logs the
+    run's summary line first, then the warnings of :func:`run_advice`."""
     cfg.validate()
     check_output(cfg.output, "--output", folders={"the data folder": cfg.data})
     runtime = resolve_runtime(cfg, dist)
-    data = find_run_data(cfg)
+    data = find_run_data_named(cfg)
     check_buildable(cfg, runtime.shuffle_bn, runtime.dist.world_size, len(data.train))
+    say = log if runtime.dist.is_main else quiet
+    say(describe_run(cfg, runtime, len(data.train)))
+    for advice in run_advice(cfg, len(data.train), data.knn_bank_size(cfg)):
+        say(f"warning: {advice}")
     model = build_model(dataclasses.replace(cfg, shuffle_bn=runtime.shuffle_bn), runtime.device,
                         num_samples=len(data.train))
     optimizer = build_optimizer(cfg, model)
@@ -158,6 +171,27 @@ def find_run_data(cfg: MocoConfig) -> RunData:
                       "pretrain without the kNN monitor") if cfg.knn_every > 0 else None
     return RunData(train, splits.train if splits.train.labeled else None,
                    pair[1] if pair is not None else None)
+
+
+def find_run_data_named(cfg: MocoConfig) -> RunData:
+    """:func:`find_run_data`; when resuming with the data folder of the run folder's
+    ``config.yaml`` (no DATA given), its errors name that file."""
+    try:
+        return find_run_data(cfg)
+    except DataError as e:
+        saved = Path(cfg.output) / "config.yaml"
+        if not cfg.resume or saved_data(saved) != cfg.data:
+            raise
+        raise DataError(f"{e} (DATA from {saved}, the saved configuration of the run being "
+                        "resumed): pass DATA to use the folder where the images are now") from None
+
+
+def saved_data(path: Path) -> str | None:
+    """The ``data`` of a run folder's ``config.yaml``, or None when it has none."""
+    try:
+        return str(load_yaml(path).get("data")) if path.is_file() else None
+    except MocoError:
+        return None
 
 
 def train_loader(cfg: MocoConfig, runtime: Runtime, source: ImageSource) -> TrainLoader:

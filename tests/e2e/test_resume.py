@@ -4,6 +4,7 @@ key-shuffle RNG, counters), and writes the same metrics.jsonl (timings aside).""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from helpers import (
 )
 
 import moco.engine.loop as train_mod
+from moco.data.source import DataError
 from moco.engine.loop import Pretrainer
 from moco.engine.rundir import list_checkpoints
 from moco.utils.checkpoint import load_checkpoint
@@ -189,3 +191,33 @@ def test_a_cut_metrics_line_of_a_saved_epoch_is_named(tiny_data: Path, tmp_path:
     assert p.state.history == [] and not path.read_text()
     assert any("line 1 is not a complete record" in m for m in logs), logs
     p.close()
+
+
+def test_resume_auto_from_another_working_directory(tiny_data: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run started with relative DATA and --output, resumed from another folder (a requeued
+    job) with only --output RUN --resume auto: config.yaml's absolute paths find the data."""
+    from helpers import TINY_FLAGS
+
+    from moco.cli import build_parser
+    from moco.cli.pretrain import config_from_args
+
+    here, there = tiny_data.parent, tmp_path / "elsewhere"
+    there.mkdir()
+    monkeypatch.chdir(here)
+    train(make_cfg(Path(tiny_data.name), Path("runs/a"), "--knn-every", "0",
+                   "--stop-after-epochs", "1"))
+    monkeypatch.chdir(there)
+    run = here / "runs" / "a"
+    args = build_parser().parse_args(["pretrain", "--output", str(run), "--resume", "auto",
+                                      "--workers", "0", "--no-progress"])
+    cfg = config_from_args(args)
+    assert cfg.data == str(tiny_data)
+    result = train(cfg)
+    assert [r["epoch"] for r in metrics(run)] == [1, 2] and not result.stopped_early
+    # The data moved away: the error names the saved configuration it came from.
+    tiny_data.rename(here / "moved")
+    with pytest.raises(DataError, match=rf"DATA from {re.escape(str(run / 'config.yaml'))}"):
+        train(config_from_args(build_parser().parse_args(
+            ["pretrain", "--output", str(run), "--resume", "auto", "--epochs", "3",
+             *TINY_FLAGS[-4:]])))
