@@ -92,7 +92,7 @@ class Checkpointer:
         finite weights), or None for ``auto`` in a folder without any checkpoint."""
         found = find_resume(resume, self.run_dir, self.parts.dist, self.log)
         if found is not None:
-            check_resumable(found[1], found[0], self.parts.cfg.arch)
+            check_resumable(found[1], found[0], self.parts.cfg.arch, self.parts.cfg.mechanism)
         return found
 
     def restore(self, found: Found | None) -> None:

@@ -186,9 +186,10 @@ class MocoEntry:
         state.knn_random_init = self.knn_random_init
 
 
-def check_resumable(ckpt: dict[str, Any], path: Path, arch: str) -> None:
-    """:class:`CheckpointError` unless ``ckpt`` is a pretraining checkpoint of ``arch`` with
-    finite weights, written by this moco or an older one (or by ``main_moco.py``)."""
+def check_resumable(ckpt: dict[str, Any], path: Path, arch: str, mechanism: str = "moco") -> None:
+    """:class:`CheckpointError` unless ``ckpt`` is a pretraining checkpoint of ``arch`` and of
+    the method ``mechanism`` with finite weights, written by this moco or an older one (any
+    registered method, in its own layout) or by ``main_moco.py`` (MoCo's)."""
     ours = ckpt.get("moco", {})
     if not isinstance(ours, dict) or int(ours.get("format", 1)) > CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} was written by a newer moco (checkpoint format "
@@ -198,10 +199,17 @@ def check_resumable(ckpt: dict[str, Any], path: Path, arch: str) -> None:
     if saved_arch is not None and saved_arch != arch:
         raise CheckpointError(f"{path} is a {saved_arch} checkpoint but --arch is {arch}")
     kind = describe_contents(ckpt)
-    if ours.get("kind") == "lincls" or kind != "a MoCo pretraining checkpoint":
+    saved = ours.get("config")
+    pretraining = isinstance(saved, dict) and isinstance(ckpt.get("state_dict"), dict)
+    if ours.get("kind") == "lincls" or not (pretraining or kind == "a MoCo pretraining checkpoint"):
         raise CheckpointError(f"{path} is {kind}, not a pretraining checkpoint: --resume "
                               "takes a checkpoint_NNNN.pth.tar written by moco pretrain (or "
                               "main_moco.py); to start from a backbone, train from scratch")
+    method = saved.get("mechanism", "moco") if isinstance(saved, dict) else "moco"
+    if method != mechanism:
+        raise CheckpointError(f"{path} was trained with --mechanism {method}, not {mechanism}: "
+                              f"resume it with --mechanism {method} (a method of your own must "
+                              "be registered again before resuming), or start a new run")
     check_finite(model_state(ckpt, path), path, "model")
 
 

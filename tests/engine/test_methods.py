@@ -118,6 +118,41 @@ def test_a_method_from_outside_the_package_trains_through_the_public_api(
     assert any(k.startswith("module.target.") for k in state)
 
 
+def toy_cfg(data: Path, out: Path, **more: Any) -> Any:
+    return moco.build_config(overrides={
+        "data": str(data), "output": str(out), "method": "toy", "arch": "resnet18",
+        "image_size": 32, "batch_size": 16, "epochs": 2, "bn_splits": 2, "moco_k": 32,
+        "workers": 0, "knn_every": 0, "channels_last": False, **more})
+
+
+@pytest.mark.usefixtures("one_thread", "scratch_registries")
+def test_a_registered_method_resumes_bit_exactly_and_only_as_itself(
+        tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped mid-epoch 2 and resumed: the same weights (its own checkpoint layout) and the
+    same metrics.jsonl, its own metric included (its partial sums are in the checkpoint)."""
+    from helpers import _real_step, final_state, metrics, sigterm_after
+
+    import moco.engine.loop as train_mod
+
+    path = tmp_path / "toy_method.py"
+    path.write_text(TOY)
+    import_file(path)
+    moco.pretrain(toy_cfg(tiny_data, tmp_path / "ref"), log=lambda _m: None)
+    sigterm_after(monkeypatch, 3)
+    assert moco.pretrain(toy_cfg(tiny_data, tmp_path / "run"), log=lambda _m: None).stopped_early
+    mid = load_checkpoint(next((tmp_path / "run").glob("checkpoint_*step*.pth.tar")))
+    assert set(mid["moco"]["partial"]["metric_sums"]) == {"cos"}
+    monkeypatch.setattr(train_mod, "train_step", _real_step)
+    with pytest.raises(moco.CheckpointError, match="trained with --mechanism toy, not moco"):
+        moco.pretrain(toy_cfg(tiny_data, tmp_path / "run", method="moco", resume="auto"))
+    moco.pretrain(toy_cfg(tiny_data, tmp_path / "run", resume="auto"), log=lambda _m: None)
+    ref, got = final_state(tmp_path / "ref"), final_state(tmp_path / "run")
+    assert ref["state_dict"].keys() == got["state_dict"].keys()
+    assert all(torch.equal(v, got["state_dict"][k]) for k, v in ref["state_dict"].items())
+    assert metrics(tmp_path / "run") == metrics(tmp_path / "ref")
+    assert [m["epoch"] for m in metrics(tmp_path / "run")] == [1, 2]
+
+
 @pytest.mark.usefixtures("scratch_registries")
 def test_the_command_line_lists_and_accepts_a_registered_method(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
