@@ -5,6 +5,8 @@ Chen et al., "Improved Baselines with Momentum Contrastive Learning", arXiv 2003
 
 The public API is the names in ``__all__`` (see the README's "Use it as a library"):
 
+* pretraining methods by name: :func:`register_method`, :func:`available_methods`,
+  :class:`PretrainingMethod` (the base of a method) and :class:`StepOutput`;
 * the paper's parts: :class:`MoCo` (Algorithm 1 around any encoder ``nn.Module``),
   :func:`build_encoder`, :class:`KeyQueue`, :func:`info_nce` / :func:`moco_logits`,
   :func:`momentum_update`, :class:`SplitBatchNorm` and the key shuffles (Shuffling BN);
@@ -31,6 +33,9 @@ _API: dict[str, str] = {
     # the paper's parts (moco.core)
     "MoCo": "moco.core.model",
     "StepOutput": "moco.core.model",
+    "PretrainingMethod": "moco.core.method_base",
+    "register_method": "moco.core.methods",
+    "available_methods": "moco.core.methods",
     "build_encoder": "moco.core.model",
     "build_backbone": "moco.core.backbones",
     "register_backbone": "moco.core.backbones",
@@ -86,13 +91,14 @@ _API: dict[str, str] = {
 __all__ = [  # a literal list for static tools; tests/package/test_api.py checks it against _API
     "CheckpointError", "ConfigError", "DDPShuffle", "DataError", "EXPORT_FORMATS", "EmbedConfig",
     "FeatureOptions", "KeyQueue", "KeyShuffle", "KnnConfig", "KnnResult", "LinclsConfig",
-    "LocalShuffle", "MoCo", "MocoConfig", "MocoError",
-    "NoShuffle", "PretrainResult", "PretrainedInfo", "RunError", "SplitBatchNorm", "StepOutput",
-    "TwoViews", "build_backbone", "build_config", "build_encoder", "convert_split_bn",
-    "embed_images", "eval_transform", "export_checkpoint", "extract_features",
-    "from_pretrained", "info_nce", "knn_accuracy", "knn_evaluate", "linear_classification",
-    "linear_head", "load_backbone", "load_encoder", "load_pretrained", "make_key_shuffle", "mlp_head", "moco_logits", "momentum_update", "pretrain",
-    "pretrain_transform", "register_backbone", "strip_head",
+    "LocalShuffle", "MoCo", "MocoConfig", "MocoError", "NoShuffle", "PretrainResult",
+    "PretrainedInfo", "PretrainingMethod", "RunError", "SplitBatchNorm", "StepOutput", "TwoViews",
+    "available_methods", "build_backbone", "build_config", "build_encoder", "convert_split_bn",
+    "embed_images", "eval_transform", "export_checkpoint", "extract_features", "from_pretrained",
+    "info_nce", "knn_accuracy", "knn_evaluate", "linear_classification", "linear_head",
+    "load_backbone", "load_encoder", "load_pretrained", "make_key_shuffle", "mlp_head",
+    "moco_logits", "momentum_update", "pretrain", "pretrain_transform", "register_backbone",
+    "register_method", "strip_head",
 ]
 
 if TYPE_CHECKING:  # the names for type checkers and editors; at run time see __getattr__
@@ -100,6 +106,8 @@ if TYPE_CHECKING:  # the names for type checkers and editors; at run time see __
     from moco.core.errors import ConfigError, MocoError, RunError
     from moco.core.heads import linear_head, mlp_head
     from moco.core.loss import info_nce, moco_logits
+    from moco.core.method_base import PretrainingMethod
+    from moco.core.methods import available_methods, register_method
     from moco.core.model import MoCo, StepOutput, build_encoder
     from moco.core.momentum import momentum_update
     from moco.core.queue import KeyQueue

@@ -18,7 +18,6 @@ from typing import Any
 import yaml
 
 from moco.cli.declared import (
-    Overwrite,
     Progress,
     add_declared,
     given_values,
@@ -45,7 +44,7 @@ class PretrainFlags:
 
 
 #: The declaration of every flag of ``moco pretrain``.
-DECLARED = (MocoConfig, PretrainFlags, Progress, Overwrite)
+DECLARED = (MocoConfig, PretrainFlags, Progress)
 
 
 def add_parser(sub: Any) -> None:
@@ -111,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
     if config_file and not cfg.resume:  # the run rewrites its config.yaml
         check_output(Path(cfg.output) / "config.yaml", "--output",
                      files={"the --config file": config_file})
-    result = pretrain(cfg, log=print, progress=not flags.get("no_progress", False),
-                      overwrite=flags.get("overwrite", False))
+    progress = not flags.get("no_progress", False) and sys.stderr.isatty()
+    result = pretrain(cfg, log=print, progress=progress)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
     last = result.history[-1] if result.history else {}

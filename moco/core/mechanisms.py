@@ -1,11 +1,11 @@
 """The two other contrastive mechanisms the MoCo paper compares against (MoCo v1 §3.2,
-Figure 2 and Figure 3), behind the same interface as :class:`MoCo`.
+Figure 2 and Figure 3), registered as the methods ``end-to-end`` and ``memory-bank``.
 
-Every mechanism is an ``nn.Module`` whose ``forward(im_q, im_k, shuffle, index)`` returns a
-:class:`~moco.core.model.StepOutput` (loss, logits [N, 1+K] with the positive in column 0), and
-whose query encoder is ``encoder_q``: the training loop, the optimizer (SGD over
-``encoder_q`` only), the metrics, the kNN monitor and the checkpoints are shared. State dicts
-hold ``encoder_q.*`` plus each mechanism's own buffers:
+Each is a :class:`~moco.core.method_base.PretrainingMethod` like :class:`MoCo`: its
+``forward(im_q, im_k, shuffle, index)`` returns a :class:`~moco.core.method_base.StepOutput`
+(loss, logits [N, 1+K] with the positive in column 0), its query encoder is ``encoder_q``
+(the one the optimizer trains and evaluation uses), no EMA. State dicts hold ``encoder_q.*``
+plus each mechanism's own buffers:
 
 * ``moco``        (:class:`MoCo`): ``encoder_q.*``, ``encoder_k.*``, ``key_queue.*``.
 * ``end-to-end``  (:class:`EndToEnd`): ``encoder_q.*`` only.
@@ -25,7 +25,9 @@ from torch import nn
 from moco.core.device import to_device
 from moco.core.errors import ConfigError
 from moco.core.loss import at_least_fp32, fp32, info_nce, moco_logits
-from moco.core.model import MoCo, StepOutput, embed
+from moco.core.method_base import PretrainingMethod, StepOutput
+from moco.core.methods import MemoryNeed, build_method, register_method
+from moco.core.model import embed
 from moco.core.seeding import BANK_SAMPLING, QUEUE, stream_generator
 from moco.core.shuffle_bn import KeyShuffle, NoShuffle
 
@@ -54,7 +56,7 @@ def end_to_end_logits(q: torch.Tensor, k: torch.Tensor, t: float) -> torch.Tenso
         return torch.cat([pos, neg], dim=1) / t
 
 
-class EndToEnd(nn.Module):
+class EndToEnd(PretrainingMethod):
     """End-to-end mechanism (MoCo v1 §3.2 / Figure 2a).
 
     The keys are the current mini-batch's second views, encoded by the *query* encoder with
@@ -157,7 +159,7 @@ class FeatureBank(nn.Module):
         self.sampler.set_state(torch.as_tensor(state, dtype=torch.uint8).cpu())
 
 
-class MemoryBank(nn.Module):
+class MemoryBank(PretrainingMethod):
     """Memory-bank mechanism, InstDisc style as MoCo describes it (MoCo v1 §3.2 / Figure 2b,
     §4.1), with the InfoNCE loss of the MoCo paper's re-implementation.
 
@@ -183,15 +185,13 @@ class MemoryBank(nn.Module):
         t: softmax temperature τ.
         bank_momentum: m of the entry update (``--bank-momentum``, 0.5 = InstDisc).
         per_query: draw K negatives per query instead of once per step.
-        init: bank initialisation, see :class:`FeatureBank`.
-        generator: for the bank's initial values.
-        seed: seed of the negative sampler.
+        **bank: the :class:`FeatureBank`'s ``init`` (its initialisation), ``generator`` (for
+            its initial values) and ``seed`` (of the negative sampler).
     """
 
     def __init__(self, encoder_q: nn.Module, num_samples: int, dim: int = 128, k: int = 4096,
                  t: float = 0.07, bank_momentum: float = 0.5, per_query: bool = False,
-                 init: str = "random", generator: torch.Generator | None = None,
-                 seed: int = 0) -> None:
+                 **bank: Any) -> None:
         super().__init__()
         if not 0 <= bank_momentum < 1:
             raise ConfigError(f"bank momentum must be in [0, 1), got {bank_momentum}")
@@ -200,7 +200,7 @@ class MemoryBank(nn.Module):
         self.bank_momentum = bank_momentum
         self.per_query = per_query
         self.encoder_q = encoder_q
-        self.memory = FeatureBank(num_samples, dim, init=init, generator=generator, seed=seed)
+        self.memory = FeatureBank(num_samples, dim, **bank)
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, shuffle: KeyShuffle | None = None,
                 index: torch.Tensor | None = None) -> StepOutput:
@@ -233,25 +233,64 @@ class MemoryBank(nn.Module):
         return StepOutput(loss, logits.detach())
 
 
-Mechanism = MoCo | EndToEnd | MemoryBank
+# ----- the registered methods ---------------------------------------------------------------
+
+def _refuse_symmetric(name: str) -> Any:
+    def check(settings: Any) -> None:
+        if settings.symmetric:
+            raise ConfigError(f"--symmetric is only defined for --mechanism moco, not {name}")
+    return check
 
 
-def build_mechanism(cfg: Any, encoder_q: nn.Module, num_samples: int | None = None) -> Mechanism:
-    """The non-MoCo mechanism ``cfg.mechanism`` names, around ``encoder_q``.
+def _check_end_to_end(settings: Any) -> None:
+    _refuse_symmetric("end-to-end")(settings)
+    if settings.batch_size < 2:
+        raise ConfigError("--mechanism end-to-end takes its negatives from the batch: "
+                          f"--batch-size must be >= 2, got {settings.batch_size}")
 
-    ``cfg`` is a :class:`~moco.engine.config.MocoConfig`: ``moco_t``, ``moco_dim``, ``moco_k``
-    (memory bank negatives), ``bank_momentum`` and ``seed`` are used. ``num_samples`` (the
-    training-set size) is required for the memory bank.
-    """
-    if cfg.symmetric:
-        raise ConfigError("--symmetric is only defined for --mechanism moco")
-    if cfg.mechanism == "end-to-end":
-        return EndToEnd(encoder_q, t=cfg.moco_t)
-    if cfg.mechanism == "memory-bank":
-        if not num_samples:
-            raise ConfigError("--mechanism memory-bank needs the training-set size (num_samples)")
-        return MemoryBank(encoder_q, num_samples, dim=cfg.moco_dim, k=cfg.moco_k, t=cfg.moco_t,
-                          bank_momentum=cfg.bank_momentum,
-                          generator=stream_generator(cfg.seed, QUEUE),
-                          seed=cfg.seed + BANK_SAMPLING)
-    raise ConfigError(f"unknown mechanism {cfg.mechanism!r}; choose moco, end-to-end or memory-bank")
+
+@register_method(
+    "end-to-end", title="end-to-end", check=_check_end_to_end,
+    help="keys from the current batch through the query encoder, with gradients (K = batch - 1)",
+    dictionary=lambda s, images: f"dictionary = the batch's other {s.batch_size - 1} keys")
+def build_end_to_end(settings: Any, encoder: nn.Module, num_samples: int | None = None) -> EndToEnd:
+    """:class:`EndToEnd` around ``encoder`` (setting ``moco_t``)."""
+    return EndToEnd(encoder, t=settings.moco_t)
+
+
+def _bank_advice(settings: Any, images: int) -> list[str]:
+    if settings.moco_k <= images:
+        return []
+    return [f"--moco-k {settings.moco_k} negatives are drawn from a bank of {images} images: "
+            "each entry is drawn several times per step; use --moco-k "
+            f"{images} or less, or more images"]
+
+
+def _bank_memory(settings: Any, num_samples: int | None) -> list[MemoryNeed]:
+    if not num_samples:
+        return []
+    return [(f"the memory bank ({num_samples} images x --moco-dim {settings.moco_dim})",
+             num_samples * settings.moco_dim * 4, "lower --moco-dim")]
+
+
+@register_method(
+    "memory-bank", title="memory-bank", check=_refuse_symmetric("memory-bank"),
+    help="InstDisc's bank of one feature per image, --moco-k negatives sampled from it",
+    dictionary=lambda s, images: (f"K {s.moco_k} sampled from a bank of {images}, bank "
+                                  f"momentum {s.bank_momentum}"),
+    advise=_bank_advice, memory=_bank_memory)
+def build_memory_bank(settings: Any, encoder: nn.Module, num_samples: int | None = None) -> MemoryBank:
+    """:class:`MemoryBank` around ``encoder`` with one entry per training image (settings
+    ``moco_dim``, ``moco_k``, ``moco_t``, ``bank_momentum``, ``seed``)."""
+    if not num_samples:
+        raise ConfigError("--mechanism memory-bank needs the training-set size (num_samples)")
+    return MemoryBank(encoder, num_samples, dim=settings.moco_dim, k=settings.moco_k,
+                      t=settings.moco_t, bank_momentum=settings.bank_momentum,
+                      generator=stream_generator(settings.seed, QUEUE),
+                      seed=settings.seed + BANK_SAMPLING)
+
+
+def build_mechanism(cfg: Any, encoder_q: nn.Module, num_samples: int | None = None) -> PretrainingMethod:
+    """The registered method ``cfg.mechanism`` around ``encoder_q``
+    (:func:`moco.core.methods.build_method`)."""
+    return build_method(cfg.mechanism, cfg, encoder_q, num_samples)

@@ -1,32 +1,31 @@
-"""The MoCo module: query encoder, momentum key encoder and key queue (MoCo v1 Algorithm 1)."""
+"""The MoCo module: query encoder, momentum key encoder and key queue (MoCo v1 Algorithm 1),
+registered as the pretraining method ``moco`` (v1/v2: the head, τ and augmentation differ)."""
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moco.core.backbones import build_backbone
+from moco.core.backbones import build_backbone, set_head
 from moco.core.errors import ConfigError
 from moco.core.heads import linear_head, mlp_head
 from moco.core.loss import at_least_fp32, fp32, info_nce, moco_logits
-from moco.core.momentum import init_key_encoder, momentum_update
+from moco.core.method_base import CHECKPOINT_PREFIX, PretrainingMethod, StepOutput
+from moco.core.methods import MemoryNeed, register_method
+from moco.core.momentum import ConstantMomentum, init_key_encoder, momentum_update
 from moco.core.queue import KeyQueue
-from moco.core.seeding import KEY_SHUFFLE, stream_generator
+from moco.core.seeding import KEY_SHUFFLE, QUEUE, stream_generator
 from moco.core.shuffle_bn import KeyShuffle, LocalShuffle, convert_split_bn
 
+__all__ = ["MoCo", "StepOutput", "build_encoder", "embed"]
 
-@dataclass
-class StepOutput:
-    """What one forward returns: the loss to back-propagate and the logits [N, 1+K] of the
-    first (or only) query/key pair, for the pretext accuracy."""
-
-    loss: torch.Tensor
-    logits: torch.Tensor
+#: ``main_moco.py``'s names of the queue's buffers (``module.queue``, ``module.queue_ptr``).
+_ORIGINAL_NAMES = {"key_queue.queue": "queue", "key_queue.queue_ptr": "queue_ptr"}
 
 
 def embed(features: torch.Tensor) -> torch.Tensor:
@@ -39,17 +38,19 @@ def embed(features: torch.Tensor) -> torch.Tensor:
 def build_encoder(
     arch: str, dim: int, *, mlp: bool, cifar_stem: bool, bn_splits: int
 ) -> nn.Module:
-    """A backbone with its ``fc`` replaced by the projection head ([B,3,H,W] -> [B, dim])."""
+    """A backbone with its head (``fc`` of a ResNet, ``head`` of a ViT: the backbone contract,
+    :func:`~moco.core.backbones.set_head`) replaced by the projection head
+    ([B,3,H,W] -> [B, dim])."""
     backbone = build_backbone(arch, cifar_stem=cifar_stem)
     d = backbone.feature_dim
-    backbone.model.fc = mlp_head(d, dim) if mlp else linear_head(d, dim)
+    set_head(backbone.model, mlp_head(d, dim) if mlp else linear_head(d, dim))
     if bn_splits > 1:
         convert_split_bn(backbone.model, bn_splits)
     return backbone.model
 
 
-class MoCo(nn.Module):
-    """MoCo v1/v2.
+class MoCo(PretrainingMethod):
+    """MoCo v1/v2 (the registered method ``moco``).
 
     Args:
         encoder_q: the query encoder f_q ([B,3,H,W] -> [B, dim]); f_k is a deep copy. Any
@@ -68,6 +69,11 @@ class MoCo(nn.Module):
             one device the statistics are the whole batch's either way. Under a process group
             pass the multi-GPU shuffle (``make_key_shuffle("ddp", ...)``) to each step: the
             default refuses to run there. :class:`NoShuffle` is the no-shuffle ablation.
+
+    As a :class:`~moco.core.method_base.PretrainingMethod`: the optimizer trains f_q (f_k is
+    frozen), m is constant (:class:`~moco.core.momentum.ConstantMomentum`), checkpoints keep
+    ``main_moco.py``'s layout (``module.queue``, ``module.queue_ptr``, ``module.encoder_q.*``,
+    ``module.encoder_k.*``), evaluation uses f_q.
     """
 
     def __init__(
@@ -87,6 +93,7 @@ class MoCo(nn.Module):
             shuffle if shuffle is not None else LocalShuffle(stream_generator(0, KEY_SHUFFLE)))
         self._explicit_shuffle = shuffle is not None
         self.m = m
+        self.momentum_schedule = ConstantMomentum(m)
         self.t = t
         self.symmetric = symmetric
         self.encoder_q = encoder_q
@@ -147,3 +154,66 @@ class MoCo(nn.Module):
         loss = info_nce(logits) + info_nce(moco_logits(q2, k1, negatives, self.t))
         self.key_queue.enqueue(shuffle.gather(torch.cat([k1, k2], dim=0)))
         return StepOutput(loss, logits.detach())
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """``main_moco.py``'s keys: the queue first, every key under ``module.``."""
+        state = self.state_dict()
+        out = {CHECKPOINT_PREFIX + _ORIGINAL_NAMES[k]: v for k, v in state.items()
+               if k in _ORIGINAL_NAMES}
+        out.update({CHECKPOINT_PREFIX + k: v for k, v in state.items() if k not in _ORIGINAL_NAMES})
+        return out
+
+    def state_from_checkpoint(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``main_moco.py``'s keys (with or without ``module.``) as this module's."""
+        original = {v: k for k, v in _ORIGINAL_NAMES.items()}
+        bare = super().state_from_checkpoint(state)
+        return {original.get(k, k): v for k, v in bare.items()}
+
+
+# ----- the registered method ----------------------------------------------------------------
+
+def _keys_per_step(settings: Any) -> int:
+    return int(settings.batch_size) * (2 if settings.symmetric else 1)
+
+
+def _check(settings: Any) -> None:
+    """Every step enqueues the global batch's keys (twice with ``--symmetric``): K >= that."""
+    n = _keys_per_step(settings)
+    if n > settings.moco_k:
+        raise ConfigError(
+            f"--moco-k {settings.moco_k} is smaller than the {n} keys enqueued per step "
+            f"(batch {settings.batch_size}{' x2 for --symmetric' if settings.symmetric else ''}); "
+            "raise --moco-k or lower --batch-size")
+
+
+def _advise(settings: Any, images: int) -> list[str]:
+    """A queue longer than the training set holds several keys of each image, encoded by key
+    encoders of several epochs ago: the consistency the queue needs (MoCo v1 §3.2) is lost."""
+    if settings.moco_k <= images:
+        return []
+    return [f"--moco-k {settings.moco_k} is larger than the {images} training images: the "
+            f"queue holds about {settings.moco_k / images:.1f} keys of every image, from key "
+            f"encoders up to {settings.moco_k / images:.1f} epochs old; use --moco-k "
+            f"{images} or less (e.g. {_power_of_two_at_most(images)}) or more images"]
+
+
+def _power_of_two_at_most(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
+def _memory(settings: Any, num_samples: int | None) -> list[MemoryNeed]:
+    return [(f"the queue (--moco-k {settings.moco_k} x --moco-dim {settings.moco_dim} float32)",
+             settings.moco_k * settings.moco_dim * 4, "lower --moco-k or --moco-dim")]
+
+
+@register_method(
+    "moco", title="MoCo", help="momentum key encoder + queue of K keys (MoCo v1/v2)",
+    dictionary=lambda s, images: f"K {s.moco_k}, m {s.moco_m}", check=_check, advise=_advise,
+    memory=_memory, has_queue=True)
+def build_moco(settings: Any, encoder: nn.Module, num_samples: int | None = None) -> MoCo:
+    """:class:`MoCo` around ``encoder`` (f_q; f_k is its copy) from the settings ``moco_dim``,
+    ``moco_k``, ``moco_m``, ``moco_t``, ``symmetric`` and ``seed`` (the queue's initial keys
+    come from the seed's ``QUEUE`` stream)."""
+    return MoCo(encoder, dim=settings.moco_dim, k=settings.moco_k, m=settings.moco_m,
+                t=settings.moco_t, symmetric=settings.symmetric,
+                generator=stream_generator(settings.seed, QUEUE))

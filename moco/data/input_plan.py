@@ -43,7 +43,7 @@ def source_headers(source: ImageSource, workers: int) -> np.ndarray:
     from moco.data.index import IndexedSource, read_headers
 
     if isinstance(source, IndexedSource):
-        return source.headers(max(1, workers), _log.info)
+        return source.headers(max(1, workers), _log.debug)
     assert source.files is not None
     return read_headers([str(f) for f in source.files], max(1, workers))
 
@@ -122,7 +122,7 @@ def _device_decodes(device: torch.device) -> bool:
 
 def original_crops_loader(cfg: InputSettings, source: ImageSource, device: torch.device,
                           workers: int, rank: int = 0, world_size: int = 1,
-                          log: Log = _log.info) -> TrainLoader | None:
+                          log: Log = _log.debug) -> TrainLoader | None:
     """The training loader of original-size crops when this run takes that path (see the
     module doc), else None (the decoded-cache path). Logs the choice and its reason on
     rank 0. Under ``--on-bad-image stop`` a file without a readable header stops here,

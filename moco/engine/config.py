@@ -34,6 +34,7 @@ from moco.data.input_settings import (
 from moco.data.recipes import CIFAR_MEAN, CIFAR_STD
 from moco.data.recipes import IMAGENET_MEAN as IMAGENET_MEAN
 from moco.data.recipes import IMAGENET_STD as IMAGENET_STD
+from moco.engine.choices import LR_SCHEDULES, MECHANISMS, OPTIMIZERS
 from moco.utils import common_settings as common
 from moco.utils.memory import FLOAT_BYTES, refuse_if_too_big
 from moco.utils.settings import (
@@ -51,7 +52,6 @@ SPLIT_BN_MODES = ("split", "none")
 LR_SCALES = ("none", "linear")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 KNN_FEATURES = ("backbone", "head")
-MECHANISMS = ("moco", "end-to-end", "memory-bank")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # MoCo v1, ImageNet (main_moco.py's defaults). Both ImageNet presets monitor kNN on
@@ -87,7 +87,7 @@ class MocoConfig:
 
     data: str = setting(
         "", "data", group=_A, metavar="DATA", role="data", per_rank=True,
-        default_text="$MOCO_DATA, else ../shared/data/cifar10 when present",
+        default_text="$MOCO_DATA",
         help="dataset folder with train/ (and val/ or test/)")
     arch: str = setting(
         "resnet50", "-a", "--arch", group=_M,
@@ -120,6 +120,13 @@ class MocoConfig:
                                   help="cosine lr at epoch + 1 (the CIFAR demo's schedule)")
     warmup_epochs: int = setting(0, "--warmup-epochs", group=_O, min=0,
                                  help="linear lr warmup over the first N epochs, set per step (not in the papers)")
+    optimizer: str = setting("sgd", "--optimizer", group=_O, choices=OPTIMIZERS,
+                             help="optimizer over the method's trainable parameters "
+                             "(moco.engine.optimizers registers them): sgd = main_moco.py's")
+    lr_schedule: str = setting(
+        "auto", "--lr-schedule", group=_O, choices=LR_SCHEDULES, help="lr of each step "
+        "(moco.engine.optimizers registers them): step = x0.1 at --schedule, cosine = half "
+        "cosine per epoch, both ramped over --warmup-epochs; auto = cosine with --cos, else step")
     momentum: float = setting(0.9, "--momentum", group=_O, min=0, max=1, max_open=True,
                               help="SGD momentum")
     wd: float = setting(1e-4, "--wd", "--weight-decay", group=_O, min=0, help="weight decay")
@@ -222,10 +229,11 @@ class MocoConfig:
         "done); skip = replace an image by the next readable one and leave an unreadable folder "
         "out, and count them (the count is logged and in metrics.jsonl as bad_images)")
     mechanism: str = setting(
-        "moco", "--mechanism", group=_M, choices=MECHANISMS, help="contrastive mechanism (MoCo "
-        "v1 Figure 2): moco = momentum key encoder + queue; end-to-end = keys from the current "
-        "batch through the query encoder with gradients (K = batch - 1); memory-bank = InstDisc "
-        "bank, --moco-k negatives sampled from it")
+        "moco", "--mechanism", "--method", group=_M, choices=MECHANISMS, help="pretraining "
+        "method, one of the registered ones (moco.register_method adds more); the built-in are "
+        "the contrastive mechanisms of MoCo v1 Figure 2: moco = momentum key encoder + queue; "
+        "end-to-end = keys from the current batch through the query encoder with gradients "
+        "(K = batch - 1); memory-bank = InstDisc bank, --moco-k negatives sampled from it")
     bank_momentum: float = setting(0.5, "--bank-momentum", group=_M, min=0, max=1, max_open=True,
                                    help="memory bank entry update v <- normalize(m v + (1-m) q) "
                                    "(InstDisc's)")
@@ -234,6 +242,9 @@ class MocoConfig:
         help="checkpoint to resume from, or 'auto' for the newest readable one in --output; the "
         "run folder's config.yaml supplies every setting not given as a flag, so 'moco pretrain "
         "--output DIR --resume auto' continues a run")
+    overwrite: bool = setting(False, "--overwrite", group=_U, role="runtime",
+                              per_invocation=True, help="replace a run already in --output "
+                              "(its checkpoints, metrics and logs)")
     save_every_steps: int = setting(0, "--save-every-steps", group=_U, min=0, role="runtime",
                                     help="also checkpoint every N steps (0 = per epoch only)")
     keep_last: int = setting(2, "--keep-last", group=_U, min=0, role="runtime",
@@ -276,15 +287,23 @@ class MocoConfig:
         return dataclasses.asdict(self)
 
 
+def preset_values(name: Any, where: str = "") -> dict[str, Any]:
+    """A copy of preset ``name``'s settings (lists not shared), or :class:`ConfigError`
+    naming the presets (``where``: the source, for the message)."""
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(f"expected --preset to be one of {', '.join(PRESETS)}, got "
+                          f"{name!r}{where}")
+    return copy.deepcopy(PRESETS[name])
+
+
 def _init_with_preset(init: Any) -> Any:
-    """``MocoConfig(preset=NAME, **values)`` = the defaults <- the preset <- ``values``."""
+    """``MocoConfig(preset=NAME, **values)`` = the defaults <- the preset <- ``values``: the
+    one place a preset is applied (:func:`~moco.engine.config_sources.build_config` passes
+    the preset it resolved here)."""
     def __init__(self: MocoConfig, **values: Any) -> None:
         preset = values.get("preset") or ""
         if preset:
-            if not isinstance(preset, str) or preset not in PRESETS:
-                raise ConfigError(f"expected --preset to be one of {', '.join(PRESETS)}, got "
-                                  f"{preset!r} (given to MocoConfig)")
-            values = {**copy.deepcopy(PRESETS[preset]), **values}  # lists must not be shared
+            values = {**preset_values(preset, " (given to MocoConfig)"), **values}
         init(self, **values)
 
     __init__.__doc__ = init.__doc__
@@ -319,20 +338,13 @@ def check_fields(cfg: MocoConfig, source: Source) -> None:
 
 def check_combination(cfg: MocoConfig) -> None:
     """Raise :class:`ConfigError` for settings that contradict each other or cannot fit."""
-    if cfg.staleness_every and cfg.mechanism != "moco":
+    from moco.core.methods import method_spec
+
+    spec = method_spec(cfg.mechanism)
+    if cfg.staleness_every and not spec.has_queue:
         raise ConfigError(f"--staleness-every measures MoCo's queue; --mechanism {cfg.mechanism} "
                           "has none: drop --staleness-every or use --mechanism moco")
-    if cfg.symmetric and cfg.mechanism != "moco":
-        raise ConfigError(f"--symmetric is only defined for --mechanism moco, not {cfg.mechanism}")
-    if cfg.mechanism == "end-to-end" and cfg.batch_size < 2:
-        raise ConfigError("--mechanism end-to-end takes its negatives from the batch: "
-                          f"--batch-size must be >= 2, got {cfg.batch_size}")
-    keys_per_step = cfg.batch_size * (2 if cfg.symmetric else 1)
-    if keys_per_step > cfg.moco_k:
-        raise ConfigError(
-            f"--moco-k {cfg.moco_k} is smaller than the {keys_per_step} keys enqueued per step "
-            f"(batch {cfg.batch_size}{' x2 for --symmetric' if cfg.symmetric else ''}); "
-            "raise --moco-k or lower --batch-size")
+    spec.check(cfg)
     if cfg.shuffle_bn in SPLIT_BN_MODES and cfg.batch_size % cfg.bn_splits:
         raise ConfigError(
             f"--batch-size {cfg.batch_size} is not divisible by --bn-splits {cfg.bn_splits}; "
@@ -364,11 +376,12 @@ def _world_size() -> int:
 
 
 def check_sizes(cfg: MocoConfig, available: int | None = None) -> None:
-    """The queue (K x dim floats) and one batch of two views must each fit in memory."""
-    if cfg.mechanism == "moco":
-        refuse_if_too_big(f"the queue (--moco-k {cfg.moco_k} x --moco-dim {cfg.moco_dim} float32)",
-                          cfg.moco_k * cfg.moco_dim * FLOAT_BYTES,
-                          "lower --moco-k or --moco-dim", available)
+    """The method's buffers (MoCo's queue: K x dim floats) and one batch of two views must
+    each fit in memory."""
+    from moco.core.methods import method_spec
+
+    for what, nbytes, fix in method_spec(cfg.mechanism).memory(cfg, None):
+        refuse_if_too_big(what, nbytes, fix, available)
     per_process = max(1, cfg.batch_size // _world_size())
     refuse_if_too_big(
         f"one batch (two views of {per_process} images of --image-size {cfg.image_size} px, "

@@ -1,6 +1,9 @@
 """Checks of a run's settings that need more than the config, before anything is built or
 written.
 
+:func:`run_advice` lists the settings that run but cannot work as meant on this data (warned,
+not refused).
+
 The checks of the config alone (settings that contradict each other, the queue and one batch
 in memory) are :func:`moco.engine.config.check_combination`, which ``MocoConfig.validate``
 calls. :func:`check_buildable` needs the process layout and the dataset size: it builds the
@@ -14,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from moco.core.errors import ConfigError
-from moco.engine.config import SPLIT_BN_MODES, MocoConfig
+from moco.engine.config import DEFAULTS, PRESETS, SPLIT_BN_MODES, MocoConfig
 from moco.utils.memory import FLOAT_BYTES, refuse_if_too_big
 
 
@@ -32,7 +35,9 @@ def images_per_bn_group(cfg: MocoConfig, mode: str, world_size: int) -> tuple[in
 
 def check_staleness_images(cfg: MocoConfig, images_per_epoch: int) -> None:
     """``--staleness-every`` encodes K fresh keys from one epoch's images: K must not be more."""
-    if cfg.staleness_every and cfg.mechanism == "moco" and images_per_epoch < cfg.moco_k:
+    from moco.core.methods import method_spec
+
+    if cfg.staleness_every and method_spec(cfg.mechanism).has_queue and images_per_epoch < cfg.moco_k:
         raise ConfigError(f"--staleness-every compares the queue with K = {cfg.moco_k} fresh "
                           f"keys, but an epoch has only {images_per_epoch} images; lower --moco-k, "
                           "use more images, or drop --staleness-every")
@@ -59,9 +64,10 @@ def check_buildable(cfg: MocoConfig, mode: str, world_size: int = 1,
     refuse_if_too_big(f"the weights of {cfg.arch} with a --moco-dim {cfg.moco_dim} head "
                       f"({n_params} parameters, 4 copies)", n_params * 4 * FLOAT_BYTES,
                       "choose a smaller --arch or --moco-dim")
-    if cfg.mechanism == "memory-bank" and num_samples:
-        refuse_if_too_big(f"the memory bank ({num_samples} images x --moco-dim {cfg.moco_dim})",
-                          num_samples * cfg.moco_dim * FLOAT_BYTES, "lower --moco-dim")
+    from moco.core.methods import method_spec
+
+    for what, nbytes, fix in method_spec(cfg.mechanism).memory(cfg, num_samples):
+        refuse_if_too_big(what, nbytes, fix)
     smallest = _smallest_bn_map(encoder, cfg.image_size)
     if smallest == (0, ""):
         raise ConfigError(f"--image-size {cfg.image_size} is too small for {cfg.arch}: a layer's "
@@ -106,3 +112,37 @@ def _smallest_bn_map(encoder: Any, image_size: int) -> tuple[int, str] | None:
         for h in hooks:
             h.remove()
     return min(seen) if seen else None
+
+
+def run_advice(cfg: MocoConfig, images: int, knn_bank: int | None) -> list[str]:
+    """Settings that run but cannot work as meant on ``images`` training images (and a kNN
+    bank of ``knn_bank`` images, None without the monitor): the method's own (a queue longer
+    than the data), an lr not scaled with a changed batch, kNN's k beyond its bank."""
+    from moco.core.methods import method_spec
+
+    advice = list(method_spec(cfg.mechanism).advise(cfg, images))
+    advice += lr_advice(cfg)
+    if knn_bank is not None and cfg.knn_k > knn_bank:
+        advice.append(f"--knn-k {cfg.knn_k} is larger than the kNN monitor's bank of {knn_bank} "
+                      f"train images: each query's vote is over the whole bank (k = {knn_bank}); "
+                      f"use --knn-k {max(1, min(knn_bank // 10, 200))} or so")
+    return advice
+
+
+def lr_advice(cfg: MocoConfig) -> list[str]:
+    """The batch changed from the recipe's (the preset's, else the default 256) while the lr
+    stayed the one tuned for it, with ``--lr-scale none``: what the linear scaling rule
+    (Goyal et al.) gives, and how to apply it."""
+    recipe = {**DEFAULTS, **PRESETS.get(cfg.preset, {})}
+    batch, lr = int(recipe["batch_size"]), float(recipe["lr"])
+    if cfg.lr_scale != "none" or cfg.batch_size == batch or cfg.lr != lr:
+        return []
+    whose = f"preset {cfg.preset}'s" if cfg.preset else "the default"
+    scaled = lr * cfg.batch_size / batch
+    text = (f"-b {cfg.batch_size} is not {whose} batch {batch}, but --lr {lr:g} is still the "
+            f"one tuned for {batch}: the linear scaling rule (Goyal et al.) gives lr "
+            f"{lr:g} x {cfg.batch_size}/{batch} = {scaled:.6g}; ")
+    if batch == 256:
+        return [text + "--lr-scale linear applies it (or give --lr)"]
+    return [text + f"pass --lr {scaled:.6g} (--lr-scale linear scales --lr by batch/256, for "
+            "recipes tuned at 256)"]

@@ -5,7 +5,7 @@ checked by its declaration; and the run folder's ``config.yaml``.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import difflib
 import os
 from pathlib import Path
@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from moco.core.errors import ConfigError
-from moco.engine.config import PRESETS, SETTINGS, MocoConfig
+from moco.engine.config import SETTINGS, MocoConfig, preset_values
 from moco.utils.atomic import atomic_write_text
 from moco.utils.settings import (
     Source,
@@ -66,51 +66,45 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return check_settings(raw, from_yaml(p), f"in config file {p}")
 
 
-def preset_values(name: str) -> dict[str, Any]:
-    """A copy of preset ``name``'s settings, or :class:`ConfigError` naming the presets."""
-    if name not in PRESETS:
-        raise ConfigError(f"expected --preset to be one of {', '.join(PRESETS)}, got {name!r}")
-    return check_settings(copy.deepcopy(PRESETS[name]), lambda key: f"preset {name}",
-                          f"in preset {name}")
-
-
 def build_config(
     preset: str | None = None,
     yaml_path: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     source: Source | None = None,
 ) -> MocoConfig:
-    """Defaults <- preset <- YAML file <- overrides (flags). A YAML file may name a preset.
-    ``source`` names where the overrides came from in errors (default: the caller)."""
+    """Defaults <- preset <- YAML file <- overrides (flags). A YAML file may name a preset,
+    and the overrides too (the last one wins); :class:`MocoConfig` applies it under the
+    values. ``source`` names where the overrides came from in errors (default: the caller)."""
     file_values = load_yaml(yaml_path) if yaml_path else {}
     overrides = check_settings(dict(overrides or {}), source or from_caller("build_config"),
                                "in the overrides")
     preset = overrides.get("preset") or preset or file_values.get("preset") or ""
-    values: dict[str, Any] = preset_values(preset) if preset else {}
-    values.update(file_values)
-    values.update(overrides)
-    values["preset"] = preset
-    cfg = MocoConfig(**values)
+    if preset:
+        preset_values(preset)  # an unknown name is refused as --preset
+    cfg = MocoConfig(**{**file_values, **overrides, "preset": preset})
     if not cfg.data:
         cfg.data = default_data_dir()
     return cfg
 
 
 def default_data_dir() -> str:
-    """The data folder when none is given: ``$MOCO_DATA``; else, as a convenience of the
-    machines this project is developed on, ``../shared/data/cifar10`` beside the checkout
-    (relative to the working folder, then to the repository) when it exists; else empty (a
-    run then asks for DATA)."""
-    env = os.environ.get("MOCO_DATA")
-    if env:
-        return env
-    repo = Path(__file__).resolve().parents[2]  # moco/engine/config_sources.py -> the checkout
-    for candidate in (Path("../shared/data/cifar10"), repo.parent / "shared/data/cifar10"):
-        if candidate.is_dir():
-            return str(candidate)
-    return ""
+    """The data folder when none is given: ``$MOCO_DATA``, else empty (a run then asks for
+    DATA)."""
+    return os.environ.get("MOCO_DATA", "")
 
 
 def save_yaml(cfg: MocoConfig, path: str | Path) -> None:
     """``cfg`` as YAML at ``path`` (the run folder's ``config.yaml``), written atomically."""
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def run_folder_config(cfg: MocoConfig) -> MocoConfig:
+    """``cfg`` as the run folder's ``config.yaml`` keeps it: the paths (``data``, ``output``,
+    ``cache_dir``) absolute, so that ``--resume auto`` from another working directory (a
+    requeued job) finds them, and ``overwrite`` off (the file, reused as ``--config``, must
+    not replace another run)."""
+    def absolute(p: str) -> str:
+        return os.path.abspath(os.path.expanduser(p)) if p else p
+
+    return dataclasses.replace(cfg, data=absolute(cfg.data), output=absolute(cfg.output),
+                               cache_dir=absolute(cfg.cache_dir), overwrite=False)

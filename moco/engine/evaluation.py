@@ -15,6 +15,7 @@ from moco.core.backbones import strip_head
 from moco.core.collectives import gather_shards, shard
 from moco.data.datasets import class_balanced_subset
 from moco.data.source import ImageSource
+from moco.engine.build import Runtime
 from moco.engine.config import MocoConfig
 from moco.eval.features import source_features
 from moco.eval.knn import knn_accuracy
@@ -61,3 +62,32 @@ def monitor_knn(encoder: nn.Module, sources: MonitorSources, cfg: MocoConfig, di
         feats.append((gather_shards(f, n), gather_shards(y, n)) if len(src) < n else (f, y))
     (bank, bank_labels), (query, query_labels) = feats
     return knn_accuracy(query, query_labels, bank, bank_labels, k=cfg.knn_k, t=cfg.knn_t)
+
+
+class KnnMonitor:
+    """The kNN monitor of a run: the labeled train split as the bank, val/ or test/ as the
+    queries (either None: no monitor). Its sources are built on first use and kept (the
+    decoded-image cache is per source object)."""
+
+    def __init__(self, cfg: MocoConfig, runtime: Runtime, bank: ImageSource | None,
+                 query: ImageSource | None, log: Log) -> None:
+        self.cfg, self.runtime, self.log = cfg, runtime, log
+        self.bank, self.query = bank, query
+        self._sources: MonitorSources | None = None
+
+    def __call__(self, encoder: nn.Module) -> tuple[float, float] | None:
+        """Weighted kNN top-1/top-5 of ``encoder``'s features (every rank gets the same), or
+        None without a bank and queries."""
+        if self.bank is None or self.query is None:
+            return None
+        rt = self.runtime
+        if self._sources is None:
+            self._sources = monitor_sources(self.cfg, self.bank, self.query, rt.dist, self.log)
+        return monitor_knn(encoder, self._sources, self.cfg, rt.dist, rt.workers, rt.device,
+                           rt.autocast_dtype)
+
+    def absent_reason(self) -> str:
+        """Why there is no monitor (logged once, when the run starts)."""
+        if self.bank is None:
+            return "the training images are unlabeled (no class folders): kNN evaluation is skipped"
+        return "no labeled val/ or test/ split: kNN evaluation is skipped"

@@ -38,6 +38,53 @@ class TrainState:
     seconds: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
     knn_random_init: float | None = None
+    metric_sums: dict[str, float] = field(default_factory=dict)  # the method's own metrics
+
+
+@dataclass
+class EpochRecord:
+    """One finished epoch: a line of ``metrics.jsonl`` (:meth:`to_dict`).
+
+    ``loss`` and ``acc1`` are the epoch's means over its steps; ``lr`` the last step's;
+    ``knn`` the monitor's (top-1, top-5) or None; ``images_per_s`` over the training time,
+    ``seconds`` including the evaluations; ``staleness`` the queue's measurement
+    (``staleness_*`` keys); ``bad_images`` the distinct unreadable images replaced so far
+    (None: the key is left out); ``samples`` the images the epoch read, all processes together
+    (every sample once per epoch, the remainder of a batch rotating between epochs);
+    ``metrics`` the epoch means of the
+    method's own metrics (:attr:`~moco.core.method_base.StepOutput.metrics`), last. ``acc1``
+    is None for a method without logits."""
+
+    epoch: int
+    step: int
+    loss: float
+    acc1: float | None
+    lr: float
+    knn: tuple[float, float] | None
+    images_per_s: float
+    seconds: float
+    knn_random_init: float | None
+    machine: str
+    staleness: dict[str, float] = field(default_factory=dict)
+    bad_images: int | None = None
+    samples: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The line as written, in the order of every ``metrics.jsonl`` written so far."""
+        d: dict[str, Any] = {
+            "epoch": self.epoch, "step": self.step, "loss": self.loss, "acc1": self.acc1,
+            "lr": self.lr, "knn_top1": self.knn[0] if self.knn else None,
+            "knn_top5": self.knn[1] if self.knn else None, "images_per_s": self.images_per_s,
+            "seconds": self.seconds, "knn_random_init": self.knn_random_init,
+            "machine": self.machine, **self.staleness,
+        }
+        if self.bad_images is not None:
+            d["bad_images"] = self.bad_images
+        if self.samples is not None:
+            d["samples"] = self.samples
+        d.update(self.metrics)
+        return d
 
 
 @dataclass
@@ -60,10 +107,12 @@ class MocoEntry:
     On disk::
 
         {"format": 1, "config": {MocoConfig fields}, "epoch_step": int, "global_step": int,
-         "partial": {"loss_sum": float, "acc_sum": float, "seconds": float},
+         "partial": {"loss_sum": float, "acc_sum": float, "seconds": float,
+                     "metric_sums": {name: float} (only for a method that logs metrics)},
          "knn_random_init": float | None, "shuffle_rng": uint8 tensor (the key shuffle's
          generator), "scaler": GradScaler state | None, "rng": global RNG states,
-         "bad_images": [int], "loader": {a streaming loader's position}}
+         "bad_images": [int], "loader": {a streaming loader's position},
+         "data": {"images": int, "classes": int} (the training set it was trained on)}
 
     The finished epochs are the checkpoint's top-level ``epoch``, as in the original.
     ``partial`` holds the sums of the epoch in progress (a save mid-epoch).
@@ -75,23 +124,28 @@ class MocoEntry:
     loss_sum: float = 0.0
     acc_sum: float = 0.0
     seconds: float = 0.0
+    metric_sums: dict[str, float] = field(default_factory=dict)
     knn_random_init: float | None = None
     shuffle_rng: torch.Tensor | None = None
     scaler: dict[str, Any] | None = None
     rng: dict[str, Any] | None = None
     bad_images: list[int] = field(default_factory=list)
     loader: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, int] = field(default_factory=dict)
     format: int = CHECKPOINT_FORMAT
 
     def to_dict(self) -> dict[str, Any]:
         """The entry as stored (the key order of every checkpoint written so far)."""
+        partial: dict[str, Any] = {"loss_sum": self.loss_sum, "acc_sum": self.acc_sum,
+                                   "seconds": self.seconds}
+        if self.metric_sums:
+            partial["metric_sums"] = dict(self.metric_sums)
         return {
             "format": self.format,
             "config": self.config,
             "epoch_step": self.epoch_step,
             "global_step": self.global_step,
-            "partial": {"loss_sum": self.loss_sum, "acc_sum": self.acc_sum,
-                        "seconds": self.seconds},
+            "partial": partial,
             "knn_random_init": self.knn_random_init,
             "shuffle_rng": self.shuffle_rng,
             "scaler": self.scaler,
@@ -99,6 +153,8 @@ class MocoEntry:
             "bad_images": self.bad_images,
             # where a streaming loader is in its epoch (tar shards' layout), if it keeps it
             "loader": self.loader,
+            # the training set's size (older checkpoints have none)
+            **({"data": dict(self.data)} if self.data else {}),
         }
 
     @classmethod
@@ -110,29 +166,35 @@ class MocoEntry:
         return cls(config=d.get("config"), epoch_step=int(d.get("epoch_step", 0)),
                    global_step=int(d.get("global_step", 0)),
                    loss_sum=partial.get("loss_sum", 0.0), acc_sum=partial.get("acc_sum", 0.0),
-                   seconds=partial.get("seconds", 0.0), knn_random_init=d.get("knn_random_init"),
+                   seconds=partial.get("seconds", 0.0),
+                   metric_sums=dict(partial.get("metric_sums", {})),
+                   knn_random_init=d.get("knn_random_init"),
                    shuffle_rng=d.get("shuffle_rng"), scaler=d.get("scaler"), rng=d.get("rng"),
                    bad_images=list(d.get("bad_images", [])), loader=d.get("loader", {}),
+                   data=dict(d.get("data") or {}),
                    format=int(d.get("format", 1)))
 
     @classmethod
     def of(cls, state: TrainState, **kept: Any) -> MocoEntry:
         """The entry of a run at ``state`` (``kept``: config, shuffle_rng, scaler, rng,
-        bad_images, loader)."""
+        bad_images, loader, data)."""
         return cls(epoch_step=state.epoch_step, global_step=state.global_step,
                    loss_sum=state.loss_sum, acc_sum=state.acc_sum, seconds=state.seconds,
-                   knn_random_init=state.knn_random_init, **kept)
+                   metric_sums=dict(state.metric_sums), knn_random_init=state.knn_random_init,
+                   **kept)
 
     def restore(self, state: TrainState, epoch: int) -> None:
         """Put the position and sums of the checkpoint (``epoch`` finished) into ``state``."""
         state.epoch, state.epoch_step, state.global_step = epoch, self.epoch_step, self.global_step
         state.loss_sum, state.acc_sum, state.seconds = self.loss_sum, self.acc_sum, self.seconds
+        state.metric_sums = dict(self.metric_sums)
         state.knn_random_init = self.knn_random_init
 
 
-def check_resumable(ckpt: dict[str, Any], path: Path, arch: str) -> None:
-    """:class:`CheckpointError` unless ``ckpt`` is a pretraining checkpoint of ``arch`` with
-    finite weights, written by this moco or an older one (or by ``main_moco.py``)."""
+def check_resumable(ckpt: dict[str, Any], path: Path, arch: str, mechanism: str = "moco") -> None:
+    """:class:`CheckpointError` unless ``ckpt`` is a pretraining checkpoint of ``arch`` and of
+    the method ``mechanism`` with finite weights, written by this moco or an older one (any
+    registered method, in its own layout) or by ``main_moco.py`` (MoCo's)."""
     ours = ckpt.get("moco", {})
     if not isinstance(ours, dict) or int(ours.get("format", 1)) > CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} was written by a newer moco (checkpoint format "
@@ -142,10 +204,17 @@ def check_resumable(ckpt: dict[str, Any], path: Path, arch: str) -> None:
     if saved_arch is not None and saved_arch != arch:
         raise CheckpointError(f"{path} is a {saved_arch} checkpoint but --arch is {arch}")
     kind = describe_contents(ckpt)
-    if ours.get("kind") == "lincls" or kind != "a MoCo pretraining checkpoint":
+    saved = ours.get("config")
+    pretraining = isinstance(saved, dict) and isinstance(ckpt.get("state_dict"), dict)
+    if ours.get("kind") == "lincls" or not (pretraining or kind == "a MoCo pretraining checkpoint"):
         raise CheckpointError(f"{path} is {kind}, not a pretraining checkpoint: --resume "
                               "takes a checkpoint_NNNN.pth.tar written by moco pretrain (or "
                               "main_moco.py); to start from a backbone, train from scratch")
+    method = saved.get("mechanism", "moco") if isinstance(saved, dict) else "moco"
+    if method != mechanism:
+        raise CheckpointError(f"{path} was trained with --mechanism {method}, not {mechanism}: "
+                              f"resume it with --mechanism {method} (a method of your own must "
+                              "be registered again before resuming), or start a new run")
     check_finite(model_state(ckpt, path), path, "model")
 
 
@@ -203,3 +272,23 @@ def query_only_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Opt
         state = {"state": {k: v for k, v in state["state"].items() if k in set(kept)},
                  "param_groups": [{**groups[0], "params": kept}]}
     return state
+
+
+def describe_data(data: dict[str, int]) -> str:
+    """"5000 images of 10 classes" ("5000 unlabeled images" without classes)."""
+    images, classes = data.get("images", 0), data.get("classes", 0)
+    return f"{images} images of {classes} classes" if classes else f"{images} unlabeled images"
+
+
+def warn_data_changes(saved: dict[str, int], now: dict[str, int], where: tuple[Path, str, Path],
+                      log: Log) -> None:
+    """Say when a run resumes on a training set of another size than its checkpoint's
+    (``where``: the checkpoint, the data folder, the run folder), and how to start fresh."""
+    if not saved or saved == now:
+        return
+    path, data, run_dir = where
+    log(f"warning: {path} was trained on {describe_data(saved)}, {data} has "
+        f"{describe_data(now)}: the run continues on these images, not as the uninterrupted "
+        "run would have (another epoch length and image order; per-image state such as a "
+        f"memory bank may not fit). To start fresh on them instead, pass --overwrite (replaces "
+        f"the run in {run_dir}) or another --output")

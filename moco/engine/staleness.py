@@ -20,14 +20,19 @@ import copy
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from moco.core.errors import ConfigError
 from moco.core.loss import fp32, info_nce, moco_logits, top1_accuracy
 from moco.core.model import MoCo
-from moco.core.shuffle_bn import KeyShuffle
+from moco.core.seeding import STALENESS, epoch_generator
+from moco.core.shuffle_bn import KeyShuffle, make_key_shuffle
 from moco.data.batches import TrainLoader
+
+if TYPE_CHECKING:
+    from moco.engine.run import RunParts
 
 # Image orders of the measurement: epochs no run trains (an epoch index, not a count).
 _FRESH_EPOCH = 1_000_000
@@ -107,3 +112,14 @@ def measure_staleness(model: MoCo, loader: TrainLoader, make_shuffle: Callable[[
         ql, qa, qc = _measure(net, measured, queue, make_shuffle())
         fl, fa, fc = _measure(net, measured, fresh_keys, make_shuffle())
     return Staleness(ql, fl, qa, fa, qc, fc)
+
+
+def run_staleness(parts: RunParts, epoch: int) -> Staleness:
+    """:func:`measure_staleness` of a run's model after ``epoch`` (0-based), with the run's
+    loader, ``--shuffle-bn`` mode (its own seeded shuffles), batches and precision."""
+    model, cfg, rt = parts.model, parts.cfg, parts.runtime
+    assert isinstance(model, MoCo), "validated: --staleness-every needs --mechanism moco"
+    return measure_staleness(
+        model, parts.train_loader,
+        lambda: make_key_shuffle(rt.shuffle_bn, rt.dist, epoch_generator(cfg.seed, epoch, STALENESS)),
+        batches=cfg.staleness_batches, epoch=epoch, autocast_dtype=rt.autocast_dtype)

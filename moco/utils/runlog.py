@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from moco.utils.atomic import atomic_path, atomic_write_text
+
+_log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -83,12 +86,15 @@ class RunLog:
         if self._tb is not None:
             self._tb.add_scalar(tag, value, step)
 
-    def epoch(self, record: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    def epoch(self, record: dict[str, Any], history: list[dict[str, Any]],
+              metrics: tuple[str, ...] = ()) -> None:
+        """Write ``history`` (``record`` its last line) and mirror ``record``'s scalars, and
+        those named in ``metrics`` (a method's own), to TensorBoard; redraw the plot."""
         if not self.enabled:
             return
         write_metrics(self.metrics_path, history)
         for key in ("loss", "acc1", "lr", "knn_top1", "images_per_s", "staleness_queue_loss",
-                    "staleness_fresh_loss"):
+                    "staleness_fresh_loss", *metrics):
             if record.get(key) is not None:
                 self.scalar(f"epoch/{key}", float(record[key]), int(record["epoch"]))
         if self._tb is not None:
@@ -100,10 +106,29 @@ class RunLog:
             self._tb.close()
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_metrics(path: Path, log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl`` ([] without the file). A line that is not a whole JSON
+    record (cut by a kill mid-write on a file system where the atomic rename is not, or
+    zero-filled) is left out, and ``log`` (default: a logging warning) says which."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, bad = [], []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad.append(i)
+    if bad:
+        lines = f"line {bad[0]} is" if len(bad) == 1 else f"lines {', '.join(map(str, bad))} are"
+        (log or _log.warning)(f"warning: {path}: {lines} not a complete record (cut by a kill "
+                              f"mid-write?): left out, {len(records)} record(s) kept")
+    return records
 
 
 def plot_history(history: list[dict[str, Any]], path: Path, baseline: float | None = None) -> None:
@@ -115,7 +140,9 @@ def plot_history(history: list[dict[str, Any]], path: Path, baseline: float | No
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("loss", color="tab:blue")
     ax1b = ax1.twinx()
-    ax1b.plot(epochs, [h["acc1"] for h in history], "s--", color="tab:orange", label="pretext acc@1")
+    acc = [(h["epoch"], h["acc1"]) for h in history if h.get("acc1") is not None]
+    ax1b.plot([e for e, _ in acc], [a for _, a in acc], "s--", color="tab:orange",
+              label="pretext acc@1")
     ax1b.set_ylabel("pretext acc@1 (%)", color="tab:orange")
     ax1.set_title("pretext task")
     knn = [(h["epoch"], h["knn_top1"]) for h in history if h.get("knn_top1") is not None]

@@ -443,9 +443,9 @@ def test_the_class_check_is_one_function() -> None:
     import inspect
 
     import moco.cli.knn as knn_cmd
-    import moco.engine.loop as train
+    import moco.engine.run as run
 
-    assert "knn_splits(" in inspect.getsource(train.Pretrainer.__init__)
+    assert "knn_splits(" in inspect.getsource(run.find_run_data)
     assert "knn_splits(" in inspect.getsource(knn_cmd.knn_evaluate)
 
 

@@ -263,3 +263,24 @@ def test_resnet_moco_step_runs_at_32px() -> None:
     assert torch.isfinite(out.loss)
     out.loss.backward()
     assert int(model.key_queue.queue_ptr) == 4
+
+
+# ----- the method's checkpoint layout --------------------------------------------------------------
+
+def test_checkpoint_state_is_the_original_layout_and_reads_back() -> None:
+    """main_moco.py's keys: module.queue and module.queue_ptr first, then module.encoder_q.*
+    and module.encoder_k.*; read back with or without the module. prefix."""
+    from moco.utils.checkpoint import from_original_layout, to_original_layout
+
+    model = _model()
+    saved = model.checkpoint_state()
+    assert list(saved)[:2] == ["module.queue", "module.queue_ptr"]
+    assert list(saved) == list(to_original_layout(model.state_dict()))
+    assert {k.split(".")[1] for k in list(saved)[2:]} == {"encoder_q", "encoder_k"}
+    assert all(torch.equal(saved[k], v) for k, v in to_original_layout(model.state_dict()).items())
+    for state in (saved, {k[len("module."):]: v for k, v in saved.items()}):
+        back = model.state_from_checkpoint(state)
+        assert back.keys() == model.state_dict().keys() == from_original_layout(state).keys()
+    fresh = _model(m=0.5)
+    fresh.load_state_dict(fresh.state_from_checkpoint(saved))
+    assert torch.equal(fresh.key_queue.queue, model.key_queue.queue)

@@ -153,3 +153,30 @@ def test_training_step_moves_key_encoder_only_by_momentum() -> None:
     model(x1, x2)  # next step: the EMA happens at its start, with θ_q after the SGD step
     for kb, qa, p in zip(k_before, q_after, model.encoder_k.parameters(), strict=True):
         torch.testing.assert_close(p, 0.9 * kb + 0.1 * qa)
+
+
+# ----- the momentum's schedule over training ------------------------------------------------------
+
+def test_cosine_momentum_goes_from_m0_to_one_per_step() -> None:
+    """m = 1 - 0.5 (1 + cos(pi t / T)) (1 - m0), t = epoch + step / steps (MoCo v3 §4), against
+    the formula in float64 at every step of a 3-epoch, 4-step run."""
+    import math
+
+    from moco.core.momentum import ConstantMomentum, CosineMomentum
+
+    sched, m0, epochs, steps = CosineMomentum(0.99), 0.99, 3, 4
+    for e in range(epochs):
+        for i in range(steps):
+            t = e + i / steps
+            want = 1 - 0.5 * (1 + math.cos(math.pi * t / epochs)) * (1 - m0)
+            assert sched(t, epochs) == pytest.approx(want, rel=0, abs=1e-15)
+    assert sched(0.0, epochs) == pytest.approx(m0) and sched(epochs, epochs) == 1.0
+    assert sched(1.5, epochs) == pytest.approx(1 - 0.5 * (1 - m0))
+    assert ConstantMomentum(0.999)(2.75, 200) == 0.999
+
+
+def test_moco_keeps_its_constant_momentum_through_the_loops_hook() -> None:
+    model = MoCo(toy_encoder(), dim=8, k=16, m=0.99)
+    for t in (0.0, 0.25, 7.5):
+        model.set_progress(t, 200)
+        assert model.m == 0.99

@@ -4,6 +4,7 @@ key-shuffle RNG, counters), and writes the same metrics.jsonl (timings aside).""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from helpers import (
 )
 
 import moco.engine.loop as train_mod
+from moco.data.source import DataError
 from moco.engine.loop import Pretrainer
 from moco.engine.rundir import list_checkpoints
 from moco.utils.checkpoint import load_checkpoint
@@ -133,3 +135,89 @@ def test_resume_exact_with_plain_bn_mlp_symmetric_v2_cosine_and_workers(
                for k, v in ref["state_dict"].items())
     assert_same_final_state(ref, final_state(run_dir))
     assert metrics(run_dir) == metrics(ref_dir)
+
+
+# ----- resume knows its data ------------------------------------------------------------------
+
+def test_resume_on_other_data_warns_and_says_how_to_start_fresh(tiny_data: Path,
+                                                                tmp_path: Path) -> None:
+    """The checkpoint records how many images and classes it was trained on; --resume auto
+    on a folder with other counts continues, saying so and how to start fresh instead."""
+    from helpers import make_image_folder
+
+    out = tmp_path / "run"
+    train(make_cfg(tiny_data, out, "--knn-every", "0", "--stop-after-epochs", "1"))
+    assert load_checkpoint(list_checkpoints(out)[-1])["moco"]["data"] == {"images": 32,
+                                                                         "classes": 2}
+    other = make_image_folder(tmp_path / "other", classes=3, per_class=8, seed=1)
+    logs: list[str] = []
+    Pretrainer(make_cfg(other, out, "--knn-every", "0", "--resume", "auto"), log=logs.append,
+               progress=False).run()
+    said = [m for m in logs if "was trained on" in m]
+    assert len(said) == 1, logs
+    assert (said[0].startswith("warning: ") and "was trained on 32 images of 2 classes" in said[0]
+            and f"{other} has 24 images of 3 classes" in said[0]
+            and "--overwrite" in said[0] and "another --output" in said[0])
+    # The same data: nothing to say.
+    logs.clear()
+    Pretrainer(make_cfg(other, out, "--knn-every", "0", "--epochs", "3", "--resume", "auto"),
+               log=logs.append, progress=False).run()
+    assert not any("was trained on" in m for m in logs)
+
+
+def test_a_cut_last_line_of_metrics_is_recovered_on_resume(tiny_data: Path, tmp_path: Path) -> None:
+    """A metrics.jsonl whose last line was cut (a kill mid-write where the rename is not
+    atomic) is read without that line, said so, and rewritten whole by the resumed run."""
+    ref_dir, out = tmp_path / "ref", tmp_path / "run"
+    train(make_cfg(tiny_data, ref_dir, "--knn-every", "0"))
+    train(make_cfg(tiny_data, out, "--knn-every", "0", "--stop-after-epochs", "1"))
+    path = out / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"epoch": 2, "step": 8, "loss": 6.1')
+    logs: list[str] = []
+    Pretrainer(make_cfg(tiny_data, out, "--knn-every", "0", "--resume", "auto"),
+               log=logs.append, progress=False).run()
+    assert any(f"{path}: line 2 is not a complete record" in m for m in logs), logs
+    assert metrics(out) == metrics(ref_dir)
+
+
+def test_a_cut_metrics_line_of_a_saved_epoch_is_named(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(make_cfg(tiny_data, out, "--knn-every", "0", "--stop-after-epochs", "1"))
+    path = out / "metrics.jsonl"
+    path.write_bytes(path.read_bytes()[:40] + b"\0" * 30)  # a zero-filled tail
+    logs: list[str] = []
+    p = Pretrainer(make_cfg(tiny_data, out, "--knn-every", "0", "--resume", "auto"),
+                   log=logs.append, progress=False)
+    assert p.state.history == [] and not path.read_text()
+    assert any("line 1 is not a complete record" in m for m in logs), logs
+    p.close()
+
+
+def test_resume_auto_from_another_working_directory(tiny_data: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run started with relative DATA and --output, resumed from another folder (a requeued
+    job) with only --output RUN --resume auto: config.yaml's absolute paths find the data."""
+    from helpers import TINY_FLAGS
+
+    from moco.cli import build_parser
+    from moco.cli.pretrain import config_from_args
+
+    here, there = tiny_data.parent, tmp_path / "elsewhere"
+    there.mkdir()
+    monkeypatch.chdir(here)
+    train(make_cfg(Path(tiny_data.name), Path("runs/a"), "--knn-every", "0",
+                   "--stop-after-epochs", "1"))
+    monkeypatch.chdir(there)
+    run = here / "runs" / "a"
+    args = build_parser().parse_args(["pretrain", "--output", str(run), "--resume", "auto",
+                                      "--workers", "0", "--no-progress"])
+    cfg = config_from_args(args)
+    assert cfg.data == str(tiny_data)
+    result = train(cfg)
+    assert [r["epoch"] for r in metrics(run)] == [1, 2] and not result.stopped_early
+    # The data moved away: the error names the saved configuration it came from.
+    tiny_data.rename(here / "moved")
+    with pytest.raises(DataError, match=rf"DATA from {re.escape(str(run / 'config.yaml'))}"):
+        train(config_from_args(build_parser().parse_args(
+            ["pretrain", "--output", str(run), "--resume", "auto", "--epochs", "3",
+             *TINY_FLAGS[-4:]])))

@@ -318,7 +318,7 @@ def test_the_lists_of_settings_that_do_not_change_training_are_derived() -> None
     assert old_resume_free <= RESUME_FREE and old_ignored <= RUNTIME_SETTINGS < RESUME_FREE
     assert {"data", "knn_k", "knn_t", "knn_features"}.isdisjoint(RUNTIME_SETTINGS)
     assert {"data", "workers", "cache_dir"} <= PER_RANK_SETTINGS
-    assert {"resume", "stop_after_epochs", "time_limit"} == PER_INVOCATION
+    assert {"resume", "stop_after_epochs", "time_limit", "overwrite"} == PER_INVOCATION
     for name, s in SETTINGS.items():
         assert (name in RESUME_FREE) == (s.role != "training"), name
     assert {"lr", "moco_k", "arch", "seed"}.isdisjoint(RESUME_FREE)

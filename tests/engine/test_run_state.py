@@ -61,7 +61,22 @@ def test_a_saved_checkpoint_has_the_same_entry(tiny_data: Path, tmp_path: Path) 
     ckpt = load_checkpoint(result.checkpoint)
     assert list(ckpt) == ["epoch", "arch", "state_dict", "optimizer", "moco"]
     entry = ckpt["moco"]
-    assert list(entry) == ON_DISK_KEYS and entry["format"] == CHECKPOINT_FORMAT
+    # ... and, last, the size of the training set it was trained on (resume knows its data)
+    assert list(entry) == [*ON_DISK_KEYS, "data"] and entry["format"] == CHECKPOINT_FORMAT
+    assert entry["data"] == {"images": 32, "classes": 2}
     assert list(entry["partial"]) == ["loss_sum", "acc_sum", "seconds"]
     assert entry["config"] == cfg.to_dict() and entry["global_step"] == 4  # 32 images / batch 8
     assert MocoEntry.from_dict(entry).global_step == 4
+
+
+def test_a_methods_own_metric_sums_are_kept_only_when_there_are_some() -> None:
+    """A method that logs metrics of its own (StepOutput.metrics) keeps their partial sums in
+    ``partial`` for an exact mid-epoch resume; MoCo's entry stays as it was."""
+    s = TrainState(epoch_step=2, global_step=6, loss_sum=3.0, metric_sums={"cos": 1.25})
+    entry = MocoEntry.of(s).to_dict()
+    assert entry["partial"]["metric_sums"] == {"cos": 1.25}
+    back = TrainState()
+    MocoEntry.from_dict(entry).restore(back, 1)
+    assert back.metric_sums == {"cos": 1.25} and back.metric_sums is not s.metric_sums
+    assert list(MocoEntry.from_dict(hand_built()).to_dict()["partial"]) == [
+        "loss_sum", "acc_sum", "seconds"]
