@@ -36,10 +36,12 @@ def rows(dry: bool, cifar: Path | None, jpegs: Path) -> list[dict[str, Any]]:
              over=dict(r50, decode="cpu"), plain=False),
     ]
     vit = dict(name="MoCo v3 ViT-S/16 224px b256, --decode gpu", data=jpegs, plain=False,
-               preset="mocov3" if "mocov3" in PRESETS else "mocov2",
-               over=dict(r50, arch="vit_small", decode=gpu, bn_splits=1))
-    if not is_known_arch("vit_small"):
-        vit["skip"] = "-a vit_small is not in this checkout's backbone registry"
+               preset="mocov3-vit-small",
+               over=dict(image_size=r50["image_size"], batch_size=r50["batch_size"],
+                         crops="original", decode=gpu, **(dict(arch="vit_tiny", patch_size=8)
+                                                          if dry else {})))
+    if "mocov3-vit-small" not in PRESETS or not is_known_arch("vit_small"):
+        vit["skip"] = "no MoCo v3 ViT-S preset (mocov3-vit-small) in this checkout"
     return [*out, vit]
 
 
