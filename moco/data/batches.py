@@ -91,9 +91,8 @@ def torch_threads(n: int | None) -> Iterator[None]:
     """Run the block with ``n`` intra-op threads (None: as they are), then restore them.
 
     The CPU augmentation runs single-threaded: its ~100 small ops per batch gain little from
-    a second OpenMP thread on a quiet machine, and lose 30x when another process takes a core
-    (every op ends at a barrier that waits for the descheduled thread; measured in
-    docs/benchmarks.md)."""
+    a second OpenMP thread, and every op ends at a barrier that waits for a thread another
+    process has descheduled (docs/benchmarks.md, "One thread for the CPU augmentation")."""
     old = torch.get_num_threads()
     if n is None or n == old:
         yield

@@ -142,7 +142,7 @@ class CropWork:
         self.aug = BatchAugment(cfg.aug, cfg.image_size, cfg.crop_min_scale, cfg.mean, cfg.std)
         self.n = len(meta.heights)
         # CPU decoding: a reduced-size JPEG decode when the crops allow it; PIL instead of
-        # decode_jpeg (slower here; for comparisons, as the benchmark's)
+        # decode_jpeg only for the benchmark's comparisons
         self.reduce, self.pil = True, False
 
     def params(self, epoch: int, step: int, idx: Sequence[int]) -> AugParams:

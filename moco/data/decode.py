@@ -7,7 +7,7 @@
   given in the ORIGINAL image's pixels. JPEGs whose every crop is at least ``s * S`` pixels
   on both sides are decoded at 1/s size in the DCT domain (``PIL.Image.draft``, s = 2, 4 or
   8) and the box is scaled by 1/s; otherwise the full image is decoded
-  (``torchvision.io.decode_jpeg``, the faster of it and PIL on this project's CPUs,
+  (``torchvision.io.decode_jpeg``, the same libjpeg-turbo pixels as PIL, compared with it in
   docs/benchmarks.md; PIL for other formats) and cropped + resized as
   ``torchvision.transforms.functional.resized_crop`` (antialiased bilinear).
 * :func:`decode_on_device`: a batch's JPEG bytes decoded in one call on a device (nvJPEG on
@@ -20,7 +20,7 @@
 Pixels agree with torchvision's ``RandomResizedCrop`` on the PIL image to within one level
 (libjpeg-turbo decodes the same pixels for PIL and torchvision; the resampling filters are
 the same triangle filter). A reduced decode is the DCT's own 1/s downscale instead of the
-resize's first 1/s, so its views differ slightly more (measured in the tests).
+resize's first 1/s, so its views differ slightly more (within a bound the tests check).
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def decode_views(data: bytes, crops: torch.Tensor, size: int, kind: int, name: s
     width) of the image as decoded at full size.
 
     ``reduce``: decode a JPEG at 1/s size when :func:`draft_scale` allows; ``pil``: decode
-    and resize with PIL only (as the original recipe; slower here, kept for the benchmark).
+    and resize with PIL only (as the original recipe: the benchmark's comparison path).
     Raises :class:`DataError` naming ``name`` when the bytes are not a readable image.
     """
     s = draft_scale(crops, size, kind) if reduce else 1
@@ -321,7 +321,7 @@ def crop_on_device(images: Sequence[torch.Tensor], crops: torch.Tensor, source: 
     the box instead of repeating the box's edge; shrinking, it averages each bin (a box
     filter) where the CPU's antialiased resize (``resized_crop``, PIL) weights a triangle
     twice as wide: views differ from the per-view resize by under a level on average
-    (measured in the tests)."""
+    (a bound the tests check)."""
     dev = images[0].device
     by_size: dict[tuple[int, int], list[int]] = {}
     for k, img in enumerate(images):

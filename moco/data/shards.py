@@ -281,8 +281,8 @@ class ShardSource(ImageSource):
 
     def read(self, i: int, sequential: bool = False) -> bytes:
         """The encoded bytes of sample i. ``sequential``: through a 1 MiB read buffer with the
-        kernel told to read ahead (a reader going through a shard in order: ~4x the MB/s of
-        one read per sample from a cold disk, docs/benchmarks.md)."""
+        kernel told to read ahead (a reader going through a shard in order; the read
+        throughput of both ways is in docs/benchmarks.md, "Tar shards")."""
         if self._pid != os.getpid():  # a forked worker opens its own files
             self._files, self._pid = {}, os.getpid()
         s, off, size = (int(v) for v in self.table[i, :3])

@@ -264,7 +264,7 @@ def test_unwritable_output_folder(tiny_data: Path, tmp_path: Path) -> None:
         assert "cannot write to the output folder" in err
 
 
-# ===== issue 20: images and folders (class 3) ===================================================
+# ----- images and folders: decompression bombs, unreadable class folders, images beside them ------
 
 def bomb_dataset(root: Path, size: int = 32) -> Path:
     """16 train images (2 classes) and a test split; one train image is twice the size, a
@@ -379,7 +379,7 @@ def test_images_beside_class_folders_are_refused(tmp_path: Path) -> None:
     assert not image_folder(flat).labeled and len(image_folder(flat)) == 1
 
 
-# ===== numbers that are not numbers (class 4) ==================================================
+# ----- numbers that are not numbers: NaN and Inf in a checkpoint ----------------------------------
 
 @pytest.fixture(scope="module")
 def poisoned(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -414,7 +414,7 @@ def test_a_checkpoint_with_nan_or_inf_is_refused_by_every_command(poisoned: Path
     assert "module.encoder_q.layer2.0.bn1.running_var holds 1 NaN/Inf" in err
 
 
-# ===== evaluation on data that does not match (class 5) ========================================
+# ----- evaluation on data whose classes do not match ----------------------------------------------
 
 def test_monitor_and_knn_share_the_class_check(tmp_path: Path) -> None:
     from helpers import save_original_checkpoint
@@ -449,7 +449,7 @@ def test_the_class_check_is_one_function() -> None:
     assert "knn_splits(" in inspect.getsource(knn_cmd.knn_evaluate)
 
 
-# ===== messages (class 7) ======================================================================
+# ----- messages: one line that names the flag or the file and the fix -----------------------------
 
 def test_huge_seed_is_one_line_naming_the_flag(tiny_data: Path, tmp_path: Path) -> None:
     err = pretrain_error(tiny_data, tmp_path / "run", "--seed", str(2**64 + 1))

@@ -1,6 +1,6 @@
-"""No command writes what it reads (issue 20, class 1): an output that is an input file (the
-same path, a symbolic link, a hard link) or lies in a data folder is refused before anything is
-computed or written, and every setting is checked before an old run is deleted."""
+"""No command writes what it reads: an output that is an input file (the same path, a symbolic
+link, a hard link) or lies in a data folder is refused before anything is computed or written,
+and every setting is checked before an old run is deleted."""
 
 from __future__ import annotations
 

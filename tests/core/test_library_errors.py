@@ -1,4 +1,4 @@
-"""The library's edge cases from issue 17: each one a clear one-line error, or it works.
+"""The library's edge cases: each one a clear one-line error, or it works.
 
 MoCo without a shuffle (the paper's Shuffling BN by default, refused in a process group), an
 encoder whose output is not [B, dim], strip_head on a module without ``fc``, SplitBatchNorm

@@ -102,7 +102,7 @@ def test_top1_accuracy() -> None:
     assert top1_accuracy(logits) == pytest.approx(50.0)
 
 
-# ----- issue 15, fault 5: logits and loss in float32 under autocast ------------------------------
+# ----- logits and loss in float32 under autocast --------------------------------------------------
 
 def test_logits_and_loss_are_float32_under_bf16_autocast() -> None:
     """bf16 logits / T 0.07 would be off by ~0.03-0.06 and tie the positive with negatives in

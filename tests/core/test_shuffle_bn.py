@@ -127,8 +127,8 @@ def test_one_split_is_plain_bn() -> None:
 
 
 def test_channels_last_stays_channels_last_and_matches_nchw() -> None:
-    """Issue 15, fault 6: a channels_last activation (the CUDA default) is normalised without
-    being turned into NCHW and back; output, gradients and running stats equal the NCHW path's."""
+    """A channels_last activation (the CUDA default) is normalised without being turned into
+    NCHW and back; output, gradients and running stats equal the NCHW path's."""
     bn = _split_bn(4).train()
     bn2 = copy.deepcopy(bn)
     x = _input(16).requires_grad_(True)

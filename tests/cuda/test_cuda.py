@@ -61,8 +61,8 @@ def test_auto_and_cuda_resolve_to_the_indexed_current_gpu() -> None:
 
 @pytest.mark.parametrize("on_gpu", [True, False], ids=["cache-on-gpu", "cache-in-host-memory"])
 def test_tensor_loader_on_cuda_matches_the_cpu(on_gpu: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fault 1: --device cuda (unindexed) with the decoded cache on the GPU crashed at step 1
-    (pin_memory of a CUDA tensor). Both cache placements, against the CPU's batches."""
+    """--device cuda (unindexed) with the decoded cache on the GPU trains (no pin_memory of a
+    CUDA tensor). Both cache placements, against the CPU's batches."""
     from moco.data.cache import DecodedImages
     from moco.data.tensor_loader import TensorTrainLoader
     from moco.engine.config_sources import build_config
@@ -101,7 +101,8 @@ def test_stream_prefetch_gives_the_same_batches() -> None:
 
 
 def test_a_training_step_and_the_augmentation_never_wait_for_the_gpu(tiny_data: Path) -> None:
-    """Fault 7 on the GPU itself: torch's sync debug mode raises on any synchronising call."""
+    """No host-device synchronisation, on the GPU itself: torch's sync debug mode raises on any
+    synchronising call."""
     from moco.core.shuffle_bn import LocalShuffle
     from moco.data.loaders import make_tensor_loader
     from moco.data.splits import find_dataset

@@ -136,9 +136,8 @@ def _engine(channels_last: bool | None = None) -> Any:
 
 
 def test_a_linear_step_reads_nothing_back() -> None:
-    """The step's loss and correct count stay on the device (old: ``float(ce)`` and an
-    ``int`` per step, two waits for the GPU each step); validation counts its hits there and
-    reads them once."""
+    """The step's loss and correct count stay on the device (no ``float(ce)`` or ``int`` per
+    step, each a wait for the GPU); validation counts its hits there and reads them once."""
     from moco.eval import lincls_protocol as protocol
 
     engine = _engine()
@@ -197,8 +196,8 @@ def test_each_bank_chunk_is_copied_to_the_queries_once() -> None:
 def test_gathered_shards_are_in_order_with_two_copies_at_most(monkeypatch: pytest.MonkeyPatch) -> None:
     """Three ranks (faked: this process is rank 1, the collective fills in the others' rows),
     301 rows split r, r+3, ...: gathered in the original order, allocating about two copies
-    of the result in all (the rank-major buffer and the reordered result; before: the
-    parts, their concatenation and the result)."""
+    of the result in all (the rank-major buffer and the reordered result, not the parts, their
+    concatenation and the result)."""
     import torch.distributed as dist
 
     from moco.core.collectives import gather_shards, shard

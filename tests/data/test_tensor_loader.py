@@ -210,11 +210,11 @@ def test_mixed_size_folder_end_to_end(tmp_path: Path) -> None:
 
 def test_sigterm_to_the_process_group_during_worker_decoding_saves_and_exits_0(
         tiny_data: Path, tmp_path: Path) -> None:
-    """Issue 15, fault 2: `moco pretrain` decoding in DataLoader workers (the decoded cache
-    forbidden by MOCO_CACHE_MAX_GB=0, as at ImageNet scale) gets a real SIGTERM sent to its
-    whole process group, as SLURM --signal and Ctrl-C send it. The workers ignore it, the main
-    process finishes the step, saves and exits 0 (before: 'DataLoader worker ... killed by
-    signal', no checkpoint)."""
+    """`moco pretrain` decoding in DataLoader workers (the decoded cache forbidden by
+    MOCO_CACHE_MAX_GB=0, as at ImageNet scale) gets a real SIGTERM sent to its whole process
+    group, as SLURM --signal and Ctrl-C send it. The workers ignore it, the main process
+    finishes the step, saves and exits 0 (not 'DataLoader worker ... killed by signal' with no
+    checkpoint)."""
     import os
     import signal
     import subprocess

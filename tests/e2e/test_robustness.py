@@ -337,7 +337,7 @@ def test_a_run_writes_only_into_its_run_folder_and_the_cache(tiny_data: Path,
     assert outside == []
 
 
-# ----- issue 20: what diverged, and never a NaN checkpoint called good ---------------------------
+# ----- what diverged, and never a NaN checkpoint called good --------------------------------------
 
 def poison(path: Path) -> None:
     """Put a NaN in a checkpoint's query encoder, as a run that diverged before saving it."""

@@ -1,4 +1,4 @@
-"""Issue 15, fault 7: no host-device synchronisation inside a training step.
+"""No host-device synchronisation inside a training step.
 
 A read of a device tensor into Python (``float()``, ``int()``, ``.item()``, ``bool()``) is the
 operation ``aten._local_scalar_dense``; on a GPU it makes the host wait until the GPU is done.
@@ -130,7 +130,7 @@ def test_epoch_meter_sums_like_python_floats_and_names_the_first_bad_step() -> N
 
 
 def test_step_results_may_be_python_floats() -> None:
-    """Callers (and tests) may hand the meter floats, as the step used to return."""
+    """Callers (and tests) may hand the meter Python floats instead of device tensors."""
     meter = EpochMeter(torch.device("cpu"))
     meter.add(StepResult(2.0, 50.0), 1)
     assert meter.sums() == (2.0, 50.0)

@@ -163,7 +163,7 @@ def test_extract_features_takes_a_device_name_and_its_options_as_one_object() ->
         extract_features(net, batches, "cpu", normalise=False)  # not an option
 
 
-# ----- the training monitor (issue 15, fault 8) ------------------------------------------------
+# ----- the training monitor's kNN on class-balanced subsets ---------------------------------------
 
 def test_the_imagenet_presets_monitor_on_class_balanced_subsets() -> None:
     from moco.engine.config_sources import build_config

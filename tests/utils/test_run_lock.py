@@ -1,5 +1,5 @@
-"""Two processes, one folder (issue 20, class 6): the run folder's lock and the decoded cache's
-abandoned build folders."""
+"""Two processes, one folder: the run folder's lock and the decoded cache's abandoned build
+folders."""
 
 from __future__ import annotations
 

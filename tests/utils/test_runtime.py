@@ -30,11 +30,11 @@ TWO_GPUS_ON_1 = (True, 2, 1)
 NO_GPU = (False, 0, 0)
 
 
-# ----- devices (issue 15, fault 1: 'cuda' vs the 'cuda:0' tensors report) --------------------
+# ----- devices: a bare 'cuda' against the 'cuda:0' tensors report ---------------------------------
 
 def test_an_unindexed_cuda_device_differs_from_cuda_0() -> None:
-    """The fault: torch compares devices field by field, so a bare ``cuda`` (what ``--device
-    auto`` used to resolve to) is not the ``cuda:0`` every CUDA tensor reports."""
+    """Why devices are resolved to an index: torch compares devices field by field, so a bare
+    ``cuda`` is not the ``cuda:0`` every CUDA tensor reports."""
     assert torch.device("cuda") != torch.device("cuda", 0)
 
 
@@ -74,7 +74,7 @@ def test_same_device_treats_cuda_as_the_current_gpu() -> None:
     assert normalize_device("cpu") == torch.device("cpu")
 
 
-# ----- precision (fault 3: bf16 only with bf16 units) -------------------------------------------
+# ----- precision: bf16 only with bf16 units -------------------------------------------------------
 
 def test_auto_precision_follows_the_gpu_capability() -> None:
     gpu = torch.device("cuda", 0)
@@ -143,7 +143,7 @@ def test_pretrainer_resolves_precision_and_sets_backends(monkeypatch: pytest.Mon
     assert seen == [("auto", torch.device("cpu"))] and configured == [torch.device("cpu")]
 
 
-# ----- backends (fault 4: cudnn.benchmark) -------------------------------------------------------
+# ----- backends: cudnn.benchmark ------------------------------------------------------------------
 
 def test_cudnn_benchmark_is_set_for_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
