@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from moco.core.errors import ConfigError
 from moco.utils import common_settings as common
@@ -31,6 +32,14 @@ KNN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # knn: as the pretraining mon
 FEATURES = ("backbone", "head")
 EMBED_SUFFIXES = (".npy", ".safetensors")
 _D, _E, _M, _O, _U = "data and input", "evaluation", "model", "optimisation", "run"
+
+
+def features_setting() -> Any:
+    """``--features backbone|head`` of the commands that compute kNN features (default: what
+    the pretraining run's kNN monitor used)."""
+    return setting(None, "--features", group=_E, choices=FEATURES, role="evaluation",
+                   default_text="what the pretraining run's kNN monitor used, else backbone",
+                   help="pooled backbone features or the projection head's output")
 
 
 @dataclass
@@ -111,10 +120,7 @@ class KnnConfig:
                      help="neighbours")
     t: float = setting(0.1, "--t", "--knn-t", group=_E, min=0, min_open=True,
                        role="evaluation", help="temperature")
-    features: str | None = setting(
-        None, "--features", group=_E, choices=FEATURES, role="evaluation",
-        default_text="what the pretraining run's kNN monitor used, else backbone",
-        help="pooled backbone features or the projection head's output")
+    features: str | None = features_setting()
     image_size: int | None = common.image_size(None, group=_D, help="input size")
     batch_size: int = common.batch_size(256, group=_D, help="feature-extraction batch")
     workers: int = common.workers(group=_D)
@@ -187,10 +193,7 @@ class NeighboursConfig:
                                 choices=("auto", "heldout", "bank"), role="evaluation",
                                 help="where the queries come from (auto: val/ or test/ when "
                                 "DATA has one)")
-    features: str | None = setting(
-        None, "--features", group=_E, choices=FEATURES, role="evaluation",
-        default_text="what the pretraining run's kNN monitor used, else backbone",
-        help="pooled backbone features or the projection head's output")
+    features: str | None = features_setting()
     image_size: int | None = common.image_size(None, group=_D, help="input size")
     batch_size: int = common.batch_size(256, group=_D, help="feature-extraction batch")
     workers: int = common.workers(group=_D)
