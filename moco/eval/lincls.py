@@ -51,6 +51,7 @@ from moco.eval.lincls_protocol import (
     accuracy,
     autocast_dtype,
     build_linear_model,
+    divergence_warning,
     linear_optimizer,
     sanity_check,
     set_frozen_mode,
@@ -321,6 +322,9 @@ class LinearClassification:
             raise RunError(f"the linear classifier's cross-entropy loss became {loss} at "
                            f"epoch {epoch + 1} (the frozen backbone's weights are "
                            f"finite): lower --lr (now {cfg.lr:g}) and run again")
+        warning = divergence_warning(loss, len(self.classes), cfg.lr, cfg.fast)
+        if warning:
+            self.log(f"warning: {warning}")
         acc1, acc5 = self.engine.validate(val_feats)
         is_best = acc1 > self.best_acc1
         self.best_acc1 = max(acc1, self.best_acc1)

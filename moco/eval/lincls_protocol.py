@@ -5,6 +5,7 @@ check and top-k accuracy."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -112,3 +113,23 @@ def accuracy(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     hit = top == target[:, None]
     return [int(hit[:, : min(k, logits.shape[1])].any(dim=1).sum()) for k in ks]
+
+
+#: A linear classifier whose epoch loss is this many times the chance level ln(C) is diverging
+#: (its loss starts at ln(C) from the N(0, 0.01) init and falls while it learns).
+DIVERGING_FACTOR = 3.0
+
+
+def divergence_warning(loss: float, num_classes: int, lr: float, fast: bool) -> str | None:
+    """What to say when the linear classifier's epoch ``loss`` shows it diverging: far above
+    the chance level ln(``num_classes``), where it starts. ``main_lincls.py``'s lr 30 is tuned
+    for ImageNet's pooled ResNet-50 features; on small data or other features it can blow the
+    logits up long before the loss becomes infinite."""
+    chance = math.log(max(num_classes, 2))
+    if not math.isfinite(loss) or loss <= DIVERGING_FACTOR * chance:
+        return None
+    recipe = " (main_lincls.py's, tuned for ImageNet)" if lr == 30 else ""
+    fast_hint = "" if fast else "; --fast tries a value in seconds"
+    return (f"the linear classifier's loss is {loss:.4g}, {loss / chance:.0f}x its chance "
+            f"level ln({num_classes}) = {chance:.2f}: it is diverging at --lr {lr:g}{recipe}; "
+            f"lower --lr (e.g. {lr / 30:.2g}) and raise it while the loss falls{fast_hint}")

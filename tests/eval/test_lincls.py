@@ -12,6 +12,7 @@ from helpers import make_image_folder, save_original_checkpoint
 
 import moco.eval.lincls_protocol as lincls_protocol
 from moco.cli import main
+from moco.core.errors import RunError
 from moco.eval.encoders import load_backbone
 from moco.eval.lincls import LinclsConfig, linear_classification
 from moco.eval.lincls_protocol import (
@@ -224,3 +225,27 @@ def test_evaluate_compares_the_checkpoint_classes_with_the_data(setup: tuple[Pat
     assert "classes are not the ones" in err and "'class_1'" in err and "'dogs'" in err, err
     assert _files(out) == before
     assert main([*ev[:1], str(data), *ev[1:]]) == 0  # its own data: evaluated
+
+
+def test_a_diverging_classifier_is_named_with_what_to_change(setup: tuple[Path, Path],
+                                                             tmp_path: Path) -> None:
+    """The ImageNet recipe's lr 30 blows the classifier up on small data: the loss climbs far
+    above its chance level ln(C); the run says so and what to change (not silently)."""
+    from moco.eval.lincls_protocol import divergence_warning
+
+    assert divergence_warning(0.69, 2, 30.0, False) is None  # at chance: learning or not yet
+    msg = divergence_warning(2.5e4, 2, 30.0, False)
+    assert msg is not None and "\n" not in msg and "diverging at --lr 30 (main_lincls" in msg
+    assert "lower --lr (e.g. 1)" in msg and "--fast" in msg
+    data, ckpt = setup
+    lines: list[str] = []
+    try:
+        linear_classification(_cfg(data, ckpt, tmp_path / "hot", lr=3e4, fast=True, epochs=2),
+                              log=lines.append, progress=False)
+    except RunError as e:  # it may go all the way to inf/NaN: that is stopped and named too
+        lines.append(str(e))
+    assert any(line.startswith("warning: ") and "diverging" in line for line in lines), lines
+    calm: list[str] = []
+    linear_classification(_cfg(data, ckpt, tmp_path / "calm", lr=1e-3, fast=True),
+                          log=calm.append, progress=False)
+    assert not any(line.startswith("warning: ") for line in calm), calm
