@@ -291,3 +291,25 @@ def test_two_processes_with_n_images_each_equal_one_with_2n(tmp_path: Path) -> N
             torch.testing.assert_close(two[0][k], v, rtol=1e-10, atol=1e-12, msg=k)
         else:
             assert torch.equal(two[0][k], v), k
+
+
+# ----- CUDA (the cuda tier) ------------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the cuda tier)")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_a_vit_run_on_cuda_under_auto_precision(tmp_path: Path) -> None:
+    """A ViT-Ti/8 MoCo v3 run on the GPU (bf16 autocast where the GPU has it, channels_last,
+    the batched augmentation on the device) trains, and its checkpoint loads on the CPU."""
+    pytest.importorskip("timm")
+    data = make_image_folder(tmp_path / "data")
+    cfg = tiny(data=str(data), output=str(tmp_path / "run"), arch="vit_tiny", cifar_stem=False,
+               patch_size=8, stop_grad_conv1=True, optimizer="adamw", lr=1.5e-4,
+               lr_scale="linear", lr_schedule="warmup-cosine", warmup_epochs=1, epochs=2,
+               batch_size=16, device="cuda", precision="auto", channels_last="auto")
+    logs: list[str] = []
+    result = moco.pretrain(cfg, log=logs.append)
+    assert "device cuda" in logs[0] and math.isfinite(result.history[-1]["loss"])
+    model, info = moco.load_backbone(result.checkpoint, device="cpu")
+    assert info.feature_dim == 192 and model(torch.randn(2, 3, 32, 32)).shape == (2, 192)
