@@ -36,7 +36,7 @@ def rows(dry: bool, cifar: Path | None, jpegs: Path) -> list[dict[str, Any]]:
              over=dict(r50, decode="cpu"), plain=False),
     ]
     vit = dict(name="MoCo v3 ViT-S/16 224px b256, --decode gpu", data=jpegs, plain=False,
-               preset="mocov3-vit-small" if "mocov3-vit-small" in PRESETS else "mocov2",
+               preset="mocov3" if "mocov3" in PRESETS else "mocov2",
                over=dict(r50, arch="vit_small", decode=gpu, bn_splits=1))
     if not is_known_arch("vit_small"):
         vit["skip"] = "-a vit_small is not in this checkout's backbone registry"

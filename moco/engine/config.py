@@ -35,8 +35,8 @@ from moco.data.recipes import CIFAR_MEAN as CIFAR_MEAN
 from moco.data.recipes import CIFAR_STD as CIFAR_STD
 from moco.data.recipes import IMAGENET_MEAN as IMAGENET_MEAN
 from moco.data.recipes import IMAGENET_STD as IMAGENET_STD
+from moco.engine import presets
 from moco.engine.choices import LR_SCHEDULES, MECHANISMS, OPTIMIZERS
-from moco.engine.presets import PRESETS as PRESETS
 from moco.utils import common_settings as common
 from moco.utils.memory import FLOAT_BYTES, refuse_if_too_big
 from moco.utils.settings import (
@@ -54,6 +54,9 @@ SPLIT_BN_MODES = ("split", "none")
 LR_SCALES = ("none", "linear")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 KNN_FEATURES = ("backbone", "head")
+
+#: ``--preset NAME``: the recipes of :mod:`moco.engine.presets`.
+PRESETS: dict[str, dict[str, Any]] = presets.PRESETS
 
 _R, _M, _O, _A = "recipe", "model", "optimisation", "data and augmentation"
 _E, _U, _S = "monitoring", "run", "input pipeline and speed"
