@@ -31,8 +31,6 @@ PRECISIONS = ("auto", "fp32", "bf16")  # lincls: the frozen backbone under bf16 
 KNN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # knn: as the pretraining monitor
 FEATURES = ("backbone", "head")
 EMBED_SUFFIXES = (".npy", ".safetensors")
-_D, _E, _M, _O, _U = "data and input", "evaluation", "model", "optimisation", "run"
-
 
 #: ``moco lincls --preset NAME``: settings applied under the values given
 #: (:class:`LinclsConfig`). ``mocov3``: ``main_lincls.py`` of MoCo v3 and its ``CONFIG.md``
@@ -44,6 +42,7 @@ LINCLS_PRESETS: dict[str, dict[str, object]] = {
 }
 #: MoCo v3's base lr of the linear classifier: 3 for ViTs, 0.1 for ResNets (``CONFIG.md``).
 V3_LINCLS_BASE_LR = {"vit": 3.0, "other": 0.1}
+_D, _E, _M, _O, _U = "data and input", "evaluation", "model", "optimisation", "run"
 
 
 @dataclass
