@@ -104,7 +104,7 @@ def optimisation_text(cfg: MocoConfig) -> str:
     if cfg.lr_schedule != "auto":
         parts.append(cfg.lr_schedule)
     if cfg.warmup_epochs:
-        parts.append(f"{cfg.warmup_epochs} warmup epochs")
+        parts.append(f"{cfg.warmup_epochs} warmup epoch{'s' if cfg.warmup_epochs != 1 else ''}")
     return "".join(f" {p}," for p in parts)
 
 

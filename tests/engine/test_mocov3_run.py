@@ -229,10 +229,10 @@ def test_a_run_sets_the_cosine_momentum_before_every_step_and_saves_the_authors_
 
 
 def test_a_step_under_bf16_autocast_on_the_cpu() -> None:
-    model = build_model(tiny(), torch.device("cpu")).train()
+    model = build_model(tiny(image_size=16), torch.device("cpu")).train()
     optimizer = build_optimizer(tiny(optimizer="lars"), model)
     g = torch.Generator().manual_seed(0)
-    batch = Batch(torch.randn(8, 3, 32, 32, generator=g), torch.randn(8, 3, 32, 32, generator=g),
+    batch = Batch(torch.randn(8, 3, 16, 16, generator=g), torch.randn(8, 3, 16, 16, generator=g),
                   torch.arange(8))
     r = train_step(model, optimizer, batch, NoShuffle(), torch.bfloat16)
     assert r.loss.dtype == torch.float32 and bool(torch.isfinite(r.loss))
