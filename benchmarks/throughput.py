@@ -23,6 +23,12 @@ d_ours/d_pil and a/p.
 
     .venv/bin/python benchmarks/throughput.py                    # ResNet-18, 32 px, batch 256
     .venv/bin/python benchmarks/throughput.py --steps 20 --device cuda --cifar-stem
+    .venv/bin/python benchmarks/throughput.py --method mocov3 --only a,b --cifar-stem  # MoCo v3
+
+``--method mocov3`` measures MoCo v3 (no queue, two views through both encoders, the
+predictor, BatchNorm over the whole batch) on the same network and batch, with the
+``mocov3-r50`` preset's heads and optimizer (``cifar10-mocov3-vit``'s for a ViT) and v3's
+augmentation (``cifar-v3`` at 64 px or less, else ``v3``); (p) is MoCo v1/v2's only.
 """
 
 from __future__ import annotations
@@ -62,7 +68,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--moco-k", type=int, default=4096)
-    p.add_argument("--aug", default="v2", choices=("v1", "v2", "cifar-demo"))
+    p.add_argument("--method", default="moco", choices=("moco", "mocov3"),
+                   help="moco: MoCo v2 (queue, Shuffling BN); mocov3: MoCo v3")
+    p.add_argument("--mlp-dim", type=int, default=0, help="mocov3: hidden width of its MLPs "
+                   "(default: the preset's)")
+    p.add_argument("--patch-size", type=int, default=0, help="ViTs: patch size (0: 16)")
+    p.add_argument("--aug", default=None, choices=("v1", "v2", "cifar-demo", "v3", "cifar-v3"),
+                   help="default: v2 for moco, v3's for mocov3")
     p.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--device", default="auto")
@@ -97,11 +109,12 @@ def _setup(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = build_config(preset="mocov2", overrides=dict(
+    preset, method = _method_settings(args)
+    cfg = build_config(preset=preset, overrides=dict(
         data=args.data, arch=args.arch, cifar_stem=args.cifar_stem, image_size=args.image_size,
-        batch_size=args.batch, moco_k=args.moco_k, aug=args.aug, device=args.device,
+        batch_size=args.batch, moco_k=args.moco_k, device=args.device, patch_size=args.patch_size,
         precision=args.precision, channels_last={"true": True, "false": False}.get(args.channels_last, "auto"),
-        cache_dir=args.cache_dir, bn_splits=8, shuffle_bn="split"))
+        cache_dir=args.cache_dir, **method))
     device = resolve_device(cfg.device)
     model = build_model(cfg, device)
     if args.compile:  # as moco.engine.build.build_model does with --compile
@@ -115,6 +128,21 @@ def _setup(args: argparse.Namespace) -> dict[str, Any]:
                 shuffle=LocalShuffle(torch.Generator().manual_seed(0)),
                 dtype=resolve_precision(cfg.precision, device), split=split, decoded=decoded,
                 workers=args.workers if args.workers >= 0 else default_workers(device))
+
+
+def _method_settings(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The preset and the settings of ``--method``: MoCo v2 with SplitBN and the key shuffle,
+    or MoCo v3 with its preset's heads and optimizer (no Shuffling BN)."""
+    if args.method == "moco":
+        return "mocov2", dict(aug=args.aug or "v2", bn_splits=8, shuffle_bn="split")
+    vit = args.arch.startswith("vit")
+    small = args.image_size <= 64
+    out: dict[str, Any] = dict(aug=args.aug or ("cifar-v3" if small else "v3"))
+    if args.mlp_dim:
+        out["mlp_dim"] = args.mlp_dim
+    if not small and vit:
+        out.update(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    return ("cifar10-mocov3-vit" if vit else "mocov3-r50"), out
 
 
 def _sync(device: Any) -> None:
@@ -335,10 +363,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     base = [a for a in (argv if argv is not None else sys.argv[1:])]
     print(f"machine: {machine()}")
-    print(f"setup: {args.arch}{' CIFAR stem' if args.cifar_stem else ' ImageNet stem'}, "
-          f"{args.image_size} px, batch {args.batch}, aug {args.aug}, data {args.data}")
+    print(f"setup: {args.method}, {args.arch}{' CIFAR stem' if args.cifar_stem else ' ImageNet stem'}, "
+          f"{args.image_size} px, batch {args.batch}, aug {_method_settings(args)[1]['aug']}, "
+          f"data {args.data}")
     results: dict[str, dict[str, Any]] = {}
-    phases = [p for p in PHASES if p in args.only.split(",")]
+    phases = [p for p in PHASES if p in args.only.split(",")
+              and not (p == "p" and args.method != "moco")]  # the plain step is MoCo v1/v2's
     for rnd in range(args.repeat):
         for phase in phases:
             cmd = [sys.executable, __file__, *base, "--data", args.data, "--phase", phase]

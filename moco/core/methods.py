@@ -14,8 +14,8 @@ names registered here::
     def build_toy(settings, encoder, num_samples):
         return Toy(encoder, t=settings.moco_t)
 
-The built-in methods (MoCo v1/v2's queue, and the end-to-end and memory-bank mechanisms
-MoCo v1 compares against, §3.2 / Figure 2) register themselves the same way in the modules
+The built-in methods (MoCo v1/v2's queue, the end-to-end and memory-bank mechanisms
+MoCo v1 compares against, §3.2 / Figure 2, and MoCo v3) register themselves the same way in the modules
 named in :data:`BUILTIN_MODULES`, which are imported on first use: listing the names loads
 no torch. ``settings`` is the run's configuration (``moco.engine.config.MocoConfig`` in a
 run, any object with the fields a builder reads elsewhere): this package never imports the
@@ -49,6 +49,7 @@ BUILTIN_MODULES: dict[str, str] = {
     "moco": "moco.core.model",
     "end-to-end": "moco.core.mechanisms",
     "memory-bank": "moco.core.mechanisms",
+    "mocov3": "moco.core.mocov3",
 }
 
 
@@ -66,6 +67,14 @@ def _no_memory(_settings: Any, _num_samples: int | None) -> list[MemoryNeed]:
 
 def _no_dictionary(_settings: Any, _images: int) -> str:
     return ""
+
+
+def _no_options(_settings: Any) -> dict[str, Any]:
+    return {}
+
+
+def _projection_head(settings: Any) -> str:
+    return "MLP head" if getattr(settings, "mlp", False) else "linear head"
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,14 @@ class MethodSpec:
             they cannot fit.
         has_queue: the queue diagnostics (``--staleness-every``) apply: the module has
             MoCo's ``encode_query`` / ``encode_key`` / ``key_queue`` / ``t``.
+        shuffle_bn: the method uses MoCo's Shuffling BN (``--shuffle-bn``, ``--bn-splits``:
+            SplitBatchNorm on one process, the key batch shuffled across processes). False:
+            no shuffle, the model's BatchNorm normalises the global batch (plain BatchNorm on
+            one process, synchronised across processes; MoCo v3 §5).
+        backbone_options: ``settings -> {field: value}``: the
+            :class:`~moco.core.backbones.BackboneOptions` the method's backbone is built with
+            (MoCo v3: ``zero_init_residual``), over the run's own (image and patch size, ...).
+        head: ``settings -> text``: the projection head, for the summary line ("MLP head").
     """
 
     name: str
@@ -100,6 +117,9 @@ class MethodSpec:
     advise: Callable[[Any, int], list[str]] = _no_advice
     memory: Callable[[Any, int | None], list[MemoryNeed]] = _no_memory
     has_queue: bool = False
+    shuffle_bn: bool = True
+    backbone_options: Callable[[Any], dict[str, Any]] = _no_options
+    head: Callable[[Any], str] = _projection_head
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

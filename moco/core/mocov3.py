@@ -20,18 +20,26 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moco.core.backbones import BackboneOptions, build_backbone, set_head
+from moco.core.backbones import BackboneOptions, build_backbone, feature_dim_of, set_head
 from moco.core.collectives import concat_all_gather
+from moco.core.errors import ConfigError
 from moco.core.heads import build_mlp
 from moco.core.loss import fp32
-from moco.core.model import StepOutput
-from moco.core.momentum import init_key_encoder, momentum_update
+from moco.core.method_base import PretrainingMethod, StepOutput
+from moco.core.methods import register_method
+from moco.core.momentum import (
+    ConstantMomentum,
+    CosineMomentum,
+    init_key_encoder,
+    momentum_update,
+)
 from moco.core.shuffle_bn import KeyShuffle
 from moco.core.vit import is_vision_transformer
 
@@ -79,31 +87,43 @@ def positive_first(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, torch.cat([labels[:, None], others], dim=1))
 
 
-class MoCoV3(nn.Module):
-    """MoCo v3: ``base_encoder`` and ``predictor`` are trained, ``momentum_encoder`` follows.
+class MoCoV3(PretrainingMethod):
+    """MoCo v3 (the registered method ``mocov3``): ``base_encoder`` and ``predictor`` are
+    trained, ``momentum_encoder`` follows.
 
     Args:
         base_encoder: backbone + projector, [B,3,H,W] -> [B, C] (see :func:`build_mocov3`);
             the momentum encoder is a deep copy, frozen (no gradient, ever).
         predictor: [B, C] -> [B, C], on the query side only.
         t: temperature τ (1.0 for ResNets, 0.2 for ViTs in MoCo v3).
-        m: the momentum m0. The EMA of a step uses :attr:`m`; set it per step with
-            :meth:`set_momentum` (or assign ``m``) for the cosine schedule.
+        m: the momentum m0. The EMA of a step uses :attr:`m`; the training loop sets it per
+            step from :attr:`momentum_schedule` (:meth:`set_progress`), or set it with
+            :meth:`set_momentum` (or assign ``m``).
+        cosine: the momentum rises from m0 to 1 by the half-cycle cosine over training
+            (:class:`~moco.core.momentum.CosineMomentum`, ``main_moco.py --moco-m-cos``);
+            False keeps m0 (:class:`~moco.core.momentum.ConstantMomentum`).
 
-    State-dict keys are the authors' without their ``module.`` prefix: ``base_encoder.*``,
-    ``momentum_encoder.*``, ``predictor.*``.
+    As a :class:`~moco.core.method_base.PretrainingMethod`: the optimizer trains the base
+    encoder and the predictor (:meth:`trained_parameters`), evaluation uses the base encoder
+    (its head is the projector: the kNN monitor, ``lincls`` and the exports drop it), and
+    checkpoints hold the authors' keys under ``module.``: ``module.base_encoder.*``,
+    ``module.momentum_encoder.*``, ``module.predictor.*`` (what ``moco knn``, ``lincls``,
+    ``export`` and ``embed`` read in the authors' releases).
     """
 
+    encoder_attr = "base_encoder"
+
     def __init__(self, base_encoder: nn.Module, predictor: nn.Module, t: float = 1.0,
-                 m: float = 0.99) -> None:
+                 m: float = 0.99, cosine: bool = True) -> None:
         super().__init__()
         self.base_encoder = base_encoder
-        self.predictor = predictor
         self.momentum_encoder = copy.deepcopy(base_encoder)
+        self.predictor = predictor
         init_key_encoder(self.base_encoder, self.momentum_encoder)
         self.t = t
         self.m0 = m
         self.m = m
+        self.momentum_schedule = CosineMomentum(m) if cosine else ConstantMomentum(m)
 
     def set_momentum(self, t: float, total: float) -> float:
         """Set :attr:`m` to :func:`momentum_at` (m0, t, total) for the coming step (``t`` =
@@ -116,6 +136,10 @@ class MoCoV3(nn.Module):
         take a gradient (not the fixed position embedding, nor a frozen patch projection)."""
         return [p for module in (self.base_encoder, self.predictor)
                 for p in module.parameters() if p.requires_grad]
+
+    def trainable_parameters(self) -> list[dict[str, Any]]:
+        """One parameter group: :meth:`trained_parameters`."""
+        return [{"params": self.trained_parameters()}]
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, shuffle: KeyShuffle | None = None,
                 index: torch.Tensor | None = None) -> StepOutput:
@@ -161,26 +185,95 @@ VIT_HEADS = HeadSpec(projector_layers=3, projector_last_bn=True, predictor_layer
 @dataclass(frozen=True)
 class MoCoV3Config:
     """What :func:`build_mocov3` builds: widths C (``dim``) and hidden (``mlp_dim``) of the
-    MLPs, τ, m0, the heads (None: :data:`VIT_HEADS` for a ViT, else :data:`RESNET_HEADS`)."""
+    MLPs, τ, m0 and its cosine schedule (``m_cos``), the heads (None: :data:`VIT_HEADS` for a
+    ViT, else :data:`RESNET_HEADS`)."""
 
     dim: int = 256
     mlp_dim: int = 4096
     t: float = 1.0
     m: float = 0.99
     heads: HeadSpec | None = None
+    m_cos: bool = True
+
+
+def with_v3_heads(encoder: nn.Module, feature_dim: int, config: MoCoV3Config) -> MoCoV3:
+    """MoCo v3 around ``encoder`` (a backbone whose features [B, ``feature_dim``] enter its
+    head): the head (``fc`` / ``head``, :func:`~moco.core.backbones.set_head`) becomes the
+    projector (feature_dim -> mlp_dim -> ... -> dim), the predictor is dim -> mlp_dim -> dim,
+    their depths those of ``config.heads`` (by default by the backbone's kind, §5)."""
+    c = config
+    spec = c.heads or (VIT_HEADS if is_vision_transformer(encoder) else RESNET_HEADS)
+    set_head(encoder, build_mlp(spec.projector_layers, feature_dim, c.mlp_dim, c.dim,
+                                spec.projector_last_bn))
+    predictor = build_mlp(spec.predictor_layers, c.dim, c.mlp_dim, c.dim, spec.predictor_last_bn)
+    return MoCoV3(encoder, predictor, t=c.t, m=c.m, cosine=c.m_cos)
 
 
 def build_mocov3(arch: str, config: MoCoV3Config | None = None,
                  options: BackboneOptions | None = None) -> MoCoV3:
     """MoCo v3 on the backbone ``arch`` (built with ``options``, e.g.
     ``BackboneOptions(zero_init_residual=True, require_batchnorm=False)`` for MoCo v3's
-    ResNets, ``BackboneOptions(stop_grad_conv1=True, require_batchnorm=False)`` for its ViTs):
-    the backbone's head becomes the projector (feature width D -> mlp_dim -> ... -> dim), the
-    predictor is dim -> mlp_dim -> dim."""
-    c = config or MoCoV3Config()
+    ResNets, ``BackboneOptions(stop_grad_conv1=True, require_batchnorm=False)`` for its ViTs),
+    its heads by :func:`with_v3_heads`."""
     backbone = build_backbone(arch, options=options)
-    spec = c.heads or (VIT_HEADS if is_vision_transformer(backbone.model) else RESNET_HEADS)
-    set_head(backbone.model, build_mlp(spec.projector_layers, backbone.feature_dim, c.mlp_dim,
-                                       c.dim, spec.projector_last_bn))
-    predictor = build_mlp(spec.predictor_layers, c.dim, c.mlp_dim, c.dim, spec.predictor_last_bn)
-    return MoCoV3(backbone.model, predictor, t=c.t, m=c.m)
+    return with_v3_heads(backbone.model, backbone.feature_dim, config or MoCoV3Config())
+
+
+# ----- the registered method ----------------------------------------------------------------
+
+#: What MoCo v3's backbones are built with (§5; ``main_moco.py``): torchvision ResNets with
+#: ``zero_init_residual``; any network, BatchNorm or not (no Shuffling BN needs it).
+BACKBONE_OPTIONS = {"zero_init_residual": True, "require_batchnorm": False}
+
+
+def chance_loss(t: float, global_batch: int) -> float:
+    """MoCo v3's loss of an encoder that has learned nothing (every logit alike): each of the
+    two ctr terms is 2τ·ln N for the N keys of the global batch, so 4τ·ln N."""
+    return 4.0 * t * math.log(global_batch)
+
+
+def _check(settings: Any) -> None:
+    if settings.shuffle_bn not in ("auto", "none"):
+        raise ConfigError(
+            f"--shuffle-bn {settings.shuffle_bn}: MoCo v3 has no Shuffling BN (its BatchNorm "
+            "sees the global batch, synchronised across processes); drop --shuffle-bn")
+    if settings.batch_size < 2:
+        raise ConfigError("--mechanism mocov3 takes its negatives from the batch: --batch-size "
+                          f"must be >= 2, got {settings.batch_size}")
+
+
+def _advise(settings: Any, _images: int) -> list[str]:
+    """Settings of MoCo v1/v2 that MoCo v3 does not read, when given."""
+    out = []
+    if settings.symmetric:
+        out.append("--symmetric: MoCo v3's loss is always symmetric (ctr(q1, k2) + ctr(q2, k1)); "
+                   "the flag changes nothing")
+    if settings.mlp:
+        out.append("--mlp: MoCo v3 always has its MLP projector and predictor (widths --mlp-dim "
+                   "and --moco-dim); the flag changes nothing")
+    return out
+
+
+def _dictionary(settings: Any, _images: int) -> str:
+    m = f"m {settings.moco_m:g}" + (" -> 1 (cosine)" if settings.moco_m_cos else "")
+    return (f"batch negatives, all-gathered ({settings.batch_size - 1} per query, no queue: "
+            f"--moco-k unused), {m}")
+
+
+def _head(settings: Any) -> str:
+    return f"MLP projector + predictor (hidden {settings.mlp_dim}, out {settings.moco_dim})"
+
+
+@register_method(
+    "mocov3", title="MoCo v3", help="MoCo v3: no queue, the global batch's keys as negatives, "
+    "a predictor, symmetric loss, momentum m0 -> 1 (ResNets and ViTs)",
+    dictionary=_dictionary, check=_check, advise=_advise, shuffle_bn=False,
+    backbone_options=lambda _s: dict(BACKBONE_OPTIONS), head=_head)
+def build_mocov3_method(settings: Any, encoder: nn.Module,
+                        num_samples: int | None = None) -> MoCoV3:
+    """:class:`MoCoV3` around ``encoder`` (the run's backbone; its head is replaced by the
+    projector) from the settings ``moco_dim``, ``mlp_dim``, ``moco_t``, ``moco_m`` and
+    ``moco_m_cos``."""
+    config = MoCoV3Config(dim=settings.moco_dim, mlp_dim=settings.mlp_dim, t=settings.moco_t,
+                          m=settings.moco_m, m_cos=settings.moco_m_cos)
+    return with_v3_heads(encoder, feature_dim_of(encoder), config)

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moco.core.backbones import build_backbone, set_head
+from moco.core.backbones import BackboneOptions, build_backbone, set_head
 from moco.core.errors import ConfigError
 from moco.core.heads import linear_head, mlp_head
 from moco.core.loss import at_least_fp32, fp32, info_nce, moco_logits
@@ -36,12 +36,14 @@ def embed(features: torch.Tensor) -> torch.Tensor:
 
 
 def build_encoder(
-    arch: str, dim: int, *, mlp: bool, cifar_stem: bool, bn_splits: int
+    arch: str, dim: int, *, mlp: bool, cifar_stem: bool, bn_splits: int,
+    options: BackboneOptions | None = None,
 ) -> nn.Module:
     """A backbone with its head (``fc`` of a ResNet, ``head`` of a ViT: the backbone contract,
     :func:`~moco.core.backbones.set_head`) replaced by the projection head
-    ([B,3,H,W] -> [B, dim])."""
-    backbone = build_backbone(arch, cifar_stem=cifar_stem)
+    ([B,3,H,W] -> [B, dim]). ``options``: what the backbone needs beyond its name (a ViT's
+    image and patch size, ...)."""
+    backbone = build_backbone(arch, cifar_stem=cifar_stem, options=options)
     d = backbone.feature_dim
     set_head(backbone.model, mlp_head(d, dim) if mlp else linear_head(d, dim))
     if bn_splits > 1:

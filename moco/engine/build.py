@@ -11,9 +11,11 @@ from pathlib import Path
 
 import torch
 
+from moco.core.backbones import BackboneOptions
 from moco.core.method_base import PretrainingMethod
 from moco.core.methods import build_method, method_spec
 from moco.core.model import build_encoder
+from moco.core.momentum import ConstantMomentum, CosineMomentum
 from moco.core.seeding import seeded
 from moco.engine.config import SPLIT_BN_MODES, MocoConfig
 from moco.engine.optimizers import lr_schedule, make_optimizer
@@ -36,15 +38,33 @@ class Runtime:
     machine: str
 
 
+def backbone_options(cfg: MocoConfig) -> BackboneOptions:
+    """What the backbone is built with: the run's image size (a ViT's position embedding),
+    ``--patch-size``, ``--stop-grad-conv1`` and ``--cifar-stem``, then what the method asks
+    (MoCo v3: zero-initialised residual blocks, any network with or without BatchNorm)."""
+    spec = method_spec(cfg.mechanism)
+    return BackboneOptions(**{
+        "cifar_stem": cfg.cifar_stem, "image_size": cfg.image_size,
+        "patch_size": cfg.patch_size or None, "stop_grad_conv1": cfg.stop_grad_conv1,
+        **spec.backbone_options(cfg)})
+
+
 def build_model(cfg: MocoConfig, device: torch.device,
                 num_samples: int | None = None) -> PretrainingMethod:
     """The method ``cfg.mechanism`` around the query encoder (backbone + projection head,
-    SplitBN if asked), seeded by ``cfg.seed``, on ``device`` (compiled, channels_last as
-    asked). ``num_samples``: the training-set size (the memory bank needs it)."""
+    SplitBN if asked and the method uses Shuffling BN), seeded by ``cfg.seed``, on ``device``
+    (compiled, channels_last as asked). ``num_samples``: the training-set size (the memory
+    bank needs it). ``--moco-m-cos`` turns a constant EMA momentum into the cosine one."""
+    spec = method_spec(cfg.mechanism)
+    split = spec.shuffle_bn and cfg.shuffle_bn in (*SPLIT_BN_MODES, "auto")
     with seeded(cfg.seed):
         encoder = build_encoder(cfg.arch, cfg.moco_dim, mlp=cfg.mlp, cifar_stem=cfg.cifar_stem,
-                                bn_splits=cfg.bn_splits if cfg.shuffle_bn in (*SPLIT_BN_MODES, "auto") else 1)
-    model = build_method(cfg.mechanism, cfg, encoder, num_samples).to(device)
+                                bn_splits=cfg.bn_splits if split else 1,
+                                options=backbone_options(cfg))
+        model = build_method(cfg.mechanism, cfg, encoder, num_samples)
+    if cfg.moco_m_cos and isinstance(model.momentum_schedule, ConstantMomentum):
+        model.momentum_schedule = CosineMomentum(model.momentum_schedule.m)
+    model = model.to(device)
     if cfg.compile:  # the encoders; the queue, shuffles and momentum update stay eager
         for child in model.children():
             child.compile()
@@ -71,20 +91,44 @@ def step_lr(cfg: MocoConfig, epoch: int, step: int, steps: int) -> float:
     return lr_schedule(cfg)(cfg, epoch, step, steps)
 
 
+def lr_text(cfg: MocoConfig) -> str:
+    """The lr and its rule: "lr 2.4 = base 0.6 x 4096 / 256" with ``--lr-scale linear``."""
+    if cfg.lr_scale == "linear":
+        return f"lr {cfg.effective_lr:.6g} = base {cfg.lr:g} x {cfg.batch_size} / 256"
+    return f"lr {cfg.lr:g}"
+
+
+def optimisation_text(cfg: MocoConfig) -> str:
+    """The optimizer and lr schedule when they are not the defaults (sgd, auto)."""
+    parts = [cfg.optimizer] if cfg.optimizer != "sgd" else []
+    if cfg.lr_schedule != "auto":
+        parts.append(cfg.lr_schedule)
+    if cfg.warmup_epochs:
+        parts.append(f"{cfg.warmup_epochs} warmup epoch{'s' if cfg.warmup_epochs != 1 else ''}")
+    return "".join(f" {p}," for p in parts)
+
+
+def bn_text(cfg: MocoConfig, runtime: Runtime) -> str:
+    """How BatchNorm sees the batch: the Shuffling BN mode, or the global batch."""
+    mode, w = runtime.shuffle_bn, runtime.dist.world_size
+    if not method_spec(cfg.mechanism).shuffle_bn:
+        return "BN over the global batch" + (f" (synchronised over {w} processes)" if w > 1 else "")
+    return f"shuffle-BN {mode}" + (f" ({cfg.bn_splits} splits)" if mode == "split" else "")
+
+
 def describe_run(cfg: MocoConfig, runtime: Runtime, images: int) -> str:
     """One line: the mechanism, network, data (``images`` training images), batch (and its
-    split over the processes), learning rate, dictionary, head, augmentation, shuffle-BN,
-    device, precision, workers and the run folder."""
-    w, mode = runtime.dist.world_size, runtime.shuffle_bn
+    split over the processes), learning rate (and its rule), optimizer, dictionary, head,
+    augmentation, BatchNorm, device, precision, workers and the run folder."""
+    w = runtime.dist.world_size
     procs = f" = {w} processes x {cfg.batch_size // w} ({runtime.dist.backend})" if w > 1 else ""
-    lr = (f"lr {cfg.effective_lr:.6g} (--lr {cfg.lr:g} x {cfg.batch_size}/256, --lr-scale linear)"
-          if cfg.lr_scale == "linear" else f"lr {cfg.lr:g}")
     spec = method_spec(cfg.mechanism)
     dictionary = spec.dictionary(cfg, images)
-    return (f"{spec.title} pretraining: {cfg.arch}{' (CIFAR stem)' if cfg.cifar_stem else ''}, "
-            f"{images} images from {cfg.data}, {cfg.image_size} px, batch "
-            f"{cfg.batch_size}{procs}, {lr}, {dictionary + ', ' if dictionary else ''}T {cfg.moco_t}, "
-            f"{'MLP' if cfg.mlp else 'linear'} head, aug {cfg.aug}, shuffle-BN {mode}"
-            f"{f' ({cfg.bn_splits} splits)' if mode == 'split' else ''}, device "
-            f"{runtime.device}, {precision_name(runtime.autocast_dtype)}, {runtime.workers} "
-            f"workers -> {Path(cfg.output)}")
+    patch = f" (patch {cfg.patch_size})" if cfg.patch_size else ""
+    return (f"{spec.title} pretraining: {cfg.arch}{' (CIFAR stem)' if cfg.cifar_stem else ''}"
+            f"{patch}, {images} images from {cfg.data}, {cfg.image_size} px, batch "
+            f"{cfg.batch_size}{procs}, {lr_text(cfg)},{optimisation_text(cfg)} "
+            f"{dictionary + ', ' if dictionary else ''}T {cfg.moco_t}, {spec.head(cfg)}, aug "
+            f"{cfg.aug}, {bn_text(cfg, runtime)}, device {runtime.device}, "
+            f"{precision_name(runtime.autocast_dtype)}, {runtime.workers} workers -> "
+            f"{Path(cfg.output)}")

@@ -31,9 +31,11 @@ from moco.data.input_settings import (
     LOADERS,
     InputSettings,
 )
-from moco.data.recipes import CIFAR_MEAN, CIFAR_STD
+from moco.data.recipes import CIFAR_MEAN as CIFAR_MEAN
+from moco.data.recipes import CIFAR_STD as CIFAR_STD
 from moco.data.recipes import IMAGENET_MEAN as IMAGENET_MEAN
 from moco.data.recipes import IMAGENET_STD as IMAGENET_STD
+from moco.engine import presets
 from moco.engine.choices import LR_SCHEDULES, MECHANISMS, OPTIMIZERS
 from moco.utils import common_settings as common
 from moco.utils.memory import FLOAT_BYTES, refuse_if_too_big
@@ -53,28 +55,8 @@ LR_SCALES = ("none", "linear")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 KNN_FEATURES = ("backbone", "head")
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # MoCo v1, ImageNet (main_moco.py's defaults). Both ImageNet presets monitor kNN on
-    # class-balanced subsets (10 train images per class as the bank, 2 val images per class as
-    # queries): ~1-2% of an epoch, where the whole of train + val would cost more than one.
-    "mocov1": {"arch": "resnet50", "lr": 0.03, "batch_size": 256, "epochs": 200,
-               "schedule": [120, 160], "cos": False, "moco_k": 65536, "moco_m": 0.999,
-               "moco_t": 0.07, "mlp": False, "aug": "v1", "wd": 1e-4,
-               "knn_bank_images": 10000, "knn_query_images": 2000},
-    # MoCo v2: + MLP head, τ 0.2, aug+, cosine.
-    "mocov2": {"arch": "resnet50", "lr": 0.03, "batch_size": 256, "epochs": 200,
-               "schedule": [120, 160], "cos": True, "moco_k": 65536, "moco_m": 0.999,
-               "moco_t": 0.2, "mlp": True, "aug": "v2", "wd": 1e-4,
-               "knn_bank_images": 10000, "knn_query_images": 2000},
-    # The authors' CIFAR-10 demo notebook.
-    "cifar10": {"arch": "resnet18", "cifar_stem": True, "moco_dim": 128, "moco_k": 4096,
-                "moco_m": 0.99, "moco_t": 0.1, "bn_splits": 8, "shuffle_bn": "auto",
-                "symmetric": False, "mlp": False, "lr": 0.06, "batch_size": 512,
-                "wd": 5e-4, "epochs": 200, "cos": True, "cos_one_based": True, "schedule": [],
-                "aug": "cifar-demo", "image_size": 32, "crop_min_scale": 0.08,
-                "mean": list(CIFAR_MEAN), "std": list(CIFAR_STD), "knn_k": 200, "knn_t": 0.1,
-                "knn_features": "head"},
-}
+#: ``--preset NAME``: the recipes of :mod:`moco.engine.presets`.
+PRESETS: dict[str, dict[str, Any]] = presets.PRESETS
 
 _R, _M, _O, _A = "recipe", "model", "optimisation", "data and augmentation"
 _E, _U, _S = "monitoring", "run", "input pipeline and speed"
@@ -122,18 +104,33 @@ class MocoConfig:
                                  help="linear lr warmup over the first N epochs, set per step (not in the papers)")
     optimizer: str = setting("sgd", "--optimizer", group=_O, choices=OPTIMIZERS,
                              help="optimizer over the method's trainable parameters "
-                             "(moco.engine.optimizers registers them): sgd = main_moco.py's")
+                             "(moco.engine.optimizers registers them): sgd = main_moco.py's; "
+                             "lars = MoCo v3's for ResNets (no wd or trust ratio on biases and "
+                             "norms); adamw = MoCo v3's for ViTs")
     lr_schedule: str = setting(
         "auto", "--lr-schedule", group=_O, choices=LR_SCHEDULES, help="lr of each step "
         "(moco.engine.optimizers registers them): step = x0.1 at --schedule, cosine = half "
-        "cosine per epoch, both ramped over --warmup-epochs; auto = cosine with --cos, else step")
+        "cosine per epoch, both ramped over --warmup-epochs; warmup-cosine = linear warmup over "
+        "--warmup-epochs, then a half cosine per step (MoCo v3); auto = cosine with --cos, "
+        "else step")
     momentum: float = setting(0.9, "--momentum", group=_O, min=0, max=1, max_open=True,
-                              help="SGD momentum")
+                              help="SGD / LARS momentum")
     wd: float = setting(1e-4, "--wd", "--weight-decay", group=_O, min=0, help="weight decay")
     moco_dim: int = setting(128, "--moco-dim", group=_M, min=1, help="feature dimension C")
     moco_k: int = setting(65536, "--moco-k", group=_M, min=1, help="queue size K")
     moco_m: float = setting(0.999, "--moco-m", group=_M, min=0, max=1, max_open=True,
-                            help="key-encoder momentum m")
+                            help="key-encoder momentum m (m0 with --moco-m-cos)")
+    moco_m_cos: bool = setting(False, "--moco-m-cos", group=_M, help="raise the momentum from "
+                               "--moco-m to 1 by a half cosine over training, set every step "
+                               "(MoCo v3, after BYOL)")
+    mlp_dim: int = setting(4096, "--mlp-dim", group=_M, min=1, help="MoCo v3: hidden width of "
+                           "the projector and predictor MLPs (their output is --moco-dim)")
+    patch_size: int = setting(0, "--patch-size", group=_M, min=0, help="ViTs (vit_tiny, "
+                              "vit_small, vit_base): patch size in pixels, dividing --image-size; "
+                              "0 = 16 (4 suits 32-px CIFAR)")
+    stop_grad_conv1: bool = setting(False, "--stop-grad-conv1", group=_M, help="ViTs: the random "
+                                    "patch projection of MoCo v3 (the patch embedding keeps its "
+                                    "random initialisation, no gradient)")
     moco_t: float = setting(0.07, "--moco-t", group=_M, min=0, min_open=True,
                             help="softmax temperature T")
     mlp: bool = setting(False, "--mlp", group=_M, help="MoCo v2 MLP head")
@@ -233,7 +230,9 @@ class MocoConfig:
         "method, one of the registered ones (moco.register_method adds more); the built-in are "
         "the contrastive mechanisms of MoCo v1 Figure 2: moco = momentum key encoder + queue; "
         "end-to-end = keys from the current batch through the query encoder with gradients "
-        "(K = batch - 1); memory-bank = InstDisc bank, --moco-k negatives sampled from it")
+        "(K = batch - 1); memory-bank = InstDisc bank, --moco-k negatives sampled from it; "
+        "mocov3 = MoCo v3: no queue, the global batch's keys as negatives, a predictor, "
+        "symmetric loss, no Shuffling BN")
     bank_momentum: float = setting(0.5, "--bank-momentum", group=_M, min=0, max=1, max_open=True,
                                    help="memory bank entry update v <- normalize(m v + (1-m) q) "
                                    "(InstDisc's)")
@@ -256,7 +255,9 @@ class MocoConfig:
         "dead or stuck rank); must exceed rank 0's kNN evaluation and checkpoint time")
     preset: str = setting(
         "", "--preset", group=_R, choices=("", *PRESETS), role="runtime", help="mocov1 / mocov2: "
-        "the papers' ImageNet recipes; cifar10: the authors' CIFAR-10 demo recipe")
+        "the papers' ImageNet recipes; cifar10: the authors' CIFAR-10 demo recipe; mocov3-r50, "
+        "mocov3-vit-small, mocov3-vit-base: MoCo v3's ImageNet recipes; cifar10-mocov3-vit: "
+        "MoCo v3 with a ViT-Tiny/4 on CIFAR-10 (moco.engine.presets)")
 
     def __post_init__(self) -> None:
         check_fields(self, from_caller("MocoConfig"))
@@ -345,7 +346,7 @@ def check_combination(cfg: MocoConfig) -> None:
         raise ConfigError(f"--staleness-every measures MoCo's queue; --mechanism {cfg.mechanism} "
                           "has none: drop --staleness-every or use --mechanism moco")
     spec.check(cfg)
-    if cfg.shuffle_bn in SPLIT_BN_MODES and cfg.batch_size % cfg.bn_splits:
+    if spec.shuffle_bn and cfg.shuffle_bn in SPLIT_BN_MODES and cfg.batch_size % cfg.bn_splits:
         raise ConfigError(
             f"--batch-size {cfg.batch_size} is not divisible by --bn-splits {cfg.bn_splits}; "
             "SplitBatchNorm needs equal sub-batches")

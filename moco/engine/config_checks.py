@@ -24,8 +24,12 @@ from moco.utils.memory import FLOAT_BYTES, refuse_if_too_big
 def images_per_bn_group(cfg: MocoConfig, mode: str, world_size: int) -> tuple[int, str]:
     """How many images one BatchNorm normalises together in training under ``--shuffle-bn
     mode`` (``auto`` resolved), and how that number comes about (for messages)."""
+    from moco.core.methods import method_spec
+
     local = max(1, cfg.batch_size // world_size)
     per = f"-b {cfg.batch_size} / {world_size} processes" if world_size > 1 else f"-b {cfg.batch_size}"
+    if not method_spec(cfg.mechanism).shuffle_bn:
+        return cfg.batch_size, f"-b {cfg.batch_size} (BatchNorm over the global batch)"
     if mode in SPLIT_BN_MODES:
         return max(1, local // cfg.bn_splits), f"{per} / --bn-splits {cfg.bn_splits}"
     if mode == "syncbn":
@@ -51,11 +55,12 @@ def check_buildable(cfg: MocoConfig, mode: str, world_size: int = 1,
     import torch
 
     from moco.core.model import build_encoder
+    from moco.engine.build import backbone_options
 
     try:
         with torch.device("meta"):
             encoder = build_encoder(cfg.arch, cfg.moco_dim, mlp=cfg.mlp, cifar_stem=cfg.cifar_stem,
-                                    bn_splits=1)
+                                    bn_splits=1, options=backbone_options(cfg))
     except (ValueError, KeyError) as e:  # the backbone refuses the settings given to it
         text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         raise ConfigError(f"-a/--arch {cfg.arch}: {text}") from None

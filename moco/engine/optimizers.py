@@ -8,10 +8,14 @@
   0-based ``step`` of ``steps`` in the 0-based ``epoch``. The loop sets it before every step,
   so a schedule may change the lr per step (a warmup, a per-iteration cosine) or per epoch.
 
-Built in: ``sgd`` (``main_moco.py``'s: momentum, weight decay on every tensor); ``step``
-(x0.1 at the ``--schedule`` milestones, MoCo v1) and ``cosine`` (half cosine per epoch,
-MoCo v2), both ramped per step over ``--warmup-epochs``; ``auto`` is ``cosine`` with
-``--cos``, else ``step``.
+Built in: ``sgd`` (``main_moco.py``'s: momentum, weight decay on every tensor), ``lars``
+(MoCo v3's for ResNets, :class:`moco.core.optim.LARS`: no weight decay and no trust ratio
+for biases and norm parameters) and ``adamw`` (MoCo v3's for ViTs: torch's ``AdamW``, its
+decoupled weight decay ``--wd`` on every tensor); ``step`` (x0.1 at the ``--schedule``
+milestones, MoCo v1) and ``cosine`` (half cosine per epoch, MoCo v2), both ramped per step
+over ``--warmup-epochs``, and ``warmup-cosine`` (MoCo v3: a linear warmup over
+``--warmup-epochs``, then a half cosine, both per step); ``auto`` is ``cosine`` with
+``--cos``, else ``step``. Every one is available to every method.
 """
 
 from __future__ import annotations
@@ -103,3 +107,31 @@ def cosine_schedule(cfg: MocoConfig, epoch: int, step: int, steps: int) -> float
     """Half cosine per epoch (MoCo v2; 1-based with ``--cos-one-based``), ramped over the
     warmup."""
     return _epoch_lr(cfg, epoch, True) * warmup_factor(epoch, step, steps, cfg.warmup_epochs)
+
+
+@register_optimizer("lars")
+def lars(groups: list[dict[str, Any]], cfg: MocoConfig) -> torch.optim.Optimizer:
+    """LARS with ``--momentum`` and ``--wd`` (MoCo v3's for ResNets: trust coefficient 0.001;
+    tensors of one dimension get neither the weight decay nor the trust ratio)."""
+    from moco.core.optim import LARS
+
+    return LARS(groups, lr=cfg.effective_lr, weight_decay=cfg.wd, momentum=cfg.momentum)
+
+
+@register_optimizer("adamw")
+def adamw(groups: list[dict[str, Any]], cfg: MocoConfig) -> torch.optim.Optimizer:
+    """torch's AdamW with weight decay ``--wd`` (MoCo v3's for ViTs; its presets: 0.1),
+    betas (0.9, 0.999)."""
+    import torch
+
+    return torch.optim.AdamW(groups, lr=cfg.effective_lr, weight_decay=cfg.wd)
+
+
+@register_lr_schedule("warmup-cosine")
+def warmup_cosine_schedule(cfg: MocoConfig, epoch: int, step: int, steps: int) -> float:
+    """MoCo v3's, per step: lr x t / ``--warmup-epochs`` during the warmup, then a half
+    cosine over the remaining epochs (t = epoch + step / steps;
+    :func:`moco.core.optim.warmup_cosine_lr`)."""
+    from moco.core.optim import warmup_cosine_lr
+
+    return warmup_cosine_lr(cfg.effective_lr, epoch + step / steps, cfg.epochs, cfg.warmup_epochs)

@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from moco.core.errors import ConfigError, MocoError
+from moco.core.global_bn import sync_batchnorm_for
 from moco.core.method_base import PretrainingMethod
+from moco.core.methods import method_spec
 from moco.core.seeding import KEY_SHUFFLE, stream_generator
 from moco.core.shuffle_bn import KeyShuffle, make_key_shuffle
 from moco.data.batches import TrainLoader
@@ -125,6 +127,8 @@ def build_run(cfg: MocoConfig, *, dist: DistContext | None = None, log: Log = _l
     model = build_model(dataclasses.replace(cfg, shuffle_bn=runtime.shuffle_bn), runtime.device,
                         num_samples=len(data.train))
     optimizer = build_optimizer(cfg, model)
+    if runtime.dist.enabled and not method_spec(cfg.mechanism).shuffle_bn:
+        sync_batchnorm_for(model, runtime.device.type)  # the global batch's BN (MoCo v3 §5)
     # The module the training step calls: DDP-wrapped under torchrun. parts.model stays the
     # bare module, so checkpoints carry no DDP "module." prefix of their own.
     train_model = wrap_ddp(model, runtime.dist, runtime.device,

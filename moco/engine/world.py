@@ -9,6 +9,7 @@ import logging
 import torch
 
 from moco.core.errors import DistributedError
+from moco.core.methods import method_spec
 from moco.engine.config import PER_RANK_SETTINGS, SPLIT_BN_MODES, MocoConfig
 from moco.utils.distributed import DistContext, check_same_settings, per_rank_batch
 
@@ -34,16 +35,19 @@ def resolve_shuffle_bn(mode: str, world_size: int, grouped: bool = False) -> str
 
 
 def resolve_for_world(cfg: MocoConfig, ctx: DistContext, device: torch.device) -> str:
-    """The ``--shuffle-bn`` mode this process count runs (``auto`` resolved), after checking
-    that the global batch splits evenly over the ranks, that SplitBatchNorm gets equal
+    """The ``--shuffle-bn`` mode this process count runs (``auto`` resolved; ``none`` for a
+    method without Shuffling BN, e.g. MoCo v3), after checking that the global batch splits
+    evenly over the ranks, that SplitBatchNorm gets equal
     sub-batches on each rank, that SyncBN has GPUs, and that every rank got the same settings.
 
     ``cfg`` itself is left as requested (``auto`` stays ``auto`` in config.yaml and in
     checkpoints), so a run saved by N processes resumes on M processes or on one.
     """
     check_same_settings(ctx, cfg.to_dict(), PER_RANK_SETTINGS)
-    mode = resolve_shuffle_bn(cfg.shuffle_bn, ctx.world_size, ctx.grouped)
     local = per_rank_batch(cfg.batch_size, ctx.world_size)
+    if not method_spec(cfg.mechanism).shuffle_bn:
+        return "none"  # no shuffle: the model's BN sees the global batch (synchronised)
+    mode = resolve_shuffle_bn(cfg.shuffle_bn, ctx.world_size, ctx.grouped)
     if mode in SPLIT_BN_MODES and local % cfg.bn_splits:
         where = f"the per-process batch {local} (-b {cfg.batch_size} / {ctx.world_size})" \
             if ctx.enabled else f"--batch-size {cfg.batch_size}"

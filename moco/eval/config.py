@@ -31,6 +31,17 @@ PRECISIONS = ("auto", "fp32", "bf16")  # lincls: the frozen backbone under bf16 
 KNN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # knn: as the pretraining monitor
 FEATURES = ("backbone", "head")
 EMBED_SUFFIXES = (".npy", ".safetensors")
+
+#: ``moco lincls --preset NAME``: settings applied under the values given
+#: (:class:`LinclsConfig`). ``mocov3``: ``main_lincls.py`` of MoCo v3 and its ``CONFIG.md``
+#: (MoCo v3 §4): the lr is the base lr of the architecture (``lr`` None), scaled by the
+#: global batch / 256.
+LINCLS_PRESETS: dict[str, dict[str, object]] = {
+    "mocov3": {"epochs": 90, "batch_size": 1024, "cos": True, "momentum": 0.9, "wd": 0.0,
+               "lr": None, "lr_scale": "linear"},
+}
+#: MoCo v3's base lr of the linear classifier: 3 for ViTs, 0.1 for ResNets (``CONFIG.md``).
+V3_LINCLS_BASE_LR = {"vit": 3.0, "other": 0.1}
 _D, _E, _M, _O, _U = "data and input", "evaluation", "model", "optimisation", "run"
 
 
@@ -44,7 +55,9 @@ def features_setting() -> Any:
 
 @dataclass
 class LinclsConfig:
-    """Settings of a linear-classification run; defaults are ``main_lincls.py``'s (§8.1)."""
+    """Settings of a linear-classification run; defaults are ``main_lincls.py``'s (§8.1),
+    ``preset`` applies a recipe under the values given (``LinclsConfig(data=..., preset=
+    "mocov3", epochs=10)``: MoCo v3's protocol for 10 epochs)."""
 
     data: str = setting(REQUIRED, "data", group=_D, metavar="DATA", role="data", per_rank=True,
                         help="dataset folder with labeled train/ and val/ or test/ (or a "
@@ -54,11 +67,21 @@ class LinclsConfig:
         "--resume checkpoint", help="MoCo checkpoint (ours, main_moco.py's or the CIFAR demo's)")
     arch: str | None = setting(None, "-a", "--arch", group=_M, default_text="from CKPT",
                                help="expected architecture")
+    preset: str = setting(
+        "", "--preset", group=_O, choices=("", *LINCLS_PRESETS), help="mocov3: MoCo v3's "
+        "protocol (main_lincls.py of v3): SGD momentum 0.9, wd 0, batch 1024, 90 epochs, half "
+        "cosine per epoch, lr = base x batch / 256 with base 0.1 for ResNets and 3 for ViTs; "
+        "the flags given override it")
     epochs: int = setting(100, "--epochs", group=_O, min=1, help="number of epochs")
     batch_size: int = common.batch_size(256, group=_O, help="GLOBAL batch size over all "
                                         "processes (the result equals one process's)")
-    lr: float = setting(30.0, "--lr", "--learning-rate", group=_O, min=0,
-                        help="initial learning rate")
+    lr: float | None = setting(
+        30.0, "--lr", "--learning-rate", group=_O, min=0, help="initial learning rate (the "
+        "base lr with --lr-scale linear); none (the mocov3 preset): MoCo v3's base lr for the "
+        "architecture, 3 for ViTs and 0.1 for the others")
+    lr_scale: str = setting("none", "--lr-scale", group=_O, choices=("none", "linear"),
+                            help="none: --lr as given (main_lincls.py of v1/v2); linear: lr = "
+                            "--lr x batch / 256 (the global batch; MoCo v3's rule)")
     schedule: list[int] = setting([60, 80], "--schedule", group=_O, min=0, help="epochs at "
                                   "which the lr is multiplied by 0.1 (ignored with --cos)")
     cos: bool = setting(False, "--cos", group=_O, help="cosine lr schedule instead of steps")
@@ -90,6 +113,17 @@ class LinclsConfig:
     def __post_init__(self) -> None:
         check_fields(self, from_parameters("LinclsConfig"))
 
+    def base_lr(self, vit: bool) -> float:
+        """The lr before the batch rule: ``lr``, or MoCo v3's for the architecture when None."""
+        if self.lr is not None:
+            return self.lr
+        return V3_LINCLS_BASE_LR["vit" if vit else "other"]
+
+    def effective_lr(self, vit: bool) -> float:
+        """The classifier's initial lr: the base lr, x batch / 256 with ``lr_scale`` linear."""
+        base = self.base_lr(vit)
+        return base * self.batch_size / 256 if self.lr_scale == "linear" else base
+
     def validate(self, source: Source | None = None) -> None:
         """Check every field again (they may have been assigned since) and the settings
         together; errors name the flags, or the parameters with a :func:`from_parameters`
@@ -103,6 +137,25 @@ class LinclsConfig:
         if self.evaluate and not self.resume:
             raise ConfigError(f"{names['evaluate']} needs {names['resume']} with a checkpoint "
                               "written by moco lincls")
+
+
+def _lincls_init_with_preset(init: Any) -> Any:
+    """``LinclsConfig(preset=NAME, **values)`` = the defaults <- the preset <- ``values``."""
+    def __init__(self: LinclsConfig, *args: Any, **values: Any) -> None:
+        preset = values.get("preset") or ""
+        if preset:
+            if not isinstance(preset, str) or preset not in LINCLS_PRESETS:
+                raise ConfigError(f"expected --preset to be one of {', '.join(LINCLS_PRESETS)}, "
+                                  f"got {preset!r}")
+            values = {**LINCLS_PRESETS[preset], **values}
+        init(self, *args, **values)
+
+    __init__.__doc__ = init.__doc__
+    __init__.__wrapped__ = init  # type: ignore[attr-defined]
+    return __init__
+
+
+LinclsConfig.__init__ = _lincls_init_with_preset(LinclsConfig.__init__)  # type: ignore[method-assign]
 
 
 @dataclass

@@ -45,6 +45,7 @@ from moco.data.source import DataError, ImageSource, class_mismatch
 from moco.data.splits import find_dataset
 from moco.eval import lincls_data as batches
 from moco.eval.config import LinclsConfig
+from moco.eval.layouts import is_vit_state
 from moco.eval.lincls_engine import LinearEngine
 from moco.eval.lincls_protocol import (
     SanityCheckError,
@@ -186,7 +187,9 @@ class LinearClassification:
                 setattr(self.info, key, tuple(ours[key]) if key != "image_size" else ours[key])
         self.image_size = cfg.image_size or self.info.image_size
         self.model = build_linear_model(self.info, w.backbone, len(self.classes), cfg.seed)
-        self.optimizer = linear_optimizer(self.model, cfg.lr, cfg.momentum, cfg.wd)
+        self.vit = is_vit_state(w.backbone)  # MoCo v3's lincls lr differs for ViTs
+        self.lr = cfg.effective_lr(self.vit)
+        self.optimizer = linear_optimizer(self.model, self.lr, cfg.momentum, cfg.wd)
         if resume_ckpt is not None:
             self._load_resume(resume_ckpt)
         self.model.to(self.device)
@@ -281,7 +284,7 @@ class LinearClassification:
         try:
             for epoch in range(self.start_epoch, cfg.epochs):
                 t0 = time.perf_counter()
-                lr = learning_rate(cfg.lr, epoch, cfg.epochs, cos=cfg.cos, milestones=cfg.schedule)
+                lr = learning_rate(self.lr, epoch, cfg.epochs, cos=cfg.cos, milestones=cfg.schedule)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
                 start = self.start_step if epoch == self.start_epoch else 0
@@ -321,8 +324,8 @@ class LinearClassification:
         if not math.isfinite(loss):
             raise RunError(f"the linear classifier's cross-entropy loss became {loss} at "
                            f"epoch {epoch + 1} (the frozen backbone's weights are "
-                           f"finite): lower --lr (now {cfg.lr:g}) and run again")
-        warning = divergence_warning(loss, len(self.classes), cfg.lr, cfg.fast)
+                           f"finite): lower --lr (now {self.lr:g}) and run again")
+        warning = divergence_warning(loss, len(self.classes), self.lr, cfg.fast)
         if warning:
             self.log(f"warning: {warning}")
         acc1, acc5 = self.engine.validate(val_feats)
@@ -362,8 +365,16 @@ class LinearClassification:
                 f"{i.arch}{' (CIFAR stem)' if i.cifar_stem else ''} from "
                 f"{c.pretrained or self.resume_from} ({i.layout}), {len(self.classes)} classes, "
                 f"{len(self.train_source)} train / {len(self.val_source)} val images at "
-                f"{self.image_size} px, lr {c.lr}, batch {c.batch_size}, {c.epochs} epochs, "
+                f"{self.image_size} px, {self.lr_text()}, batch {c.batch_size}, {c.epochs} epochs, "
                 f"device {self.device}, {prec}{procs} -> {self.run_dir}")
+
+
+    def lr_text(self) -> str:
+        """The lr and its rule ("lr 0.4 = base 0.1 x 1024 / 256" with ``lr_scale`` linear)."""
+        c = self.cfg
+        if c.lr_scale != "linear":
+            return f"lr {self.lr:g}"
+        return f"lr {self.lr:g} = base {c.base_lr(self.vit):g} x {c.batch_size} / 256"
 
 
 def linear_classification(cfg: LinclsConfig, *, log: Log = _log.info, progress: bool = True,

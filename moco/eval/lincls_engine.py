@@ -22,6 +22,7 @@ from torch import nn
 from torchvision import transforms as T
 from tqdm import tqdm
 
+from moco.core.backbones import get_head, set_head
 from moco.core.device import to_device
 from moco.data.augment import eval_transform
 from moco.data.datasets import epoch_order
@@ -65,10 +66,9 @@ class LinearEngine:
 
     @property
     def fc(self) -> nn.Module:
-        """The linear layer: features [B, D] -> logits [B, classes]."""
-        fc = self.model.fc
-        assert isinstance(fc, nn.Module)
-        return fc
+        """The linear classifier in the network's head slot (``fc`` of a ResNet, ``head`` of a
+        ViT: :func:`moco.core.backbones.get_head`): features [B, D] -> logits [B, classes]."""
+        return get_head(self.model)
 
     def eval_tf(self) -> T.Compose:
         return eval_transform(self.image_size, self.mean, self.std)
@@ -78,11 +78,12 @@ class LinearEngine:
                                      self.batch_size, self.workers, self.device.type == "cuda")
 
     def backbone(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled features [b, D] (float32) of the frozen backbone, no gradient."""
+        """Pooled features [b, D] (float32) of the frozen backbone (a ViT's [CLS] token after
+        the final norm), no gradient: the network with its head slot the identity."""
         if x.shape[0] == 0:  # this process's part of a last batch smaller than the processes
             return torch.zeros(0, self.feature_dim, device=self.device)
-        fc = self.model.fc
-        self.model.fc = nn.Identity()
+        fc = self.fc
+        set_head(self.model, nn.Identity())
         try:
             x = to_device(x, self.device)
             if self.channels_last:
@@ -91,7 +92,7 @@ class LinearEngine:
                                                  enabled=self.dtype is not None):
                 return self.model(x).float()
         finally:
-            self.model.fc = fc
+            set_head(self.model, fc)
 
     def all_sum(self, values: list[float]) -> list[float]:
         if not self.dist.enabled:

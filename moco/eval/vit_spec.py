@@ -7,7 +7,8 @@ tokens of ``pos_embed``), MLP ratio (``blocks.0.mlp.fc1``), qkv bias, layer scal
 tokens, the pooling (``fc_norm`` means average pooling). The heads split D without changing
 any shape, so they come from what the checkpoint records (our exports), else from the
 architecture's name: MoCo v3 §4's ``vit_small`` and ``vit_base`` have 12 heads (ViT-S has 12,
-where DeiT-S has 6), a ``timm:NAME`` model timm's own count; else D / 64 (the ViT and DeiT
+where DeiT-S has 6), another registered ViT (``vit_tiny``, one added with
+``register_backbone``) the count of its network, a ``timm:NAME`` model timm's own count; else D / 64 (the ViT and DeiT
 convention), with a warning.
 """
 
@@ -113,12 +114,32 @@ def heads_for(arch: str | None, dim: int) -> tuple[int, str]:
     where it comes from (for the log)."""
     if arch in MOCOV3_HEADS:
         return MOCOV3_HEADS[arch], f"MoCo v3's {arch}"
+    registered = _registered_heads(arch)
+    if registered is not None:
+        return registered, f"the registered {arch}"
     if arch and is_timm_arch(arch):
         timm = _timm()
         with torch.device("meta"):
             model = timm.create_model(timm_name(arch), pretrained=False)
         return int(model.blocks[0].attn.num_heads), f"timm's {timm_name(arch)}"
     return max(1, dim // 64), "assumed"
+
+
+def _registered_heads(arch: str | None) -> int | None:
+    """The attention heads of ``arch`` when it is a registered ViT backbone (``vit_tiny``, or
+    one added with ``register_backbone``), read from the network built on the meta device;
+    None for any other name."""
+    from moco.core.backbones import available_backbones, build_backbone
+
+    if not arch or arch not in available_backbones():
+        return None
+    try:
+        with torch.device("meta"):
+            model = build_backbone(arch).model
+        heads = model.get_submodule("blocks.0.attn").num_heads
+    except (ConfigError, AttributeError):
+        return None
+    return int(heads) if isinstance(heads, int) else None
 
 
 def _timm() -> Any:

@@ -358,3 +358,74 @@ def test_cuda_resnet_with_sync_batchnorm_steps() -> None:
     out = model(x, x.flip(3))
     out.loss.backward()
     assert bool(out.loss.isfinite()) and out.logits.shape == (8, 8)
+
+
+# ----- as a registered pretraining method ----------------------------------------------------------
+def test_it_is_a_pretraining_method_with_the_authors_checkpoint_layout() -> None:
+    from moco.core.method_base import PretrainingMethod
+
+    model = tiny_mocov3(RESNET_HEADS, t=1.0, m=0.99)
+    assert isinstance(model, PretrainingMethod)
+    assert model.evaluation_encoder() is model.base_encoder
+    (group,) = model.trainable_parameters()
+    want = [*model.base_encoder.parameters(), *model.predictor.parameters()]
+    assert [id(p) for p in group["params"]] == [id(p) for p in want]
+    state = model.checkpoint_state()
+    prefixes = {k.split(".")[1] for k in state}
+    assert all(k.startswith("module.") for k in state)
+    assert prefixes == {"base_encoder", "momentum_encoder", "predictor"}
+    assert list(dict.fromkeys(k.split(".")[1] for k in state)) == [
+        "base_encoder", "momentum_encoder", "predictor"]  # the authors' order
+    back = model.state_from_checkpoint(state)
+    assert back.keys() == model.state_dict().keys()
+
+
+def test_the_momentum_of_each_step_follows_the_cosine_or_stays_constant() -> None:
+    cos = tiny_mocov3(RESNET_HEADS, t=1.0, m=0.99)
+    const = MoCoV3(cos.base_encoder, cos.predictor, t=1.0, m=0.99, cosine=False)
+    for t in (0.0, 0.25, 3.5, 9.75):
+        cos.set_progress(t, 10)
+        const.set_progress(t, 10)
+        assert cos.m == pytest.approx(1 - 0.5 * (1 + math.cos(math.pi * t / 10)) * 0.01,
+                                      rel=0, abs=1e-15)
+        assert const.m == 0.99
+
+
+def test_registered_method_reads_the_run_settings() -> None:
+    from types import SimpleNamespace
+
+    from moco.core.backbones import build_backbone, feature_dim_of
+    from moco.core.methods import method_spec
+
+    spec = method_spec("mocov3")
+    assert (spec.title, spec.has_queue, spec.shuffle_bn) == ("MoCo v3", False, False)
+    assert spec.backbone_options(None) == {"zero_init_residual": True, "require_batchnorm": False}
+    settings = SimpleNamespace(moco_dim=16, mlp_dim=32, moco_t=0.5, moco_m=0.9, moco_m_cos=False,
+                               batch_size=8, shuffle_bn="auto", symmetric=True, mlp=False)
+    encoder = build_backbone("resnet18").model  # its fc is replaced by the projector
+    model = spec.build(settings, encoder, None)
+    assert isinstance(model, MoCoV3) and (model.t, model.m0) == (0.5, 0.9)
+    assert feature_dim_of(model.base_encoder) == 512
+    assert [type(m).__name__ for m in model.base_encoder.fc] == [
+        "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert model.base_encoder.fc[3].out_features == 16 and model.predictor[0].in_features == 16
+    model.set_progress(5.0, 10)
+    assert model.m == 0.9  # --moco-m-cos off
+    assert "batch negatives, all-gathered (7 per query" in spec.dictionary(settings, 100)
+    assert any("--symmetric" in w for w in spec.advise(settings, 100))
+    from moco.core.errors import ConfigError
+
+    for mode in ("split", "ddp", "syncbn"):
+        with pytest.raises(ConfigError, match="MoCo v3 has no Shuffling BN"):
+            spec.check(SimpleNamespace(**{**vars(settings), "shuffle_bn": mode}))
+    with pytest.raises(ConfigError, match="--batch-size must be >= 2"):
+        spec.check(SimpleNamespace(**{**vars(settings), "batch_size": 1}))
+
+
+def test_chance_loss_is_the_loss_of_uniform_logits() -> None:
+    from moco.core.mocov3 import chance_loss
+
+    q, k = torch.zeros(8, 4), torch.zeros(8, 4)
+    q[:, 0] = k[:, 0] = 1.0  # every query equally close to every key
+    loss = contrastive_loss(q, k, 0.2)[0] * 2
+    assert float(loss) == pytest.approx(chance_loss(0.2, 8))

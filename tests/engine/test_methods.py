@@ -167,7 +167,7 @@ def test_the_command_line_lists_and_accepts_a_registered_method(
     with pytest.raises(SystemExit):
         parser.parse_args(["pretrain", "--help"])
     help_text = re.sub(r"\s+", " ", capsys.readouterr().out)
-    assert "{moco,end-to-end,memory-bank,toy-cli}" in help_text and "--method" in help_text
+    assert "{moco,end-to-end,memory-bank,mocov3,toy-cli}" in help_text and "--method" in help_text
     for flag in ("--mechanism", "--method"):
         args = parser.parse_args(["pretrain", str(tmp_path), flag, "toy-cli"])
         assert config_from_args(args).mechanism == "toy-cli"
@@ -179,13 +179,15 @@ def test_listing_the_methods_loads_no_torch() -> None:
          "from moco.engine.config import MocoConfig; MocoConfig(mechanism='memory-bank'); "
          "print('torch' in sys.modules)"],
         capture_output=True, text=True, cwd=REPO, check=True)
-    assert out.stdout.split("\n")[:2] == ["('moco', 'end-to-end', 'memory-bank')", "False"]
+    assert out.stdout.split("\n")[:2] == ["('moco', 'end-to-end', 'memory-bank', 'mocov3')",
+                                           "False"]
 
 
 # ----- the registry ----------------------------------------------------------------------------
 
 def test_an_unknown_method_is_refused_naming_the_registered_ones() -> None:
-    with pytest.raises(moco.ConfigError, match="one of moco, end-to-end, memory-bank, got 'nope'"):
+    with pytest.raises(moco.ConfigError,
+                       match="one of moco, end-to-end, memory-bank, mocov3, got 'nope'"):
         methods.method_spec("nope")
     with pytest.raises(moco.ConfigError, match="expected --mechanism to be one of moco, end-to-end"):
         MocoConfig(mechanism="nope")
@@ -259,5 +261,6 @@ def test_an_optimizer_and_an_lr_schedule_are_picked_by_name() -> None:
     # auto: the original's schedules, by --cos
     assert step_lr(MocoConfig(lr=0.03, epochs=200, cos=True), 100, 0, 4) == pytest.approx(0.015)
     assert step_lr(MocoConfig(lr=0.03, epochs=200), 120, 0, 4) == pytest.approx(0.003)
-    with pytest.raises(moco.ConfigError, match="expected --optimizer to be one of sgd, plain"):
-        MocoConfig(optimizer="lars")
+    with pytest.raises(moco.ConfigError,
+                       match="expected --optimizer to be one of sgd, lars, adamw, plain"):
+        MocoConfig(optimizer="nope")
