@@ -129,7 +129,8 @@ class DemoPretrainer(Pretrainer):
         self.monitor_sets, self.monitor_index = None, None
         if monitor and self.full_sets is not None:
             self.monitor_index, self.monitor_sets = self._subsets(self.full_sets, monitor)
-        self.monitor: dict[int, float] = {}  # epoch (0 = random init) -> monitor kNN top-1
+        self.monitor_top1: dict[int, float] = {}  # epoch (0 = random init) -> monitor kNN top-1
+        self.queries: Features | None = None  # the last kNN's queries (the online probe's)
         self.full: dict[int, float] = {}  # epoch -> kNN top-1, full protocol
         self.eval_seconds = 0.0
 
@@ -168,13 +169,20 @@ class DemoPretrainer(Pretrainer):
             self.full[epoch] = full[0]
             if self.monitor_index is not None:  # the monitor's images are among these
                 ib, iq = (torch.tensor(i) for i in self.monitor_index)
-                self.monitor[epoch] = self._knn((bank[0][ib], bank[1][ib]),
-                                                (query[0][iq], query[1][iq]))[0]
+                self.monitor_top1[epoch] = self._knn((bank[0][ib], bank[1][ib]),
+                                                     (query[0][iq], query[1][iq]))[0]
+            self.queries = query
         elif self.monitor_sets is not None:
             bank, query = (self._features(src) for src in self.monitor_sets)
-            self.monitor[epoch] = self._knn(bank, query)[0]
+            self.monitor_top1[epoch] = self._knn(bank, query)[0]
+            self.queries = query
         self.eval_seconds += time.perf_counter() - t0
         return full
+
+    def held_out_features(self) -> Features | None:
+        """The queries of the last kNN (the online probe's held-out images), once."""
+        queries, self.queries = self.queries, None
+        return queries
 
 
 @dataclasses.dataclass
@@ -302,7 +310,7 @@ def run_demo(cfg: MocoConfig, *, gpu: bool, dry_run: bool = False,
     finally:
         shutdown_distributed()
     dtype = resolve_precision(cfg.precision, trainer.device)
-    return DemoRun(cfg, result, trainer.monitor, trainer.full, time.perf_counter() - t0,
+    return DemoRun(cfg, result, trainer.monitor_top1, trainer.full, time.perf_counter() - t0,
                    trainer.eval_seconds, {None: "fp32"}.get(dtype, str(dtype).replace("torch.", "")),
                    trainer.set_sizes("full"), trainer.set_sizes("monitor"))
 

@@ -68,6 +68,10 @@ def _no_dictionary(_settings: Any, _images: int) -> str:
     return ""
 
 
+def _no_chance(_settings: Any, _batch: int, _world: int) -> float | None:
+    return None
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """A registered method: its name, its builder and what the run asks of it besides the
@@ -89,6 +93,10 @@ class MethodSpec:
             they cannot fit.
         has_queue: the queue diagnostics (``--staleness-every``) apply: the module has
             MoCo's ``encode_query`` / ``encode_key`` / ``key_queue`` / ``t``.
+        chance: ``(settings, per-process batch, processes) -> loss``: the loss of an encoder
+            that has learned nothing (every logit alike: ln of the logits' width per InfoNCE
+            term, times the terms and their factor; MoCo: ln(K+1)), the level the training
+            monitor compares the loss with; None: unknown (the comparison is left out).
     """
 
     name: str
@@ -100,6 +108,7 @@ class MethodSpec:
     advise: Callable[[Any, int], list[str]] = _no_advice
     memory: Callable[[Any, int | None], list[MemoryNeed]] = _no_memory
     has_queue: bool = False
+    chance: Callable[[Any, int, int], float | None] = _no_chance
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
