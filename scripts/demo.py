@@ -147,6 +147,7 @@ class DemoPretrainer(Pretrainer):
         self.full: dict[int, float] = {}  # epoch -> kNN top-1, full protocol
         self.eval_seconds = 0.0
         self.grids: dict[str, Grid] = {}  # "before" / "after" -> the neighbour grid drawn
+        self.grid_bank: ImageSource | None = None  # the images the grids search
 
     @staticmethod
     def _subsets(sets: tuple[ImageSource, ImageSource], sizes: tuple[int, int]
@@ -208,8 +209,12 @@ class DemoPretrainer(Pretrainer):
         if self.full_sets is None:
             return
         t0 = time.perf_counter()
-        bank = self.full_sets[0].subset(class_balanced_subset(self.full_sets[0].labels or [],
-                                                              GRID_BANK, seed=0))
+        if self.grid_bank is None:  # the CPU monitor's bank when it has GRID_BANK images
+            self.grid_bank = (self.monitor_sets[0] if self.monitor_sets is not None
+                              and MONITOR_SIZES[0] == GRID_BANK else self.full_sets[0].subset(
+                                  class_balanced_subset(self.full_sets[0].labels or [],
+                                                        GRID_BANK, seed=0)))
+        bank = self.grid_bank
         encoder = self.model.encoder_q
         net = strip_head(encoder) if self.cfg.knn_features == "backbone" else encoder
         options = NeighboursConfig(queries=GRID_QUERIES, k=GRID_K, workers=self.workers)

@@ -14,9 +14,10 @@ def health_setting(*, group: str) -> Any:
     """``--health``: the health report each epoch."""
     return setting(True, "--health", group=group, role="evaluation", help="label-free health "
                    "signals each epoch on a fixed sample of training images (effective rank, "
-                   "std of the normalised embeddings, alignment, uniformity; the loss against "
-                   "its chance level), in the log, metrics.jsonl, TensorBoard and plot.png, with "
-                   "a warning when the run looks collapsed or stuck (docs/monitoring.md)")
+                   "std of the normalised embeddings, alignment, uniformity) in the log, "
+                   "metrics.jsonl, TensorBoard and plot.png, and a warning when the run looks "
+                   "collapsed (the loss's chance level and the stuck warnings stay without "
+                   "them; docs/monitoring.md)")
 
 
 def health_images_setting(*, group: str) -> Any:
@@ -37,7 +38,7 @@ def probe_setting(*, group: str) -> Any:
 
 def probe_lr_setting(*, group: str) -> Any:
     """``--probe-lr``: the probe's learning rate."""
-    return setting(0.1, "--probe-lr", group=group, min=0, min_open=True, role="evaluation",
+    return setting(0.01, "--probe-lr", group=group, min=0, min_open=True, role="evaluation",
                    help="the online probe's SGD learning rate (constant, momentum 0.9)")
 
 

@@ -53,7 +53,7 @@ class MonitorSettings:
     health: bool = True
     sample_size: int = 0
     probe: bool = True
-    probe_lr: float = 0.1
+    probe_lr: float = 0.01
     probe_momentum: float = 0.9
     probe_weight_decay: float = 0.0
     seed: int = 0

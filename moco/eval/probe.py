@@ -54,7 +54,7 @@ class OnlineProbe:
 
     Labels of -1 (unlabeled images) are left out of every step and evaluation."""
 
-    def __init__(self, feature_dim: int, num_classes: int, *, lr: float = 0.1,
+    def __init__(self, feature_dim: int, num_classes: int, *, lr: float = 0.01,
                  momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0,
                  device: torch.device | str = "cpu") -> None:
         if feature_dim < 1 or num_classes < 2:

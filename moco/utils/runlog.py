@@ -181,11 +181,14 @@ def _health_panel(ax3: Any, history: list[dict[str, Any]]) -> None:
     ax3.set_xlabel("epoch")
     ax3.set_ylabel("effective rank (RankMe)", color="tab:red")
     ax3.set_ylim(bottom=0)
-    ax3.legend(loc="lower left", fontsize=8)
     ax3b = ax3.twinx()
-    ax3b.plot(*_series(history, "health_std_ratio"), "s:", color="tab:gray")
+    std = _series(history, "health_std_ratio")
+    ax3b.plot(*std, "s:", color="tab:gray", label="std x sqrt(d) of the embeddings")
     ax3b.set_ylabel("std x sqrt(d) (1 spread, 0 collapsed)", color="tab:gray")
-    ax3b.set_ylim(0, max([1.05, *_series(history, "health_std_ratio")[1]]))
+    ax3b.set_ylim(0, max([1.05, *std[1]]))
+    handles = ax3.get_legend_handles_labels()
+    more = ax3b.get_legend_handles_labels()
+    ax3.legend(handles[0] + more[0], handles[1] + more[1], loc="lower left", fontsize=8)
     ax3.set_title("health (no labels)")
 
 

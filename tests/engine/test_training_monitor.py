@@ -145,11 +145,15 @@ def test_health_and_probe_can_be_turned_off(tiny_data: Path, tmp_path: Path) -> 
 
 # ----- it changes nothing, and resumes exactly ------------------------------------------------
 
+@pytest.mark.parametrize("mechanism", ["moco", "end-to-end"])
 def test_pretraining_is_bit_identical_with_and_without_the_monitor(tiny_data: Path,
-                                                                   tmp_path: Path) -> None:
-    """Two epochs through the real loop: the same weights, buffers, SGD state and losses."""
-    train(make_cfg(tiny_data, tmp_path / "on", *HEALTHY))
-    train(make_cfg(tiny_data, tmp_path / "off", *HEALTHY, "--health", "false", "--probe", "off"))
+                                                                   tmp_path: Path,
+                                                                   mechanism: str) -> None:
+    """Two epochs through the real loop: the same weights, buffers, SGD state and losses
+    (end-to-end: the query encoder runs twice a step, the probe reads the first)."""
+    flags = (*HEALTHY, "--mechanism", mechanism)
+    train(make_cfg(tiny_data, tmp_path / "on", *flags))
+    train(make_cfg(tiny_data, tmp_path / "off", *flags, "--health", "false", "--probe", "off"))
     assert_same_final_state(final_state(tmp_path / "off"), final_state(tmp_path / "on"))
     on, off = metrics(tmp_path / "on"), metrics(tmp_path / "off")
     assert [(r["loss"], r["acc1"], r["knn_top1"]) for r in on] == [
