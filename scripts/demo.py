@@ -12,6 +12,11 @@ stem, batch 512, T 0.1, K 4096, the 200-epoch cosine schedule) for as many whole
 fit its time limit (``--full``: all 200), with the full kNN after every epoch next to the
 authors' own log at the same number of image pairs seen.
 
+Both draw a nearest-neighbour grid before and after training (``neighbours-before.png``,
+``neighbours-after.png`` in the run folder: the same test images, each with its nearest
+training images through the kNN features) and print the run's health signals per epoch
+(effective rank, std of the normalised embeddings: docs/monitoring.md).
+
 ``--gpu-recipe-dry-run`` runs that GPU path on the CPU with tiny sizes: a check of the code,
 not a result. ``--set KEY=VALUE`` changes any setting (how the pilots of docs/demo.md ran).
 Data: --data, else $MOCO_DATA, else a copy of CIFAR-10 beside the checkout (the development
@@ -45,8 +50,10 @@ from moco.engine.config_sources import build_config
 from moco.engine.loop import Pretrainer
 from moco.engine.run_state import PretrainResult
 from moco.eval.authors_log import authors_knn_at
-from moco.eval.features import source_features
+from moco.eval.config import NeighboursConfig
+from moco.eval.features import EvalSettings, source_features
 from moco.eval.knn import knn_accuracy
+from moco.eval.neighbours import plot_grid, retrieve
 from moco.utils.distributed import shutdown_distributed
 from moco.utils.logs import show_on_stderr
 from moco.utils.runtime import resolve_device, resolve_precision
@@ -78,6 +85,12 @@ DRY_RUN: dict[str, Any] = {"device": "cpu", "train_subset": 64, "batch_size": 16
                            "output": "runs/demo-gpu-dry-run"}
 DRY_RUN_KNN_SIZES = (256, 128)  # the dry run's kNN: bank and queries (the protocol's: 50k / 10k)
 AUTHORS_CLOSE = 3.0  # points: "tracks the authors' log" within this
+#: Under the epoch table: what its health columns are (docs/monitoring.md).
+HEALTH_NOTE = ("  rank, std: health of the embeddings on a fixed sample of training images "
+               "(effective rank;\n    std of the normalised embeddings x sqrt(d): 1 = spread "
+               "out, 0 = collapsed); no labels needed.")
+GRID_BANK = 5000  # the neighbour grids search a class-balanced subset of the training images
+GRID_QUERIES, GRID_K = 8, 8  # the grids' rows (test images) and neighbours per row
 
 # How the recipe differs from the authors' (--preset cifar10), in words.
 LABELS = {"cifar_stem": "stem", "batch_size": "batch", "lr": "lr", "moco_k": "K",
@@ -129,9 +142,12 @@ class DemoPretrainer(Pretrainer):
         self.monitor_sets, self.monitor_index = None, None
         if monitor and self.full_sets is not None:
             self.monitor_index, self.monitor_sets = self._subsets(self.full_sets, monitor)
-        self.monitor: dict[int, float] = {}  # epoch (0 = random init) -> monitor kNN top-1
+        self.monitor_top1: dict[int, float] = {}  # epoch (0 = random init) -> monitor kNN top-1
+        self.queries: Features | None = None  # the last kNN's queries (the online probe's)
         self.full: dict[int, float] = {}  # epoch -> kNN top-1, full protocol
         self.eval_seconds = 0.0
+        self.grids: dict[str, Grid] = {}  # "before" / "after" -> the neighbour grid drawn
+        self.grid_bank: ImageSource | None = None  # the images the grids search
 
     @staticmethod
     def _subsets(sets: tuple[ImageSource, ImageSource], sizes: tuple[int, int]
@@ -160,6 +176,8 @@ class DemoPretrainer(Pretrainer):
         epoch = 0 if s.global_step == 0 else s.epoch + 1
         if self.full_sets is None:
             return None
+        if epoch == 0:
+            self.neighbours("before")  # the untrained network's grid
         t0 = time.perf_counter()
         full = None
         if epoch == 0 or self.full_every_epoch or epoch == self.cfg.epochs:
@@ -168,13 +186,57 @@ class DemoPretrainer(Pretrainer):
             self.full[epoch] = full[0]
             if self.monitor_index is not None:  # the monitor's images are among these
                 ib, iq = (torch.tensor(i) for i in self.monitor_index)
-                self.monitor[epoch] = self._knn((bank[0][ib], bank[1][ib]),
-                                                (query[0][iq], query[1][iq]))[0]
+                self.monitor_top1[epoch] = self._knn((bank[0][ib], bank[1][ib]),
+                                                     (query[0][iq], query[1][iq]))[0]
+            self.queries = query
         elif self.monitor_sets is not None:
             bank, query = (self._features(src) for src in self.monitor_sets)
-            self.monitor[epoch] = self._knn(bank, query)[0]
+            self.monitor_top1[epoch] = self._knn(bank, query)[0]
+            self.queries = query
         self.eval_seconds += time.perf_counter() - t0
         return full
+
+    def held_out_features(self) -> Features | None:
+        """The queries of the last kNN (the online probe's held-out images), once."""
+        queries, self.queries = self.queries, None
+        return queries
+
+    def neighbours(self, when: str) -> None:
+        """The nearest-neighbour grid of the encoder as it is now, ``neighbours-{when}.png``
+        in the run folder: the same :data:`GRID_QUERIES` test images (class-balanced, fixed)
+        each followed by its :data:`GRID_K` nearest among :data:`GRID_BANK` training images
+        (class-balanced, fixed), through the kNN's features."""
+        if self.full_sets is None:
+            return
+        t0 = time.perf_counter()
+        if self.grid_bank is None:  # the CPU monitor's bank when it has GRID_BANK images
+            self.grid_bank = (self.monitor_sets[0] if self.monitor_sets is not None
+                              and MONITOR_SIZES[0] == GRID_BANK else self.full_sets[0].subset(
+                                  class_balanced_subset(self.full_sets[0].labels or [],
+                                                        GRID_BANK, seed=0)))
+        bank = self.grid_bank
+        encoder = self.model.encoder_q
+        net = strip_head(encoder) if self.cfg.knn_features == "backbone" else encoder
+        options = NeighboursConfig(queries=GRID_QUERIES, k=GRID_K, workers=self.workers)
+        r = retrieve(net, EvalSettings(self.cfg.input_settings(), self.cfg.precision), bank,
+                     self.full_sets[1], self.device, options)
+        path = self.run_dir / f"neighbours-{when}.png"
+        state = "untrained network" if when == "before" else f"after {self.state.epoch} epochs"
+        plot_grid(r.cells(), path, f"{state}: test images (blue) and their nearest of "
+                  f"{len(bank):,} training images (green: same class)")
+        self.grids[when] = Grid(path, len(bank), r.same_class_rate(), r.queries)
+        self.eval_seconds += time.perf_counter() - t0
+
+
+@dataclasses.dataclass
+class Grid:
+    """A neighbour grid drawn: its file, the images searched, the share of neighbours of
+    their query's class (%), and the queries (indices of the test images)."""
+
+    path: Path
+    bank: int
+    same_class: float | None
+    queries: list[int]
 
 
 @dataclasses.dataclass
@@ -190,6 +252,7 @@ class DemoRun:
     precision: str
     full_sizes: tuple[int, int] = (50000, 10000)  # kNN bank (train) and queries (test)
     monitor_sizes: tuple[int, int] = MONITOR_SIZES
+    grids: dict[str, Grid] = dataclasses.field(default_factory=dict)  # before / after
 
     def pairs(self, epoch: int) -> int:
         """Image pairs seen after ``epoch`` epochs (0 before training)."""
@@ -223,31 +286,37 @@ def verdict_gpu(epoch: int, pairs: int, final: float | None, untrained: float | 
     return f"{text}; the authors' log at the same pairs: {theirs:.2f}% ({diff:+.2f}) -> {how}"
 
 
+def _figure(h: dict[str, Any] | None, key: str, fmt: str) -> str:
+    """A figure of an epoch's record, or "-" (before training, or not recorded)."""
+    return format(h[key], fmt) if h and h.get(key) is not None else "-"
+
+
 def epoch_table(run: DemoRun, gpu: bool) -> list[str]:
-    """One line per epoch (0 = random initialisation): pairs seen, loss, kNN."""
+    """One line per epoch (0 = random initialisation): pairs seen, lr, loss, the health
+    signals (effective rank, std x sqrt(d): :data:`HEALTH_NOTE`), kNN."""
+    start = f"{'epoch':>5}  {'pairs seen':>11}  {'lr':>7}  {'loss':>6}  {'rank':>5}  {'std':>4}"
     if gpu:
-        head = f"{'epoch':>5}  {'pairs seen':>11}  {'lr':>7}  {'loss':>6}  {'kNN top-1':>9}  {'authors (same pairs)':>20}"
+        head = f"{start}  {'kNN top-1':>9}  {'authors (same pairs)':>20}"
     else:
-        head = (f"{'epoch':>5}  {'pairs seen':>11}  {'lr':>7}  {'loss':>6}  {'kNN monitor*':>12}  "
-                f"{'kNN full protocol':>17}")
+        head = f"{start}  {'kNN monitor*':>12}  {'kNN full protocol':>17}"
     lines = [head]
     for epoch in range(len(run.result.history) + 1):
         h = run.result.history[epoch - 1] if epoch else None
         pairs = run.pairs(epoch)
-        lr = f"{h['lr']:.4f}" if h else "-"
-        loss = f"{h['loss']:.3f}" if h else "-"
+        row = (f"{epoch:>5}  {pairs:>11,}  {_figure(h, 'lr', '.4f'):>7}  "
+               f"{_figure(h, 'loss', '.3f'):>6}  {_figure(h, 'health_rank', '.1f'):>5}  "
+               f"{_figure(h, 'health_std_ratio', '.2f'):>4}")
         full = run.full.get(epoch)
         full_txt = f"{full:.2f}" if full is not None else ""
         if epoch == 0 and full is not None:
             full_txt += " untrained"
         if gpu:
             theirs = authors_knn_at(pairs) if epoch else None
-            lines.append(f"{epoch:>5}  {pairs:>11,}  {lr:>7}  {loss:>6}  {full_txt:>9}  "
+            lines.append(f"{row}  {full_txt:>9}  "
                          f"{f'{theirs:.2f}' if theirs is not None else '-':>20}")
         else:
             mon = run.monitor.get(epoch)
-            lines.append(f"{epoch:>5}  {pairs:>11,}  {lr:>7}  {loss:>6}  "
-                         f"{f'{mon:.2f}' if mon is not None else '':>12}  {full_txt:>17}")
+            lines.append(f"{row}  {f'{mon:.2f}' if mon is not None else '':>12}  {full_txt:>17}")
     return lines
 
 
@@ -298,13 +367,14 @@ def run_demo(cfg: MocoConfig, *, gpu: bool, dry_run: bool = False,
         trainer = DemoPretrainer(cfg, monitor=None if gpu else MONITOR_SIZES, full_every_epoch=gpu,
                                  full_sizes=DRY_RUN_KNN_SIZES if dry_run else None,
                                  progress=progress)
-        result = trainer.run()
+        result = trainer.run()  # its first kNN draws the grid "before"
+        trainer.neighbours("after")
     finally:
         shutdown_distributed()
     dtype = resolve_precision(cfg.precision, trainer.device)
-    return DemoRun(cfg, result, trainer.monitor, trainer.full, time.perf_counter() - t0,
+    return DemoRun(cfg, result, trainer.monitor_top1, trainer.full, time.perf_counter() - t0,
                    trainer.eval_seconds, {None: "fp32"}.get(dtype, str(dtype).replace("torch.", "")),
-                   trainer.set_sizes("full"), trainer.set_sizes("monitor"))
+                   trainer.set_sizes("full"), trainer.set_sizes("monitor"), trainer.grids)
 
 
 def describe_recipe(cfg: MocoConfig, precision: str) -> list[str]:
@@ -367,11 +437,13 @@ def report(run: DemoRun, gpu: bool, dry_run: bool) -> list[str]:
     elif dry_run:
         out.append(f"  (dry run: kNN on {run.full_sizes[1]} test vs {run.full_sizes[0]} train "
                    "images, not the protocol)")
+    if any(h.get("health_rank") is not None for h in hist):
+        out.append(HEALTH_NOTE)
     ips = sorted(h["images_per_s"] for h in hist)
     out.append("")
     out.append(f"  time: {run.wall_seconds / 60:.1f} min ({run.wall_seconds:.0f} s): training "
                f"{train_seconds(run):.0f} s ({ips[len(ips) // 2] if ips else 0:.0f} img/s, median "
-               f"epoch), kNN evaluations {run.eval_seconds:.0f} s, the rest start-up and "
+               f"epoch), kNN evaluations and grids {run.eval_seconds:.0f} s, the rest start-up and "
                "checkpoints")
     if run.result.stopped_early and gpu:
         out.append(f"  stopped after epoch {epochs} of {cfg.epochs} (the time limit, "
@@ -381,11 +453,26 @@ def report(run: DemoRun, gpu: bool, dry_run: bool) -> list[str]:
     out.append("  " + (verdict_gpu(epochs, run.pairs(epochs), final, untrained) if gpu
                        else verdict_cpu(final, untrained)))
     out.append(f"  plot:       {run.result.run_dir / 'demo.png'} (and the run's plot.png)")
+    out.extend(grid_lines(run))
     out.append(f"  checkpoint: {run.result.checkpoint}")
     out.append(f"  metrics:    {run.result.run_dir / 'metrics.jsonl'} (TensorBoard: "
                f"{run.result.run_dir / 'tb'})")
     out.append(rule)
     return out
+
+
+def grid_lines(run: DemoRun) -> list[str]:
+    """The neighbour grids' files, and how many neighbours share their query's class."""
+    before, after = run.grids.get("before"), run.grids.get("after")
+    if before is None or after is None:
+        return []
+    lines = [f"  neighbours: {before.path} (untrained) and {after.path.name} (trained): "
+             f"{GRID_QUERIES} test images, each with its {GRID_K} nearest of {after.bank:,} "
+             "training images"]
+    if before.same_class is not None and after.same_class is not None:
+        lines.append(f"              neighbours of the query's class: {before.same_class:.0f}% "
+                     f"untrained -> {after.same_class:.0f}% trained")
+    return lines
 
 
 def parse_set(items: Sequence[str]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ def add_parser(sub: Any) -> None:
         description="Run every image under IMAGES (recursively) through the pretrained encoder "
         "(resize + center crop, the pretraining normalisation) and save one feature vector per "
         "image with the list of files: FILE.npy + FILE.npy.json, or FILE.safetensors (tensor "
-        "'embeddings', file list in the metadata).",
+        "'embeddings', file list in the metadata). --plot MAP.png also draws their 2-D map.",
     )
     add_declared(p, DECLARED)
     p.set_defaults(run=run)
@@ -41,4 +41,6 @@ def run(args: argparse.Namespace) -> int:
     n, d = r.embeddings_shape
     extra = f" (file list in {r.sidecar})" if r.sidecar else " (file list in the metadata)"
     print(f"wrote {r.path}: {n} x {d} embeddings{extra}")
+    if r.plot is not None:
+        print(f"wrote {r.plot}: their 2-D map ({(r.plot_method or '').upper()})")
     return 0

@@ -16,6 +16,7 @@ plus each mechanism's own buffers:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -252,7 +253,8 @@ def _check_end_to_end(settings: Any) -> None:
 @register_method(
     "end-to-end", title="end-to-end", check=_check_end_to_end,
     help="keys from the current batch through the query encoder, with gradients (K = batch - 1)",
-    dictionary=lambda s, images: f"dictionary = the batch's other {s.batch_size - 1} keys")
+    dictionary=lambda s, images: f"dictionary = the batch's other {s.batch_size - 1} keys",
+    chance=lambda s, batch, world: math.log(batch))  # logits [N, N] of each process's batch
 def build_end_to_end(settings: Any, encoder: nn.Module, num_samples: int | None = None) -> EndToEnd:
     """:class:`EndToEnd` around ``encoder`` (setting ``moco_t``)."""
     return EndToEnd(encoder, t=settings.moco_t)
@@ -278,7 +280,8 @@ def _bank_memory(settings: Any, num_samples: int | None) -> list[MemoryNeed]:
     help="InstDisc's bank of one feature per image, --moco-k negatives sampled from it",
     dictionary=lambda s, images: (f"K {s.moco_k} sampled from a bank of {images}, bank "
                                   f"momentum {s.bank_momentum}"),
-    advise=_bank_advice, memory=_bank_memory)
+    advise=_bank_advice, memory=_bank_memory,
+    chance=lambda s, batch, world: math.log(s.moco_k + 1))  # logits [N, 1+K]
 def build_memory_bank(settings: Any, encoder: nn.Module, num_samples: int | None = None) -> MemoryBank:
     """:class:`MemoryBank` around ``encoder`` with one entry per training image (settings
     ``moco_dim``, ``moco_k``, ``moco_t``, ``bank_momentum``, ``seed``)."""

@@ -77,6 +77,10 @@ def _projection_head(settings: Any) -> str:
     return "MLP head" if getattr(settings, "mlp", False) else "linear head"
 
 
+def _no_chance(_settings: Any, _batch: int, _world: int) -> float | None:
+    return None
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """A registered method: its name, its builder and what the run asks of it besides the
@@ -106,6 +110,10 @@ class MethodSpec:
             :class:`~moco.core.backbones.BackboneOptions` the method's backbone is built with
             (MoCo v3: ``zero_init_residual``), over the run's own (image and patch size, ...).
         head: ``settings -> text``: the projection head, for the summary line ("MLP head").
+        chance: ``(settings, per-process batch, processes) -> loss``: the loss of an encoder
+            that has learned nothing (every logit alike: ln of the logits' width per InfoNCE
+            term, times the terms and their factor; MoCo: ln(K+1)), the level the training
+            monitor compares the loss with; None: unknown (the comparison is left out).
     """
 
     name: str
@@ -120,6 +128,7 @@ class MethodSpec:
     shuffle_bn: bool = True
     backbone_options: Callable[[Any], dict[str, Any]] = _no_options
     head: Callable[[Any], str] = _projection_head
+    chance: Callable[[Any, int, int], float | None] = _no_chance
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

@@ -268,7 +268,8 @@ def _head(settings: Any) -> str:
     "mocov3", title="MoCo v3", help="MoCo v3: no queue, the global batch's keys as negatives, "
     "a predictor, symmetric loss, momentum m0 -> 1 (ResNets and ViTs)",
     dictionary=_dictionary, check=_check, advise=_advise, shuffle_bn=False,
-    backbone_options=lambda _s: dict(BACKBONE_OPTIONS), head=_head)
+    backbone_options=lambda _s: dict(BACKBONE_OPTIONS), head=_head,
+    chance=lambda s, batch, world: chance_loss(s.moco_t, batch * world))
 def build_mocov3_method(settings: Any, encoder: nn.Module,
                         num_samples: int | None = None) -> MoCoV3:
     """:class:`MoCoV3` around ``encoder`` (the run's backbone; its head is replaced by the

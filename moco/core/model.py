@@ -4,6 +4,7 @@ registered as the pretraining method ``moco`` (v1/v2: the head, τ and augmentat
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -203,6 +204,12 @@ def _power_of_two_at_most(n: int) -> int:
     return 1 << (max(n, 1).bit_length() - 1)
 
 
+def _chance(settings: Any, _batch: int, _world: int) -> float:
+    """An untrained encoder's loss: ln(K+1) per InfoNCE term (logits [N, 1+K], every column
+    alike), two terms with ``--symmetric``."""
+    return (2 if settings.symmetric else 1) * math.log(settings.moco_k + 1)
+
+
 def _memory(settings: Any, num_samples: int | None) -> list[MemoryNeed]:
     return [(f"the queue (--moco-k {settings.moco_k} x --moco-dim {settings.moco_dim} float32)",
              settings.moco_k * settings.moco_dim * 4, "lower --moco-k or --moco-dim")]
@@ -211,7 +218,7 @@ def _memory(settings: Any, num_samples: int | None) -> list[MemoryNeed]:
 @register_method(
     "moco", title="MoCo", help="momentum key encoder + queue of K keys (MoCo v1/v2)",
     dictionary=lambda s, images: f"K {s.moco_k}, m {s.moco_m}", check=_check, advise=_advise,
-    memory=_memory, has_queue=True)
+    memory=_memory, has_queue=True, chance=_chance)
 def build_moco(settings: Any, encoder: nn.Module, num_samples: int | None = None) -> MoCo:
     """:class:`MoCo` around ``encoder`` (f_q; f_k is its copy) from the settings ``moco_dim``,
     ``moco_k``, ``moco_m``, ``moco_t``, ``symmetric`` and ``seed`` (the queue's initial keys

@@ -59,7 +59,7 @@ class Checkpointer:
             self.state, config=p.cfg.to_dict(), shuffle_rng=p.shuffle_rng.get_state(),
             scaler=p.scaler.state_dict() if p.scaler is not None else None,
             rng=global_rng_state(), bad_images=sorted(loader.bad_images),
-            loader=loader.state_dict(), data=self.parts.data.size())
+            loader=loader.state_dict(), data=self.parts.data.size(), monitor=p.monitor.state_dict())
         return {
             "epoch": self.state.epoch,
             "arch": p.cfg.arch,
@@ -137,7 +137,8 @@ class Checkpointer:
             p.optimizer.load_state_dict(query_only_optimizer_state(ckpt["optimizer"], p.optimizer))
 
     def _load_streams(self, entry: MocoEntry) -> None:
-        """The key shuffle's generator, the grad scaler, the global RNGs, the loader."""
+        """The key shuffle's generator, the grad scaler, the global RNGs, the loader, the
+        training monitor's probe."""
         p, loader = self.parts, self.parts.train_loader
         if entry.shuffle_rng is not None:
             p.shuffle_rng.set_state(entry.shuffle_rng)
@@ -147,6 +148,7 @@ class Checkpointer:
             set_global_rng_state(entry.rng)
         loader.bad_images = set(entry.bad_images)
         loader.load_state_dict(entry.loader, self.state.epoch_step)
+        p.monitor.load_state_dict(entry.monitor, self.log)
 
     def write_config(self) -> None:
         """The run folder's ``config.yaml`` (rank 0)."""

@@ -35,6 +35,7 @@ from moco.data.recipes import CIFAR_MEAN as CIFAR_MEAN
 from moco.data.recipes import CIFAR_STD as CIFAR_STD
 from moco.data.recipes import IMAGENET_MEAN as IMAGENET_MEAN
 from moco.data.recipes import IMAGENET_STD as IMAGENET_STD
+from moco.engine import monitor_settings as monitoring
 from moco.engine import presets
 from moco.engine.choices import LR_SCHEDULES, MECHANISMS, OPTIMIZERS
 from moco.utils import common_settings as common
@@ -180,6 +181,10 @@ class MocoConfig:
     knn_query_images: int = setting(0, "--knn-query-images", group=_E, min=0, role="evaluation",
                                     help="kNN monitor: a class-balanced subset of N val/test "
                                     "images as the queries (the ImageNet presets: 2000); 0 = all")
+    health: bool = monitoring.health_setting(group=_E)
+    health_images: int = monitoring.health_images_setting(group=_E)
+    probe: bool | str = monitoring.probe_setting(group=_E)
+    probe_lr: float = monitoring.probe_lr_setting(group=_E)
     staleness_every: int = setting(
         0, "--staleness-every", group=_E, min=0, role="runtime", help="every N epochs, measure "
         "the loss against the queue vs against K keys freshly encoded by f_k (moco.engine.staleness; "

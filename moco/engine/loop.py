@@ -29,7 +29,7 @@ from moco.data.source import DataError
 from moco.engine.build import step_lr
 from moco.engine.checkpointer import Checkpointer, Found
 from moco.engine.config import MocoConfig
-from moco.engine.evaluation import KnnMonitor
+from moco.engine.evaluation import Features, KnnMonitor
 from moco.engine.run import RunParts, build_run
 from moco.engine.run_state import EpochRecord, PretrainResult, TrainState
 from moco.engine.rundir import finite_checkpoint_advice, newest_checkpoint, prepare_run_dir
@@ -109,6 +109,7 @@ class Pretrainer:
 
     def close(self) -> None:
         """Close the run's logs and release the run folder's lock (``run()`` does it)."""
+        self.parts.monitor.close()
         if getattr(self, "runlog", None) is not None:
             self.runlog.close()
         if self.lock is not None:
@@ -128,6 +129,10 @@ class Pretrainer:
         """Weighted kNN top-1/top-5 of the test split (or its subset) against the train split's
         (or its subset's) features, computed on the device (every rank gets the same)."""
         return self.monitor(self.model.evaluation_encoder())
+
+    def held_out_features(self) -> Features | None:
+        """The last :meth:`knn`'s query features and labels, for the online probe (once)."""
+        return self.monitor.take_queries()
 
     def staleness(self, epoch: int) -> Staleness:
         """The queue's keys against fresh ones on the model as it is (moco.engine.staleness)."""
@@ -227,6 +232,7 @@ class Pretrainer:
                 r = train_step(p.train_model, p.optimizer, batch, p.shuffle,
                                p.runtime.autocast_dtype, p.scaler)
                 meter.add(r, s.global_step + 1)
+                p.monitor.after_step(batch)  # the online probe's step
                 s.epoch_step += 1
                 s.global_step += 1
                 s.seconds = clock.seconds()
@@ -271,15 +277,9 @@ class Pretrainer:
         self._meter = None
         record = self._epoch_record(lr, clock)
         s.history.append(record.to_dict())
-        self.runlog.epoch(s.history[-1], s.history, tuple(record.metrics))
-        knn_txt = f", kNN top-1 {record.knn[0]:.2f}%" if record.knn else ""
-        if record.staleness:
-            knn_txt += (f", loss vs queue / fresh keys {record.staleness['staleness_queue_loss']:.3f}"
-                        f" / {record.staleness['staleness_fresh_loss']:.3f}")
-        acc = f", pretext acc@1 {record.acc1:.1f}%" if record.acc1 is not None else ""
-        self.log(f"epoch {s.epoch + 1}/{self.cfg.epochs}: loss {record.loss:.4f}{acc}{knn_txt}, "
-                 f"{record.samples} images read, {record.images_per_s:.0f} img/s, "
-                 f"{record.seconds:.0f} s")
+        self.runlog.epoch(s.history[-1], s.history, (*record.monitor, *record.metrics))
+        self.log(record.describe(self.cfg.epochs))
+        self.parts.monitor.warn(s.history, self.log)  # collapsed, stuck, ...
         s.epoch += 1
         s.epoch_step = 0
         s.loss_sum = s.acc_sum = s.seconds = 0.0
@@ -295,6 +295,7 @@ class Pretrainer:
         stale = None
         if cfg.staleness_every > 0 and (s.epoch + 1) % cfg.staleness_every == 0:
             stale = self.staleness(s.epoch)
+        monitor = self.parts.monitor.record(s.loss_sum / n, self.held_out_features())
         loader = self.parts.train_loader
         bad = loader.bad_images
         if bad:  # distinct unreadable images replaced so far (--on-bad-image skip)
@@ -308,7 +309,8 @@ class Pretrainer:
             machine=self.parts.runtime.machine,
             staleness=stale.as_record() if stale else {},
             bad_images=len(bad), samples=loader.samples_read * self.parts.dist.world_size,
-            metrics={k: v / n for k, v in s.metric_sums.items()})
+            metrics={k: v / n for k, v in s.metric_sums.items()},
+            monitor=monitor)
 
     def _set_lr(self, step: int, steps: int) -> float:
         """Before ``step`` of the epoch: the optimizer's lr (``--lr-schedule``) and the

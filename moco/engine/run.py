@@ -33,6 +33,7 @@ from moco.engine.build import Runtime, build_model, build_optimizer, describe_ru
 from moco.engine.config import MocoConfig
 from moco.engine.config_checks import check_buildable, check_staleness_images, run_advice
 from moco.engine.config_sources import load_yaml
+from moco.engine.monitoring import RunMonitor, build_run_monitor
 from moco.engine.world import resolve_for_world
 from moco.utils.distributed import DistContext, init_distributed, per_rank_batch, wrap_ddp
 from moco.utils.logs import Log, quiet
@@ -81,7 +82,8 @@ class RunData:
 @dataclass
 class RunParts:
     """Everything a run trains with. ``model`` is the bare module (its state dict is what
-    checkpoints hold); ``train_model`` is what the step calls (DDP-wrapped under torchrun)."""
+    checkpoints hold); ``train_model`` is what the step calls (DDP-wrapped under torchrun);
+    ``monitor`` the training monitor (health signals, online probe; rank 0)."""
 
     cfg: MocoConfig
     runtime: Runtime
@@ -93,6 +95,7 @@ class RunParts:
     shuffle_rng: torch.Generator  # the key shuffle's generator (saved in checkpoints)
     shuffle: KeyShuffle
     train_loader: TrainLoader
+    monitor: RunMonitor = dataclasses.field(default_factory=RunMonitor)  # health + probe
 
     @property
     def device(self) -> torch.device:
@@ -137,8 +140,10 @@ def build_run(cfg: MocoConfig, *, dist: DistContext | None = None, log: Log = _l
     shuffle_rng = stream_generator(cfg.seed, KEY_SHUFFLE)
     shuffle = make_key_shuffle(runtime.shuffle_bn, runtime.dist, shuffle_rng)
     loader = train_loader(cfg, runtime, data.train)
+    monitor = build_run_monitor(cfg, runtime.device, (runtime.dist.rank, runtime.dist.world_size),
+                                runtime.autocast_dtype, data.train, model, say)
     return RunParts(cfg, runtime, data, model, train_model, optimizer, scaler, shuffle_rng,
-                    shuffle, loader)
+                    shuffle, loader, monitor)
 
 
 def resolve_runtime(cfg: MocoConfig, dist: DistContext | None = None) -> Runtime:

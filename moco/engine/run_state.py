@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from moco.engine.config import RESUME_FREE, MocoConfig
+from moco.eval.monitor import summary
 from moco.utils.checkpoint import CheckpointError, check_finite, describe_contents, model_state
 from moco.utils.logs import Log
 
@@ -51,7 +52,8 @@ class EpochRecord:
     (``staleness_*`` keys); ``bad_images`` the distinct unreadable images replaced so far
     (None: the key is left out); ``samples`` the images the epoch read, all processes together
     (every sample once per epoch, the remainder of a batch rotating between epochs);
-    ``metrics`` the epoch means of the
+    ``monitor`` the training monitor's keys (``loss_chance``, ``health_*``, ``probe_*``:
+    :mod:`moco.engine.monitoring`); ``metrics`` the epoch means of the
     method's own metrics (:attr:`~moco.core.method_base.StepOutput.metrics`), last. ``acc1``
     is None for a method without logits."""
 
@@ -69,6 +71,7 @@ class EpochRecord:
     bad_images: int | None = None
     samples: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    monitor: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The line as written, in the order of every ``metrics.jsonl`` written so far."""
@@ -83,8 +86,24 @@ class EpochRecord:
             d["bad_images"] = self.bad_images
         if self.samples is not None:
             d["samples"] = self.samples
+        d.update(self.monitor)
         d.update(self.metrics)
         return d
+
+    def describe(self, epochs: int) -> str:
+        """The epoch's log line (of ``epochs``): loss (and its chance level), pretext acc@1,
+        kNN, the queue's staleness, the health signals and the probe, images read, speed."""
+        chance = self.monitor.get("loss_chance")
+        loss = f"loss {self.loss:.4f}" + (f" (chance {chance:.3f})" if chance else "")
+        knn = f", kNN top-1 {self.knn[0]:.2f}%" if self.knn else ""
+        if self.staleness:
+            knn += (f", loss vs queue / fresh keys {self.staleness['staleness_queue_loss']:.3f}"
+                    f" / {self.staleness['staleness_fresh_loss']:.3f}")
+        health = summary(self.monitor)
+        acc = f", pretext acc@1 {self.acc1:.1f}%" if self.acc1 is not None else ""
+        return (f"epoch {self.epoch}/{epochs}: {loss}{acc}{knn}{', ' + health if health else ''}, "
+                f"{self.samples} images read, {self.images_per_s:.0f} img/s, "
+                f"{self.seconds:.0f} s")
 
 
 @dataclass
@@ -112,7 +131,8 @@ class MocoEntry:
          "knn_random_init": float | None, "shuffle_rng": uint8 tensor (the key shuffle's
          generator), "scaler": GradScaler state | None, "rng": global RNG states,
          "bad_images": [int], "loader": {a streaming loader's position},
-         "data": {"images": int, "classes": int} (the training set it was trained on)}
+         "data": {"images": int, "classes": int} (the training set it was trained on),
+         "monitor": {the training monitor's state: its online probe} (when it runs)}
 
     The finished epochs are the checkpoint's top-level ``epoch``, as in the original.
     ``partial`` holds the sums of the epoch in progress (a save mid-epoch).
@@ -132,6 +152,7 @@ class MocoEntry:
     bad_images: list[int] = field(default_factory=list)
     loader: dict[str, Any] = field(default_factory=dict)
     data: dict[str, int] = field(default_factory=dict)
+    monitor: dict[str, Any] | None = None
     format: int = CHECKPOINT_FORMAT
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,6 +176,7 @@ class MocoEntry:
             "loader": self.loader,
             # the training set's size (older checkpoints have none)
             **({"data": dict(self.data)} if self.data else {}),
+            **({"monitor": self.monitor} if self.monitor is not None else {}),
         }
 
     @classmethod
@@ -171,13 +193,13 @@ class MocoEntry:
                    knn_random_init=d.get("knn_random_init"),
                    shuffle_rng=d.get("shuffle_rng"), scaler=d.get("scaler"), rng=d.get("rng"),
                    bad_images=list(d.get("bad_images", [])), loader=d.get("loader", {}),
-                   data=dict(d.get("data") or {}),
+                   data=dict(d.get("data") or {}), monitor=d.get("monitor"),
                    format=int(d.get("format", 1)))
 
     @classmethod
     def of(cls, state: TrainState, **kept: Any) -> MocoEntry:
         """The entry of a run at ``state`` (``kept``: config, shuffle_rng, scaler, rng,
-        bad_images, loader, data)."""
+        bad_images, loader, data, monitor)."""
         return cls(epoch_step=state.epoch_step, global_step=state.global_step,
                    loss_sum=state.loss_sum, acc_sum=state.acc_sum, seconds=state.seconds,
                    metric_sums=dict(state.metric_sums), knn_random_init=state.knn_random_init,

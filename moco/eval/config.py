@@ -42,6 +42,7 @@ LINCLS_PRESETS: dict[str, dict[str, object]] = {
 }
 #: MoCo v3's base lr of the linear classifier: 3 for ViTs, 0.1 for ResNets (``CONFIG.md``).
 V3_LINCLS_BASE_LR = {"vit": 3.0, "other": 0.1}
+MAP_METHODS = ("auto", "umap", "tsne", "pca")  # moco.eval.maps: the 2-D map's projections
 _D, _E, _M, _O, _U = "data and input", "evaluation", "model", "optimisation", "run"
 
 
@@ -215,6 +216,13 @@ class EmbedConfig:
     device: str = common.device(group=_U)
     skip_bad: bool = setting(False, "--skip-bad", group=_D, role="runtime", help="skip "
                              "unreadable images (listed in the output) instead of stopping")
+    plot: str = setting("", "--plot", group=_E, metavar="FILE.png", role="runtime",
+                        help="also draw a 2-D map of the embeddings: one point per image, "
+                        "coloured by class folder, a few images at their points")
+    plot_method: str = setting("auto", "--plot-method", group=_E, choices=MAP_METHODS,
+                               role="runtime", help="the map's projection: auto = UMAP when "
+                               "umap-learn is installed, else t-SNE (scikit-learn), else PCA "
+                               "(pip install 'momentum-contrast[plots]' for the first two)")
 
     def __post_init__(self) -> None:
         check_fields(self, from_parameters("EmbedConfig"))
@@ -227,6 +235,10 @@ class EmbedConfig:
         if Path(self.out).suffix not in EMBED_SUFFIXES:
             out = label("out", declarations(EmbedConfig)["out"], source)
             raise ConfigError(f"{out} {self.out}: the file must end in .npy or .safetensors")
+        if self.plot and Path(self.plot).suffix.lower() != ".png":
+            plot = label("plot", declarations(EmbedConfig)["plot"], source)
+            raise ConfigError(f"{plot} {self.plot}: the map is a PNG image; give a name ending "
+                              "in .png")
         check_batch_fits(self.batch_size, self.image_size)
 
 

@@ -8,6 +8,9 @@ normalisation) and yields one row of an [N, D] float32 matrix. Output:
   relative to ``IMAGES``, row order) and what produced them;
 * ``FILE.safetensors``: tensor ``embeddings`` [N, D]; the file list (JSON) and the same
   description in the metadata.
+
+With ``--plot MAP.png`` it also draws their 2-D map (:func:`moco.eval.maps.plot_embedding_file`:
+UMAP, t-SNE or PCA, coloured by class folder, a few images at their points).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class EmbedResult:
     embeddings_shape: tuple[int, int]
     skipped: list[str] = field(default_factory=list)
     sidecar: Path | None = None
+    plot: Path | None = None  # the 2-D map (--plot), and the projection it used
+    plot_method: str | None = None
 
 
 def list_images(root: str | Path, skip_bad: bool = False) -> list[Path]:
@@ -141,6 +146,8 @@ def embed_images(images: str | Path | EmbedConfig, pretrained: str | Path | None
     shards = shard_source(root)  # a .tar shard or a folder of them: their samples
     files = list_images(root, cfg.skip_bad) if shards is None else []
     _check_outputs(out_p, cfg.pretrained, root, files)
+    if cfg.plot:
+        _check_plot(cfg, root, files)
     emb, index, info, size = _embed(cfg, files, shards, progress)
     ok = index >= 0
     base = root if root.is_dir() else root.parent
@@ -155,7 +162,25 @@ def embed_images(images: str | Path | EmbedConfig, pretrained: str | Path | None
             "feature_dim": int(emb.shape[1]), "image_size": size, "normalized": cfg.normalize,
             "count": len(names)}
     sidecar = _write(out_p, emb, meta, names, skipped)
-    return EmbedResult(out_p, names, (int(emb.shape[0]), int(emb.shape[1])), skipped, sidecar)
+    result = EmbedResult(out_p, names, (int(emb.shape[0]), int(emb.shape[1])), skipped, sidecar)
+    if cfg.plot:
+        from moco.eval.maps import plot_embedding_file
+
+        result.plot = Path(cfg.plot)
+        result.plot_method = plot_embedding_file(out_p, cfg.plot, method=cfg.plot_method)
+    return result
+
+
+def _check_plot(cfg: EmbedConfig, root: Path, files: list[Path]) -> None:
+    """``--plot``: a PNG that is none of the inputs nor ``--out``, outside the image folder,
+    in a writable folder; its ``--plot-method``'s package installed (before any work)."""
+    from moco.eval.maps import MIN_POINTS_NONLINEAR, resolve_method
+
+    check_output(cfg.plot, "--plot", files={"the input checkpoint (--pretrained)": cfg.pretrained,
+                                            "an input image": files, "--out": cfg.out},
+                 folders={"the image folder": root if root.is_dir() else None})
+    check_writable_parent(Path(cfg.plot), "--plot")
+    resolve_method(cfg.plot_method, MIN_POINTS_NONLINEAR)
 
 
 def _check_outputs(out: Path, pretrained: str, root: Path, files: list[Path]) -> None:

@@ -62,3 +62,28 @@ class HeadInputTap:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class HeadInputs:
+    """Collects the input of **every** forward of ``encoder``'s head (eval mode included),
+    detached, as float32 rows [B, D] in call order: the backbone features of a pass whose
+    output is the head's (the kNN monitor's queries with ``--knn-features head``), without a
+    second pass. :meth:`close` removes the hook.
+
+    Raises :class:`~moco.core.errors.ConfigError` when the encoder has no recognisable head.
+    """
+
+    def __init__(self, encoder: nn.Module) -> None:
+        self._rows: list[torch.Tensor] = []
+        self._handle = get_head(encoder).register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            self._rows.append(args[0].detach().float().flatten(1))
+
+    def features(self) -> torch.Tensor | None:
+        """The rows collected so far [N, D] (None: the head has not run)."""
+        return torch.cat(self._rows) if self._rows else None
+
+    def close(self) -> None:
+        self._handle.remove()

@@ -22,11 +22,11 @@ import numpy as np
 from PIL import Image
 
 from moco.core.errors import ConfigError
+from moco.eval.config import MAP_METHODS
 from moco.utils.runlog import new_figure, save_figure
 
 _log = logging.getLogger(__name__)
 
-MAP_METHODS = ("auto", "umap", "tsne", "pca")
 EXTRA_HINT = "pip install 'momentum-contrast[plots]'"
 #: Below this many points t-SNE and UMAP say little: "auto" draws PCA.
 MIN_POINTS_NONLINEAR = 10

@@ -54,7 +54,7 @@ class OnlineProbe:
 
     Labels of -1 (unlabeled images) are left out of every step and evaluation."""
 
-    def __init__(self, feature_dim: int, num_classes: int, *, lr: float = 0.1,
+    def __init__(self, feature_dim: int, num_classes: int, *, lr: float = 0.01,
                  momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0,
                  device: torch.device | str = "cpu") -> None:
         if feature_dim < 1 or num_classes < 2:
@@ -76,7 +76,8 @@ class OnlineProbe:
                                          weight_decay=weight_decay)
         self.feature_dim, self.num_classes = feature_dim, num_classes
         self.steps = 0
-        self._sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct, n
+        self._sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, correct
+        self._images = 0  # labeled images of the steps summed (known on the host)
 
     def _logits(self, features: torch.Tensor) -> torch.Tensor:
         x = F.normalize(features.detach().to(self.device, torch.float32).flatten(1), dim=1)
@@ -84,13 +85,18 @@ class OnlineProbe:
             logits: torch.Tensor = self.net(x)
         return logits
 
-    def step(self, features: torch.Tensor, labels: torch.Tensor) -> ProbeStep | None:
+    def step(self, features: torch.Tensor, labels: torch.Tensor, *,
+             all_labeled: bool = False) -> ProbeStep | None:
         """One SGD step on ``features`` [B, D] (detached here in any case) and ``labels`` [B]
         (-1: unlabeled, left out); None when no image of the batch is labeled or fewer than
-        two are (BatchNorm needs two). Nothing is read back from the device."""
+        two are (BatchNorm needs two). ``all_labeled``: the caller knows that no label is -1
+        (a labeled training set), so no mask is applied: nothing is read back from the device
+        (selecting the labeled rows of a partly labeled batch waits for the device)."""
         labels = labels.to(self.device)
-        keep = labels >= 0
-        x, y = features[keep.to(features.device)], labels[keep]
+        x, y = features, labels
+        if not all_labeled:
+            keep = labels >= 0
+            x, y = features[keep.to(features.device)], labels[keep]
         if x.shape[0] < 2:
             return None
         self.net.train()
@@ -102,15 +108,16 @@ class OnlineProbe:
         self.optimizer.step()
         correct = (logits.detach().argmax(1) == y).sum()
         n = int(y.shape[0])
-        self._sums += torch.stack([loss.detach().double() * n, correct.double(),
-                                   torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+        self._sums += torch.stack([loss.detach().double() * n, correct.double()])
+        self._images += n
         self.steps += 1
         return ProbeStep(loss.detach(), correct.float() * (100.0 / n), n)
 
     def epoch_metrics(self) -> dict[str, float | None]:
         """``probe_loss`` and ``probe_train_top1`` (%) over the steps since the last call
         (None without any), and start the next epoch's sums. Reads the device."""
-        loss, correct, n = self._sums.tolist()
+        loss, correct = self._sums.tolist()
+        n, self._images = self._images, 0
         self._sums.zero_()
         if n == 0:
             return {"probe_loss": None, "probe_train_top1": None}
@@ -138,19 +145,25 @@ class OnlineProbe:
         momentum buffers, the step count and the current epoch's sums (tensors and numbers
         only: loadable with ``torch.load(weights_only=True)``)."""
         return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "steps": self.steps, "sums": self._sums.detach().cpu().clone()}
+                "steps": self.steps,
+                "sums": torch.cat([self._sums.detach().cpu(),  # loss, correct, images
+                                   torch.tensor([float(self._images)], dtype=torch.float64)])}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output (a probe of the same sizes)."""
-        try:
-            self.net.load_state_dict(state["net"])
-        except (KeyError, RuntimeError) as e:
-            raise ConfigError(f"the online probe's saved state does not fit this probe "
-                              f"({type(e).__name__}: {e}); it was saved for other features "
-                              "or classes") from None
+        """Restore :meth:`state_dict`'s output (a probe of the same sizes). Another probe's
+        state is a :class:`ConfigError` and changes nothing."""
+        own, saved = self.net.state_dict(), state.get("net", {})
+        if set(saved) != set(own) or any(saved[k].shape != v.shape for k, v in own.items()):
+            shapes = {k: tuple(v.shape) for k, v in saved.items() if k.endswith("weight")}
+            raise ConfigError(f"the online probe's saved state does not fit this probe of "
+                              f"{self.feature_dim} features and {self.num_classes} classes "
+                              f"(saved: {shapes}); it was saved for other features or classes")
+        self.net.load_state_dict(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps = int(state["steps"])
-        self._sums = state["sums"].to(self.device, torch.float64).clone()
+        sums = state["sums"].to(torch.float64)
+        self._sums = sums[:2].to(self.device).clone()
+        self._images = int(sums[2])
 
 
 def label_table(labels: list[int] | None, device: torch.device | str = "cpu") -> torch.Tensor | None:

@@ -131,29 +131,77 @@ def read_metrics(path: Path, log: Callable[[str], None] | None = None) -> list[d
     return records
 
 
-def plot_history(history: list[dict[str, Any]], path: Path, baseline: float | None = None) -> None:
-    """Loss and pretext acc@1 per epoch (left), kNN top-1 per epoch (right)."""
-    fig = new_figure(figsize=(10, 4))
-    ax1, ax2 = fig.subplots(1, 2)
+def _series(history: list[dict[str, Any]], key: str) -> tuple[list[Any], list[float]]:
+    """The epochs and values of ``key`` in the records that have it."""
+    pts = [(h["epoch"], float(h[key])) for h in history if h.get(key) is not None]
+    return [e for e, _ in pts], [v for _, v in pts]
+
+
+def _pretext_panel(ax1: Any, history: list[dict[str, Any]]) -> None:
+    """Loss (and its chance level) and pretext acc@1 per epoch."""
     epochs = [h["epoch"] for h in history]
     ax1.plot(epochs, [h["loss"] for h in history], "o-", color="tab:blue", label="InfoNCE loss")
+    chance = _series(history, "loss_chance")
+    if chance[0]:
+        ax1.plot(*chance, ":", color="tab:blue", label="chance level (untrained)")
+        ax1.legend(loc="lower left", fontsize=8)
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("loss", color="tab:blue")
     ax1b = ax1.twinx()
-    acc = [(h["epoch"], h["acc1"]) for h in history if h.get("acc1") is not None]
-    ax1b.plot([e for e, _ in acc], [a for _, a in acc], "s--", color="tab:orange",
-              label="pretext acc@1")
+    ax1b.plot(*_series(history, "acc1"), "s--", color="tab:orange", label="pretext acc@1")
     ax1b.set_ylabel("pretext acc@1 (%)", color="tab:orange")
     ax1.set_title("pretext task")
-    knn = [(h["epoch"], h["knn_top1"]) for h in history if h.get("knn_top1") is not None]
-    if knn:
-        ax2.plot([e for e, _ in knn], [a for _, a in knn], "o-", color="tab:green", label="MoCo")
+
+
+def _accuracy_panel(ax2: Any, history: list[dict[str, Any]], baseline: float | None) -> None:
+    """kNN top-1 and the online probe's top-1 per epoch, the untrained network's kNN."""
+    knn, probe = _series(history, "knn_top1"), _series(history, "probe_top1")
+    if knn[0]:
+        ax2.plot(*knn, "o-", color="tab:green", label="kNN top-1")
+    if probe[0]:
+        ax2.plot(*probe, "^-", color="tab:purple", label="online linear probe top-1")
     if baseline is not None:
         ax2.axhline(baseline, color="gray", linestyle=":", label=f"random init ({baseline:.1f}%)")
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("kNN top-1 (%)")
-    ax2.set_title("kNN accuracy")
-    if knn or baseline is not None:
-        ax2.legend(loc="lower right")
+    ax2.set_ylabel("top-1 (%)")
+    ax2.set_title("accuracy (labels)")
+    if knn[0] or probe[0] or baseline is not None:
+        ax2.legend(loc="lower right", fontsize=8)
+
+
+def _health_panel(ax3: Any, history: list[dict[str, Any]]) -> None:
+    """The label-free health signals per epoch: effective rank (left axis), std x sqrt(d)
+    (right axis, 1 = spread, 0 = collapsed)."""
+    dims = [h.get("health_dim") for h in history if h.get("health_dim")]
+    ax3.plot(*_series(history, "health_rank"), "o-", color="tab:red",
+             label=f"effective rank of {dims[-1]}-d embeddings" if dims else "effective rank")
+    features = _series(history, "health_rank_features")
+    if features[0]:
+        ax3.plot(*features, "o--", color="tab:brown", label="effective rank of the features")
+    ax3.set_xlabel("epoch")
+    ax3.set_ylabel("effective rank (RankMe)", color="tab:red")
+    ax3.set_ylim(bottom=0)
+    ax3b = ax3.twinx()
+    std = _series(history, "health_std_ratio")
+    ax3b.plot(*std, "s:", color="tab:gray", label="std x sqrt(d) of the embeddings")
+    ax3b.set_ylabel("std x sqrt(d) (1 spread, 0 collapsed)", color="tab:gray")
+    ax3b.set_ylim(0, max([1.05, *std[1]]))
+    handles = ax3.get_legend_handles_labels()
+    more = ax3b.get_legend_handles_labels()
+    ax3.legend(handles[0] + more[0], handles[1] + more[1], loc="lower left", fontsize=8)
+    ax3.set_title("health (no labels)")
+
+
+def plot_history(history: list[dict[str, Any]], path: Path, baseline: float | None = None) -> None:
+    """Loss (with its chance level) and pretext acc@1 per epoch; kNN and online-probe top-1
+    per epoch; and, when the records have them, the health signals per epoch (effective rank,
+    std of the normalised embeddings: docs/monitoring.md)."""
+    health = any(h.get("health_rank") is not None for h in history)
+    fig = new_figure(figsize=(15 if health else 10, 4))
+    axes = fig.subplots(1, 3 if health else 2)
+    _pretext_panel(axes[0], history)
+    _accuracy_panel(axes[1], history, baseline)
+    if health:
+        _health_panel(axes[2], history)
     fig.tight_layout()
     save_figure(fig, path)

@@ -16,11 +16,13 @@ import pytest
 import torch
 import yaml
 from helpers import make_image_folder
+from PIL import Image
 
 from moco.engine.config_sources import build_config
 from moco.engine.run_state import PretrainResult
 from moco.eval.authors_log import AUTHORS_CIFAR10_KNN, AUTHORS_PAIRS_PER_EPOCH
 from moco.eval.knn import knn_evaluate
+from moco.eval.neighbours import grid_pixels
 from moco.utils.runlog import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,16 +84,22 @@ def test_cpu_demo_tiny(data: Path, tmp_path: Path) -> None:
     assert [r[1] for r in rows] == ["0", "64", "128"]
     metrics = read_metrics(out_dir / "metrics.jsonl")
     assert [f"{m['loss']:.3f}" for m in metrics] == [rows[1][3], rows[2][3]]
+    # The run's health signals: effective rank and std x sqrt(d), none before training.
+    assert [r[4] for r in rows] == ["-", *(f"{m['health_rank']:.1f}" for m in metrics)]
+    assert [r[5] for r in rows] == ["-", *(f"{m['health_std_ratio']:.2f}" for m in metrics)]
+    assert "rank, std: health of the embeddings" in text
+    # The online probe saw the monitor's queries every epoch.
+    assert all(m["probe_top1"] is not None for m in metrics)
     # Full protocol before and after training; the library's own figures.
-    untrained = float(rows[0][5])
-    final = float(rows[2][5])
-    assert rows[0][6] == "untrained" and untrained == pytest.approx(metrics[0]["knn_random_init"], abs=0.005)
+    untrained = float(rows[0][7])
+    final = float(rows[2][7])
+    assert rows[0][8] == "untrained" and untrained == pytest.approx(metrics[0]["knn_random_init"], abs=0.005)
     assert final == pytest.approx(metrics[-1]["knn_top1"], abs=0.005)
     assert metrics[0]["knn_top1"] is None  # epoch 1 is not the last: monitor only
     # The monitor is the same kNN on subsets; here the subsets hold every image, so it must
     # agree with the full protocol where both ran.
-    assert float(rows[0][4]) == pytest.approx(untrained, abs=0.005)
-    assert float(rows[2][4]) == pytest.approx(final, abs=0.005)
+    assert float(rows[0][6]) == pytest.approx(untrained, abs=0.005)
+    assert float(rows[2][6]) == pytest.approx(final, abs=0.005)
     # The final figure is the one `moco knn` computes from the checkpoint.
     ckpt = sorted(out_dir.glob("checkpoint_*.pth.tar"))[-1]
     ref = knn_evaluate(data, ckpt, k=5, t=0.1, features="backbone", device="cpu", workers=0,
@@ -103,6 +111,28 @@ def test_cpu_demo_tiny(data: Path, tmp_path: Path) -> None:
     assert ("PASSED" in verdict) == (final - untrained >= 5.0)
     assert (out_dir / "demo.png").read_bytes()[:8] == PNG
     assert (out_dir / "plot.png").read_bytes()[:8] == PNG
+    # The neighbour grids of the untrained and the trained network, named in the report:
+    # 8 test images (4 of each class) and their 8 nearest of the 64 training images.
+    before, after = out_dir / "neighbours-before.png", out_dir / "neighbours-after.png"
+    assert f"neighbours: {before} (untrained) and {after.name} (trained)" in flat
+    assert "of 64 training images" in flat and "neighbours of the query's class:" in flat
+    size = grid_pixels(8, 1 + 8, title=True)
+    for grid in (before, after):
+        with Image.open(grid) as im:
+            assert (im.height, im.width) == size
+
+
+def test_the_grids_before_and_after_show_the_same_queries(data: Path, tmp_path: Path) -> None:
+    cfg = build_config(yaml_path=ROOT / "configs/demo.yaml", overrides={
+        "data": str(data), "output": str(tmp_path / "run"), "device": "cpu", "batch_size": 8,
+        "moco_k": 32, "bn_splits": 2, "epochs": 1, "train_subset": 0, "workers": 0,
+        "knn_k": 5, "health": False, "probe": "off"})
+    run = demo.run_demo(cfg, gpu=False, progress=False)
+    before, after = run.grids["before"], run.grids["after"]
+    assert before.queries == after.queries and len(before.queries) == 8
+    assert before.bank == after.bank == 64
+    assert before.path.name == "neighbours-before.png" and after.path.is_file()
+    assert "rank, std" not in "\n".join(demo.report(run, gpu=False, dry_run=False))
 
 
 @pytest.mark.parametrize(("final", "untrained", "passed"), [

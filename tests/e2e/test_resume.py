@@ -158,6 +158,8 @@ def test_resume_on_other_data_warns_and_says_how_to_start_fresh(tiny_data: Path,
     assert (said[0].startswith("warning: ") and "was trained on 32 images of 2 classes" in said[0]
             and f"{other} has 24 images of 3 classes" in said[0]
             and "--overwrite" in said[0] and "another --output" in said[0])
+    assert any(m.startswith("warning: the checkpoint's online probe was trained for other "
+                            "classes") for m in logs)  # 3 classes now: a new probe
     # The same data: nothing to say.
     logs.clear()
     Pretrainer(make_cfg(other, out, "--knn-every", "0", "--epochs", "3", "--resume", "auto"),

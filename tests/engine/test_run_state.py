@@ -61,9 +61,12 @@ def test_a_saved_checkpoint_has_the_same_entry(tiny_data: Path, tmp_path: Path) 
     ckpt = load_checkpoint(result.checkpoint)
     assert list(ckpt) == ["epoch", "arch", "state_dict", "optimizer", "moco"]
     entry = ckpt["moco"]
-    # ... and, last, the size of the training set it was trained on (resume knows its data)
-    assert list(entry) == [*ON_DISK_KEYS, "data"] and entry["format"] == CHECKPOINT_FORMAT
+    # ... then the size of the training set it was trained on (resume knows its data) and,
+    # last, the training monitor's state (its online probe)
+    assert list(entry) == [*ON_DISK_KEYS, "data", "monitor"]
+    assert entry["format"] == CHECKPOINT_FORMAT
     assert entry["data"] == {"images": 32, "classes": 2}
+    assert entry["monitor"]["probe"]["steps"] == 4
     assert list(entry["partial"]) == ["loss_sum", "acc_sum", "seconds"]
     assert entry["config"] == cfg.to_dict() and entry["global_step"] == 4  # 32 images / batch 8
     assert MocoEntry.from_dict(entry).global_step == 4

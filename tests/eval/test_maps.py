@@ -33,6 +33,7 @@ from moco.eval.neighbours import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+EMBED_FLAGS = ["-j", "0", "--device", "cpu", "--no-progress", "--image-size", "32"]
 
 
 def _points(n: int = 60, d: int = 12, seed: int = 0) -> tuple[np.ndarray, list[int]]:
@@ -148,6 +149,45 @@ def test_map_of_a_moco_embed_file(tmp_path: Path, suffix: str) -> None:
     out = tmp_path / "map.png"
     assert plot_embedding_file(emb, out, method="pca", thumbnails=3) == "pca"
     assert _png_size(out) == (800, 800)
+
+
+def test_moco_embed_plot_draws_the_map_of_what_it_wrote(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """``moco embed --plot``: the map of the file it wrote, as plot_embedding_file draws it."""
+    ckpt = tmp_path / "moco.pth.tar"
+    save_original_checkpoint(ckpt, "resnet18", with_optimizer=False)
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=4, size=16,
+                             splits=("train",))
+    emb, out = tmp_path / "emb.npy", tmp_path / "maps" / "map.png"
+    out.parent.mkdir()
+    assert main(["embed", str(data / "train"), "--pretrained", str(ckpt), "--out", str(emb),
+                 "--plot", str(out), "--plot-method", "pca", *EMBED_FLAGS]) == 0
+    said = capsys.readouterr().out
+    assert f"wrote {out}: their 2-D map (PCA)" in said
+    again = tmp_path / "again.png"
+    assert plot_embedding_file(emb, again, method="pca") == "pca"
+    assert out.read_bytes() == again.read_bytes()
+
+
+def test_moco_embed_plot_refuses_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = tmp_path / "moco.pth.tar"
+    save_original_checkpoint(ckpt, "resnet18", with_optimizer=False)
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=2, size=16, splits=("train",))
+    emb = tmp_path / "emb.npy"
+    base = ["embed", str(data / "train"), "--pretrained", str(ckpt), "--out", str(emb),
+            *EMBED_FLAGS]
+    monkeypatch.setattr(maps, "_installed", lambda module: False)
+    for extra, words in ((["--plot", str(tmp_path / "map.jpg")], "--plot"),
+                         (["--plot", str(data / "train" / "map.png")], "--plot"),
+                         (["--plot", str(tmp_path / "map.png"), "--plot-method", "umap"],
+                          "umap-learn"),
+                         (["--plot", str(tmp_path / "map.png"), "--plot-method", "mds"],
+                          "--plot-method")):
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+        assert not emb.exists()  # refused before the embeddings are computed
 
 
 # ----- nearest neighbours ----------------------------------------------------------------------

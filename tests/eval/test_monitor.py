@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moco.core.backbones import strip_head
 from moco.core.model import MoCo
 from moco.data.augment import pretrain_transform
 from moco.data.recipes import CIFAR_MEAN, CIFAR_STD
 from moco.data.source import ImageSource
+from moco.eval.feature_tap import HeadInputTap
 from moco.eval.monitor import SCALAR_KEYS, MonitorSettings, TrainingMonitor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -140,6 +142,54 @@ def test_warnings_read_the_history() -> None:
     h = [{"epoch": e, "loss": 2.83, "loss_chance": math.log(K + 1)} for e in (1, 2, 3)]
     assert [w.split(" ")[0] for w in mon.warnings(h)] == ["stuck"]
     assert mon.tap is None and mon.probe is None
+
+
+class _Reads(TorchDispatchMode):
+    """Counts reads of tensor values into Python (what would make a host wait for a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_after_step_reads_nothing_back_on_labeled_images() -> None:
+    torch.manual_seed(0)
+    model = MoCo(encoder(), dim=8, k=K)
+    mon = TrainingMonitor(model.encoder_q, images(), lambda img: torch.zeros(3, 8, 8), CPU,
+                          MonitorSettings(health=False))
+    mon.chance = 1.0
+    assert mon.all_labeled
+    for step in range(2):  # the first step creates the optimizer's momentum buffers
+        model(torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8))
+        with _Reads() as mode:
+            mon.after_step(None, torch.arange(8))
+        assert mode.reads == 0, step
+    assert mon.probe is not None and mon.probe.steps == 2
+    mon.close()
+
+
+def test_the_probe_sees_the_features_of_a_compiled_encoder() -> None:
+    """``--compile``: the tap's hook is traced with the encoder (dynamo; the eager backend
+    here, inductor's code generation is not what is tested) and records the same features."""
+    torch.manual_seed(0)
+    enc = encoder()
+    enc.compile(backend="eager")
+    tap = HeadInputTap(enc, training_only=True)
+    x = torch.randn(4, 3, 8, 8)
+    for _ in range(2):
+        enc(x)
+        with torch.no_grad():
+            expected = enc.flat(enc.pool(enc.relu(enc.bn(enc.conv(x)))))
+        got = tap.take()
+        assert got is not None and torch.allclose(got, expected, atol=1e-6)
+    enc.eval()
+    enc(x)
+    assert tap.take() is None  # eval-mode forwards are not the probe's
+    tap.close()
 
 
 @pytest.mark.cuda
