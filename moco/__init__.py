@@ -1,4 +1,4 @@
-"""moco: Momentum Contrast (MoCo v1/v2) self-supervised pretraining, as a library and a CLI.
+"""moco: Momentum Contrast (MoCo v1, v2, v3) self-supervised pretraining, as a library and a CLI.
 
 He et al., "Momentum Contrast for Unsupervised Visual Representation Learning", CVPR 2020;
 Chen et al., "Improved Baselines with Momentum Contrastive Learning", arXiv 2003.04297.
@@ -61,6 +61,10 @@ _API: dict[str, str] = {
     "pretrain_transform": "moco.data.augment",
     "eval_transform": "moco.data.augment",
     "TwoViews": "moco.data.augment",
+    "CIFAR_MEAN": "moco.data.recipes",  # the normalisation of the recipes (per channel, RGB)
+    "CIFAR_STD": "moco.data.recipes",
+    "IMAGENET_MEAN": "moco.data.recipes",
+    "IMAGENET_STD": "moco.data.recipes",
     # pretrained encoders: loading, features, evaluation, export
     "load_backbone": "moco.eval.encoders",
     "load_encoder": "moco.eval.encoders",
@@ -89,8 +93,8 @@ _API: dict[str, str] = {
 }
 
 __all__ = [  # a literal list for static tools; tests/package/test_api.py checks it against _API
-    "CheckpointError", "ConfigError", "DDPShuffle", "DataError", "EXPORT_FORMATS", "EmbedConfig",
-    "FeatureOptions", "KeyQueue", "KeyShuffle", "KnnConfig", "KnnResult", "LinclsConfig",
+    "CIFAR_MEAN", "CIFAR_STD", "CheckpointError", "ConfigError", "DDPShuffle", "DataError", "EXPORT_FORMATS", "EmbedConfig",
+    "FeatureOptions", "IMAGENET_MEAN", "IMAGENET_STD", "KeyQueue", "KeyShuffle", "KnnConfig", "KnnResult", "LinclsConfig",
     "LocalShuffle", "MoCo", "MocoConfig", "MocoError", "NoShuffle", "PretrainResult",
     "PretrainedInfo", "PretrainingMethod", "RunError", "SplitBatchNorm", "StepOutput", "TwoViews",
     "available_methods", "build_backbone", "build_config", "build_encoder", "convert_split_bn",
@@ -121,6 +125,7 @@ if TYPE_CHECKING:  # the names for type checkers and editors; at run time see __
         make_key_shuffle,
     )
     from moco.data.augment import TwoViews, eval_transform, pretrain_transform
+    from moco.data.recipes import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
     from moco.data.source import DataError
     from moco.engine.config import MocoConfig
     from moco.engine.config_sources import build_config

@@ -24,7 +24,7 @@ from moco.core.errors import MocoError
 #: Each command's module (``moco/cli/<name>.py``; the command is the name with dashes) and the
 #: one line ``moco --help`` shows for it.
 COMMANDS: dict[str, str] = {
-    "pretrain": "pretrain a ResNet with MoCo v1/v2 on a folder of images",
+    "pretrain": "pretrain a ResNet or a ViT with MoCo v1, v2 or v3 on a folder of images",
     "lincls": "linear classification on frozen features (the paper's protocol)",
     "knn": "weighted kNN accuracy of a pretrained encoder",
     "export": "export a pretrained encoder for torchvision, detectron2, safetensors or timm",
@@ -70,7 +70,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     others are listed by name and help; without, every command is built."""
     parser = OneLineParser(
         prog="moco",
-        description="Momentum Contrast (MoCo v1/v2) self-supervised pretraining and evaluation.",
+        description="Momentum Contrast (MoCo v1, v2, v3) self-supervised pretraining and evaluation.",
         epilog="Run 'moco COMMAND --help' for the flags of each command.",
     )
     parser.add_argument("--version", action="version", version=f"moco {__version__}")

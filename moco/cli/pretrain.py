@@ -1,4 +1,4 @@
-"""``moco pretrain DATA``: MoCo v1/v2 pretraining with the original ``main_moco.py`` flags.
+"""``moco pretrain DATA``: MoCo v1/v2/v3 pretraining with the original ``main_moco.py`` flags.
 
 The flags are generated (:mod:`moco.cli.declared`) from :class:`moco.engine.config.MocoConfig`'s
 declaration and :class:`PretrainFlags`: each field's flags, help, default and choices. They keep
