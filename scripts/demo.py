@@ -42,6 +42,7 @@ import yaml
 
 from moco.core.backbones import strip_head
 from moco.core.errors import MocoError
+from moco.core.methods import method_spec
 from moco.data.cifar_download import CIFAR10_URL, fetch_cifar10
 from moco.data.datasets import class_balanced_subset
 from moco.data.source import ImageSource
@@ -77,6 +78,14 @@ def demo_data(given: str) -> str:
     print(f"demo: no local CIFAR-10 (--data, $MOCO_DATA): using {CIFAR10_URL} (163 MB, "
           "downloaded once into the user cache folder)", file=sys.stderr)
     return str(fetch_cifar10())
+#: ``--recipe``: other CPU recipes over configs/demo.yaml (docs/demo.md, the pilots). mocov3:
+#: MoCo v3 with LARS, its heads and augmentation, 5 epochs (the end-to-end recipe's time).
+CPU_RECIPES: dict[str, dict[str, Any]] = {
+    "mocov3": {"mechanism": "mocov3", "moco_t": 0.2, "moco_m_cos": True, "moco_dim": 256,
+               "mlp_dim": 2048, "aug": "cifar-v3", "optimizer": "lars", "lr": 0.3,
+               "lr_scale": "linear", "wd": 1e-5, "lr_schedule": "warmup-cosine",
+               "warmup_epochs": 1, "epochs": 5, "output": "runs/demo-mocov3"},
+}
 GOAL_POINTS = 5.0  # the CPU demo passes when the final kNN is this far above the untrained one
 MONITOR_SIZES = (5000, 1000)  # the per-epoch monitor: train images in the bank, test queries
 # The GPU recipe on the CPU, tiny: a check that the path runs, not a result.
@@ -98,7 +107,8 @@ LABELS = {"cifar_stem": "stem", "batch_size": "batch", "lr": "lr", "moco_k": "K"
           "crop_min_scale": "crop scale from", "epochs": "epochs", "train_subset": "images",
           "cos_one_based": "1-based cosine (last epoch at lr 0)", "warmup_epochs": "warmup epochs",
           "wd": "wd", "bn_splits": "SplitBN splits", "mechanism": "mechanism",
-          "knn_features": "kNN features", "symmetric": "symmetric loss", "moco_dim": "dim"}
+          "knn_features": "kNN features", "symmetric": "symmetric loss", "moco_dim": "dim",
+          "optimizer": "optimizer", "lr_schedule": "lr schedule"}
 
 
 def _show(key: str, value: Any) -> str:
@@ -114,11 +124,22 @@ def _show(key: str, value: Any) -> str:
 def recipe_changes(cfg: MocoConfig) -> list[str]:
     """What ``cfg`` changes in the authors' CIFAR-10 recipe, e.g. ``"batch 128 (authors: 512)"``."""
     authors = build_config(preset="cifar10")
-    return [f"{label} {_show(k, getattr(cfg, k))} (authors: {_show(k, getattr(authors, k))})"
-            for k, label in LABELS.items() if getattr(cfg, k) != getattr(authors, k)]
+    changes = [f"{label} {_show(k, getattr(cfg, k))} (authors: {_show(k, getattr(authors, k))})"
+               for k, label in LABELS.items() if getattr(cfg, k) != getattr(authors, k)]
+    if cfg.batch_size != authors.batch_size and cfg.lr == authors.lr:
+        changes.append(f"lr {cfg.lr:g} kept at batch {cfg.batch_size} (not scaled by "
+                       f"{cfg.batch_size}/{authors.batch_size}: the pilots' choice)")
+    return changes
 
 
 Features = tuple[torch.Tensor, torch.Tensor]  # L2-normalised features [N, D], labels [N]
+
+
+def _demo_log(line: str) -> None:
+    """The run's lines, less the advice to scale the lr with the batch: the CPU recipe keeps
+    lr 0.06 at batch 128 on purpose (the pilots of docs/demo.md) and says so in its recipe."""
+    if not (line.startswith("warning: -b ") and "linear scaling rule" in line):
+        print(line)
 
 
 class DemoPretrainer(Pretrainer):
@@ -131,8 +152,8 @@ class DemoPretrainer(Pretrainer):
     def __init__(self, cfg: MocoConfig, *, monitor: tuple[int, int] | None,
                  full_every_epoch: bool, full_sizes: tuple[int, int] | None = None,
                  progress: bool = True) -> None:
-        super().__init__(dataclasses.replace(cfg, knn_every=1), log=print, progress=progress,
-                         overwrite=True)
+        super().__init__(dataclasses.replace(cfg, knn_every=1), log=_demo_log,
+                         progress=progress, overwrite=True)
         self.full_every_epoch = full_every_epoch
         self.full_sets: tuple[ImageSource, ImageSource] | None = None
         if self.knn_bank is not None and self.knn_query is not None:
@@ -163,7 +184,7 @@ class DemoPretrainer(Pretrainer):
         return (len(sets[0]), len(sets[1])) if sets is not None else (0, 0)
 
     def _features(self, source: ImageSource) -> Features:
-        encoder = self.model.encoder_q
+        encoder = self.model.evaluation_encoder()  # the query encoder (MoCo v3: base encoder)
         net = strip_head(encoder) if self.cfg.knn_features == "backbone" else encoder
         return source_features(net, source, self.cfg.input_settings(), self.device, self.workers,
                                autocast_dtype=self.autocast_dtype, out_device=self.device)
@@ -215,7 +236,7 @@ class DemoPretrainer(Pretrainer):
                                   class_balanced_subset(self.full_sets[0].labels or [],
                                                         GRID_BANK, seed=0)))
         bank = self.grid_bank
-        encoder = self.model.encoder_q
+        encoder = self.model.evaluation_encoder()  # the query encoder (MoCo v3: base encoder)
         net = strip_head(encoder) if self.cfg.knn_features == "backbone" else encoder
         options = NeighboursConfig(queries=GRID_QUERIES, k=GRID_K, workers=self.workers)
         r = retrieve(net, EvalSettings(self.cfg.input_settings(), self.cfg.precision), bank,
@@ -377,6 +398,15 @@ def run_demo(cfg: MocoConfig, *, gpu: bool, dry_run: bool = False,
                    trainer.set_sizes("full"), trainer.set_sizes("monitor"), trainer.grids)
 
 
+OPTIMIZER_NAMES = {"sgd": "SGD", "lars": "LARS", "adamw": "AdamW"}
+
+
+def _schedule(cfg: MocoConfig) -> str:
+    if cfg.lr_schedule != "auto":
+        return cfg.lr_schedule
+    return "cosine" if cfg.cos else "step"
+
+
 def describe_recipe(cfg: MocoConfig, precision: str) -> list[str]:
     """The recipe in words, and what it changes in the authors' (``--preset cifar10``)."""
     images = f"{cfg.train_subset:,} images" if cfg.train_subset else "all training images"
@@ -385,11 +415,14 @@ def describe_recipe(cfg: MocoConfig, precision: str) -> list[str]:
         "end-to-end": f"end-to-end: the keys are the batch's other {cfg.batch_size - 1} views "
                       "through the query encoder, with gradients (no queue, no momentum encoder)",
         "memory-bank": f"memory bank: K {cfg.moco_k} keys drawn from a bank of every image",
-    }[cfg.mechanism]
+        "mocov3": f"MoCo v3: momentum encoder (m {cfg.moco_m}"
+                  f"{' -> 1, cosine' if cfg.moco_m_cos else ''}), the batch's other "
+                  f"{cfg.batch_size - 1} keys, symmetric loss",
+    }.get(cfg.mechanism, cfg.mechanism)
     recipe = (f"recipe: ResNet-18 ({'CIFAR' if cfg.cifar_stem else 'ImageNet'} stem), "
-              f"{'MLP' if cfg.mlp else 'linear'} head, {dictionary}, T {cfg.moco_t}, "
-              f"batch {cfg.batch_size}, SGD lr {cfg.lr} "
-              f"{'cosine' if cfg.cos else 'step'}, wd {cfg.wd}, {cfg.epochs} epochs x {images}, "
+              f"{method_spec(cfg.mechanism).head(cfg)}, {dictionary}, T {cfg.moco_t}, "
+              f"batch {cfg.batch_size}, {OPTIMIZER_NAMES.get(cfg.optimizer, cfg.optimizer)} "
+              f"lr {cfg.lr} {_schedule(cfg)}, wd {cfg.wd}, {cfg.epochs} epochs x {images}, "
               f"augmentation {cfg.aug}, crop scale {cfg.crop_min_scale}-1, {precision}")
     lines = textwrap.wrap(recipe, width=86, initial_indent="  ", subsequent_indent="    ")
     changes = recipe_changes(cfg)
@@ -421,8 +454,9 @@ def report(run: DemoRun, gpu: bool, dry_run: bool) -> list[str]:
     if gpu:
         out.append(f"MoCo demo: the authors' CIFAR-10 recipe, {epochs} of its {cfg.epochs} epochs")
     else:
-        how = ("" if cfg.mechanism == "moco" else
-               f" with MoCo v1's {cfg.mechanism} mechanism (not the momentum encoder + queue)")
+        how = {"moco": "", "mocov3": " with MoCo v3 (momentum encoder, no queue)"}.get(
+            cfg.mechanism,
+            f" with MoCo v1's {cfg.mechanism} mechanism (not the momentum encoder + queue)")
         out.append(f"MoCo demo: the authors' CIFAR-10 recipe{how}, scaled to a few CPU minutes")
     out.extend(describe_recipe(cfg, run.precision))
     out.append("")
@@ -499,6 +533,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="run the GPU recipe on the CPU with tiny sizes (a check, not a result)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="change a setting of the recipe (repeatable), e.g. --set moco_k=256")
+    ap.add_argument("--recipe", choices=("default", *CPU_RECIPES), default="default",
+                    help="CPU only: mocov3 = the MoCo v3 pilot of docs/demo.md (momentum "
+                    "encoder, no queue; 5 epochs, the CPU recipe's time) instead of end-to-end")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     show_on_stderr()  # the library's notices (decoding into the cache, ...), as `moco` shows them
@@ -510,6 +547,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides.update(DRY_RUN)
         if gpu and args.full:
             overrides["time_limit"] = 0.0
+        if args.recipe != "default":
+            if gpu:
+                raise SystemExit("demo: --recipe is for the CPU demo (the GPU runs the authors' recipe)")
+            overrides.update(CPU_RECIPES[args.recipe])
         overrides.update(parse_set(args.set))
         overrides["data"] = demo_data(args.data)
         if args.output:

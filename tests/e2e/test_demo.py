@@ -78,6 +78,7 @@ def test_cpu_demo_tiny(data: Path, tmp_path: Path) -> None:
             "encoder + queue), scaled to a few CPU minutes") in flat
     # What changed from the authors' recipe is named, from the settings themselves.
     assert "batch 8 (authors: 512)" in flat and "K 32 (authors: 4096)" in flat
+    assert "lr 0.06 kept at batch 8" in flat and "linear scaling rule" not in flat
     rows = _table(text)
     assert [r[0] for r in rows] == ["0", "1", "2"]
     # 64 images, batch 8: 8 steps of 8 pairs per epoch.
@@ -133,6 +134,22 @@ def test_the_grids_before_and_after_show_the_same_queries(data: Path, tmp_path: 
     assert before.bank == after.bank == 64
     assert before.path.name == "neighbours-before.png" and after.path.is_file()
     assert "rank, std" not in "\n".join(demo.report(run, gpu=False, dry_run=False))
+
+
+def test_the_demo_runs_the_mocov3_recipe(data: Path, tmp_path: Path) -> None:
+    """``--recipe mocov3`` (the pilot of docs/demo.md) runs MoCo v3 through the same demo (no
+    ``encoder_q``: the features and grids come from the method's evaluation encoder)."""
+    out_dir = tmp_path / "v3"
+    rc, text = _run(["--data", str(data), "--output", str(out_dir), "--device", "cpu",
+                     "--recipe", "mocov3", *TINY, "--set", "mlp_dim=64", "--set", "moco_dim=32",
+                     "--set", "epochs=1"])
+    assert rc == 0, text
+    flat = " ".join(text.split())
+    assert "recipe with MoCo v3 (momentum encoder, no queue)" in flat
+    assert "MLP projector + predictor (hidden 64, out 32)" in flat and "linear head" not in flat
+    assert "mechanism mocov3 (authors: moco)" in flat and "optimizer lars (authors: sgd)" in flat
+    assert "VERDICT" in flat
+    assert (out_dir / "neighbours-after.png").read_bytes()[:8] == PNG
 
 
 @pytest.mark.parametrize(("final", "untrained", "passed"), [
