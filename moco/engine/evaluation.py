@@ -80,8 +80,9 @@ def monitor_knn(encoder: nn.Module, sources: MonitorSources, cfg: MocoConfig, di
         if inputs is not None:
             inputs.close()
     if queries is not None:
-        rows = query if inputs is None else inputs.features()
-        if rows is not None:
+        if inputs is None:  # the backbone features: gathered above
+            queries.append((query, query_labels))
+        elif (rows := inputs.features()) is not None:  # the head's inputs: this rank's rows
             gathered = gather_shards(rows, n_query) if len(query_src) < n_query else rows
             queries.append((gathered, query_labels))
     return knn_accuracy(query, query_labels, bank, bank_labels, k=cfg.knn_k, t=cfg.knn_t)
