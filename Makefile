@@ -32,10 +32,10 @@ lint: $(STAMP)
 	$(BIN)/mypy moco
 
 test: lint
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra -n 2
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -n 2 -m "not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

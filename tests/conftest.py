@@ -3,12 +3,17 @@ helpers the tests import are in ``helpers.py``)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import make_image_folder
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test`: one worker per core, one thread each
+    os.environ["OMP_NUM_THREADS"] = "1"  # the subprocesses the tests start, too
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -59,7 +59,7 @@ def test_pretrain_knn_lincls_export_embed(arch: str, tiny_data: Path, tmp_path: 
     # linear classification, the full protocol (frozen backbone, sanity check) for one epoch
     lin = tmp_path / "lincls"
     assert main(["lincls", str(tiny_data), "--pretrained", str(ckpt), "--epochs", "1", "-b", "8",
-                 "--lr", "1", "-j", "0", "--device", "cpu", "--no-progress",
+                 "--lr", "0.1", "-j", "0", "--device", "cpu", "--no-progress",
                  "--output", str(lin)]) == 0
     rec = json.loads((lin / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["epoch"] == 1 and 0 <= rec["acc1"] <= 100
