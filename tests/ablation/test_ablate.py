@@ -204,7 +204,10 @@ def test_jobs_pass_a_signal_on_and_a_crashed_job_is_reported(
     def stop_when_both_train() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            if all(list((out / n).glob("tb/*")) for n in ("moco_m=0.9", "moco_m=0.99")):
+            # A first checkpoint in both: each job is in its loop, its signal handler set
+            # (a SIGTERM during a job's start-up would end it as failed, not stopped).
+            if all(list((out / n).glob("checkpoint_*.pth.tar"))
+                   for n in ("moco_m=0.9", "moco_m=0.99")):
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
             time.sleep(0.2)
