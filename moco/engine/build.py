@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,12 +42,16 @@ class Runtime:
 def backbone_options(cfg: MocoConfig) -> BackboneOptions:
     """What the backbone is built with: the run's image size (a ViT's position embedding),
     ``--patch-size``, ``--stop-grad-conv1`` and ``--cifar-stem``, then what the method asks
-    (MoCo v3: zero-initialised residual blocks, any network with or without BatchNorm)."""
+    (MoCo v3: zero-initialised residual blocks, any network with or without BatchNorm);
+    ``--zero-init-residual true|false`` over the method's choice."""
     spec = method_spec(cfg.mechanism)
-    return BackboneOptions(**{
+    options: dict[str, Any] = {
         "cifar_stem": cfg.cifar_stem, "image_size": cfg.image_size,
         "patch_size": cfg.patch_size or None, "stop_grad_conv1": cfg.stop_grad_conv1,
-        **spec.backbone_options(cfg)})
+        **spec.backbone_options(cfg)}
+    if isinstance(cfg.zero_init_residual, bool):
+        options["zero_init_residual"] = cfg.zero_init_residual
+    return BackboneOptions(**options)
 
 
 def build_model(cfg: MocoConfig, device: torch.device,

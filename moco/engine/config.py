@@ -132,6 +132,10 @@ class MocoConfig:
     stop_grad_conv1: bool = setting(False, "--stop-grad-conv1", group=_M, help="ViTs: the random "
                                     "patch projection of MoCo v3 (the patch embedding keeps its "
                                     "random initialisation, no gradient)")
+    zero_init_residual: bool | str = setting(
+        "auto", "--zero-init-residual", group=_M, metavar="auto|true|false",
+        help="ResNets: start the last BatchNorm of every residual block at 0 (Goyal et al. "
+        "2017); auto = the method's choice (MoCo v3: true, v1/v2: false)")
     moco_t: float = setting(0.07, "--moco-t", group=_M, min=0, min_open=True,
                             help="softmax temperature T")
     mlp: bool = setting(False, "--mlp", group=_M, help="MoCo v2 MLP head")

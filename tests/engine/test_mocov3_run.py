@@ -91,6 +91,23 @@ def test_the_cifar_preset_builds_a_vit_tiny_of_4_px_patches() -> None:
     assert not model.base_encoder.patch_embed.proj.weight.requires_grad
 
 
+@pytest.mark.parametrize(("mechanism", "setting", "zeroed"), [
+    ("mocov3", "auto", True), ("mocov3", "false", False), ("moco", "auto", False),
+    ("moco", "true", True)])
+def test_zero_init_residual_is_the_methods_choice_unless_set(
+        mechanism: str, setting: str, zeroed: bool) -> None:
+    """MoCo v3 builds its ResNets with the residual blocks' last BN at 0, v1/v2 do not;
+    ``--zero-init-residual true|false`` overrides either (the demo's control pilot)."""
+    cfg = MocoConfig(arch="resnet18", mechanism=mechanism, zero_init_residual=setting,
+                     moco_k=256, moco_dim=16, mlp_dim=32)
+    cfg.validate()
+    model = build_model(cfg, torch.device("cpu"))
+    encoder = model.encoder_q if mechanism == "moco" else model.base_encoder
+    last_bns = [block.bn2.weight for layer in (encoder.layer1, encoder.layer4) for block in layer]
+    assert all(bool((w == 0).all()) == zeroed for w in last_bns)
+    assert bool((encoder.bn1.weight == 0).any()) is False  # the stem's BN is never zeroed
+
+
 def test_pretrain_help_lists_the_methods_presets_and_optimizers(
         capsys: pytest.CaptureFixture[str]) -> None:
     from moco.cli import build_parser
