@@ -119,19 +119,52 @@ def _smallest_bn_map(encoder: Any, image_size: int) -> tuple[int, str] | None:
     return min(seen) if seen else None
 
 
-def run_advice(cfg: MocoConfig, images: int, knn_bank: int | None) -> list[str]:
+def run_advice(cfg: MocoConfig, images: int, knn_bank: int | None, *,
+               shuffle_bn: str | None = None, world_size: int = 1) -> list[str]:
     """Settings that run but cannot work as meant on ``images`` training images (and a kNN
     bank of ``knn_bank`` images, None without the monitor): the method's own (a queue longer
-    than the data), an lr not scaled with a changed batch, kNN's k beyond its bank."""
+    than the data), an lr not scaled with a changed batch, kNN's k beyond its bank, and with
+    the resolved ``shuffle_bn`` mode, BatchNorm groups too small for their statistics."""
     from moco.core.methods import method_spec
 
     advice = list(method_spec(cfg.mechanism).advise(cfg, images))
     advice += lr_advice(cfg)
+    if shuffle_bn is not None:
+        advice += bn_group_advice(cfg, shuffle_bn, world_size)
     if knn_bank is not None and cfg.knn_k > knn_bank:
         advice.append(f"--knn-k {cfg.knn_k} is larger than the kNN monitor's bank of {knn_bank} "
                       f"train images: each query's vote is over the whole bank (k = {knn_bank}); "
                       f"use --knn-k {max(1, min(knn_bank // 10, 200))} or so")
     return advice
+
+
+#: Fewer images than this in one BatchNorm group are warned about: the original trains with
+#: 32 per GPU (256 over 8), and the pilots on 500 images (docs/own-images.md) gained 4.7 kNN
+#: points going from groups of 4 (-b 32 / --bn-splits 8) to 16 (--bn-splits 2).
+BN_GROUP_MIN = 16
+
+
+def bn_group_advice(cfg: MocoConfig, mode: str, world_size: int) -> list[str]:
+    """Shuffling BN over sub-batches of fewer than :data:`BN_GROUP_MIN` images: noisy
+    statistics (MoCo v1 §3.3 keeps a GPU's 32); fewer splits or a larger batch fix it."""
+    from moco.core.methods import method_spec
+
+    if not method_spec(cfg.mechanism).shuffle_bn or mode == "syncbn":
+        return []
+    group, how = images_per_bn_group(cfg, mode, world_size)
+    if group >= BN_GROUP_MIN:
+        return []
+    local = max(1, cfg.batch_size // world_size)
+    splits = max(s for s in range(1, local + 1) if local % s == 0 and local // s >= BN_GROUP_MIN) \
+        if local >= BN_GROUP_MIN else 0
+    if mode in SPLIT_BN_MODES and splits >= 2:
+        fix = f"use --bn-splits {splits} ({local // splits} images each)"
+    elif mode in SPLIT_BN_MODES:
+        fix = f"use -b {2 * BN_GROUP_MIN * world_size} or more with --bn-splits 2"
+    else:
+        fix = f"use -b {BN_GROUP_MIN * world_size} or more"
+    return [f"BatchNorm normalises groups of {group} images ({how}): statistics over so few "
+            f"images are noisy and training suffers (the original: 32 per GPU); {fix}"]
 
 
 def lr_advice(cfg: MocoConfig) -> list[str]:

@@ -125,7 +125,8 @@ def build_run(cfg: MocoConfig, *, dist: DistContext | None = None, log: Log = _l
     check_buildable(cfg, runtime.shuffle_bn, runtime.dist.world_size, len(data.train))
     say = log if runtime.dist.is_main else quiet
     say(describe_run(cfg, runtime, len(data.train)))
-    for advice in run_advice(cfg, len(data.train), data.knn_bank_size(cfg)):
+    for advice in run_advice(cfg, len(data.train), data.knn_bank_size(cfg),
+                             shuffle_bn=runtime.shuffle_bn, world_size=runtime.dist.world_size):
         say(f"warning: {advice}")
     model = build_model(dataclasses.replace(cfg, shuffle_bn=runtime.shuffle_bn), runtime.device,
                         num_samples=len(data.train))
