@@ -104,7 +104,7 @@ def build_run_monitor(cfg: Any, device: torch.device, world: tuple[int, int],
     settings = MonitorSettings(
         health=cfg.health, sample_size=cfg.health_images, probe=probe, probe_lr=cfg.probe_lr,
         seed=cfg.seed, on_bad_image=cfg.on_bad_image, batch_size=min(batch, HEALTH_BATCH),
-        channels_last=cfg.channels_last_on(device.type))
+        channels_last=cfg.channels_last_on(device.type), epochs=cfg.epochs)
     monitor = TrainingMonitor(model.evaluation_encoder(), train, view, device, settings)
     monitor.chance = method_spec(cfg.mechanism).chance(cfg, batch, size)
     return RunMonitor(monitor, autocast_dtype)

@@ -48,7 +48,7 @@ class MonitorSettings:
     (:func:`~moco.eval.health.chance_loss`: 2 for ``--symmetric``; MoCo v3: 2 and 2τ), read
     off the first step's logits unless :attr:`TrainingMonitor.chance` is set. ``on_bad_image``:
     an unreadable sample image (``stop`` or ``skip``); ``batch_size`` and ``channels_last``:
-    the health report's forward passes."""
+    the health report's forward passes; ``epochs``: the run's planned epochs."""
 
     health: bool = True
     sample_size: int = 0
@@ -62,6 +62,7 @@ class MonitorSettings:
     on_bad_image: str = "stop"
     batch_size: int = 256
     channels_last: bool = False
+    epochs: int = 0  #: the run's planned epochs, for the warnings' patience (0: unknown)
 
 
 class TrainingMonitor:
@@ -152,7 +153,7 @@ class TrainingMonitor:
     def warnings(self, history: Sequence[dict[str, Any]],
                  thresholds: Thresholds | None = None) -> list[str]:
         """:func:`~moco.eval.health.diagnose` of the run's records so far."""
-        return diagnose(history, thresholds)
+        return diagnose(history, thresholds, epochs=self.settings.epochs or None)
 
     def new_warnings(self, history: Sequence[dict[str, Any]],
                      thresholds: Thresholds | None = None) -> list[str]:

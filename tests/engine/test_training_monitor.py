@@ -90,6 +90,18 @@ def test_a_healthy_tiny_run_is_not_warned_about(tiny_data: Path, tmp_path: Path)
             f"top-1 {rec['probe_top1']:.2f}%") in line
 
 
+def test_the_monitor_knows_the_planned_epochs_for_its_patience(tiny_data: Path,
+                                                              tmp_path: Path) -> None:
+    """The kNN warning's patience is a share of the run's planned epochs (diagnose's
+    ``epochs``): the run hands its --epochs to the monitor."""
+    trainer = Pretrainer(make_cfg(tiny_data, tmp_path / "run", "--epochs", "40"), log=print)
+    try:
+        monitor = trainer.parts.monitor.monitor
+        assert monitor is not None and monitor.settings.epochs == 40
+    finally:
+        trainer.close()
+
+
 # ----- what is recorded ------------------------------------------------------------------------
 
 def test_every_epoch_records_the_signals_and_the_probe(tiny_data: Path, tmp_path: Path) -> None:

@@ -296,3 +296,20 @@ def test_knn_below_the_untrained_network_is_stuck() -> None:
     assert len(warnings) == 1 and "not above the untrained network's 36.97%" in warnings[0]
     h[-1]["knn_top1"] = 40.0
     assert diagnose(h) == []
+
+
+def test_a_long_run_may_dip_under_the_untrained_knn_for_a_quarter_of_its_epochs() -> None:
+    """The README's small-data recipe on 500 photographs (docs/own-images.md: 15 steps an
+    epoch) reads under the untrained network's 20.70% until epoch 7 of 40, then learns (32.6%):
+    the kNN is judged from a quarter of the planned epochs (10), or epoch 6 in short runs."""
+    curve = [19.3, 18.8, 18.0, 19.3, 20.3, 21.0, 20.2, 22.4, 23.2, 19.9]
+    h = _history([4.4 - 0.01 * e for e in range(len(curve))], chance=4.86,
+                 knn_random_init=20.7)
+    for rec, knn in zip(h, curve, strict=True):
+        rec["knn_top1"] = knn
+    assert [w.split(":")[0] for w in diagnose(h[:7])] == ["stuck"]  # epochs unknown: from 6
+    for e in (7, 9):
+        assert diagnose(h[:e], epochs=40) == [], e
+    [said] = diagnose(h, epochs=40)  # epoch 10 of 40, under the untrained network: warned
+    assert "kNN top-1 19.90% at epoch 10 is not above the untrained network's 20.70%" in said
+    assert [w.split(":")[0] for w in diagnose(h[:7], epochs=8)] == ["stuck"]

@@ -4,6 +4,7 @@ namespace, in a folder holding tiny data at the paths the snippets name."""
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,36 @@ def test_the_library_snippets_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     features = namespace["features"]
     assert tuple(features.shape) == (4, 512)  # type: ignore[attr-defined]
     assert namespace["out"].loss.ndim == 0  # type: ignore[attr-defined]
+
+
+OWN_IMAGES = "## Your own images"
+
+
+def own_images_commands(text: str) -> list[list[str]]:
+    """The commands of the "Your own images" section's bash block, continuation lines joined."""
+    start = text.index(OWN_IMAGES)
+    section = text[start:text.find("\n## ", start + len(OWN_IMAGES))]
+    [block] = re.findall(r"^```bash\n(.*?)^```", section, flags=re.S | re.M)
+    return [shlex.split(line, comments=True)
+            for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def test_the_own_images_recipe_runs_on_500_images_without_a_warning() -> None:
+    """The quick start's flags exist, its later commands name the last checkpoint the recipe
+    writes, and on 500 images (docs/own-images.md) the recipe draws none of the run's warnings
+    (queue vs images, lr vs batch, BatchNorm groups)."""
+    from moco.cli import build_parser
+    from moco.cli.pretrain import config_from_args
+    from moco.engine.config_checks import images_per_bn_group, run_advice
+
+    commands = own_images_commands(README.read_text())
+    assert [c[:2] for c in commands] == [["moco", "pretrain"], ["moco", "neighbours"],
+                                         ["moco", "embed"], ["moco", "export"]]
+    cfg = config_from_args(build_parser().parse_args(commands[0][1:]))
+    cfg.validate()
+    assert run_advice(cfg, 500, None, shuffle_bn="split") == []
+    assert images_per_bn_group(cfg, "split", 1)[0] == 16
+    last = f"{cfg.output}/checkpoint_{cfg.epochs - 1:04d}.pth.tar"
+    for command in commands[1:]:
+        assert last in command, command
+        build_parser().parse_args(command[1:])  # every flag exists

@@ -26,6 +26,7 @@ three epochs against a chance level of 8.32, then falling) is not called stuck.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,10 @@ class Thresholds:
     flat_tolerance: float = 0.01  #: ... moving less than this share of chance ...
     flat_near_chance: float = 0.9  #: ... while at least this share of chance
     easy_acc1: float = 99.5  #: pretext acc@1 (%) at or above this: a shortcut
+    #: the kNN monitor is judged from epoch 2 x ``patience_epochs`` or this share of the
+    #: planned epochs, whichever is later: short epochs dip longer (the README's small-data
+    #: recipe, 15 steps an epoch: under the untrained network until epoch 7 of 40, then +12)
+    knn_patience_fraction: float = 0.25
 
 
 COLLAPSE_CAUSES = (
@@ -148,9 +153,10 @@ def _falling(history: Sequence[dict[str, Any]], th: Thresholds) -> list[str]:
     return out
 
 
-def _knn_floor(last: dict[str, Any], th: Thresholds) -> list[str]:
+def _knn_floor(last: dict[str, Any], th: Thresholds, epochs: int | None) -> list[str]:
     knn, floor = last.get("knn_top1"), last.get("knn_random_init")
-    if knn is None or floor is None or _epoch_of(last) < 2 * th.patience_epochs:
+    patience = max(2 * th.patience_epochs, math.ceil(th.knn_patience_fraction * (epochs or 0)))
+    if knn is None or floor is None or _epoch_of(last) < patience:
         return []
     if float(knn) > float(floor):
         return []
@@ -159,7 +165,8 @@ def _knn_floor(last: dict[str, Any], th: Thresholds) -> list[str]:
             f"later it means the features are not learning); {STUCK_CAUSES}"]
 
 
-def _history(history: Sequence[dict[str, Any]], th: Thresholds) -> list[str]:
+def _history(history: Sequence[dict[str, Any]], th: Thresholds,
+             epochs: int | None = None) -> list[str]:
     if not history:
         return []
     last = history[-1]
@@ -180,11 +187,11 @@ def _history(history: Sequence[dict[str, Any]], th: Thresholds) -> list[str]:
     if acc is not None and float(acc) >= th.easy_acc1 and _epoch_of(last) >= th.patience_epochs:
         out.append(f"too easy at epoch {_epoch_of(last)}: pretext acc@1 {float(acc):.1f}%; "
                    f"{EASY_CAUSES}")
-    return out + _knn_floor(last, th)
+    return out + _knn_floor(last, th, epochs)
 
 
 def diagnose(obj: HealthReport | dict[str, Any] | Sequence[dict[str, Any]],
-             thresholds: Thresholds | None = None) -> list[str]:
+             thresholds: Thresholds | None = None, *, epochs: int | None = None) -> list[str]:
     """Warnings (one line each; empty when nothing looks wrong) for a
     :class:`~moco.eval.health.report.HealthReport`, a metrics.jsonl record, or a run's history
     (records oldest first, as :func:`moco.utils.runlog.read_metrics` returns them).
@@ -195,7 +202,8 @@ def diagnose(obj: HealthReport | dict[str, Any] | Sequence[dict[str, Any]],
     chance). A history is judged on its newest health record, the trend of its signals, its
     newest loss against ``loss_chance`` (from epoch ``patience_epochs`` on), a loss that does
     not move near chance, the pretext accuracy and the kNN monitor against the untrained
-    network's."""
+    network's (from epoch 2 x ``patience_epochs``, or ``knn_patience_fraction`` of the run's
+    planned ``epochs`` when given)."""
     th = thresholds or Thresholds()
     if isinstance(obj, HealthReport):
         out = _collapse(obj, th, "")
@@ -203,5 +211,5 @@ def diagnose(obj: HealthReport | dict[str, Any] | Sequence[dict[str, Any]],
             out += _loss_line(obj.loss, obj.chance, th, "")
         return out
     if isinstance(obj, dict):
-        return _history([obj], th)
-    return _history(list(obj), th)
+        return _history([obj], th, epochs)
+    return _history(list(obj), th, epochs)
