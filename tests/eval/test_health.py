@@ -313,3 +313,9 @@ def test_a_long_run_may_dip_under_the_untrained_knn_for_a_quarter_of_its_epochs(
     [said] = diagnose(h, epochs=40)  # epoch 10 of 40, under the untrained network: warned
     assert "kNN top-1 19.90% at epoch 10 is not above the untrained network's 20.70%" in said
     assert [w.split(":")[0] for w in diagnose(h[:7], epochs=8)] == ["stuck"]
+    for rec in h:  # ImageNet-sized epochs: 200 planned, 5,000 steps each: judged from epoch 6
+        rec["step"] = 5000 * int(rec["epoch"])  # type: ignore[call-overload]
+    assert [w.split(":")[0] for w in diagnose(h[:7], epochs=200)] == ["stuck"]
+    for rec in h:  # the recipe's 15-step epochs: judged from epoch 10 (of 40), not 134
+        rec["step"] = 15 * int(rec["epoch"])  # type: ignore[call-overload]
+    assert diagnose(h[:9], epochs=40) == [] and len(diagnose(h, epochs=40)) == 1

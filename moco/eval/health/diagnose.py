@@ -50,10 +50,13 @@ class Thresholds:
     flat_tolerance: float = 0.01  #: ... moving less than this share of chance ...
     flat_near_chance: float = 0.9  #: ... while at least this share of chance
     easy_acc1: float = 99.5  #: pretext acc@1 (%) at or above this: a shortcut
-    #: the kNN monitor is judged from epoch 2 x ``patience_epochs`` or this share of the
-    #: planned epochs, whichever is later: short epochs dip longer (the README's small-data
-    #: recipe, 15 steps an epoch: under the untrained network until epoch 7 of 40, then +12)
+    #: the kNN monitor is judged from epoch 2 x ``patience_epochs``, or later in runs of
+    #: short epochs: from this share of the planned epochs, but no later than the epoch of
+    #: ``knn_patience_steps`` steps (the README's small-data recipe, 15 steps an epoch, reads
+    #: under the untrained network until epoch 7 of 40, then gains 12 points; ImageNet's
+    #: 5,000-step epochs are judged from epoch 6 all the same)
     knn_patience_fraction: float = 0.25
+    knn_patience_steps: int = 2000
 
 
 COLLAPSE_CAUSES = (
@@ -153,10 +156,18 @@ def _falling(history: Sequence[dict[str, Any]], th: Thresholds) -> list[str]:
     return out
 
 
+def _knn_patience(last: dict[str, Any], th: Thresholds, epochs: int | None) -> int:
+    """The first epoch the kNN monitor is judged at (see :class:`Thresholds`)."""
+    share = math.ceil(th.knn_patience_fraction * (epochs or 0))
+    step, epoch = last.get("step"), _epoch_of(last)
+    if step and epoch:  # the epoch at which knn_patience_steps steps are done
+        share = min(share, math.ceil(th.knn_patience_steps * epoch / float(step)))
+    return max(2 * th.patience_epochs, share)
+
+
 def _knn_floor(last: dict[str, Any], th: Thresholds, epochs: int | None) -> list[str]:
     knn, floor = last.get("knn_top1"), last.get("knn_random_init")
-    patience = max(2 * th.patience_epochs, math.ceil(th.knn_patience_fraction * (epochs or 0)))
-    if knn is None or floor is None or _epoch_of(last) < patience:
+    if knn is None or floor is None or _epoch_of(last) < _knn_patience(last, th, epochs):
         return []
     if float(knn) > float(floor):
         return []
