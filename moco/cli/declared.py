@@ -1,5 +1,6 @@
 """A command's flags generated from its declaration: every command (``pretrain``, ``lincls``,
-``knn``, ``embed``, ``export``, ``shard``, ``cache``) lists the dataclasses that declare its
+``knn``, ``embed``, ``export``, ``shard``, ``cache``, ``neighbours``, ``detectron2-config``;
+not yet ``ablate``, ``hub``, ``zoo``) lists the dataclasses that declare its
 settings with :func:`moco.utils.settings.setting` (``DECLARED`` in its module), and
 :func:`add_declared` turns each field into its argument: flags, help with the default, metavar
 and choices.

@@ -18,8 +18,10 @@ from moco.cli.declared import command_settings, default_text, expand_switches
 from moco.utils import common_settings as common
 from moco.utils.settings import Setting, defaults
 
-#: The commands whose flags are generated (detectron2-config and ablate declare theirs by hand).
-DECLARED_COMMANDS = ("pretrain", "lincls", "knn", "embed", "export", "shard", "cache", "neighbours")
+#: The commands whose flags are generated (ablate, hub and zoo declare theirs by hand: KEY=VALUE
+#: lists and sub-commands with flags of their own).
+DECLARED_COMMANDS = ("pretrain", "lincls", "knn", "embed", "export", "shard", "cache", "neighbours",
+                     "detectron2_config")
 SHARED = {"workers": ("-j", "--workers"), "device": ("--device",),
           "image_size": ("--image-size",), "batch_size": ("-b", "--batch-size"),
           "precision": ("--precision",), "seed": ("--seed",)}
@@ -28,7 +30,7 @@ SHARED = {"workers": ("-j", "--workers"), "device": ("--device",),
 def subparser(command: str) -> argparse.ArgumentParser:
     sub = next(a for a in build_parser(command)._actions
                if isinstance(a, argparse._SubParsersAction))
-    return sub.choices[command]
+    return sub.choices[command.replace("_", "-")]
 
 
 def declared(command: str) -> tuple[type, ...]:
@@ -106,7 +108,7 @@ def test_every_numeric_flag_is_checked_against_its_range(command: str) -> None:
         bad = _below(s)
         if bad is None or s.positional:
             continue
-        rc, _, err = run_cli([command, *positionals, *required, s.flag, bad])
+        rc, _, err = run_cli([command.replace("_", "-"), *positionals, *required, s.flag, bad])
         assert rc == 2 and f"expected {s.flag}" in err and f"got {bad}" in err, (name, err)
         assert err.count("\n") == 1, err
         checked += 1
