@@ -156,8 +156,9 @@ def bn_group_advice(cfg: MocoConfig, mode: str, world_size: int) -> list[str]:
     if group >= BN_GROUP_MIN:
         return []
     local = max(1, cfg.batch_size // world_size)
-    splits = max(s for s in range(1, local + 1) if local % s == 0 and local // s >= BN_GROUP_MIN) \
-        if local >= BN_GROUP_MIN else 0
+    # the most splits of at least BN_GROUP_MIN images each: the largest divisor of the batch
+    # up to local // BN_GROUP_MIN (0 when even one group is too small)
+    splits = next((s for s in range(local // BN_GROUP_MIN, 0, -1) if local % s == 0), 0)
     if mode in SPLIT_BN_MODES and splits >= 2:
         fix = f"use --bn-splits {splits} ({local // splits} images each)"
     elif mode in SPLIT_BN_MODES:
