@@ -108,7 +108,7 @@ LABELS = {"cifar_stem": "stem", "batch_size": "batch", "lr": "lr", "moco_k": "K"
           "cos_one_based": "1-based cosine (last epoch at lr 0)", "warmup_epochs": "warmup epochs",
           "wd": "wd", "bn_splits": "SplitBN splits", "mechanism": "mechanism",
           "knn_features": "kNN features", "symmetric": "symmetric loss", "moco_dim": "dim",
-          "optimizer": "optimizer", "lr_schedule": "lr schedule", "mlp_dim": "MLP hidden",
+          "optimizer": "optimizer", "lr_schedule": "lr schedule",
           "zero_init_residual": "zero-init residual"}
 
 
